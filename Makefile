@@ -1,0 +1,44 @@
+# fewshot: `make train` runs the main job, `make test` runs the tests; both install first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+ARGS   ?=
+export FEWSHOT_DATA_ROOT ?= $(if $(wildcard ../shared/data/omniglot),$(abspath ../shared/data),$(CURDIR)/data)
+
+.DEFAULT_GOAL := help
+.PHONY: help install train eval test test-fast bench clean
+
+help:  ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  data root: $(FEWSHOT_DATA_ROOT)   (override with FEWSHOT_DATA_ROOT=...)"
+
+install: $(STAMP)  ## create .venv and install fewshot with its dependencies (idempotent)
+
+# Re-runs only when the dependency list or the learn2learn installer changes.
+$(STAMP): pyproject.toml scripts/install_learn2learn.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "torch>=2.4,<3" "torchvision>=0.19"
+	scripts/install_learn2learn.sh $(PY)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+train: install  ## meta-train MAML on Omniglot (fewshot-train algo=maml dataset=omniglot; ARGS="..." adds overrides)
+	$(VENV)/bin/fewshot-train algo=maml dataset=omniglot $(ARGS)
+
+eval: install  ## evaluate a checkpoint: make eval ARGS="checkpoint=outputs/.../checkpoints/best.pt"
+	$(VENV)/bin/fewshot-eval $(ARGS)
+
+test: install  ## run the test suite on CPU
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: install  ## tests without the slow real-training ones
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+bench: install  ## episode sampler benchmark: ours vs learn2learn's TaskDataset
+	$(PY) scripts/bench_sampler.py
+
+clean:  ## remove caches (keeps .venv, data and outputs/)
+	rm -rf .pytest_cache src/*.egg-info
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,38 @@
+"""What every algorithm answers: one call over a whole meta-batch of tasks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from fewshot.data.base import Episode
+
+# A backbone factory with the dataset's in_channels and image_size already bound:
+# backbone(out_features=ways) gives a classifier, backbone(out_features=None) an embedding.
+BackboneFactory = Callable[..., nn.Module]
+
+
+@dataclass
+class AlgoOutput:
+    loss: torch.Tensor  # scalar, mean over tasks; differentiable w.r.t. the meta-parameters in training
+    acc: torch.Tensor  # (T,) query accuracy per task, detached, in [0, 1]
+    step_acc: Optional[torch.Tensor] = None  # (T, inner_steps + 1) query accuracy after each inner step (MAML)
+
+
+class Algorithm(nn.Module):
+    """Base class. Subclasses implement forward(episode, train) -> AlgoOutput.
+
+    train=True: the loss carries the graph for the outer (meta) update.
+    train=False: validation/test; no meta-gradient is needed (inner loops may still need autograd).
+    """
+
+    def forward(self, episode: Episode, train: bool = True) -> AlgoOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Fraction of correct argmax predictions over the last-but-one dim: (..., N, C), (..., N) -> (...)."""
+    return (logits.argmax(-1) == labels).float().mean(-1)

@@ -1,0 +1,198 @@
+"""Typed schemas for the Hydra config tree, so a misspelled key fails at compose time.
+
+Each YAML file in conf/<group>/ starts from its schema (e.g. `- /schema/algo/maml_schema@_here_`),
+and conf/train.yaml / conf/eval.yaml start from `train_schema` / `eval_schema`. The group
+directories stay the only registry of choices; these dataclasses only fix the keys and types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class EpisodeConfig:
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+
+
+@dataclass
+class TrainerConfig:
+    meta_batch_size: int = 32
+    iterations: int = 60000
+    meta_lr: float = 1e-3
+    val_every: int = 500  # validate (and write metrics.csv, best.pt) every N iterations
+    val_episodes: int = 200  # fixed validation tasks
+    checkpoint_every: int = 500  # write checkpoints/last.pt every N iterations
+    log_every: int = 10  # refresh the progress bar's loss/accuracy every N iterations
+    grad_clip: Optional[float] = None
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = 600
+    meta_batch_size: int = 25  # tasks per forward pass at test time (memory, not results)
+
+
+@dataclass
+class DeviceConfig:
+    name: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class PaperConfig:
+    """The published number an experiment preset reproduces (percent), for tables."""
+
+    source: str = ""
+    acc: Optional[float] = None
+    ci95: Optional[float] = None
+
+
+@dataclass
+class TrainConfig:
+    algo: Any = MISSING
+    backbone: Any = MISSING
+    dataset: Any = MISSING
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    episode: EpisodeConfig = field(default_factory=EpisodeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    paper: PaperConfig = field(default_factory=PaperConfig)
+    seed: int = 0
+    data_root: str = "${oc.env:FEWSHOT_DATA_ROOT,./data}"
+    cache_dir: str = "${oc.env:FEWSHOT_CACHE_DIR,${oc.env:HOME,.}/.cache/fewshot}"
+    name: str = "${algo.name}_${dataset.name}_${episode.ways}w${episode.shots}s"
+    dry_run: bool = False  # build data and models, print the config, stop before training
+
+
+@dataclass
+class EvalOverrides:
+    episodes: Optional[int] = None  # null: the training run's eval.episodes
+    meta_batch_size: Optional[int] = None
+
+
+@dataclass
+class EvalRunConfig:
+    """fewshot-eval: the run comes from the checkpoint; these settings may override parts of it."""
+
+    checkpoint: str = MISSING
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    eval: EvalOverrides = field(default_factory=EvalOverrides)
+    seed: Optional[int] = None  # null: the training run's seed (reproduces its test number)
+    split: str = "test"
+    data_root: str = "${oc.env:FEWSHOT_DATA_ROOT,./data}"
+    cache_dir: str = "${oc.env:FEWSHOT_CACHE_DIR,${oc.env:HOME,.}/.cache/fewshot}"
+    name: str = "eval"
+
+
+# ---- group schemas -------------------------------------------------------------------------------
+
+@dataclass
+class MamlConfig:
+    _target_: str = "fewshot.algorithms.maml.MAML"
+    name: str = "maml"
+    inner_lr: float = 0.4
+    inner_steps: int = 1
+    eval_inner_steps: int = 10
+    first_order: bool = False
+    strategy: str = "auto"  # auto | vmap | loop
+    chunk_size: Optional[int] = None
+
+
+@dataclass
+class MamlL2LConfig:
+    _target_: str = "fewshot.algorithms.maml_l2l.MAMLL2L"
+    name: str = "maml_l2l"
+    inner_lr: float = 0.4
+    inner_steps: int = 1
+    eval_inner_steps: int = 10
+    first_order: bool = False
+
+
+@dataclass
+class MatchingConfig:
+    _target_: str = "fewshot.algorithms.matching.MatchingNetworks"
+    name: str = "matching"
+    fce: bool = False
+    fce_steps: Optional[int] = None
+    lstm_layers: int = 1
+
+
+@dataclass
+class ProtoNetConfig:
+    _target_: str = "fewshot.algorithms.protonet.ProtoNet"
+    name: str = "protonet"
+
+
+@dataclass
+class Conv4Config:
+    _target_: str = "fewshot.models.backbones.Conv4"
+    _partial_: bool = True
+    name: str = "conv4"
+    hidden: int = 64
+    layers: int = 4
+    max_pool: bool = False
+
+
+@dataclass
+class MLPConfig:
+    _target_: str = "fewshot.models.backbones.MLP"
+    _partial_: bool = True
+    name: str = "mlp"
+    sizes: list = field(default_factory=lambda: [256, 128, 64, 64])
+
+
+@dataclass
+class OmniglotConfig:
+    _target_: str = "fewshot.data.omniglot.load_omniglot"
+    name: str = "omniglot"
+    root: str = "${data_root}/omniglot"
+    cache_dir: str = "${cache_dir}"
+    image_size: int = 28
+    split: str = "finn"  # finn | vinyals
+    split_seed: int = 1
+    download: bool = True
+    base_url: str = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
+    splits_url: str = "https://raw.githubusercontent.com/jakesnell/prototypical-networks/master/data/omniglot/splits/vinyals"
+
+
+@dataclass
+class SyntheticConfig:
+    _target_: str = "fewshot.data.synthetic.load_synthetic"
+    name: str = "synthetic"
+    train_classes: int = 64
+    val_classes: int = 16
+    test_classes: int = 20
+    images_per_class: int = 20
+    image_size: int = 28
+    channels: int = 1
+    noise: float = 0.25
+    seed: int = 0
+
+
+# Keys that name a choice but are not constructor arguments.
+META_KEYS = ("name",)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalRunConfig)
+    for group, name, node in (
+        ("algo", "maml_schema", MamlConfig),
+        ("algo", "maml_l2l_schema", MamlL2LConfig),
+        ("algo", "matching_schema", MatchingConfig),
+        ("algo", "protonet_schema", ProtoNetConfig),
+        ("backbone", "conv4_schema", Conv4Config),
+        ("backbone", "mlp_schema", MLPConfig),
+        ("dataset", "omniglot_schema", OmniglotConfig),
+        ("dataset", "synthetic_schema", SyntheticConfig),
+        ("device", "device_schema", DeviceConfig),
+        ("trainer", "trainer_schema", TrainerConfig),
+    ):
+        cs.store(group=f"schema/{group}", name=name, node=node)

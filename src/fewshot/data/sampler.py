@@ -1,0 +1,108 @@
+"""Batched episode sampler: a whole split lives on the device and a meta-batch is one gather."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from fewshot.data.base import DataError, Episode, SplitBank
+
+
+def check_episode_fits(bank: SplitBank, ways: int, shots: int, queries: int, split: str = "split") -> None:
+    """Raise DataError, before any training, when the episode shape cannot be drawn from this split."""
+    for name, value in (("episode.ways", ways), ("episode.shots", shots), ("episode.queries", queries)):
+        if value < 1:
+            raise DataError(f"{name}={value}: must be at least 1")
+    if ways > bank.num_classes:
+        raise DataError(f"episode.ways={ways} exceeds the {bank.num_classes} classes of the {split} split; lower episode.ways")
+    if shots + queries > bank.images_per_class:
+        raise DataError(
+            f"episode.shots + episode.queries = {shots} + {queries} exceeds the {bank.images_per_class} images per class "
+            f"of the {split} split; lower episode.shots or episode.queries"
+        )
+
+
+class EpisodeSampler:
+    """Draws T tasks at once from a SplitBank held on `device`.
+
+    Each task: `ways` classes drawn without replacement in random order (class i of the draw gets label i),
+    and shots + queries distinct images per class. With bank.rotate, each class of each task gets one
+    rotation of 0/90/180/270 degrees (Finn et al.'s Omniglot class augmentation), applied on the device.
+    All randomness comes from the sampler's own torch.Generator: the same seed gives the same episodes.
+    """
+
+    def __init__(
+        self,
+        bank: SplitBank,
+        ways: int,
+        shots: int,
+        queries: int,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        mean: Sequence[float] = (0.0,),
+        std: Sequence[float] = (1.0,),
+        split: str = "split",
+    ) -> None:
+        check_episode_fits(bank, ways, shots, queries, split)
+        self.ways, self.shots, self.queries = ways, shots, queries
+        self.device = torch.device(device)
+        self.rotate = bank.rotate
+        self.images = bank.images.to(self.device)  # (classes, per_class, C, H, W) uint8
+        if self.rotate and self.images.shape[-1] != self.images.shape[-2]:
+            raise DataError("rotation augmentation needs square images")
+        self.mean = torch.tensor(mean, device=self.device).view(-1, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(-1, 1, 1)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        # Labels are the same for every task: class i of the draw is label i.
+        self._support_y = torch.arange(ways, device=self.device).repeat_interleave(shots)  # (ways*shots,)
+        self._query_y = torch.arange(ways, device=self.device).repeat_interleave(queries)  # (ways*queries,)
+
+    def _rand(self, *shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=self.generator, device=self.device)
+
+    def sample(self, tasks: int) -> Episode:
+        ways, shots, queries = self.ways, self.shots, self.queries
+        classes, per_class = self.images.shape[:2]
+        # Random subsets via argsort of uniform noise: one kernel for all tasks, no Python loop.
+        cls = self._rand(tasks, classes).argsort(dim=1)[:, :ways]  # (T, ways)
+        idx = self._rand(tasks, ways, per_class).argsort(dim=2)[:, :, : shots + queries]  # (T, ways, S+Q)
+        x = self.images[cls.unsqueeze(-1), idx]  # (T, ways, S+Q, C, H, W) uint8
+        if self.rotate:
+            k = (self._rand(tasks, ways) * 4).long().clamp_(max=3)  # (T, ways) quarter turns
+            k = k.view(tasks, ways, 1, 1, 1, 1)
+            rotated = x
+            for turns in (1, 2, 3):
+                rotated = torch.where(k == turns, x.rot90(turns, dims=(-2, -1)), rotated)
+            x = rotated
+        x = (x.float().div_(255) - self.mean) / self.std
+        c, h, w = x.shape[-3:]
+        support_x = x[:, :, :shots].reshape(tasks, ways * shots, c, h, w)
+        query_x = x[:, :, shots:].reshape(tasks, ways * queries, c, h, w)
+        return Episode(
+            support_x=support_x,
+            support_y=self._support_y.expand(tasks, -1),
+            query_x=query_x,
+            query_y=self._query_y.expand(tasks, -1),
+        )
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def fixed_episodes(sampler: EpisodeSampler, episodes: int, batch: int, seed: Optional[int] = None):
+    """Yield Episodes covering exactly `episodes` tasks in meta-batches of at most `batch`.
+
+    With a seed the generator is reset first, so every call yields the same tasks (fixed
+    validation and test sets)."""
+    if seed is not None:
+        sampler.generator.manual_seed(seed)
+    done = 0
+    while done < episodes:
+        n = min(batch, episodes - done)
+        yield sampler.sample(n)
+        done += n

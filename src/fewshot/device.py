@@ -1,0 +1,25 @@
+"""Pick the torch device from the `device` config group."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from fewshot.errors import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: CUDA when present, else CPU with a notice on stderr. cuda without CUDA is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        print("fewshot: no CUDA device found, running on CPU (device=auto)", file=sys.stderr)
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name} but no CUDA device is available; use device=cpu or device=auto")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"device.name={name!r} is not one of auto, cpu, cuda, cuda:N")

@@ -1,0 +1,9 @@
+"""Errors that the entrypoints report as one line on stderr (the full traceback with HYDRA_FULL_ERROR=1)."""
+
+
+class FewshotError(RuntimeError):
+    """A problem with the user's input, data or environment; the message says what to change."""
+
+
+class ConfigError(FewshotError):
+    """A setting is out of range or inconsistent."""

@@ -1,0 +1,1 @@
+"""Backbones: the networks that algorithms adapt (MAML) or use as embeddings (metric methods)."""

@@ -1,0 +1,34 @@
+"""Shared fixtures: Hydra composition of the packaged config tree, and real-data locations."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+from fewshot.config import register_configs
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+register_configs()
+
+
+@pytest.fixture
+def compose_cfg(tmp_path):
+    """compose_cfg(config_name, overrides) -> DictConfig, composed exactly as the entrypoints do."""
+
+    def _compose(config_name: str = "train", overrides: list[str] | None = None, return_hydra_config: bool = False):
+        GlobalHydra.instance().clear()
+        with initialize_config_module(config_module="fewshot.conf", version_base="1.3"):
+            return compose(config_name, overrides=list(overrides or []), return_hydra_config=return_hydra_config)
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+def group_choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
