@@ -48,11 +48,21 @@ class EpisodeSampler:
         self.ways, self.shots, self.queries = ways, shots, queries
         self.device = torch.device(device)
         self.rotate = bank.rotate
-        self.images = bank.images.to(self.device)  # (classes, per_class, C, H, W) uint8
-        if self.rotate and self.images.shape[-1] != self.images.shape[-2]:
-            raise DataError("rotation augmentation needs square images")
-        self.mean = torch.tensor(mean, device=self.device).view(-1, 1, 1)
-        self.std = torch.tensor(std, device=self.device).view(-1, 1, 1)
+        images = bank.images.to(self.device)  # (classes, per_class, C, H, W) uint8
+        if self.rotate:
+            if images.shape[-1] != images.shape[-2]:
+                raise DataError("rotation augmentation needs square images")
+            # All four quarter turns stored once (4x a uint8 bank: 69 MB for Omniglot's train split),
+            # so drawing a rotated task is the same single gather as drawing a plain one.
+            images = torch.stack([images.rot90(k, dims=(-2, -1)) for k in range(4)])
+        else:
+            images = images.unsqueeze(0)
+        self.images = images.contiguous()  # (rotations, classes, per_class, C, H, W) uint8
+        # (x / 255 - mean) / std as one fused multiply-add on the uint8 gather.
+        std = torch.tensor(std, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+        mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+        self._scale = 1.0 / (255.0 * std)
+        self._shift = -mean / std
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         # Labels are the same for every task: class i of the draw is label i.
@@ -64,28 +74,27 @@ class EpisodeSampler:
 
     def sample(self, tasks: int) -> Episode:
         ways, shots, queries = self.ways, self.shots, self.queries
-        classes, per_class = self.images.shape[:2]
+        rotations, classes, per_class = self.images.shape[:3]
         # Random subsets via argsort of uniform noise: one kernel for all tasks, no Python loop.
-        cls = self._rand(tasks, classes).argsort(dim=1)[:, :ways]  # (T, ways)
-        idx = self._rand(tasks, ways, per_class).argsort(dim=2)[:, :, : shots + queries]  # (T, ways, S+Q)
-        x = self.images[cls.unsqueeze(-1), idx]  # (T, ways, S+Q, C, H, W) uint8
-        if self.rotate:
-            k = (self._rand(tasks, ways) * 4).long().clamp_(max=3)  # (T, ways) quarter turns
-            k = k.view(tasks, ways, 1, 1, 1, 1)
-            rotated = x
-            for turns in (1, 2, 3):
-                rotated = torch.where(k == turns, x.rot90(turns, dims=(-2, -1)), rotated)
-            x = rotated
-        x = (x.float().div_(255) - self.mean) / self.std
-        c, h, w = x.shape[-3:]
-        support_x = x[:, :, :shots].reshape(tasks, ways * shots, c, h, w)
-        query_x = x[:, :, shots:].reshape(tasks, ways * queries, c, h, w)
+        cls = self._rand(tasks, classes).argsort(dim=1)[:, :ways].unsqueeze(-1)  # (T, ways, 1)
+        idx = self._rand(tasks, ways, per_class).argsort(dim=2)  # (T, ways, per_class)
+        if self.rotate:  # one quarter turn per class per task, shared by its support and query images
+            rot = (self._rand(tasks, ways, 1) * 4).long().clamp_(max=3)  # (T, ways, 1)
+        else:
+            rot = torch.zeros_like(cls)
+        support_x = self._gather(rot, cls, idx[:, :, :shots])  # (T, ways*shots, C, H, W)
+        query_x = self._gather(rot, cls, idx[:, :, shots : shots + queries])  # (T, ways*queries, C, H, W)
         return Episode(
             support_x=support_x,
             support_y=self._support_y.expand(tasks, -1),
             query_x=query_x,
             query_y=self._query_y.expand(tasks, -1),
         )
+
+    def _gather(self, rot: torch.Tensor, cls: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        x = self.images[rot, cls, idx]  # (T, ways, n, C, H, W) uint8, contiguous
+        x = torch.addcmul(self._shift, x, self._scale)  # float32, normalized
+        return x.view(x.shape[0], -1, *x.shape[3:])
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
