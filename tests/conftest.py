@@ -32,3 +32,6 @@ def compose_cfg(tmp_path):
 
 def group_choices(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+from conftest_data import omniglot_28, omniglot_cache_dir, omniglot_root  # noqa: E402,F401  (real-data fixtures)
