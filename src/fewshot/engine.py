@@ -1,0 +1,298 @@
+"""The train and evaluate story: compose -> build -> meta-train -> checkpoint -> test -> results.
+
+Nothing here knows which algorithm runs: every algorithm answers algo(episode, train) -> AlgoOutput.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from fewshot.algorithms.base import Algorithm
+from fewshot.checkpoint import atomic_write_text, load_checkpoint, rng_state, save_checkpoint
+from fewshot.config import META_KEYS
+from fewshot.data.base import FewShotDataset, SplitBank
+from fewshot.data.sampler import EpisodeSampler, check_episode_fits, fixed_episodes
+from fewshot.device import resolve_device
+from fewshot.errors import ConfigError
+
+SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2}
+
+
+def episode_seed(seed: int, split: str) -> int:
+    """Each split draws its tasks from its own stream; val and test are fixed sets per seed."""
+    return seed * 1000 + SPLIT_OFFSET[split]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _plain(node: DictConfig) -> DictConfig:
+    """The node without the keys that only name a choice (they are not constructor arguments)."""
+    return OmegaConf.create({k: v for k, v in node.items() if k not in META_KEYS})
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Reject out-of-range numbers before any work, naming the setting."""
+    positive = {
+        "episode.ways": cfg.episode.ways, "episode.shots": cfg.episode.shots, "episode.queries": cfg.episode.queries,
+        "trainer.meta_batch_size": cfg.trainer.meta_batch_size, "trainer.iterations": cfg.trainer.iterations,
+        "trainer.meta_lr": cfg.trainer.meta_lr, "trainer.val_every": cfg.trainer.val_every,
+        "trainer.val_episodes": cfg.trainer.val_episodes, "trainer.checkpoint_every": cfg.trainer.checkpoint_every,
+        "eval.episodes": cfg.eval.episodes, "eval.meta_batch_size": cfg.eval.meta_batch_size,
+    }
+    for key in ("inner_lr", "inner_steps", "eval_inner_steps"):
+        if key in cfg.algo:
+            positive[f"algo.{key}"] = cfg.algo[key]
+    for key, value in positive.items():
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ConfigError(f"{key}={value}: must be a positive number")
+    if cfg.episode.ways < 2:
+        raise ConfigError(f"episode.ways={cfg.episode.ways}: a classification task needs at least 2 ways")
+
+
+@dataclass
+class Run:
+    """Everything built from a config, in plain objects."""
+
+    device: torch.device
+    dataset: FewShotDataset
+    algo: Algorithm
+
+
+def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
+    """Dataset, backbone and algorithm from the config; the only place configs become objects."""
+    check_config(cfg)
+    device = device or resolve_device(cfg.device.name)
+    dataset: FewShotDataset = instantiate(_plain(cfg.dataset), _convert_="all")
+    for split in ("train", "val", "test"):
+        check_episode_fits(dataset.split(split), cfg.episode.ways, cfg.episode.shots, cfg.episode.queries, split)
+    backbone = functools.partial(
+        instantiate(_plain(cfg.backbone), _convert_="all"), in_channels=dataset.channels, image_size=dataset.image_size
+    )
+    algo: Algorithm = instantiate(_plain(cfg.algo), _convert_="all", backbone=backbone, ways=cfg.episode.ways)
+    return Run(device=device, dataset=dataset, algo=algo.to(device))
+
+
+def make_sampler(run: Run, cfg: DictConfig, split: str, seed: int) -> EpisodeSampler:
+    return EpisodeSampler(
+        run.dataset.split(split), cfg.episode.ways, cfg.episode.shots, cfg.episode.queries,
+        device=run.device, seed=seed, mean=run.dataset.mean, std=run.dataset.std, split=split,
+    )
+
+
+def evaluate(algo: Algorithm, sampler: EpisodeSampler, episodes: int, batch: int, seed: int, desc: str = "eval") -> dict[str, Any]:
+    """Accuracy over a fixed set of `episodes` tasks (the same tasks for the same seed).
+
+    Returns fractions in [0, 1]: acc_mean, acc_ci95 = 1.96 * std / sqrt(episodes), and, for algorithms
+    that report it, step_acc: mean query accuracy before adaptation and after each inner step."""
+    was_training = algo.training
+    algo.eval()
+    accs, steps = [], []
+    with tqdm(total=episodes, desc=desc, unit="task", leave=False, dynamic_ncols=True) as bar:
+        for episode in fixed_episodes(sampler, episodes, batch, seed):
+            out = algo(episode, train=False)
+            accs.append(out.acc.detach().cpu())
+            if out.step_acc is not None:
+                steps.append(out.step_acc.detach().cpu())
+            bar.update(episode.tasks)
+    algo.train(was_training)
+    acc = torch.cat(accs).double()  # (episodes,)
+    std = acc.std(unbiased=True).item() if episodes > 1 else 0.0
+    result: dict[str, Any] = {
+        "episodes": episodes,
+        "acc_mean": acc.mean().item(),
+        "acc_ci95": 1.96 * std / math.sqrt(episodes),
+    }
+    if steps:
+        result["step_acc"] = torch.cat(steps).double().mean(0).tolist()
+    return result
+
+
+def checkpoint_state(cfg: DictConfig, algo: Algorithm, optimizer, iteration: int, best: dict, sampler: EpisodeSampler) -> dict:
+    return {
+        "algo": cfg.algo.name,
+        "backbone": cfg.backbone.name,
+        "dataset": cfg.dataset.name,
+        "model": algo.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "iteration": iteration,
+        "best": dict(best),
+        "rng": rng_state(),
+        "sampler": sampler.state_dict(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config_source": OmegaConf.to_container(cfg, resolve=False),
+    }
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Meta-train, validate and checkpoint, then test the best checkpoint; returns results.json's content."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    run = build(cfg)
+    algo, t = run.algo, cfg.trainer
+    print(f"fewshot: {cfg.name} on {run.device}, {sum(p.numel() for p in algo.parameters()):,} parameters, run folder {run_dir}")
+    if cfg.dry_run:
+        print(OmegaConf.to_yaml(cfg))
+        return {}
+
+    train_sampler = make_sampler(run, cfg, "train", episode_seed(cfg.seed, "train"))
+    val_sampler = make_sampler(run, cfg, "val", episode_seed(cfg.seed, "val"))
+    optimizer = torch.optim.Adam(algo.parameters(), lr=t.meta_lr)
+    ckpt_dir = run_dir / "checkpoints"
+    metrics_path = run_dir / "metrics.csv"
+    best = {"val_acc": -1.0, "iteration": 0}
+    window_loss, window_acc, window_n = 0.0, 0.0, 0
+    train_seconds = 0.0
+    algo.train()
+
+    bar = tqdm(range(1, t.iterations + 1), desc="meta-train", unit="it", dynamic_ncols=True)
+    tic = time.perf_counter()
+    for it in bar:
+        episode = train_sampler.sample(t.meta_batch_size)  # support (T, ways*shots, C, H, W)
+        out = algo(episode, train=True)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(algo.parameters(), t.grad_clip)
+        optimizer.step()
+
+        loss = out.loss.item()
+        if not math.isfinite(loss):
+            raise ConfigError(
+                f"training loss became {loss} at iteration {it}; the last good checkpoint is in {ckpt_dir}. "
+                "Lower trainer.meta_lr or algo.inner_lr"
+            )
+        window_loss += loss
+        window_acc += out.acc.mean().item()
+        window_n += 1
+        if it % t.log_every == 0 or it == t.iterations:
+            elapsed = train_seconds + time.perf_counter() - tic
+            bar.set_postfix(loss=f"{window_loss / window_n:.3f}", acc=f"{window_acc / window_n:.3f}",
+                            tasks_s=f"{it * t.meta_batch_size / max(elapsed, 1e-9):.0f}", best_val=f"{max(best['val_acc'], 0):.3f}")
+
+        if it % t.val_every == 0 or it == t.iterations:
+            train_seconds += time.perf_counter() - tic
+            val = evaluate(algo, val_sampler, t.val_episodes, cfg.eval.meta_batch_size, episode_seed(cfg.seed, "val"), desc="validate")
+            row = {"iteration": it, "train_loss": window_loss / window_n, "train_acc": window_acc / window_n,
+                   "val_acc": val["acc_mean"], "val_ci95": val["acc_ci95"], "train_seconds": round(train_seconds, 3)}
+            _append_csv(metrics_path, row)
+            window_loss, window_acc, window_n = 0.0, 0.0, 0
+            if val["acc_mean"] > best["val_acc"]:
+                best = {"val_acc": val["acc_mean"], "iteration": it}
+                save_checkpoint(ckpt_dir / "best.pt", checkpoint_state(cfg, algo, optimizer, it, best, train_sampler))
+            tqdm.write(f"iteration {it}: val acc {100 * val['acc_mean']:.2f} ± {100 * val['acc_ci95']:.2f}% (best {100 * best['val_acc']:.2f}% at {best['iteration']})")
+            tic = time.perf_counter()
+        if it % t.checkpoint_every == 0 or it == t.iterations:
+            save_checkpoint(ckpt_dir / "last.pt", checkpoint_state(cfg, algo, optimizer, it, best, train_sampler))
+    bar.close()
+
+    # Test the best validation checkpoint, as the papers do.
+    state = load_checkpoint(ckpt_dir / "best.pt")
+    algo.load_state_dict(state["model"])
+    test_sampler = make_sampler(run, cfg, "test", episode_seed(cfg.seed, "test"))
+    test = evaluate(algo, test_sampler, cfg.eval.episodes, cfg.eval.meta_batch_size, episode_seed(cfg.seed, "test"), desc="test")
+    results = make_results(cfg, test, train_seconds=train_seconds, best=best, device=run.device)
+    write_results(run_dir, results)
+    return results
+
+
+def make_results(cfg: DictConfig, test: dict, train_seconds: Optional[float], best: dict, device: torch.device) -> dict[str, Any]:
+    return {
+        "name": cfg.name,
+        "algo": cfg.algo.name,
+        "dataset": cfg.dataset.name,
+        "dataset_split": cfg.dataset.get("split"),
+        "backbone": cfg.backbone.name,
+        "ways": cfg.episode.ways,
+        "shots": cfg.episode.shots,
+        "queries": cfg.episode.queries,
+        "seed": cfg.seed,
+        "iterations": cfg.trainer.iterations,
+        "meta_batch_size": cfg.trainer.meta_batch_size,
+        "train_seconds": None if train_seconds is None else round(train_seconds, 3),
+        "best_val": best,
+        "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
+        "test": test,
+        "paper": OmegaConf.to_container(cfg.paper, resolve=True) if "paper" in cfg else None,
+    }
+
+
+def results_markdown(results: dict) -> str:
+    test = results["test"]
+    acc = f"{100 * test['acc_mean']:.2f} ± {100 * test['acc_ci95']:.2f}"
+    paper = results.get("paper") or {}
+    paper_s = f"{paper['acc']:.2f}" + (f" ± {paper['ci95']:.2f}" if paper.get("ci95") is not None else "") if paper.get("acc") is not None else "–"
+    lines = [
+        "| algo | dataset | backbone | ways | shots | queries | seed | test episodes | accuracy (%) | paper (%) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {results['algo']} | {results['dataset']} | {results['backbone']} | {results['ways']} | {results['shots']} | "
+        f"{results['queries']} | {results['seed']} | {test['episodes']} | {acc} | {paper_s} |",
+    ]
+    if "step_acc" in test:
+        steps = ", ".join(f"{i}: {100 * a:.2f}" for i, a in enumerate(test["step_acc"]))
+        lines += ["", f"Accuracy (%) after each inner step: {steps}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(run_dir: Path, results: dict) -> None:
+    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    table = results_markdown(results)
+    atomic_write_text(run_dir / "results.md", table)
+    print(table, end="")
+
+
+def _append_csv(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """fewshot-eval: rebuild the run from a checkpoint's own config and test it on `cfg.split`.
+
+    With the training run's seed and episode count it reproduces results.json's test number exactly."""
+    from fewshot.config import TrainConfig
+
+    state = load_checkpoint(cfg.checkpoint)
+    run_cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), state["config_source"])
+    # Where data lives and which device runs it belong to this machine, not the training one.
+    run_cfg.data_root, run_cfg.cache_dir, run_cfg.device = cfg.data_root, cfg.cache_dir, cfg.device
+    if cfg.seed is not None:
+        run_cfg.seed = cfg.seed
+    if cfg.eval.episodes is not None:
+        run_cfg.eval.episodes = cfg.eval.episodes
+    if cfg.eval.meta_batch_size is not None:
+        run_cfg.eval.meta_batch_size = cfg.eval.meta_batch_size
+    run = build(run_cfg)
+    run.algo.load_state_dict(state["model"])
+    sampler = make_sampler(run, run_cfg, cfg.split, episode_seed(run_cfg.seed, cfg.split))
+    print(f"fewshot: {run_cfg.name} from {cfg.checkpoint} (iteration {state['iteration']}) on {run.device}, "
+          f"{run_cfg.eval.episodes} {cfg.split} episodes, seed {run_cfg.seed}")
+    test = evaluate(run.algo, sampler, run_cfg.eval.episodes, run_cfg.eval.meta_batch_size,
+                    episode_seed(run_cfg.seed, cfg.split), desc=cfg.split)
+    results = make_results(run_cfg, test, train_seconds=None, best=state["best"], device=run.device)
+    results["checkpoint"] = str(Path(cfg.checkpoint).resolve())
+    results["eval_split"] = cfg.split
+    write_results(Path(out_dir), results)
+    return results
