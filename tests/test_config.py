@@ -108,9 +108,3 @@ def test_train_finds_configs_from_any_folder(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "maml_synthetic_5w1s" in proc.stdout
     assert (tmp_path / "outputs" / "maml_synthetic_5w1s").is_dir()
-
-
-def test_table_says_not_implemented():
-    exe = Path(sys.executable).with_name("fewshot-table")
-    proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "not implemented" in proc.stderr

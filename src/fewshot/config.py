@@ -37,6 +37,10 @@ class TrainerConfig:
 class EvalConfig:
     episodes: int = 600
     meta_batch_size: int = 25  # tasks per forward pass at test time (memory, not results)
+    # Validation and test episodes may differ from training ones (ProtoNets train 60-way, test 5-way;
+    # MAML's code tests with K queries per class). null: the same as episode.*
+    ways: Optional[int] = None
+    queries: Optional[int] = None
 
 
 @dataclass
@@ -68,6 +72,8 @@ class TrainConfig:
     cache_dir: str = "${oc.env:FEWSHOT_CACHE_DIR,${oc.env:HOME,.}/.cache/fewshot}"
     name: str = "${algo.name}_${dataset.name}_${episode.ways}w${episode.shots}s"
     dry_run: bool = False  # build data and models, print the config, stop before training
+    resume: bool = False  # continue from checkpoints/last.pt (also automatic when the run folder holds one)
+    logger: Optional[str] = None  # tensorboard: also log metrics to <run>/tensorboard (metrics.csv always)
 
 
 @dataclass
@@ -175,6 +181,70 @@ class SyntheticConfig:
     seed: int = 0
 
 
+# Image datasets: mean/std have no schema default; each YAML in conf/dataset/ sets them and cites the source.
+@dataclass
+class MiniImageNetConfig:
+    _target_: str = "fewshot.data.miniimagenet.load_miniimagenet"
+    name: str = "miniimagenet"
+    root: str = "${data_root}/miniimagenet"
+    cache_dir: str = "${cache_dir}"
+    format: str = "pickle"  # pickle | csv
+    split_dir: Optional[str] = "${data_root}/miniimagenet/splits/ravi"
+    image_size: int = 84
+    images_per_class: int = 600
+    url: Optional[str] = None
+    md5: Optional[str] = None
+    mean: list = MISSING
+    std: list = MISSING
+
+
+@dataclass
+class CifarFSConfig:
+    _target_: str = "fewshot.data.cifar.load_cifar_fs"
+    name: str = "cifar_fs"
+    root: str = "${data_root}/cifar100"
+    cache_dir: str = "${cache_dir}"
+    format: str = "pickle"
+    split_dir: str = "${data_root}/cifar-fs/splits"
+    image_size: int = 32
+    images_per_class: int = 600
+    url: Optional[str] = None
+    md5: Optional[str] = None
+    mean: list = MISSING
+    std: list = MISSING
+
+
+@dataclass
+class FC100Config:
+    _target_: str = "fewshot.data.cifar.load_fc100"
+    name: str = "fc100"
+    root: str = "${data_root}/cifar100"
+    cache_dir: str = "${cache_dir}"
+    format: str = "pickle"
+    image_size: int = 32
+    images_per_class: int = 600
+    url: Optional[str] = None
+    md5: Optional[str] = None
+    mean: list = MISSING
+    std: list = MISSING
+
+
+@dataclass
+class TieredImageNetConfig:
+    _target_: str = "fewshot.data.tiered.load_tieredimagenet"
+    name: str = "tieredimagenet"
+    root: str = "${data_root}/tieredimagenet"
+    cache_dir: str = "${cache_dir}"
+    format: str = "pickle"  # pickle ({split}_images_png.pkl) | npz ({split}_images.npz)
+    image_size: int = 84
+    classes_per_split: Optional[list] = field(default_factory=lambda: [351, 97, 160])  # null: no check
+    npz_channel_order: str = "rgb"  # rgb | bgr (npz written by cv2.imdecode hold BGR)
+    url: Optional[str] = None
+    md5: Optional[str] = None
+    mean: list = MISSING
+    std: list = MISSING
+
+
 # Keys that name a choice but are not constructor arguments.
 META_KEYS = ("name",)
 
@@ -192,6 +262,10 @@ def register_configs() -> None:
         ("backbone", "mlp_schema", MLPConfig),
         ("dataset", "omniglot_schema", OmniglotConfig),
         ("dataset", "synthetic_schema", SyntheticConfig),
+        ("dataset", "miniimagenet_schema", MiniImageNetConfig),
+        ("dataset", "cifar_fs_schema", CifarFSConfig),
+        ("dataset", "fc100_schema", FC100Config),
+        ("dataset", "tieredimagenet_schema", TieredImageNetConfig),
         ("device", "device_schema", DeviceConfig),
         ("trainer", "trainer_schema", TrainerConfig),
     ):

@@ -5,11 +5,16 @@ Nothing here knows which algorithm runs: every algorithm answers algo(episode, t
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
 import math
+import os
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +27,12 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from fewshot.algorithms.base import Algorithm
-from fewshot.checkpoint import atomic_write_text, load_checkpoint, rng_state, save_checkpoint
+from fewshot.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fewshot.config import META_KEYS
 from fewshot.data.base import FewShotDataset, SplitBank
 from fewshot.data.sampler import EpisodeSampler, check_episode_fits, fixed_episodes
 from fewshot.device import resolve_device
-from fewshot.errors import ConfigError
+from fewshot.errors import ConfigError, FewshotError
 
 SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2}
 
@@ -63,6 +68,10 @@ def check_config(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ConfigError(f"{key}={value}: must be a positive number")
+    for key in ("ways", "queries"):
+        value = cfg.eval.get(key)
+        if value is not None and value < 1:
+            raise ConfigError(f"eval.{key}={value}: must be a positive number or null")
     if cfg.episode.ways < 2:
         raise ConfigError(f"episode.ways={cfg.episode.ways}: a classification task needs at least 2 ways")
 
@@ -82,7 +91,7 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
     device = device or resolve_device(cfg.device.name)
     dataset: FewShotDataset = instantiate(_plain(cfg.dataset), _convert_="all")
     for split in ("train", "val", "test"):
-        check_episode_fits(dataset.split(split), cfg.episode.ways, cfg.episode.shots, cfg.episode.queries, split)
+        check_episode_fits(dataset.split(split), *episode_shape(cfg, split), split)
     backbone = functools.partial(
         instantiate(_plain(cfg.backbone), _convert_="all"), in_channels=dataset.channels, image_size=dataset.image_size
     )
@@ -90,9 +99,16 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
     return Run(device=device, dataset=dataset, algo=algo.to(device))
 
 
+def episode_shape(cfg: DictConfig, split: str) -> tuple[int, int, int]:
+    """(ways, shots, queries) of a split's tasks: validation and test may set their own ways and queries."""
+    if split == "train":
+        return cfg.episode.ways, cfg.episode.shots, cfg.episode.queries
+    return cfg.eval.ways or cfg.episode.ways, cfg.episode.shots, cfg.eval.queries or cfg.episode.queries
+
+
 def make_sampler(run: Run, cfg: DictConfig, split: str, seed: int) -> EpisodeSampler:
     return EpisodeSampler(
-        run.dataset.split(split), cfg.episode.ways, cfg.episode.shots, cfg.episode.queries,
+        run.dataset.split(split), *episode_shape(cfg, split),
         device=run.device, seed=seed, mean=run.dataset.mean, std=run.dataset.std, split=split,
     )
 
@@ -125,7 +141,10 @@ def evaluate(algo: Algorithm, sampler: EpisodeSampler, episodes: int, batch: int
     return result
 
 
-def checkpoint_state(cfg: DictConfig, algo: Algorithm, optimizer, iteration: int, best: dict, sampler: EpisodeSampler) -> dict:
+def checkpoint_state(cfg: DictConfig, algo: Algorithm, optimizer, iteration: int, best: dict, sampler: EpisodeSampler,
+                     progress: Optional[dict] = None) -> dict:
+    """Everything needed to continue bit for bit: weights, optimizer, iteration, best metric, every RNG
+    state, the sampler's generator, the partial logging window, and the config that built the run."""
     return {
         "algo": cfg.algo.name,
         "backbone": cfg.backbone.name,
@@ -134,6 +153,7 @@ def checkpoint_state(cfg: DictConfig, algo: Algorithm, optimizer, iteration: int
         "optimizer": optimizer.state_dict(),
         "iteration": iteration,
         "best": dict(best),
+        "progress": dict(progress or {}),
         "rng": rng_state(),
         "sampler": sampler.state_dict(),
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -141,8 +161,64 @@ def checkpoint_state(cfg: DictConfig, algo: Algorithm, optimizer, iteration: int
     }
 
 
+class Interrupted(FewshotError):
+    """SIGTERM/SIGINT arrived; a checkpoint was written and the run can be resumed."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Turn SIGTERM and SIGINT (how clusters preempt) into a flag the loop checks between iterations,
+    so the run stops at a clean point and checkpoints instead of dying mid-step."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+        yield received
+        return
+
+    def handler(signum, frame):
+        if received:  # a second signal: stop now
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def find_resume_checkpoint(ckpt_dir: Path) -> Optional[dict]:
+    """The newest readable of last.pt and previous.pt, or None when the folder holds neither."""
+    errors = []
+    for name in ("last.pt", "previous.pt"):
+        path = ckpt_dir / name
+        if path.exists():
+            try:
+                return load_checkpoint(path)
+            except CheckpointError as e:
+                errors.append(str(e))
+                print(f"fewshot: warning: {e}; trying an older checkpoint", file=sys.stderr)
+    if errors:
+        raise CheckpointError(f"no readable checkpoint to resume from in {ckpt_dir}: {'; '.join(errors)}")
+    return None
+
+
+def save_last(ckpt_dir: Path, state: dict) -> None:
+    """last.pt, keeping the one before it as previous.pt in case last.pt is damaged later."""
+    last = ckpt_dir / "last.pt"
+    if last.exists():
+        os.replace(last, ckpt_dir / "previous.pt")
+    save_checkpoint(last, state)
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Meta-train, validate and checkpoint, then test the best checkpoint; returns results.json's content."""
+    """Meta-train, validate and checkpoint, then test the best checkpoint; returns results.json's content.
+
+    Resumes from run_dir/checkpoints/last.pt when it exists (or fails when resume=true and it does not)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
@@ -159,59 +235,134 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     ckpt_dir = run_dir / "checkpoints"
     metrics_path = run_dir / "metrics.csv"
     best = {"val_acc": -1.0, "iteration": 0}
-    window_loss, window_acc, window_n = 0.0, 0.0, 0
-    train_seconds = 0.0
+    # Running sums since the last validation, and the time spent training (validation excluded).
+    progress = {"loss": 0.0, "acc": 0.0, "n": 0, "train_seconds": 0.0}
+    start = 1
+
+    state = find_resume_checkpoint(ckpt_dir)
+    if state is None and cfg.resume:
+        raise CheckpointError(f"resume=true but {ckpt_dir} holds no last.pt; point hydra.run.dir at the run folder to resume")
+    if state is not None:
+        check_same_run(state, cfg, ckpt_dir / "last.pt")
+        algo.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        train_sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        best, progress, start = state["best"], state["progress"], state["iteration"] + 1
+        truncate_metrics(metrics_path, state["iteration"])
+        print(f"fewshot: resuming {run_dir} at iteration {start} of {t.iterations}")
+    logger = make_logger(cfg.logger, run_dir)
     algo.train()
 
-    bar = tqdm(range(1, t.iterations + 1), desc="meta-train", unit="it", dynamic_ncols=True)
-    tic = time.perf_counter()
-    for it in bar:
-        episode = train_sampler.sample(t.meta_batch_size)  # support (T, ways*shots, C, H, W)
-        out = algo(episode, train=True)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        if t.grad_clip:
-            torch.nn.utils.clip_grad_norm_(algo.parameters(), t.grad_clip)
-        optimizer.step()
+    with stop_on_signals() as signals:
+        bar = tqdm(range(start, t.iterations + 1), initial=start - 1, total=t.iterations, desc="meta-train", unit="it",
+                   dynamic_ncols=True)
+        tic = time.perf_counter()
+        for it in bar:
+            episode = train_sampler.sample(t.meta_batch_size)  # support_x (T, ways*shots, C, H, W)
+            out = algo(episode, train=True)
+            loss = out.loss.item()
+            if not math.isfinite(loss):  # before the step, so the weights stay the last good ones
+                raise FewshotError(
+                    f"training loss became {loss} at iteration {it}; stopped, the last good checkpoint is in {ckpt_dir}. "
+                    "Lower trainer.meta_lr or algo.inner_lr"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if t.grad_clip:
+                torch.nn.utils.clip_grad_norm_(algo.parameters(), t.grad_clip)
+            optimizer.step()
 
-        loss = out.loss.item()
-        if not math.isfinite(loss):
-            raise ConfigError(
-                f"training loss became {loss} at iteration {it}; the last good checkpoint is in {ckpt_dir}. "
-                "Lower trainer.meta_lr or algo.inner_lr"
-            )
-        window_loss += loss
-        window_acc += out.acc.mean().item()
-        window_n += 1
-        if it % t.log_every == 0 or it == t.iterations:
-            elapsed = train_seconds + time.perf_counter() - tic
-            bar.set_postfix(loss=f"{window_loss / window_n:.3f}", acc=f"{window_acc / window_n:.3f}",
-                            tasks_s=f"{it * t.meta_batch_size / max(elapsed, 1e-9):.0f}", best_val=f"{max(best['val_acc'], 0):.3f}")
+            progress["loss"] += loss
+            progress["acc"] += out.acc.mean().item()
+            progress["n"] += 1
+            if it % t.log_every == 0 or it == t.iterations:
+                elapsed = progress["train_seconds"] + time.perf_counter() - tic
+                bar.set_postfix(loss=f"{progress['loss'] / progress['n']:.3f}", acc=f"{progress['acc'] / progress['n']:.3f}",
+                                tasks_s=f"{(it - start + 1) * t.meta_batch_size / max(time.perf_counter() - tic, 1e-9):.0f}",
+                                best_val=f"{max(best['val_acc'], 0):.3f}")
 
-        if it % t.val_every == 0 or it == t.iterations:
-            train_seconds += time.perf_counter() - tic
-            val = evaluate(algo, val_sampler, t.val_episodes, cfg.eval.meta_batch_size, episode_seed(cfg.seed, "val"), desc="validate")
-            row = {"iteration": it, "train_loss": window_loss / window_n, "train_acc": window_acc / window_n,
-                   "val_acc": val["acc_mean"], "val_ci95": val["acc_ci95"], "train_seconds": round(train_seconds, 3)}
-            _append_csv(metrics_path, row)
-            window_loss, window_acc, window_n = 0.0, 0.0, 0
-            if val["acc_mean"] > best["val_acc"]:
-                best = {"val_acc": val["acc_mean"], "iteration": it}
-                save_checkpoint(ckpt_dir / "best.pt", checkpoint_state(cfg, algo, optimizer, it, best, train_sampler))
-            tqdm.write(f"iteration {it}: val acc {100 * val['acc_mean']:.2f} ± {100 * val['acc_ci95']:.2f}% (best {100 * best['val_acc']:.2f}% at {best['iteration']})")
-            tic = time.perf_counter()
-        if it % t.checkpoint_every == 0 or it == t.iterations:
-            save_checkpoint(ckpt_dir / "last.pt", checkpoint_state(cfg, algo, optimizer, it, best, train_sampler))
-    bar.close()
+            if it % t.val_every == 0 or it == t.iterations:
+                progress["train_seconds"] += time.perf_counter() - tic
+                val = evaluate(algo, val_sampler, t.val_episodes, cfg.eval.meta_batch_size, episode_seed(cfg.seed, "val"), desc="validate")
+                row = {"iteration": it, "train_loss": progress["loss"] / progress["n"], "train_acc": progress["acc"] / progress["n"],
+                       "val_acc": val["acc_mean"], "val_ci95": val["acc_ci95"], "train_seconds": round(progress["train_seconds"], 3)}
+                _append_csv(metrics_path, row)
+                if logger:
+                    for key in ("train_loss", "train_acc", "val_acc"):
+                        logger.add_scalar(key, row[key], it)
+                progress.update(loss=0.0, acc=0.0, n=0)
+                if val["acc_mean"] > best["val_acc"]:
+                    best = {"val_acc": val["acc_mean"], "iteration": it}
+                    save_checkpoint(ckpt_dir / "best.pt", checkpoint_state(cfg, algo, optimizer, it, best, train_sampler, progress))
+                tqdm.write(f"iteration {it}: val acc {100 * val['acc_mean']:.2f} ± {100 * val['acc_ci95']:.2f}% "
+                           f"(best {100 * best['val_acc']:.2f}% at {best['iteration']})")
+                tic = time.perf_counter()
+            if it % t.checkpoint_every == 0 or it == t.iterations or signals:
+                # Time is banked only at validations; a checkpoint between them records it too.
+                snapshot = dict(progress, train_seconds=progress["train_seconds"] + time.perf_counter() - tic)
+                save_last(ckpt_dir, checkpoint_state(cfg, algo, optimizer, it, best, train_sampler, snapshot))
+            if signals:
+                bar.close()
+                name = signal.Signals(signals[0]).name
+                raise Interrupted(f"{name} at iteration {it}: checkpoint written to {ckpt_dir / 'last.pt'}; "
+                                  f"resume with the same command and hydra.run.dir={run_dir}", signals[0])
+        bar.close()
+        progress["train_seconds"] += time.perf_counter() - tic
 
     # Test the best validation checkpoint, as the papers do.
-    state = load_checkpoint(ckpt_dir / "best.pt")
-    algo.load_state_dict(state["model"])
+    algo.load_state_dict(load_checkpoint(ckpt_dir / "best.pt")["model"])
     test_sampler = make_sampler(run, cfg, "test", episode_seed(cfg.seed, "test"))
     test = evaluate(algo, test_sampler, cfg.eval.episodes, cfg.eval.meta_batch_size, episode_seed(cfg.seed, "test"), desc="test")
-    results = make_results(cfg, test, train_seconds=train_seconds, best=best, device=run.device)
+    results = make_results(cfg, test, train_seconds=progress["train_seconds"], best=best, device=run.device)
     write_results(run_dir, results)
+    if logger:
+        logger.add_scalar("test_acc", test["acc_mean"], t.iterations)
+        logger.close()
+    plot_curve(run_dir)
     return results
+
+
+def check_same_run(state: dict, cfg: DictConfig, path: Path) -> None:
+    """Refuse to resume a run folder with a different algorithm or backbone than the one requested."""
+    for key, want in (("algo", cfg.algo.name), ("backbone", cfg.backbone.name), ("dataset", cfg.dataset.name)):
+        if state.get(key) != want:
+            raise CheckpointError(f"{path} holds a {key}={state.get(key)} run but {key}={want} was requested; "
+                                  "use a new run folder or the checkpoint's own settings")
+
+
+def truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop metrics.csv rows written after the checkpoint we resume from (and any half-written line)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = lines[:1] + [ln for ln in lines[1:] if ln.split(",")[0].isdigit() and int(ln.split(",")[0]) <= iteration
+                        and len(ln.split(",")) == len(lines[0].split(","))]
+    atomic_write_text(path, "\n".join(kept) + "\n")
+
+
+def make_logger(kind: Optional[str], run_dir: Path):
+    """Optional TensorBoard writer; metrics.csv is always written."""
+    if not kind:
+        return None
+    if kind != "tensorboard":
+        raise ConfigError(f"logger={kind!r}: the only logger is tensorboard (or null)")
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ConfigError("logger=tensorboard needs the tensorboard package: pip install 'fewshot[tensorboard]'") from e
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def plot_curve(run_dir: Path) -> None:
+    try:
+        from fewshot.plots import plot_learning_curve
+    except ImportError:  # matplotlib missing: the numbers are in metrics.csv anyway
+        return
+    try:
+        plot_learning_curve(run_dir)
+    except Exception as e:  # a plot must never cost a finished run its results
+        print(f"fewshot: warning: learning-curve plot failed: {e}", file=sys.stderr)
 
 
 def make_results(cfg: DictConfig, test: dict, train_seconds: Optional[float], best: dict, device: torch.device) -> dict[str, Any]:
