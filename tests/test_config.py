@@ -60,7 +60,7 @@ def test_every_backbone_instantiates(compose_cfg, backbone):
 @pytest.mark.parametrize("dataset", group_choices("dataset"))
 def test_every_dataset_composes(compose_cfg, dataset):
     cfg = compose_cfg("train", [f"dataset={dataset}"])
-    assert cfg.dataset.name == dataset
+    assert dataset.startswith(cfg.dataset.name)  # omniglot_vinyals is omniglot with another split
     assert cfg.dataset._target_.startswith("fewshot.data.")
 
 

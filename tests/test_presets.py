@@ -1,0 +1,59 @@
+"""Every paper preset composes with its own protocol and runs one smoke iteration on synthetic data."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from conftest import group_choices
+from fewshot import engine
+
+PRESETS = group_choices("experiment")
+NAME = re.compile(r"^(?P<algo>[a-z_]+)_(?P<dataset>omniglot|miniimagenet)_(?P<ways>\d+)w(?P<shots>\d+)s$")
+
+
+def test_every_cell_of_the_issue_has_a_preset():
+    cells = [f"{w}w{k}s" for w in (5, 20) for k in (1, 5)]
+    expected = {f"{a}_omniglot_{c}" for a in ("maml", "fomaml", "matching", "matching_fce", "protonet") for c in cells}
+    expected |= {f"{a}_miniimagenet_5w{k}s" for a in ("maml", "fomaml", "matching", "matching_fce", "protonet") for k in (1, 5)}
+    assert expected <= set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_protocol(compose_cfg, preset):
+    cfg = compose_cfg("train", [f"experiment={preset}"])
+    m = NAME.match(preset)
+    assert m, f"{preset} is not named <algo>_<dataset>_<W>w<K>s"
+    assert cfg.name == preset
+    assert cfg.algo.name == m["algo"] and cfg.dataset.name == m["dataset"]
+    # The test episodes are the cell's shape (ProtoNets train with more ways than they test).
+    assert (cfg.eval.ways or cfg.episode.ways) == int(m["ways"]) and cfg.episode.shots == int(m["shots"])
+    assert cfg.paper.source, "each preset names its source"
+    if cfg.algo.name in ("maml", "fomaml"):
+        assert cfg.algo.first_order == (cfg.algo.name == "fomaml")
+        assert cfg.algo.eval_inner_steps == 10 and cfg.trainer.iterations == 60000
+        assert cfg.eval.episodes == 600
+        if cfg.dataset.name == "omniglot":
+            assert cfg.dataset.split == "finn"
+            assert (cfg.algo.inner_steps, cfg.algo.inner_lr, cfg.trainer.meta_batch_size) == (
+                (1, 0.4, 32) if cfg.episode.ways == 5 else (5, 0.1, 16))
+        else:
+            assert (cfg.algo.inner_steps, cfg.algo.inner_lr, cfg.episode.queries) == (5, 0.01, 15)
+            assert cfg.backbone.name == "conv4_pool" and cfg.backbone.hidden == 32
+    if cfg.dataset.name == "omniglot" and cfg.algo.name in ("matching", "matching_fce", "protonet"):
+        assert cfg.dataset.split == "vinyals"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_runs_one_smoke_iteration(compose_cfg, tmp_path, preset):
+    cfg = compose_cfg("train", [
+        f"experiment={preset}", "dataset=synthetic", "dataset.val_classes=20", "device=cpu",
+        "trainer.iterations=1", "trainer.meta_batch_size=2", "trainer.val_episodes=2", "eval.episodes=2",
+        "eval.meta_batch_size=2", "backbone.hidden=8",  # width is not part of the episode protocol
+    ])
+    results = engine.train(cfg, tmp_path)
+    ways, shots, queries = engine.episode_shape(cfg, "test")
+    assert (results["ways"], results["shots"]) == (cfg.episode.ways, shots)
+    assert results["test"]["episodes"] == 2 and 0 <= results["test"]["acc_mean"] <= 1
+    assert (tmp_path / "results.json").is_file()
