@@ -150,9 +150,9 @@ def test_preprocessing_matches_pillow_on_the_source_pngs(omniglot_root, omniglot
         expected = 255 - np.asarray(page.convert("L").resize((28, 28), Image.Resampling.LANCZOS))
         assert np.array_equal(images[ci, di, 0].numpy(), expected)
         # 105 keeps the drawing as is: strokes (black in the PNG) become 255, the page 0.
-        full = 255 - og._decode_png(found, 105)
+        full = og.decode_drawing(found, 105)
         assert np.array_equal(full, np.where(np.asarray(page.convert("L")) > 0, 0, 255))
-        small = 255 - og._decode_png(found, 14)
+        small = og.decode_drawing(found, 14)
         assert small.shape == (14, 14) and small.max() > 128
 
 

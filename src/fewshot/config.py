@@ -91,6 +91,9 @@ class EvalRunConfig:
     eval: EvalOverrides = field(default_factory=EvalOverrides)
     seed: Optional[int] = None  # null: the training run's seed (reproduces its test number)
     split: str = "test"
+    # `algo=X` / `backbone=Y` on the command line: what the checkpoint must hold; a mismatch is refused.
+    algo: Any = None
+    backbone: Any = None
     data_root: str = "${oc.env:FEWSHOT_DATA_ROOT,./data}"
     cache_dir: str = "${oc.env:FEWSHOT_CACHE_DIR,${oc.env:HOME,.}/.cache/fewshot}"
     name: str = "eval"

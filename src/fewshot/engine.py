@@ -426,6 +426,11 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     from fewshot.config import TrainConfig
 
     state = load_checkpoint(cfg.checkpoint)
+    for key in ("algo", "backbone"):
+        want = cfg[key].name if cfg.get(key) is not None else None
+        if want is not None and want != state.get(key):
+            raise CheckpointError(f"{cfg.checkpoint} holds a {key}={state.get(key)} model, not {key}={want}; "
+                                  f"pass a {want} checkpoint or drop the {key}= override")
     run_cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), state["config_source"])
     # Where data lives and which device runs it belong to this machine, not the training one.
     run_cfg.data_root, run_cfg.cache_dir, run_cfg.device = cfg.data_root, cfg.cache_dir, cfg.device

@@ -177,7 +177,7 @@ def _unsafe_member(name: str) -> bool:
     return any(part == ".." for part in norm.split("/"))
 
 
-def _check_members(zip_path: Path, names: Iterable[str]) -> None:
+def check_zip_members(zip_path: Path, names: Iterable[str]) -> None:
     for name in names:
         if _unsafe_member(name):
             raise DataError(
@@ -186,7 +186,7 @@ def _check_members(zip_path: Path, names: Iterable[str]) -> None:
             )
 
 
-def _open_zip(path: Path) -> zipfile.ZipFile:
+def open_zip(path: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
@@ -200,9 +200,9 @@ def safe_extract(zip_path: str | os.PathLike[str], dest: str | os.PathLike[str])
     """
     zip_path, dest = Path(zip_path), Path(dest)
     root = dest.resolve()
-    with _open_zip(zip_path) as zf:
+    with open_zip(zip_path) as zf:
         infos = zf.infolist()
-        _check_members(zip_path, (i.filename for i in infos))
+        check_zip_members(zip_path, (i.filename for i in infos))
         for info in infos:  # belt and braces: also catch anything resolve() maps outside (e.g. odd separators)
             target = (root / info.filename).resolve()
             if target != root and root not in target.parents:
@@ -221,9 +221,9 @@ def _scan(zip_paths: Sequence[Path]) -> tuple[list[str], list[list[tuple[int, st
     """
     found: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for zi, path in enumerate(zip_paths):
-        with _open_zip(path) as zf:
+        with open_zip(path) as zf:
             names = zf.namelist()
-        _check_members(path, names)
+        check_zip_members(path, names)
         for entry in names:
             parts = PurePosixPath(entry).parts
             # images_background/<Alphabet>/characterNN/IIII_DD.png; anything else (folders, stray files) is ignored
@@ -243,13 +243,14 @@ def _scan(zip_paths: Sequence[Path]) -> tuple[list[str], list[list[tuple[int, st
     return names, [sorted(found[n], key=lambda e: e[1]) for n in names]
 
 
-def _decode_png(data: bytes, image_size: int) -> np.ndarray:
-    """PNG bytes -> (S, S) uint8 as drawn (dark strokes); _decode_images inverts the whole batch at once."""
+def decode_drawing(data: bytes, image_size: int) -> np.ndarray:
+    """An Omniglot PNG -> (S, S) uint8 with bright strokes on 0, as MAML's code does (1 - x).
+    Lake's one-shot runs (fewshot.data.lake) go through this same function."""
     with Image.open(io.BytesIO(data)) as im:
         im = im.convert("L")  # from mode '1': Pillow would silently resize a '1' image with NEAREST, no antialiasing
         if im.size != (image_size, image_size):
             im = im.resize((image_size, image_size), Image.Resampling.LANCZOS)
-        return np.asarray(im, dtype=np.uint8)
+        return 255 - np.asarray(im, dtype=np.uint8)
 
 
 def _decode_images(zip_paths: Sequence[Path], members: Sequence[Sequence[tuple[int, str]]], image_size: int) -> torch.Tensor:
@@ -260,9 +261,9 @@ def _decode_images(zip_paths: Sequence[Path], members: Sequence[Sequence[tuple[i
 
     def work(ci: int) -> None:
         for di, data in enumerate(raw.pop(ci)):
-            out[ci, di] = _decode_png(data, image_size)
+            out[ci, di] = decode_drawing(data, image_size)
 
-    zfs = [_open_zip(p) for p in zip_paths]
+    zfs = [open_zip(p) for p in zip_paths]
     try:
         # Zip reads stay in this thread (a ZipFile shares one file handle); Pillow releases the GIL while resizing.
         # The pool closes first (joining its threads), so no progress callback runs after the bar is closed.
@@ -281,7 +282,6 @@ def _decode_images(zip_paths: Sequence[Path], members: Sequence[Sequence[tuple[i
     finally:
         for zf in zfs:
             zf.close()
-    np.subtract(255, out, out=out)  # strokes are black in the PNGs; make them bright as MAML does (1 - x)
     return torch.from_numpy(out).unsqueeze(2)
 
 
