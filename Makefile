@@ -7,7 +7,7 @@ ARGS   ?=
 export FEWSHOT_DATA_ROOT ?= $(if $(wildcard ../shared/data/omniglot),$(abspath ../shared/data),$(CURDIR)/data)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train eval test test-fast bench clean
+.PHONY: help install train eval test test-fast bench reproduce clean
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,8 +36,13 @@ test: install  ## run the test suite on CPU
 test-fast: install  ## tests without the slow real-training ones
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
-bench: install  ## episode sampler benchmark: ours vs learn2learn's TaskDataset
+bench: install  ## CPU benchmarks: episode sampler and MAML, each against learn2learn in the same process
 	$(PY) scripts/bench_sampler.py
+	$(PY) scripts/bench_maml.py --device cpu
+
+TABLE ?= maml-omniglot
+reproduce: install  ## run a paper table (TABLE=maml-omniglot|protonet-omniglot|...; ARGS="-- trainer.iterations=2000")
+	$(PY) scripts/reproduce.py $(TABLE) $(ARGS)
 
 clean:  ## remove caches (keeps .venv, data and outputs/)
 	rm -rf .pytest_cache src/*.egg-info

@@ -91,6 +91,7 @@ class EvalRunConfig:
     eval: EvalOverrides = field(default_factory=EvalOverrides)
     seed: Optional[int] = None  # null: the training run's seed (reproduces its test number)
     split: str = "test"
+    benchmark: Optional[str] = None  # lake_runs: Lake et al.'s 20 original one-shot runs instead of sampled tasks
     # `algo=X` / `backbone=Y` on the command line: what the checkpoint must hold; a mismatch is refused.
     algo: Any = None
     backbone: Any = None

@@ -442,6 +442,8 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         run_cfg.eval.meta_batch_size = cfg.eval.meta_batch_size
     run = build(run_cfg)
     run.algo.load_state_dict(state["model"])
+    if cfg.benchmark is not None:
+        return evaluate_benchmark(cfg, run_cfg, run, state, Path(out_dir))
     sampler = make_sampler(run, run_cfg, cfg.split, episode_seed(run_cfg.seed, cfg.split))
     print(f"fewshot: {run_cfg.name} from {cfg.checkpoint} (iteration {state['iteration']}) on {run.device}, "
           f"{run_cfg.eval.episodes} {cfg.split} episodes, seed {run_cfg.seed}")
@@ -451,4 +453,35 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     results["checkpoint"] = str(Path(cfg.checkpoint).resolve())
     results["eval_split"] = cfg.split
     write_results(Path(out_dir), results)
+    return results
+
+
+def evaluate_benchmark(cfg: DictConfig, run_cfg: DictConfig, run: Run, state: dict, out_dir: Path) -> dict[str, Any]:
+    """benchmark=lake_runs: Lake et al.'s 20 original one-shot runs (20-way, one drawing per class, 20 trials
+    each), preprocessed as the model's training data, reported as error rates per run as Lake reports them."""
+    from fewshot.data.lake import lake_episode, lake_report, lake_zip_path, load_lake_runs
+
+    if cfg.benchmark != "lake_runs":
+        raise ConfigError(f"benchmark={cfg.benchmark!r}: the only benchmark is lake_runs (or null for the test split)")
+    if run_cfg.dataset.name != "omniglot":
+        raise ConfigError(f"benchmark=lake_runs needs an Omniglot model; {cfg.checkpoint} was trained on {run_cfg.dataset.name}")
+    fixed = getattr(run.algo, "fixed_ways", None)
+    if fixed is not None and fixed != 20:
+        raise ConfigError(f"benchmark=lake_runs is 20-way but this {run_cfg.algo.name} model has a {fixed}-way head; "
+                          "evaluate a 20-way model (e.g. experiment=maml_omniglot_20w1s)")
+    runs = load_lake_runs(lake_zip_path(run_cfg.data_root), image_size=run_cfg.dataset.image_size)
+    episode = lake_episode(runs, mean=run.dataset.mean, std=run.dataset.std, device=run.device)
+    run.algo.eval()
+    acc = run.algo(episode, train=False).acc.detach().cpu().tolist()  # (20,) one task per run
+    report = lake_report(acc, runs)
+    results = make_results(run_cfg, {"episodes": len(runs), "acc_mean": report["mean_accuracy"], "acc_ci95": None},
+                           train_seconds=None, best=state["best"], device=run.device)
+    results.update(checkpoint=str(Path(cfg.checkpoint).resolve()), eval_split="lake_runs",
+                   lake={"error_per_run": report["error_per_run"], "mean_error": report["mean_error"]})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out_dir / "results.md", report["markdown"])
+    print(report["markdown"], end="")
+    # The runs are drawn from images_evaluation: a split that trains on those alphabets may have seen them.
+    print(f"Lake's one-shot runs: mean error {report['mean_error']:.2f}% over {len(runs)} runs")
     return results
