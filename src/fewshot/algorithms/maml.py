@@ -1,0 +1,333 @@
+"""MAML (Finn, Abbeel, Levine 2017) with a functional inner loop.
+
+The network lives once, as self.net, and is never cloned: adapted weights are a plain dict
+{name: tensor}, and a forward pass with them swaps those tensors into the net's parameter slots for the
+duration of the call (what torch.func.functional_call does, minus its per-call checks). Two strategies
+run the same per-task code (_task):
+
+- "vmap": torch.func.vmap over the tasks, inner gradients from torch.func.grad. After the first inner
+  step the weights differ per task, so every conv becomes one grouped conv over the meta-batch: few, large
+  kernels, which is what a GPU wants.
+- "loop": task by task, inner gradients from torch.autograd.grad (create_graph for second order). On a
+  CPU with n > 1 intra-op threads the tasks are spread over n worker threads with one intra-op thread each,
+  and each task's meta-gradient is taken as soon as the task is done (so only n task graphs are alive):
+  small conv and BatchNorm kernels split poorly over threads, and a busy machine stalls every
+  multi-threaded kernel at its barrier, while independent tasks need no synchronisation at all.
+
+"auto" picks vmap on CUDA and loop on CPU, where scripts/bench_maml.py measured it fastest (see CPU_STRATEGY).
+
+Second order by default: the meta-gradient flows through the inner gradients. first_order=True treats the
+inner gradients as constants (FOMAML), as learn2learn's MAML(first_order=True) does: the adapted weights
+are theta - lr * stop_gradient(g), so the meta-gradient is the query gradient at the adapted weights.
+
+BatchNorm: the backbones use batch statistics in training and at test (track_running_stats=False), as the
+MAML paper does; nothing here switches modes. Backbones with buffers that change in forward (running
+statistics) are not supported by the functional inner loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot.algorithms.base import AlgoOutput, Algorithm, BackboneFactory, accuracy
+from fewshot.data.base import Episode
+
+Weights = dict[str, torch.Tensor]
+STRATEGIES = ("auto", "vmap", "loop")
+
+# What "auto" runs on a CPU. On the 2-core development machine (torch 2.x, Omniglot Conv4-64, second
+# order, python scripts/bench_maml.py --device cpu --all-strategies) the threaded loop beat both
+# learn2learn's clone/adapt loop and vmap, whose grouped convolutions are slow on CPU.
+CPU_STRATEGY = "loop"
+
+
+def resolve_strategy(strategy: str, device: torch.device | str) -> str:
+    """The inner-loop strategy that "auto" stands for on `device`; other strategies pass through."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"MAML strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy != "auto":
+        return strategy
+    return "vmap" if torch.device(device).type == "cuda" else CPU_STRATEGY
+
+
+def _batch_norm_from_batch(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """What bn(x) computes with batch statistics (no running statistics), from elementary ops."""
+    dims = [0, *range(2, x.dim())]
+    mean = x.mean(dims, keepdim=True)
+    var = x.var(dims, unbiased=False, keepdim=True)
+    y = (x - mean) * torch.rsqrt(var + bn.eps)
+    if bn.affine:
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    return y
+
+
+class _StatelessCall:
+    """net(x) with its parameters replaced by the tensors in `weights` (keyed by parameter name).
+
+    The (submodule, attribute) slot of every parameter is found once; a call swaps the given tensors into
+    those slots and back. Not thread-safe (nor is functional_call): each thread needs its own net.
+
+    decompose_batch_norm: run every BatchNorm that uses batch statistics as elementary ops instead of the
+    fused kernel. Needed for second-order MAML under vmap: with torch 2.x, differentiating through the
+    batched native_batch_norm backward gives wrong meta-gradients (off by ~1e-2 relative in float64; see
+    pytorch/functorch#534 and tests/test_algorithms.py), while the decomposition agrees with the loop."""
+
+    def __init__(self, net: nn.Module, decompose_batch_norm: bool = False) -> None:
+        self.net = net
+        self.slots = []
+        for name, _ in net.named_parameters():
+            module_path, _, attr = name.rpartition(".")
+            self.slots.append((name, net.get_submodule(module_path), attr))
+        self.batch_norms = [
+            m for m in net.modules() if decompose_batch_norm and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+        ]
+
+    def __call__(self, weights: Weights, x: torch.Tensor) -> torch.Tensor:
+        originals = [module._parameters[attr] for _, module, attr in self.slots]
+        try:
+            for name, module, attr in self.slots:
+                module._parameters[attr] = weights[name]
+            for bn in self.batch_norms:  # an instance attribute shadows the class's forward
+                bn.forward = functools.partial(_batch_norm_from_batch, bn)
+            return self.net(x)
+        finally:
+            for (_, module, attr), original in zip(self.slots, originals):
+                module._parameters[attr] = original
+            for bn in self.batch_norms:
+                bn.__dict__.pop("forward", None)
+
+
+class MAML(Algorithm):
+    """Model-Agnostic Meta-Learning over a meta-batch of tasks.
+
+    backbone: factory; backbone(out_features=ways) is the classifier that is adapted (self.net).
+    inner_lr, inner_steps: the inner SGD step size and number of steps in meta-training.
+    eval_inner_steps: inner steps at validation/test (train=False), where step_acc is reported.
+    first_order: FOMAML (inner gradients treated as constants).
+    strategy: "loop", "vmap" or "auto" (see the module docstring).
+    chunk_size: tasks whose graphs may be alive together. When it is smaller than the meta-batch, meta-
+        training takes each chunk's meta-gradient inside forward and frees its graph before the next chunk,
+        so second-order memory is bounded by chunk_size tasks; loss.backward() then hands out the stored
+        gradient. At test it is vmap's chunk size. None: the whole meta-batch at once. The threaded CPU
+        loop already holds one task per worker and ignores it.
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneFactory,
+        ways: int,
+        inner_lr: float = 0.4,
+        inner_steps: int = 1,
+        eval_inner_steps: int = 10,
+        first_order: bool = False,
+        strategy: str = "auto",
+        chunk_size: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        resolve_strategy(strategy, "cpu")  # validates
+        if inner_steps < 1 or eval_inner_steps < 0:
+            raise ValueError(f"MAML needs inner_steps >= 1 and eval_inner_steps >= 0, got {inner_steps}, {eval_inner_steps}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"MAML chunk_size must be a positive number of tasks or None, got {chunk_size}")
+        self.net = backbone(out_features=ways)
+        self.ways = ways
+        self.inner_lr = float(inner_lr)
+        self.inner_steps = int(inner_steps)
+        self.eval_inner_steps = int(eval_inner_steps)
+        self.first_order = bool(first_order)
+        self.strategy = strategy
+        self.chunk_size = chunk_size
+
+    def extra_repr(self) -> str:
+        return (
+            f"ways={self.ways}, inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, "
+            f"eval_inner_steps={self.eval_inner_steps}, first_order={self.first_order}, "
+            f"strategy={self.strategy!r}, chunk_size={self.chunk_size}"
+        )
+
+    # ---- one task ------------------------------------------------------------------------------------
+
+    def _inner_step(self, call: _StatelessCall, weights: Weights, x: torch.Tensor, y: torch.Tensor, second_order: bool, functorch: bool) -> Weights:
+        """One SGD step on the support loss. functorch: gradients by torch.func.grad (needed under vmap;
+        the result stays differentiable for the outer graph, so first order detaches it) instead of
+        torch.autograd.grad (create_graph only for second order)."""
+
+        def support_loss(w: Weights) -> torch.Tensor:
+            return F.cross_entropy(call(w, x), y)
+
+        if functorch:
+            grads = torch.func.grad(support_loss)(weights)
+            if not second_order:
+                grads = {k: g.detach() for k, g in grads.items()}
+        else:
+            grads = dict(zip(weights, torch.autograd.grad(support_loss(weights), tuple(weights.values()), create_graph=second_order)))
+        return {k: torch.add(w, grads[k], alpha=-self.inner_lr) for k, w in weights.items()}
+
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: Optional[int] = None) -> Weights:
+        """The weights after `steps` (default eval_inner_steps) inner steps on one task's support set
+        (ways*shots, C, H, W), (ways*shots,), detached; self.net is left as it is. For inspection and tests:
+        use them with torch.func.functional_call(algo.net, weights, (x,))."""
+        weights = {k: p.detach().requires_grad_() for k, p in self.net.named_parameters()}
+        call = _StatelessCall(self.net)
+        with torch.enable_grad():
+            for _ in range(self.eval_inner_steps if steps is None else steps):
+                weights = self._inner_step(call, weights, support_x, support_y, second_order=False, functorch=False)
+        return {k: w.detach() for k, w in weights.items()}
+
+    def _task(
+        self,
+        call: _StatelessCall,
+        weights: Weights,
+        support_x: torch.Tensor,  # (ways*shots, C, H, W)
+        support_y: torch.Tensor,  # (ways*shots,)
+        query_x: torch.Tensor,  # (ways*queries, C, H, W)
+        query_y: torch.Tensor,  # (ways*queries,)
+        steps: int,
+        meta: bool,
+        functorch: bool,
+    ) -> tuple[torch.Tensor, ...]:
+        """Adapt to one task and score its query set.
+
+        meta=True (meta-training): returns (loss, acc); the loss keeps the graph to `weights`.
+        meta=False (test): `weights` come in detached, query passes run without a graph, and the result
+        is (loss, acc, step_acc) with the query accuracy before adaptation and after every inner step."""
+        second_order = meta and not self.first_order
+        step_acc = []
+        for _ in range(steps):
+            if not meta:
+                with torch.no_grad():
+                    step_acc.append(accuracy(call(weights, query_x), query_y))
+            weights = self._inner_step(call, weights, support_x, support_y, second_order, functorch)
+        with torch.no_grad() if not meta else torch.enable_grad():
+            logits = call(weights, query_x)
+            loss = F.cross_entropy(logits, query_y)
+        acc = accuracy(logits.detach(), query_y)
+        if meta:
+            return loss, acc
+        step_acc.append(acc)
+        return loss, acc, torch.stack(step_acc)
+
+    # ---- many tasks ----------------------------------------------------------------------------------
+
+    def _workers(self, strategy: str, device: torch.device, tasks: int) -> int:
+        """Worker threads for the loop: one per intra-op CPU thread (at most one per task), 1 elsewhere."""
+        if strategy != "loop" or device.type != "cpu":
+            return 1
+        return max(1, min(torch.get_num_threads(), tasks))
+
+    def _parallel(self, fn: Callable[[_StatelessCall, int], tuple], tasks: int, workers: int) -> list[tuple]:
+        """[fn(call, t) for t in range(tasks)], spread over `workers` threads with one intra-op thread each;
+        every worker calls its own copy of the net (the swap in _StatelessCall mutates the module)."""
+        if workers <= 1:
+            call = _StatelessCall(self.net)
+            return [fn(call, t) for t in range(tasks)]
+        threads = torch.get_num_threads()
+
+        def work(part: Sequence[int]) -> list[tuple]:
+            torch.set_num_threads(1)  # this thread's OpenMP/MKL setting; restored below
+            try:
+                call = _StatelessCall(copy.deepcopy(self.net))
+                with torch.enable_grad():
+                    return [fn(call, t) for t in part]
+            finally:
+                torch.set_num_threads(threads)
+
+        parts = [range(i, tasks, workers) for i in range(workers)]
+        results: list = [None] * tasks
+        with ThreadPoolExecutor(workers, thread_name_prefix="maml") as pool:
+            for part, outputs in zip(parts, pool.map(work, parts)):
+                for t, out in zip(part, outputs):
+                    results[t] = out
+        return results
+
+    def _tasks(self, weights: Weights, xs: Sequence[torch.Tensor], steps: int, meta: bool, strategy: str, workers: int = 1):
+        """_task over the leading task dim of xs = (support_x, support_y, query_x, query_y), stacked:
+        (losses (T,), accs (T,)) when meta, else (losses, accs, step_acc (T, steps+1))."""
+        if strategy == "vmap":
+            call = _StatelessCall(self.net, decompose_batch_norm=meta and not self.first_order)
+            return torch.func.vmap(
+                lambda w, *task: self._task(call, w, *task, steps=steps, meta=meta, functorch=True),
+                in_dims=(None, 0, 0, 0, 0),
+                chunk_size=None if meta else self.chunk_size,  # meta-training chunks are taken in forward()
+                randomness="error",
+            )(weights, *xs)
+        results = self._parallel(
+            lambda call, t: self._task(call, weights, *(x[t] for x in xs), steps=steps, meta=meta, functorch=False),
+            xs[0].shape[0], workers,
+        )
+        return tuple(torch.stack(column) for column in zip(*results))
+
+    def _meta_gradient(self, names: Sequence[str], leaves: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], strategy: str, workers: int):
+        """Mean meta-loss, per-task accuracy and the mean meta-gradient w.r.t. `leaves`, never holding
+        more than one chunk's (or, threaded, one task per worker's) graph."""
+        tasks = xs[0].shape[0]
+        weights = dict(zip(names, leaves))
+        if workers > 1:
+            def one(call: _StatelessCall, t: int) -> tuple:
+                loss, acc = self._task(call, weights, *(x[t] for x in xs), steps=self.inner_steps, meta=True, functorch=False)
+                return loss.detach(), acc, torch.autograd.grad(loss, leaves, allow_unused=True)
+
+            parts = self._parallel(one, tasks, workers)
+        else:
+            chunk = self.chunk_size or tasks
+            parts = []
+            for lo in range(0, tasks, chunk):
+                losses, accs = self._tasks(weights, [x[lo:lo + chunk] for x in xs], self.inner_steps, True, strategy)
+                total = losses.sum()
+                parts.append((total.detach(), accs, torch.autograd.grad(total, leaves, allow_unused=True)))
+        grads = [torch.zeros_like(p) for p in leaves]
+        for _, _, part_grads in parts:  # in task order, so the sum is deterministic
+            for g, pg in zip(grads, part_grads):
+                if pg is not None:
+                    g.add_(pg)
+        loss = torch.stack([p[0] for p in parts]).sum() / tasks
+        acc = torch.cat([p[1].reshape(-1) for p in parts])
+        return loss, acc, [g / tasks for g in grads]
+
+    # ---- the meta-batch ------------------------------------------------------------------------------
+
+    def forward(self, episode: Episode, train: bool = True) -> AlgoOutput:
+        device = episode.support_x.device
+        strategy = resolve_strategy(self.strategy, device)
+        xs = (episode.support_x, episode.support_y, episode.query_x, episode.query_y)
+        tasks = episode.tasks
+        workers = self._workers(strategy, device, tasks)
+        with torch.enable_grad():  # the inner loop differentiates, also when a caller evaluates under no_grad
+            if not train:
+                weights = {k: p.detach().requires_grad_() for k, p in self.net.named_parameters()}
+                losses, accs, step_acc = self._tasks(weights, xs, self.eval_inner_steps, False, strategy, workers)
+                return AlgoOutput(loss=losses.mean(), acc=accs, step_acc=step_acc)
+            names, params = zip(*self.net.named_parameters())
+            if workers > 1 or (self.chunk_size is not None and self.chunk_size < tasks):
+                loss, acc = _MetaGradient.apply(lambda leaves: self._meta_gradient(names, leaves, xs, strategy, workers), *params)
+            else:  # the whole meta-batch's graph; loss.backward() differentiates through it
+                losses, acc = self._tasks(dict(zip(names, params)), xs, self.inner_steps, True, strategy)
+                loss = losses.mean()
+        return AlgoOutput(loss=loss, acc=acc.detach())
+
+
+class _MetaGradient(torch.autograd.Function):
+    """The mean meta-loss with its gradient computed in forward (by `run`, which frees each task graph as it
+    goes); backward hands out that gradient scaled by the incoming one. Like activation checkpointing,
+    forward re-enables autograd inside. Once differentiable, which is all meta-training needs."""
+
+    @staticmethod
+    def forward(ctx, run: Callable, *params: torch.Tensor):  # type: ignore[override]
+        leaves = tuple(p.detach().requires_grad_() for p in params)
+        with torch.enable_grad():
+            loss, acc, grads = run(leaves)
+        ctx.save_for_backward(*grads)
+        ctx.mark_non_differentiable(acc)
+        return loss, acc
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, grad_acc: Optional[torch.Tensor]):  # type: ignore[override]
+        return (None, *(grad_loss * g for g in ctx.saved_tensors))

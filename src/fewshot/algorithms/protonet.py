@@ -1,0 +1,56 @@
+"""Prototypical Networks (Snell, Swersky, Zemel 2017): squared Euclidean distance to class means."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot.algorithms.base import AlgoOutput, Algorithm, BackboneFactory, accuracy
+from fewshot.data.base import Episode
+
+
+def embed_tasks(net: nn.Module, support_x: torch.Tensor, query_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embed each task's support and query images in one pass per task, all tasks at once.
+
+    (T, S, C, H, W), (T, Q, C, H, W) -> (T, S, D), (T, Q, D). As in Snell et al.'s code, a task's support
+    and query images go through the net together, so BatchNorm's batch statistics are those of the task;
+    torch.func.vmap keeps tasks apart while the shared weights make every conv one batched call."""
+    support = support_x.shape[1]
+    x = torch.cat([support_x, query_x], dim=1)  # (T, S+Q, C, H, W)
+    z = torch.func.vmap(net, randomness="different")(x)  # (T, S+Q, D)
+    return z[:, :support], z[:, support:]
+
+
+def one_hot(labels: torch.Tensor, ways: int, dtype: torch.dtype) -> torch.Tensor:
+    """(T, N) int64 -> (T, N, ways) one-hot rows in dtype."""
+    return F.one_hot(labels, ways).to(dtype)
+
+
+class ProtoNet(Algorithm):
+    """logits(query, class c) = -||f(query) - mean of f(support of class c)||^2; cross-entropy on the query."""
+
+    def __init__(self, backbone: BackboneFactory, ways: int) -> None:
+        super().__init__()
+        self.net = backbone(out_features=None)
+        self.ways = ways
+
+    def extra_repr(self) -> str:
+        return f"ways={self.ways}"
+
+    def logits(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Embeddings (T, S, D), labels (T, S), (T, Q, D) -> logits (T, Q, ways)."""
+        onehot = one_hot(support_y, self.ways, support.dtype)  # (T, S, ways)
+        counts = onehot.sum(1).clamp_min(1).unsqueeze(-1)  # (T, ways, 1)
+        prototypes = onehot.transpose(1, 2) @ support / counts  # (T, ways, D)
+        # ||q - p||^2 written out, not torch.cdist: exact for the tests, and cdist's backward is slower.
+        return -((query.unsqueeze(2) - prototypes.unsqueeze(1)) ** 2).sum(-1)
+
+    def forward(self, episode: Episode, train: bool = True) -> AlgoOutput:
+        with contextlib.nullcontext() if train else torch.no_grad():
+            support, query = embed_tasks(self.net, episode.support_x, episode.query_x)
+            logits = self.logits(support, episode.support_y, query)  # (T, Q, ways)
+            loss = F.cross_entropy(logits.flatten(0, 1), episode.query_y.flatten())
+        return AlgoOutput(loss=loss, acc=accuracy(logits.detach(), episode.query_y))

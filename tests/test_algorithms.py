@@ -1,0 +1,466 @@
+"""Algorithm tests on CPU with small random tasks: MAML's properties (as learn2learn's
+tests/unit/algorithms/maml_test.py), parity of our functional MAML with learn2learn's MAML, Matching
+Networks and ProtoNet against hand computations, and a short real learning run for each algorithm."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from fewshot.algorithms.maml import MAML, resolve_strategy
+from fewshot.algorithms.maml_l2l import MAMLL2L
+from fewshot.algorithms.matching import MatchingNetworks
+from fewshot.algorithms.protonet import ProtoNet, embed_tasks
+from fewshot.data.base import Episode
+from fewshot.models.backbones import MLP, Conv4
+
+WAYS, SHOTS, QUERIES, TASKS = 5, 1, 3, 3
+
+
+def conv4(**kw) -> functools.partial:
+    return functools.partial(Conv4, in_channels=1, image_size=28, hidden=16, **kw)
+
+
+def random_episode(tasks=TASKS, ways=WAYS, shots=SHOTS, queries=QUERIES, size=28, dtype=torch.float32, seed=0) -> Episode:
+    g = torch.Generator().manual_seed(seed)
+    labels = lambda n: torch.arange(ways).repeat_interleave(n).expand(tasks, -1).contiguous()  # noqa: E731
+    return Episode(
+        torch.randn(tasks, ways * shots, 1, size, size, generator=g).to(dtype), labels(shots),
+        torch.randn(tasks, ways * queries, 1, size, size, generator=g).to(dtype), labels(queries),
+    )
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int):
+    """MAML's CPU loop spreads tasks over worker threads only when torch has more than one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def meta_grads(algo: nn.Module, episode: Episode) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    algo.zero_grad(set_to_none=True)
+    out = algo(episode, train=True)
+    out.loss.backward()
+    return out.loss.detach(), {k: p.grad.clone() for k, p in algo.named_parameters()}
+
+
+def assert_grads_close(a: dict, b: dict, rtol: float, atol: float) -> None:
+    """Per-parameter closeness, atol relative to the largest gradient entry overall."""
+    assert a.keys() == b.keys()
+    scale = max(g.abs().max().item() for g in b.values())
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol * scale, msg=lambda m: f"{k}: {m}")
+
+
+def bias_before_batch_norm(net: nn.Module) -> set[str]:
+    """Names of biases of layers that feed a batch-statistics BatchNorm: their gradient is zero exactly
+    (the normalisation subtracts them out again), so no test can ask it to be non-zero."""
+    names = set()
+    for prefix, module in net.named_modules():
+        if isinstance(module, nn.Sequential):
+            children = list(module.named_children())
+            for (name, layer), (_, following) in zip(children, children[1:]):
+                if isinstance(following, nn.modules.batchnorm._BatchNorm) and getattr(layer, "bias", None) is not None:
+                    names.add(f"{prefix}.{name}.bias".lstrip("."))
+    return names
+
+
+def assert_every_parameter_learns(algo: nn.Module, net_attr: str = "net") -> None:
+    """Every parameter has a finite gradient; every one that can influence the loss a non-zero one."""
+    cancelled = {f"{net_attr}.{n}" for n in bias_before_batch_norm(getattr(algo, net_attr))}
+    assert cancelled, "expected Conv4's conv biases to be found"
+    for name, p in algo.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), name
+        if name in cancelled:
+            assert p.grad.abs().max() < 1e-5, f"{name} feeds BatchNorm, its gradient should vanish"
+        else:
+            assert p.grad.abs().max() > 1e-8, f"{name} got a zero gradient"
+
+
+# ---- MAML properties -------------------------------------------------------------------------------
+
+
+def test_one_inner_step_lowers_the_support_loss():
+    torch.manual_seed(0)
+    algo = MAML(conv4(), WAYS, inner_lr=0.4)
+    episode = random_episode(tasks=4)
+    for t in range(4):
+        x, y = episode.support_x[t], episode.support_y[t]
+        before = F.cross_entropy(algo.net(x), y)
+        adapted = algo.adapt(x, y, steps=1)
+        after = F.cross_entropy(functional_call(algo.net, adapted, (x,)), y)
+        assert after < before - 0.05, (before.item(), after.item())
+    # adapt() leaves the meta-parameters alone
+    assert all(not torch.equal(adapted[k], p) for k, p in algo.net.named_parameters() if k.endswith("weight"))
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
+def test_meta_gradients_reach_every_initial_parameter(strategy, first_order):
+    torch.manual_seed(0)
+    algo = MAML(conv4(), WAYS, inner_steps=2, first_order=first_order, strategy=strategy)
+    meta_grads(algo, random_episode())
+    assert_every_parameter_learns(algo)
+
+
+def test_meta_gradients_reach_every_parameter_of_a_net_without_batch_norm():
+    class Plain(nn.Module):  # conv -> relu -> mean -> linear: every parameter matters
+        def __init__(self, out_features=WAYS, **_):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.Linear(8, out_features)
+
+        def forward(self, x):
+            return self.head(self.conv(x).relu().mean((2, 3)))
+
+    torch.manual_seed(0)
+    algo = MAML(Plain, WAYS)
+    meta_grads(algo, random_episode())
+    for name, p in algo.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 1e-8, name
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_first_and_second_order_meta_gradients_differ(strategy):
+    torch.manual_seed(0)
+    second = MAML(conv4(), WAYS, first_order=False, strategy=strategy)
+    first = MAML(conv4(), WAYS, first_order=True, strategy=strategy)
+    first.load_state_dict(second.state_dict())
+    episode = random_episode()
+    loss2, g2 = meta_grads(second, episode)
+    loss1, g1 = meta_grads(first, episode)
+    torch.testing.assert_close(loss1, loss2)  # the same forward value
+    diff = max(((g1[k] - g2[k]).norm() / g2[k].norm()).item() for k in g2 if k.endswith("weight"))
+    assert diff > 1e-2, diff
+
+
+def _strategy_variants():
+    # (strategy, chunk_size, intra-op threads): the threaded loop runs when threads > 1.
+    return [("loop", None, 1), ("loop", None, 2), ("loop", 2, 1), ("vmap", None, 1), ("vmap", 2, 1), ("vmap", 1, 2)]
+
+
+@pytest.mark.parametrize("first_order,steps", [(False, 1), (False, 3), (True, 2)], ids=["second-order-1", "second-order-3", "first-order-2"])
+def test_strategies_and_chunking_give_the_same_loss_and_gradients(first_order, steps):
+    torch.manual_seed(0)
+    episode = random_episode(tasks=4, dtype=torch.float64)
+    reference = None
+    for strategy, chunk_size, threads in _strategy_variants():
+        algo = MAML(conv4(), WAYS, inner_steps=steps, first_order=first_order, strategy=strategy, chunk_size=chunk_size).double()
+        if reference is None:
+            state = algo.state_dict()
+        algo.load_state_dict(state)
+        with intra_op_threads(threads):
+            loss, grads = meta_grads(algo, episode)
+        if reference is None:
+            reference = (loss, grads)
+            continue
+        torch.testing.assert_close(loss, reference[0], rtol=1e-12, atol=0)
+        assert_grads_close(grads, reference[1], rtol=1e-9, atol=1e-11)
+
+
+def test_threaded_loop_restores_the_thread_count_and_is_deterministic():
+    torch.manual_seed(0)
+    algo = MAML(conv4(), WAYS, strategy="loop")
+    episode = random_episode(tasks=5)
+    with intra_op_threads(2):
+        _, g1 = meta_grads(algo, episode)
+        _, g2 = meta_grads(algo, episode)
+        assert torch.get_num_threads() == 2
+    for k in g1:
+        assert torch.equal(g1[k], g2[k]), k
+
+
+def test_auto_strategy_per_device():
+    assert resolve_strategy("auto", "cuda") == "vmap"
+    assert resolve_strategy("auto", "cpu") == "loop"
+    assert resolve_strategy("vmap", "cpu") == "vmap"
+    with pytest.raises(ValueError):
+        MAML(conv4(), WAYS, strategy="fast")
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_eval_reports_step_accuracy_and_leaves_the_weights_alone(strategy):
+    torch.manual_seed(0)
+    algo = MAML(conv4(), WAYS, inner_steps=1, eval_inner_steps=4, strategy=strategy)
+    before = {k: v.clone() for k, v in algo.state_dict().items()}
+    episode = random_episode(tasks=3)
+    out = algo(episode, train=False)
+    assert out.step_acc.shape == (3, 4 + 1)
+    assert out.acc.shape == (3,) and ((out.acc >= 0) & (out.acc <= 1)).all()
+    torch.testing.assert_close(out.step_acc[:, -1], out.acc)
+    assert not out.loss.requires_grad and torch.isfinite(out.loss)
+    assert all(p.grad is None for p in algo.parameters())
+    assert all(torch.equal(before[k], v) for k, v in algo.state_dict().items())
+    # the inner loop needs autograd: it still runs when the caller evaluates under no_grad
+    with torch.no_grad():
+        again = algo(episode, train=False)
+    torch.testing.assert_close(again.step_acc, out.step_acc)
+
+
+def test_eval_step_zero_is_the_unadapted_net_and_adaptation_fits_the_support():
+    torch.manual_seed(0)
+    algo = MAML(conv4(), WAYS, inner_lr=0.4, eval_inner_steps=5)
+    episode = random_episode(tasks=2)
+    # with the support set as the query set, the last step must classify it (5 images, 5 steps)
+    fit = Episode(episode.support_x, episode.support_y, episode.support_x, episode.support_y)
+    out = algo(fit, train=False)
+    start = torch.stack([(algo.net(x).argmax(-1) == y).float().mean() for x, y in zip(fit.query_x, fit.query_y)])
+    torch.testing.assert_close(out.step_acc[:, 0], start)
+    assert (out.step_acc[:, -1] == 1).all(), out.step_acc
+
+
+# ---- parity with learn2learn ---------------------------------------------------------------------
+
+
+def test_maml_and_maml_l2l_share_state_dict_keys():
+    ours, theirs = MAML(conv4(), WAYS), MAMLL2L(conv4(), WAYS)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())  # strict
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
+@pytest.mark.parametrize("steps", [1, 3], ids=["1-step", "3-steps"])
+@pytest.mark.parametrize("strategy,threads", [("loop", 1), ("loop", 2), ("vmap", 1)], ids=["loop", "loop-threaded", "vmap"])
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float32, 1e-4, 1e-5), (torch.float64, 1e-9, 1e-11)], ids=["float32", "float64"])
+def test_meta_gradient_matches_learn2learn(first_order, steps, strategy, threads, dtype, rtol, atol):
+    torch.manual_seed(0)
+    kw = dict(inner_lr=0.4, inner_steps=steps, first_order=first_order)
+    theirs = MAMLL2L(conv4(), WAYS, **kw).to(dtype)
+    ours = MAML(conv4(), WAYS, strategy=strategy, **kw).to(dtype)
+    ours.load_state_dict(theirs.state_dict())
+    episode = random_episode(tasks=3, dtype=dtype, seed=1)
+    with intra_op_threads(threads):
+        loss_ours, g_ours = meta_grads(ours, episode)
+        loss_theirs, g_theirs = meta_grads(theirs, episode)
+    torch.testing.assert_close(loss_ours, loss_theirs, rtol=rtol, atol=atol)
+    assert_grads_close(g_ours, g_theirs, rtol=rtol, atol=atol)
+
+
+def test_mlp_backbone_meta_gradient_matches_learn2learn():
+    # BatchNorm1d under vmap takes the same decomposed path as BatchNorm2d
+    backbone = functools.partial(MLP, in_channels=1, image_size=28, sizes=(32, 16))
+    torch.manual_seed(0)
+    theirs = MAMLL2L(backbone, WAYS, inner_steps=2).double()
+    episode = random_episode(dtype=torch.float64)
+    _, g_theirs = meta_grads(theirs, episode)
+    for strategy in ("loop", "vmap"):
+        ours = MAML(backbone, WAYS, inner_steps=2, strategy=strategy).double()
+        ours.load_state_dict(theirs.state_dict())
+        assert_grads_close(meta_grads(ours, episode)[1], g_theirs, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_eval_matches_learn2learn(strategy):
+    torch.manual_seed(0)
+    theirs = MAMLL2L(conv4(), WAYS, eval_inner_steps=3).double()
+    ours = MAML(conv4(), WAYS, eval_inner_steps=3, strategy=strategy).double()
+    ours.load_state_dict(theirs.state_dict())
+    episode = random_episode(dtype=torch.float64)
+    a, b = ours(episode, train=False), theirs(episode, train=False)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(a.step_acc, b.step_acc)
+    torch.testing.assert_close(a.acc, b.acc)
+
+
+# ---- ProtoNet -------------------------------------------------------------------------------------
+
+
+class FlattenEmbedding(nn.Module):
+    """An embedding without parameters: the pixels themselves, for hand-computed examples."""
+
+    def __init__(self, out_features=None, dim=2, **_):
+        super().__init__()
+        assert out_features is None
+        self.embedding_dim = dim
+
+    def forward(self, x):
+        return x.flatten(1)
+
+
+def points_episode(support, support_y, query, query_y) -> Episode:
+    """One task whose 'images' are 2-d points: (N, 2) -> (1, N, 1, 1, 2)."""
+    as_images = lambda p: torch.tensor(p, dtype=torch.float64).view(1, len(p), 1, 1, 2)  # noqa: E731
+    return Episode(as_images(support), torch.tensor([support_y]), as_images(query), torch.tensor([query_y]))
+
+
+def test_protonet_logits_equal_a_hand_computation():
+    # class 0: (0,0), (2,0) -> prototype (1,0); class 1: (0,2), (0,4) -> prototype (0,3)
+    episode = points_episode([[0, 0], [0, 2], [2, 0], [0, 4]], [0, 1, 0, 1], [[1, 1], [0, 3]], [0, 1])
+    algo = ProtoNet(FlattenEmbedding, ways=2)
+    support, query = embed_tasks(algo.net, episode.support_x, episode.query_x)
+    logits = algo.logits(support, episode.support_y, query)
+    expected = -torch.tensor([[[0 + 1, 1 + 4], [1 + 9, 0 + 0]]], dtype=torch.float64)  # -||q - p||^2
+    torch.testing.assert_close(logits, expected)
+    out = algo(episode)
+    torch.testing.assert_close(out.loss, F.cross_entropy(expected[0], torch.tensor([0, 1])))
+    torch.testing.assert_close(out.acc, torch.tensor([1.0]))
+
+
+def test_protonet_shapes_gradients_and_no_grad_at_test():
+    torch.manual_seed(0)
+    algo = ProtoNet(conv4(), WAYS)
+    episode = random_episode(tasks=2, shots=2)
+    out = algo(episode, train=True)
+    assert out.loss.dim() == 0 and torch.isfinite(out.loss) and out.step_acc is None
+    assert out.acc.shape == (2,)
+    out.loss.backward()
+    assert_every_parameter_learns(algo)
+    test = algo(episode, train=False)
+    assert not test.loss.requires_grad
+    torch.testing.assert_close(test.loss, out.loss.detach())
+
+
+def test_protonet_is_invariant_to_the_support_order():
+    torch.manual_seed(0)
+    algo = ProtoNet(conv4(), WAYS).double()
+    episode = random_episode(tasks=2, shots=3, dtype=torch.float64)
+    perm = torch.randperm(WAYS * 3)
+    shuffled = Episode(episode.support_x[:, perm], episode.support_y[:, perm], episode.query_x, episode.query_y)
+    a, b = algo(episode, train=False), algo(shuffled, train=False)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-12, atol=1e-12)
+    sa, qa = embed_tasks(algo.net, episode.support_x, episode.query_x)
+    sb, qb = embed_tasks(algo.net, shuffled.support_x, shuffled.query_x)
+    torch.testing.assert_close(algo.logits(sa, episode.support_y, qa), algo.logits(sb, shuffled.support_y, qb), rtol=1e-12, atol=1e-12)
+
+
+def test_embed_tasks_keeps_batch_norm_statistics_per_task():
+    torch.manual_seed(0)
+    net = conv4()(out_features=None).double()
+    episode = random_episode(tasks=3, dtype=torch.float64)
+    support, query = embed_tasks(net, episode.support_x, episode.query_x)
+    for t in range(3):
+        z = net(torch.cat([episode.support_x[t], episode.query_x[t]]))
+        torch.testing.assert_close(torch.cat([support[t], query[t]]), z)
+    # and its gradients equal those of the per-task loop
+    (support.sum() + query.square().sum()).backward()
+    g_vmap = {k: p.grad.clone() for k, p in net.named_parameters()}
+    net.zero_grad()
+    sum(net(torch.cat([s, q]))[: s.shape[0]].sum() + net(torch.cat([s, q]))[s.shape[0]:].square().sum()
+        for s, q in zip(episode.support_x, episode.query_x)).backward()
+    assert_grads_close(g_vmap, {k: p.grad for k, p in net.named_parameters()}, rtol=1e-9, atol=1e-11)
+
+
+# ---- Matching Networks ----------------------------------------------------------------------------
+
+
+def test_matching_prediction_equals_a_hand_computation():
+    # support: class 0 at (1,0) and (1,1); class 1 at (0,1). query (2,1).
+    episode = points_episode([[1, 0], [0, 1], [1, 1]], [0, 1, 0], [[2, 1]], [0])
+    algo = MatchingNetworks(FlattenEmbedding, ways=2)
+    out = algo(episode)
+    q = (2 / math.sqrt(5), 1 / math.sqrt(5))
+    cos = [q[0], q[1], (q[0] + q[1]) / math.sqrt(2)]  # cosine to each support point
+    e = [math.exp(c) for c in cos]
+    p0 = (e[0] + e[2]) / sum(e)
+    torch.testing.assert_close(out.loss, torch.tensor(-math.log(p0), dtype=torch.float64))
+    support, query = embed_tasks(algo.net, episode.support_x, episode.query_x)
+    probs = algo.probabilities(support, episode.support_y, query)
+    torch.testing.assert_close(probs, torch.tensor([[[p0, 1 - p0]]], dtype=torch.float64))
+    torch.testing.assert_close(out.acc, torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("fce", [False, True])
+def test_matching_shapes_probabilities_and_gradients(fce):
+    torch.manual_seed(0)
+    algo = MatchingNetworks(conv4(), WAYS, fce=fce)
+    episode = random_episode(tasks=2, shots=2)
+    support, query = embed_tasks(algo.net, episode.support_x, episode.query_x)
+    if fce:
+        support, query = algo.full_context(support, query)
+    probs = algo.probabilities(support, episode.support_y, query)
+    assert probs.shape == (2, WAYS * QUERIES, WAYS)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, WAYS * QUERIES))
+    assert (probs > 0).all()
+    out = algo(episode, train=True)
+    torch.testing.assert_close(out.loss, F.nll_loss(probs.log().flatten(0, 1), episode.query_y.flatten()))
+    assert out.acc.shape == (2,) and out.step_acc is None
+    out.loss.backward()
+    assert_every_parameter_learns(algo)
+    if fce:
+        lstm_names = [n for n, _ in algo.named_parameters() if n.startswith(("support_lstm", "query_lstm"))]
+        assert len(lstm_names) >= 6  # biLSTM both directions + attention LSTM
+    assert not algo(episode, train=False).loss.requires_grad
+
+
+def test_matching_without_fce_is_invariant_to_the_support_order():
+    torch.manual_seed(0)
+    algo = MatchingNetworks(conv4(), WAYS).double()
+    episode = random_episode(tasks=2, shots=3, dtype=torch.float64)
+    perm = torch.randperm(WAYS * 3)
+    shuffled = Episode(episode.support_x[:, perm], episode.support_y[:, perm], episode.query_x, episode.query_y)
+    torch.testing.assert_close(algo(episode, train=False).loss, algo(shuffled, train=False).loss, rtol=1e-12, atol=1e-12)
+    # the FCE support LSTM reads the support set as a sequence, so its output depends on the order
+    fce = MatchingNetworks(conv4(), WAYS, fce=True).double()
+    assert not torch.allclose(fce(episode, train=False).loss, fce(shuffled, train=False).loss, rtol=1e-9, atol=0)
+
+
+def test_matching_fce_steps_default_to_the_support_size():
+    torch.manual_seed(0)
+    default = MatchingNetworks(conv4(), WAYS, fce=True).double()
+    explicit = MatchingNetworks(conv4(), WAYS, fce=True, fce_steps=WAYS * 2).double()
+    one = MatchingNetworks(conv4(), WAYS, fce=True, fce_steps=1).double()
+    explicit.load_state_dict(default.state_dict())
+    one.load_state_dict(default.state_dict())
+    episode = random_episode(shots=2, dtype=torch.float64)
+    torch.testing.assert_close(default(episode).loss, explicit(episode).loss)
+    assert not torch.allclose(default(episode).loss, one(episode).loss)
+
+
+# ---- learning on a small synthetic problem ---------------------------------------------------------
+
+
+class PrototypeTasks:
+    """Classes = fixed random 7x7 binary patterns upsampled to 28x28; an image = its pattern + noise."""
+
+    def __init__(self, classes=60, noise=1.0, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        patterns = (torch.rand(classes, 1, 7, 7, generator=g) > 0.5).float()
+        self.prototypes = F.interpolate(patterns, size=(28, 28), mode="nearest")
+        self.noise, self.g = noise, g
+
+    def episode(self, classes: range, tasks: int, ways=5, shots=1, queries=5) -> Episode:
+        pick = torch.stack([torch.tensor(classes)[torch.randperm(len(classes), generator=self.g)[:ways]] for _ in range(tasks)])
+
+        def images(n):
+            x = self.prototypes[pick].unsqueeze(2).expand(-1, -1, n, -1, -1, -1)  # (T, ways, n, 1, 28, 28)
+            x = x + self.noise * torch.randn(x.shape, generator=self.g)
+            return x.flatten(1, 2), torch.arange(ways).repeat_interleave(n).expand(tasks, -1).contiguous()
+
+        return Episode(*images(shots), *images(queries))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: MAML(conv4(), WAYS, inner_lr=0.4), id="maml"),
+        pytest.param(lambda: MAML(conv4(), WAYS, inner_lr=0.4, first_order=True, strategy="vmap"), id="fomaml-vmap"),
+        pytest.param(lambda: MatchingNetworks(conv4(), WAYS), id="matching"),
+        pytest.param(lambda: MatchingNetworks(conv4(), WAYS, fce=True), id="matching-fce"),
+        pytest.param(lambda: ProtoNet(conv4(), WAYS), id="protonet"),
+    ],
+)
+def test_each_algorithm_learns_a_small_synthetic_problem(make):
+    torch.manual_seed(0)
+    data = PrototypeTasks()
+    algo = make()
+    test_episode = data.episode(range(40, 60), tasks=20)  # held-out classes
+    chance = algo(test_episode, train=False).acc.mean().item()
+    optimizer = torch.optim.Adam(algo.parameters(), lr=3e-3)
+    for _ in range(50):
+        optimizer.zero_grad()
+        algo(data.episode(range(40), tasks=4), train=True).loss.backward()
+        optimizer.step()
+    acc = algo(test_episode, train=False).acc.mean().item()
+    print(f"{type(algo).__name__}: held-out query accuracy {chance:.2f} before, {acc:.2f} after 50 steps (chance 0.20)")
+    assert acc > 0.6 and acc > chance + 0.3, (chance, acc)
