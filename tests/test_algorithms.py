@@ -464,3 +464,21 @@ def test_each_algorithm_learns_a_small_synthetic_problem(make):
     acc = algo(test_episode, train=False).acc.mean().item()
     print(f"{type(algo).__name__}: held-out query accuracy {chance:.2f} before, {acc:.2f} after 50 steps (chance 0.20)")
     assert acc > 0.6 and acc > chance + 0.3, (chance, acc)
+
+
+def test_metric_methods_test_with_fewer_ways_than_they_train():
+    """ProtoNets train 60-way and test 5-way: the episode's own ways decide the prototypes, not the constructor's."""
+    from fewshot.algorithms.matching import MatchingNetworks
+    from fewshot.algorithms.protonet import ProtoNet
+    from fewshot.data.sampler import EpisodeSampler
+    from fewshot.data.synthetic import load_synthetic
+
+    bank = load_synthetic(noise=0.0).split("test")
+    five = EpisodeSampler(bank, ways=5, shots=1, queries=3, seed=0).sample(4)
+    for algo_cls in (ProtoNet, MatchingNetworks):
+        torch.manual_seed(0)
+        wide = algo_cls(lambda out_features=None: Conv4(1, 28, out_features, hidden=8), ways=20)
+        torch.manual_seed(0)
+        exact = algo_cls(lambda out_features=None: Conv4(1, 28, out_features, hidden=8), ways=5)
+        a, b = wide(five, train=False), exact(five, train=False)
+        assert torch.equal(a.acc, b.acc) and torch.allclose(a.loss, b.loss)

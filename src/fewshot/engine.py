@@ -96,6 +96,10 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
         instantiate(_plain(cfg.backbone), _convert_="all"), in_channels=dataset.channels, image_size=dataset.image_size
     )
     algo: Algorithm = instantiate(_plain(cfg.algo), _convert_="all", backbone=backbone, ways=cfg.episode.ways)
+    eval_ways = episode_shape(cfg, "test")[0]
+    if algo.fixed_ways is not None and eval_ways != algo.fixed_ways:
+        raise ConfigError(f"eval.ways={eval_ways} but {cfg.algo.name}'s classifier head has {algo.fixed_ways} outputs; "
+                          "it tests with the ways it trained on: drop eval.ways")
     return Run(device=device, dataset=dataset, algo=algo.to(device))
 
 

@@ -29,6 +29,10 @@ class Algorithm(nn.Module):
     train=False: validation/test; no meta-gradient is needed (inner loops may still need autograd).
     """
 
+    # The number of ways the model is built for, when it has a classifier head (MAML); None when any
+    # number of ways works (metric methods), so they can train 60-way and test 5-way.
+    fixed_ways: Optional[int] = None
+
     def forward(self, episode: Episode, train: bool = True) -> AlgoOutput:  # pragma: no cover - interface
         raise NotImplementedError
 

@@ -139,6 +139,7 @@ class MAML(Algorithm):
             raise ValueError(f"MAML chunk_size must be a positive number of tasks or None, got {chunk_size}")
         self.net = backbone(out_features=ways)
         self.ways = ways
+        self.fixed_ways = ways  # the classifier head has exactly `ways` outputs
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
         self.eval_inner_steps = int(eval_inner_steps)

@@ -32,6 +32,7 @@ class MAMLL2L(Algorithm):
             raise ValueError(f"MAML needs inner_steps >= 1 and eval_inner_steps >= 0, got {inner_steps}, {eval_inner_steps}")
         self.net = backbone(out_features=ways)
         self.ways = ways
+        self.fixed_ways = ways  # the classifier head has exactly `ways` outputs
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
         self.eval_inner_steps = int(eval_inner_steps)

@@ -94,17 +94,18 @@ class MatchingNetworks(Algorithm):
         steps = self.fce_steps if self.fce_steps is not None else support.shape[1]
         return support, self.query_lstm(query, support, steps)
 
-    def probabilities(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """Embeddings (T, S, D), labels (T, S), (T, Q, D) -> P(y | query, S) as (T, Q, ways)."""
+    def probabilities(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, ways: Optional[int] = None) -> torch.Tensor:
+        """Embeddings (T, S, D), labels (T, S), (T, Q, D) -> P(y | query, S) as (T, Q, ways); ways defaults to the constructor's."""
+        ways = ways or self.ways
         cosine = F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).transpose(1, 2)  # (T, Q, S)
         attention = cosine.softmax(-1)
-        return attention @ one_hot(support_y, self.ways, attention.dtype)
+        return attention @ one_hot(support_y, ways, attention.dtype)
 
     def forward(self, episode: Episode, train: bool = True) -> AlgoOutput:
         with contextlib.nullcontext() if train else torch.no_grad():
             support, query = embed_tasks(self.net, episode.support_x, episode.query_x)
             if self.fce:
                 support, query = self.full_context(support, query)
-            probs = self.probabilities(support, episode.support_y, query)  # (T, Q, ways)
+            probs = self.probabilities(support, episode.support_y, query, episode.num_ways())  # (T, Q, ways)
             loss = F.nll_loss(probs.clamp_min(_EPS).log().flatten(0, 1), episode.query_y.flatten())
         return AlgoOutput(loss=loss, acc=accuracy(probs.detach(), episode.query_y))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +41,10 @@ class ProtoNet(Algorithm):
     def extra_repr(self) -> str:
         return f"ways={self.ways}"
 
-    def logits(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """Embeddings (T, S, D), labels (T, S), (T, Q, D) -> logits (T, Q, ways)."""
-        onehot = one_hot(support_y, self.ways, support.dtype)  # (T, S, ways)
+    def logits(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, ways: Optional[int] = None) -> torch.Tensor:
+        """Embeddings (T, S, D), labels (T, S), (T, Q, D) -> logits (T, Q, ways); ways defaults to the constructor's."""
+        ways = ways or self.ways
+        onehot = one_hot(support_y, ways, support.dtype)  # (T, S, ways)
         counts = onehot.sum(1).clamp_min(1).unsqueeze(-1)  # (T, ways, 1)
         prototypes = onehot.transpose(1, 2) @ support / counts  # (T, ways, D)
         # ||q - p||^2 written out, not torch.cdist: exact for the tests, and cdist's backward is slower.
@@ -51,6 +53,6 @@ class ProtoNet(Algorithm):
     def forward(self, episode: Episode, train: bool = True) -> AlgoOutput:
         with contextlib.nullcontext() if train else torch.no_grad():
             support, query = embed_tasks(self.net, episode.support_x, episode.query_x)
-            logits = self.logits(support, episode.support_y, query)  # (T, Q, ways)
+            logits = self.logits(support, episode.support_y, query, episode.num_ways())  # (T, Q, ways)
             loss = F.cross_entropy(logits.flatten(0, 1), episode.query_y.flatten())
         return AlgoOutput(loss=loss, acc=accuracy(logits.detach(), episode.query_y))

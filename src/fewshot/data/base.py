@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -73,10 +74,15 @@ class Episode:
     support_y: torch.Tensor
     query_x: torch.Tensor
     query_y: torch.Tensor
+    ways: Optional[int] = None  # classes per task, when the sampler knows it (saves a device sync)
 
     @property
     def tasks(self) -> int:
         return self.support_x.shape[0]
 
+    def num_ways(self) -> int:
+        return self.ways if self.ways is not None else int(self.support_y.max()) + 1
+
     def to(self, device: torch.device | str) -> "Episode":
-        return Episode(*(t.to(device, non_blocking=True) for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
+        moved = (t.to(device, non_blocking=True) for t in (self.support_x, self.support_y, self.query_x, self.query_y))
+        return Episode(*moved, ways=self.ways)

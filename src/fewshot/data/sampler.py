@@ -89,6 +89,7 @@ class EpisodeSampler:
             support_y=self._support_y.expand(tasks, -1),
             query_x=query_x,
             query_y=self._query_y.expand(tasks, -1),
+            ways=ways,
         )
 
     def _gather(self, rot: torch.Tensor, cls: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
