@@ -37,7 +37,7 @@ def _train(cfg: DictConfig) -> Optional[float]:
     except (FewshotError, InstantiationException) as e:
         _report("fewshot-train", e)
     # The objective a sweeper (Optuna) maximizes: validation accuracy, never the test set.
-    return results["best_val"]["val_acc"] if results else None
+    return results["best_val"]["val_score"] if results else None
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")

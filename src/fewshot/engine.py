@@ -91,7 +91,7 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
     device = device or resolve_device(cfg.device.name)
     dataset: FewShotDataset = instantiate(_plain(cfg.dataset), _convert_="all")
     for split in ("train", "val", "test"):
-        check_episode_fits(dataset.split(split), *episode_shape(cfg, split), split)
+        dataset.check_episode(split, *episode_shape(cfg, split))
     backbone = functools.partial(
         instantiate(_plain(cfg.backbone), _convert_="all"), in_channels=dataset.channels, image_size=dataset.image_size
     )
@@ -111,38 +111,42 @@ def episode_shape(cfg: DictConfig, split: str) -> tuple[int, int, int]:
 
 
 def make_sampler(run: Run, cfg: DictConfig, split: str, seed: int) -> EpisodeSampler:
-    return EpisodeSampler(
-        run.dataset.split(split), *episode_shape(cfg, split),
-        device=run.device, seed=seed, mean=run.dataset.mean, std=run.dataset.std, split=split,
-    )
+    return run.dataset.sampler(split, *episode_shape(cfg, split), device=run.device, seed=seed)
 
 
 def evaluate(algo: Algorithm, sampler: EpisodeSampler, episodes: int, batch: int, seed: int, desc: str = "eval") -> dict[str, Any]:
     """Accuracy over a fixed set of `episodes` tasks (the same tasks for the same seed).
 
-    Returns fractions in [0, 1]: acc_mean, acc_ci95 = 1.96 * std / sqrt(episodes), and, for algorithms
-    that report it, step_acc: mean query accuracy before adaptation and after each inner step."""
+    Returns, for classification, fractions in [0, 1]: acc_mean, acc_ci95 = 1.96 * std / sqrt(episodes),
+    and, for algorithms that report it, step_acc: mean query accuracy before adaptation and after each
+    inner step. Regression reports mse_mean, mse_ci95 and step_mse the same way."""
     was_training = algo.training
     algo.eval()
-    accs, steps = [], []
+    values, steps, metric = [], [], "acc"
     with tqdm(total=episodes, desc=desc, unit="task", leave=False, dynamic_ncols=True) as bar:
         for episode in fixed_episodes(sampler, episodes, batch, seed):
             out = algo(episode, train=False)
-            accs.append(out.acc.detach().cpu())
-            if out.step_acc is not None:
-                steps.append(out.step_acc.detach().cpu())
+            metric = out.metric
+            values.append(out.per_task().detach().cpu())
+            if out.per_step() is not None:
+                steps.append(out.per_step().detach().cpu())
             bar.update(episode.tasks)
     algo.train(was_training)
-    acc = torch.cat(accs).double()  # (episodes,)
-    std = acc.std(unbiased=True).item() if episodes > 1 else 0.0
+    value = torch.cat(values).double()  # (episodes,)
+    std = value.std(unbiased=True).item() if episodes > 1 else 0.0
     result: dict[str, Any] = {
         "episodes": episodes,
-        "acc_mean": acc.mean().item(),
-        "acc_ci95": 1.96 * std / math.sqrt(episodes),
+        f"{metric}_mean": value.mean().item(),
+        f"{metric}_ci95": 1.96 * std / math.sqrt(episodes),
     }
     if steps:
-        result["step_acc"] = torch.cat(steps).double().mean(0).tolist()
+        result[f"step_{metric}"] = torch.cat(steps).double().mean(0).tolist()
     return result
+
+
+def validation_score(val: dict) -> float:
+    """Higher is better: accuracy, or the negated MSE for regression."""
+    return val["acc_mean"] if "acc_mean" in val else -val["mse_mean"]
 
 
 def checkpoint_state(cfg: DictConfig, algo: Algorithm, optimizer, iteration: int, best: dict, sampler: EpisodeSampler,
@@ -238,9 +242,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     optimizer = torch.optim.Adam(algo.parameters(), lr=t.meta_lr)
     ckpt_dir = run_dir / "checkpoints"
     metrics_path = run_dir / "metrics.csv"
-    best = {"val_acc": -1.0, "iteration": 0}
+    best = {"val_score": -math.inf, "iteration": 0}  # val_score: accuracy, or -MSE for regression
     # Running sums since the last validation, and the time spent training (validation excluded).
-    progress = {"loss": 0.0, "acc": 0.0, "n": 0, "train_seconds": 0.0}
+    progress = {"loss": 0.0, "acc": 0.0, "n": 0, "train_seconds": 0.0, "metric": "acc"}
     start = 1
 
     state = find_resume_checkpoint(ckpt_dir)
@@ -278,29 +282,31 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             optimizer.step()
 
             progress["loss"] += loss
-            progress["acc"] += out.acc.mean().item()
+            progress["metric"] = out.metric
+            progress["acc"] += out.per_task().mean().item()
             progress["n"] += 1
             if it % t.log_every == 0 or it == t.iterations:
                 elapsed = progress["train_seconds"] + time.perf_counter() - tic
-                bar.set_postfix(loss=f"{progress['loss'] / progress['n']:.3f}", acc=f"{progress['acc'] / progress['n']:.3f}",
-                                tasks_s=f"{(it - start + 1) * t.meta_batch_size / max(time.perf_counter() - tic, 1e-9):.0f}",
-                                best_val=f"{max(best['val_acc'], 0):.3f}")
+                bar.set_postfix({"loss": f"{progress['loss'] / progress['n']:.3f}",
+                                 progress["metric"]: f"{progress['acc'] / progress['n']:.3f}",
+                                 "tasks/s": f"{(it - start + 1) * t.meta_batch_size / max(time.perf_counter() - tic, 1e-9):.0f}"})
 
             if it % t.val_every == 0 or it == t.iterations:
                 progress["train_seconds"] += time.perf_counter() - tic
                 val = evaluate(algo, val_sampler, t.val_episodes, cfg.eval.meta_batch_size, episode_seed(cfg.seed, "val"), desc="validate")
-                row = {"iteration": it, "train_loss": progress["loss"] / progress["n"], "train_acc": progress["acc"] / progress["n"],
-                       "val_acc": val["acc_mean"], "val_ci95": val["acc_ci95"], "train_seconds": round(progress["train_seconds"], 3)}
+                m = progress["metric"]
+                row = {"iteration": it, "train_loss": progress["loss"] / progress["n"], f"train_{m}": progress["acc"] / progress["n"],
+                       f"val_{m}": val[f"{m}_mean"], "val_ci95": val[f"{m}_ci95"], "train_seconds": round(progress["train_seconds"], 3)}
                 _append_csv(metrics_path, row)
                 if logger:
-                    for key in ("train_loss", "train_acc", "val_acc"):
+                    for key in ("train_loss", f"train_{m}", f"val_{m}"):
                         logger.add_scalar(key, row[key], it)
                 progress.update(loss=0.0, acc=0.0, n=0)
-                if val["acc_mean"] > best["val_acc"]:
-                    best = {"val_acc": val["acc_mean"], "iteration": it}
+                if validation_score(val) > best["val_score"]:
+                    best = {"val_score": validation_score(val), f"val_{m}": val[f"{m}_mean"], "iteration": it}
                     save_checkpoint(ckpt_dir / "best.pt", checkpoint_state(cfg, algo, optimizer, it, best, train_sampler, progress))
-                tqdm.write(f"iteration {it}: val acc {100 * val['acc_mean']:.2f} ± {100 * val['acc_ci95']:.2f}% "
-                           f"(best {100 * best['val_acc']:.2f}% at {best['iteration']})")
+                tqdm.write(f"iteration {it}: val {m} {val[f'{m}_mean']:.4f} ± {val[f'{m}_ci95']:.4f} "
+                           f"(best at iteration {best['iteration']})")
                 tic = time.perf_counter()
             if it % t.checkpoint_every == 0 or it == t.iterations or signals:
                 # Time is banked only at validations; a checkpoint between them records it too.
@@ -321,7 +327,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     results = make_results(cfg, test, train_seconds=progress["train_seconds"], best=best, device=run.device)
     write_results(run_dir, results)
     if logger:
-        logger.add_scalar("test_acc", test["acc_mean"], t.iterations)
+        for key in ("acc_mean", "mse_mean"):
+            if key in test:
+                logger.add_scalar(f"test_{key.split('_')[0]}", test[key], t.iterations)
         logger.close()
     plot_curve(run_dir)
     return results
@@ -392,6 +400,11 @@ def make_results(cfg: DictConfig, test: dict, train_seconds: Optional[float], be
 
 def results_markdown(results: dict) -> str:
     test = results["test"]
+    if "mse_mean" in test:  # regression: no accuracy, no paper accuracy
+        steps = ", ".join(f"{i}: {v:.4f}" for i, v in enumerate(test.get("step_mse", [])))
+        return (f"| algo | dataset | shots | seed | test tasks | MSE |\n|---|---|---|---|---|---|\n"
+                f"| {results['algo']} | {results['dataset']} | {results['shots']} | {results['seed']} | {test['episodes']} | "
+                f"{test['mse_mean']:.4f} ± {test['mse_ci95']:.4f} |\n" + (f"\nMSE after each inner step: {steps}\n" if steps else ""))
     acc = f"{100 * test['acc_mean']:.2f} ± {100 * test['acc_ci95']:.2f}"
     paper = results.get("paper") or {}
     paper_s = f"{paper['acc']:.2f}" + (f" ± {paper['ci95']:.2f}" if paper.get("ci95") is not None else "") if paper.get("acc") is not None else "–"

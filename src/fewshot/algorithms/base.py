@@ -17,9 +17,24 @@ BackboneFactory = Callable[..., nn.Module]
 
 @dataclass
 class AlgoOutput:
+    """Classification fills acc (and step_acc); regression (MAML's sinusoid) fills mse (and step_mse)."""
+
     loss: torch.Tensor  # scalar, mean over tasks; differentiable w.r.t. the meta-parameters in training
-    acc: torch.Tensor  # (T,) query accuracy per task, detached, in [0, 1]
+    acc: Optional[torch.Tensor] = None  # (T,) query accuracy per task, detached, in [0, 1]
     step_acc: Optional[torch.Tensor] = None  # (T, inner_steps + 1) query accuracy after each inner step (MAML)
+    mse: Optional[torch.Tensor] = None  # (T,) query mean squared error per task, detached
+    step_mse: Optional[torch.Tensor] = None  # (T, inner_steps + 1) query MSE before and after each inner step
+
+    @property
+    def metric(self) -> str:
+        """The name of the per-task metric this output carries: acc (higher is better) or mse (lower)."""
+        return "acc" if self.acc is not None else "mse"
+
+    def per_task(self) -> torch.Tensor:
+        return self.acc if self.acc is not None else self.mse
+
+    def per_step(self) -> Optional[torch.Tensor]:
+        return self.step_acc if self.acc is not None else self.step_mse
 
 
 class Algorithm(nn.Module):

@@ -61,6 +61,20 @@ class FewShotDataset:
             raise DataError(f"dataset {self.name} has no split {name!r}; it has {sorted(self.splits)}")
         return self.splits[name]
 
+    def check_episode(self, split: str, ways: int, shots: int, queries: int) -> None:
+        """Raise DataError before any training when this episode shape cannot be drawn from `split`."""
+        from fewshot.data.sampler import check_episode_fits
+
+        check_episode_fits(self.split(split), ways, shots, queries, split)
+
+    def sampler(self, split: str, ways: int, shots: int, queries: int, device, seed: int):
+        """The episode sampler for a split: the engine only calls this, so a dataset of another kind
+        (MAML's sinusoid) provides its own sampler with the same sample(tasks) -> Episode call."""
+        from fewshot.data.sampler import EpisodeSampler
+
+        return EpisodeSampler(self.split(split), ways, shots, queries, device=device, seed=seed,
+                              mean=self.mean, std=self.std, split=split)
+
 
 @dataclass
 class Episode:
