@@ -233,3 +233,14 @@ def test_eval_checkpoint_from_another_algorithm(tmp_path, compose_cfg):
     assert "protonet" in line and "maml" in line
     line = error_line(run_cli(tmp_path, "fewshot-eval", f"checkpoint={tmp_path / 'missing.pt'}"))
     assert "missing.pt does not exist" in line
+
+
+def test_resume_refuses_a_folder_with_other_settings(compose_cfg, tmp_path):
+    base = RUN[:-1] + ["algo=protonet", "trainer.iterations=2", "trainer.val_every=2"]
+    engine.train(compose_cfg("train", base), tmp_path)
+    with pytest.raises(CheckpointError, match=r"other settings \(episode.shots: 1 -> 2"):
+        engine.train(compose_cfg("train", base + ["episode.shots=2"]), tmp_path)
+    with pytest.raises(CheckpointError, match="already at iteration 2"):
+        engine.train(compose_cfg("train", base[:-2] + ["trainer.iterations=1", "trainer.val_every=1"]), tmp_path)
+    longer = engine.train(compose_cfg("train", base[:-2] + ["trainer.iterations=4", "trainer.val_every=2"]), tmp_path)
+    assert longer["iterations"] == 4  # training longer continues the same run

@@ -112,6 +112,19 @@ class MamlConfig:
     first_order: bool = False
     strategy: str = "auto"  # auto | vmap | loop
     chunk_size: Optional[int] = None
+    loss: str = "cross_entropy"  # cross_entropy (classification) | mse (regression: sinusoid)
+
+
+@dataclass
+class PretrainConfig:
+    """MAML's sinusoid baseline: plain regression on all tasks, fine-tuned at test (Finn et al. 2017, 5.1)."""
+
+    _target_: str = "fewshot.algorithms.pretrain.Pretrained"
+    name: str = "pretrain"
+    inner_lr: float = 0.01  # the test-time fine-tuning step size
+    eval_inner_steps: int = 10
+    loss: str = "mse"
+    strategy: str = "auto"  # how the test-time fine-tuning runs over tasks (MAML's): auto | vmap | loop
 
 
 @dataclass
@@ -155,6 +168,7 @@ class MLPConfig:
     _partial_: bool = True
     name: str = "mlp"
     sizes: list = field(default_factory=lambda: [256, 128, 64, 64])
+    batch_norm: bool = True
 
 
 @dataclass
@@ -183,6 +197,15 @@ class SyntheticConfig:
     channels: int = 1
     noise: float = 0.25
     seed: int = 0
+
+
+@dataclass
+class SinusoidConfig:
+    _target_: str = "fewshot.data.sinusoid.load_sinusoid"
+    name: str = "sinusoid"
+    amplitude: list = field(default_factory=lambda: [0.1, 5.0])
+    phase: list = field(default_factory=lambda: [0.0, 3.141592653589793])
+    x_range: list = field(default_factory=lambda: [-5.0, 5.0])
 
 
 # Image datasets: mean/std have no schema default; each YAML in conf/dataset/ sets them and cites the source.
@@ -262,10 +285,12 @@ def register_configs() -> None:
         ("algo", "maml_l2l_schema", MamlL2LConfig),
         ("algo", "matching_schema", MatchingConfig),
         ("algo", "protonet_schema", ProtoNetConfig),
+        ("algo", "pretrain_schema", PretrainConfig),
         ("backbone", "conv4_schema", Conv4Config),
         ("backbone", "mlp_schema", MLPConfig),
         ("dataset", "omniglot_schema", OmniglotConfig),
         ("dataset", "synthetic_schema", SyntheticConfig),
+        ("dataset", "sinusoid_schema", SinusoidConfig),
         ("dataset", "miniimagenet_schema", MiniImageNetConfig),
         ("dataset", "cifar_fs_schema", CifarFSConfig),
         ("dataset", "fc100_schema", FC100Config),

@@ -72,8 +72,6 @@ def check_config(cfg: DictConfig) -> None:
         value = cfg.eval.get(key)
         if value is not None and value < 1:
             raise ConfigError(f"eval.{key}={value}: must be a positive number or null")
-    if cfg.episode.ways < 2:
-        raise ConfigError(f"episode.ways={cfg.episode.ways}: a classification task needs at least 2 ways")
 
 
 @dataclass
@@ -335,12 +333,34 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return results
 
 
+# Settings that may change between a run and its resumption: where things live, how it is
+# evaluated, and how long it trains (training longer continues the same trajectory).
+RESUMABLE_CHANGES = ("resume", "device.", "data_root", "cache_dir", "dataset.root", "dataset.cache_dir",
+                     "trainer.iterations", "trainer.log_every", "trainer.val_", "trainer.checkpoint_every", "eval.",
+                     "logger", "dry_run")
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
 def check_same_run(state: dict, cfg: DictConfig, path: Path) -> None:
-    """Refuse to resume a run folder with a different algorithm or backbone than the one requested."""
-    for key, want in (("algo", cfg.algo.name), ("backbone", cfg.backbone.name), ("dataset", cfg.dataset.name)):
-        if state.get(key) != want:
-            raise CheckpointError(f"{path} holds a {key}={state.get(key)} run but {key}={want} was requested; "
-                                  "use a new run folder or the checkpoint's own settings")
+    """Refuse to resume a run folder with other settings than the ones requested: continuing another
+    experiment's weights would silently mix two runs."""
+    old = _flatten(state["config"])
+    new = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        diffs = ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in changed[:4]) + (" ..." if len(changed) > 4 else "")
+        raise CheckpointError(f"{path} holds a run with other settings ({diffs}); use a new run folder "
+                              "(the default) or the run's own settings to resume it")
+    if state["iteration"] > cfg.trainer.iterations:
+        raise CheckpointError(f"{path} is already at iteration {state['iteration']}, past trainer.iterations={cfg.trainer.iterations}")
 
 
 def truncate_metrics(path: Path, iteration: int) -> None:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from fewshot.table import Row
 
 METRIC_COLUMNS = ("iteration", "train_loss", "train_acc", "val_acc", "val_ci95")
+MSE_COLUMNS = ("iteration", "train_loss", "train_mse", "val_mse", "val_ci95")  # regression runs (sinusoid)
 
 
 def _figure(width: float, height: float) -> "Figure":
@@ -55,13 +56,14 @@ def read_metrics(path: Path) -> dict[str, list[float]]:
         lines = list(csv.DictReader(f))
     if not lines:
         raise ValueError(f"{path} is empty: no validation has been logged yet")
-    missing = [c for c in METRIC_COLUMNS if c not in lines[0]]
+    columns = MSE_COLUMNS if "val_mse" in lines[0] else METRIC_COLUMNS
+    missing = [c for c in columns if c not in lines[0]]
     if missing:
         raise ValueError(f"{path} lacks the columns {', '.join(missing)}")
     by_iteration: dict[int, dict[str, float]] = {}
     for i, line in enumerate(lines):
         try:
-            row = {c: float(line[c]) for c in METRIC_COLUMNS}
+            row = {c: float(line[c]) for c in columns}
         except (TypeError, ValueError):
             if i == len(lines) - 1 and i > 0:
                 break  # being written right now
@@ -70,7 +72,7 @@ def read_metrics(path: Path) -> dict[str, list[float]]:
     if not by_iteration:
         raise ValueError(f"{path} holds no complete row")
     ordered = [by_iteration[k] for k in sorted(by_iteration)]
-    return {c: [r[c] for r in ordered] for c in METRIC_COLUMNS}
+    return {c: [r[c] for r in ordered] for c in columns}
 
 
 def _run_info(run_dir: Path) -> tuple[str, dict[str, Any]]:
@@ -114,9 +116,12 @@ def plot_learning_curve(run_dir: Path) -> Path:
     Left: training loss and training accuracy (two y axes) against iterations, averaged over each validation
     interval as logged. Right: validation accuracy with its 95% band; the best validation (the checkpoint that
     is tested) is marked, with the test accuracy when results.json exists. Raises ValueError when metrics.csv is
-    missing, empty or unreadable."""
+    missing, empty or unreadable. A regression run (train_mse/val_mse columns) is drawn the same way in MSE,
+    where the best validation is the lowest."""
     run_dir = Path(run_dir)
     m = read_metrics(run_dir / "metrics.csv")
+    mse = "val_mse" in m  # regression: MSE as is, lower is better; classification: accuracy in %
+    key, scale, unit, label = ("mse", 1.0, "", "MSE") if mse else ("acc", 100.0, "%", "accuracy")
     title, results = _run_info(run_dir)
     it = m["iteration"]
     marker = "o" if len(it) <= 30 else None  # a handful of validations: show the points themselves
@@ -133,29 +138,30 @@ def plot_learning_curve(run_dir: Path) -> Path:
     ax_loss.set_title("training (mean over each validation interval)", fontsize=10)
     ax_loss.grid(alpha=0.3)
     ax_acc = ax_loss.twinx()
-    ax_acc.plot(it, [100 * a for a in m["train_acc"]], color=c_acc, marker=marker, ms=3, label="training accuracy")
-    ax_acc.set_ylabel("training accuracy (%)", color=c_acc)
+    ax_acc.plot(it, [scale * a for a in m[f"train_{key}"]], color=c_acc, marker=marker, ms=3, label=f"training {label}")
+    ax_acc.set_ylabel(f"training {label}" + (" (%)" if unit else ""), color=c_acc)
     ax_acc.tick_params(axis="y", colors=c_acc)
     handles = ax_loss.get_lines() + ax_acc.get_lines()
     ax_loss.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize=9)
 
-    val = [100 * a for a in m["val_acc"]]
-    ci = [100 * c for c in m["val_ci95"]]
+    val = [scale * a for a in m[f"val_{key}"]]
+    ci = [scale * c for c in m["val_ci95"]]
     ax_val.fill_between(it, [v - c for v, c in zip(val, ci)], [v + c for v, c in zip(val, ci)],
                         color="tab:green", alpha=0.2, lw=0, label="95% interval")
-    ax_val.plot(it, val, color="tab:green", marker=marker, ms=3, label="validation accuracy")
-    best = max(range(len(val)), key=lambda i: (val[i], -i))  # the first best, as training keeps it
+    ax_val.plot(it, val, color="tab:green", marker=marker, ms=3, label=f"validation {label}")
+    best = max(range(len(val)), key=lambda i: (-val[i] if mse else val[i], -i))  # the first best, as training keeps it
     ax_val.plot([it[best]], [val[best]], marker="*", ms=13, color="tab:orange", ls="none",
-                label=f"best: {val[best]:.2f}% at {int(it[best])}")
+                label=f"best: {val[best]:.{4 if mse else 2}f}{unit} at {int(it[best])}")
     test = results.get("test") if isinstance(results.get("test"), dict) else None
-    if test and isinstance(test.get("acc_mean"), (int, float)):
-        ax_val.axhline(100 * test["acc_mean"], color="0.3", ls="--", lw=1,
-                       label=f"test: {100 * test['acc_mean']:.2f} ± {100 * test.get('acc_ci95', 0):.2f}%")
+    if test and isinstance(test.get(f"{key}_mean"), (int, float)):
+        ax_val.axhline(scale * test[f"{key}_mean"], color="0.3", ls="--", lw=1,
+                       label=f"test: {scale * test[f'{key}_mean']:.{4 if mse else 2}f} ± "
+                             f"{scale * test.get(f'{key}_ci95', 0):.{4 if mse else 2}f}{unit}")
     ax_val.set_xlabel("iteration")
-    ax_val.set_ylabel("validation accuracy (%)")
+    ax_val.set_ylabel(f"validation {label}" + (" (%)" if unit else ""))
     ax_val.set_title("validation", fontsize=10)
     ax_val.grid(alpha=0.3)
-    ax_val.legend(loc="lower right", fontsize=9)
+    ax_val.legend(loc="upper right" if mse else "lower right", fontsize=9)
     if len(it) == 1:  # one validation so far: a band of zero width would not show
         ax_val.errorbar(it, val, yerr=ci, fmt="none", ecolor="tab:green", capsize=4)
     from matplotlib.ticker import MaxNLocator

@@ -41,6 +41,7 @@ from fewshot.data.base import Episode
 
 Weights = dict[str, torch.Tensor]
 STRATEGIES = ("auto", "vmap", "loop")
+LOSSES = ("cross_entropy", "mse")
 
 # What "auto" runs on a CPU. On the 2-core development machine (torch 2.x, Omniglot Conv4-64, second
 # order, python scripts/bench_maml.py --device cpu --all-strategies) the threaded loop beat both
@@ -113,6 +114,8 @@ class MAML(Algorithm):
     eval_inner_steps: inner steps at validation/test (train=False), where step_acc is reported.
     first_order: FOMAML (inner gradients treated as constants).
     strategy: "loop", "vmap" or "auto" (see the module docstring).
+    loss: "cross_entropy" (classification: acc/step_acc) or "mse" (regression, MAML's sinusoid: the inner and
+        outer losses are the mean squared error, and the output carries mse/step_mse, the per-task query MSE).
     chunk_size: tasks whose graphs may be alive together. When it is smaller than the meta-batch, meta-
         training takes each chunk's meta-gradient inside forward and frees its graph before the next chunk,
         so second-order memory is bounded by chunk_size tasks; loss.backward() then hands out the stored
@@ -130,9 +133,12 @@ class MAML(Algorithm):
         first_order: bool = False,
         strategy: str = "auto",
         chunk_size: Optional[int] = None,
+        loss: str = "cross_entropy",
     ) -> None:
         super().__init__()
         resolve_strategy(strategy, "cpu")  # validates
+        if loss not in LOSSES:
+            raise ValueError(f"MAML loss must be one of {LOSSES}, got {loss!r}")
         if inner_steps < 1 or eval_inner_steps < 0:
             raise ValueError(f"MAML needs inner_steps >= 1 and eval_inner_steps >= 0, got {inner_steps}, {eval_inner_steps}")
         if chunk_size is not None and chunk_size < 1:
@@ -146,12 +152,25 @@ class MAML(Algorithm):
         self.first_order = bool(first_order)
         self.strategy = strategy
         self.chunk_size = chunk_size
+        self.loss = loss
+
+    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(out, y) if self.loss == "mse" else F.cross_entropy(out, y)
+
+    def _score(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The per-task metric: query accuracy, or query MSE for regression."""
+        return F.mse_loss(out, y) if self.loss == "mse" else accuracy(out, y)
+
+    def _output(self, loss: torch.Tensor, score: torch.Tensor, steps: Optional[torch.Tensor] = None) -> AlgoOutput:
+        if self.loss == "mse":
+            return AlgoOutput(loss=loss, mse=score, step_mse=steps)
+        return AlgoOutput(loss=loss, acc=score, step_acc=steps)
 
     def extra_repr(self) -> str:
         return (
             f"ways={self.ways}, inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, "
             f"eval_inner_steps={self.eval_inner_steps}, first_order={self.first_order}, "
-            f"strategy={self.strategy!r}, chunk_size={self.chunk_size}"
+            f"strategy={self.strategy!r}, chunk_size={self.chunk_size}, loss={self.loss!r}"
         )
 
     # ---- one task ------------------------------------------------------------------------------------
@@ -162,7 +181,7 @@ class MAML(Algorithm):
         torch.autograd.grad (create_graph only for second order)."""
 
         def support_loss(w: Weights) -> torch.Tensor:
-            return F.cross_entropy(call(w, x), y)
+            return self._loss(call(w, x), y)
 
         if functorch:
             grads = torch.func.grad(support_loss)(weights)
@@ -205,12 +224,12 @@ class MAML(Algorithm):
         for _ in range(steps):
             if not meta:
                 with torch.no_grad():
-                    step_acc.append(accuracy(call(weights, query_x), query_y))
+                    step_acc.append(self._score(call(weights, query_x), query_y))
             weights = self._inner_step(call, weights, support_x, support_y, second_order, functorch)
         with torch.no_grad() if not meta else torch.enable_grad():
             logits = call(weights, query_x)
-            loss = F.cross_entropy(logits, query_y)
-        acc = accuracy(logits.detach(), query_y)
+            loss = self._loss(logits, query_y)
+        acc = self._score(logits.detach(), query_y)
         if meta:
             return loss, acc
         step_acc.append(acc)
@@ -305,14 +324,14 @@ class MAML(Algorithm):
             if not train:
                 weights = {k: p.detach().requires_grad_() for k, p in self.net.named_parameters()}
                 losses, accs, step_acc = self._tasks(weights, xs, self.eval_inner_steps, False, strategy, workers)
-                return AlgoOutput(loss=losses.mean(), acc=accs, step_acc=step_acc)
+                return self._output(losses.mean(), accs, step_acc)
             names, params = zip(*self.net.named_parameters())
             if workers > 1 or (self.chunk_size is not None and self.chunk_size < tasks):
                 loss, acc = _MetaGradient.apply(lambda leaves: self._meta_gradient(names, leaves, xs, strategy, workers), *params)
             else:  # the whole meta-batch's graph; loss.backward() differentiates through it
                 losses, acc = self._tasks(dict(zip(names, params)), xs, self.inner_steps, True, strategy)
                 loss = losses.mean()
-        return AlgoOutput(loss=loss, acc=acc.detach())
+        return self._output(loss, acc.detach())
 
 
 class _MetaGradient(torch.autograd.Function):

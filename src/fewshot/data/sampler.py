@@ -14,6 +14,8 @@ def check_episode_fits(bank: SplitBank, ways: int, shots: int, queries: int, spl
     for name, value in (("episode.ways", ways), ("episode.shots", shots), ("episode.queries", queries)):
         if value < 1:
             raise DataError(f"{name}={value}: must be at least 1")
+    if ways < 2:
+        raise DataError(f"episode.ways={ways}: a classification task needs at least 2 ways")
     if ways > bank.num_classes:
         raise DataError(f"episode.ways={ways} exceeds the {bank.num_classes} classes of the {split} split; lower episode.ways")
     if shots + queries > bank.images_per_class:

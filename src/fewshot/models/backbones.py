@@ -75,7 +75,10 @@ class Conv4(nn.Module):
 
 
 class MLP(nn.Module):
-    """MAML's fully connected Omniglot net: [linear, BatchNorm, ReLU] x (256, 128, 64, 64), then a linear head."""
+    """MAML's fully connected Omniglot net: [linear, BatchNorm, ReLU] x (256, 128, 64, 64), then a linear head.
+
+    batch_norm=False drops the BatchNorm layers: MAML's sinusoid regressor is [linear, ReLU] x (40, 40), linear
+    (Section 5.1), with in_channels = image_size = 1 (one input number)."""
 
     def __init__(
         self,
@@ -83,12 +86,13 @@ class MLP(nn.Module):
         image_size: int = 28,
         out_features: Optional[int] = 5,
         sizes: Sequence[int] = (256, 128, 64, 64),
+        batch_norm: bool = True,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_channels * image_size * image_size
         for size in sizes:
-            layers += [nn.Linear(width, size), _batch_norm(1, size), nn.ReLU()]
+            layers += [nn.Linear(width, size), *([_batch_norm(1, size)] if batch_norm else []), nn.ReLU()]
             width = size
         self.features = nn.Sequential(*layers)
         self.embedding_dim = width
