@@ -105,3 +105,12 @@ def table_main() -> None:
     from fewshot.table import main
 
     sys.exit(main())
+
+
+if __name__ == "__main__":  # `python -m fewshot.cli train|eval|table ...` where the console scripts are not installed
+    command = sys.argv.pop(1) if len(sys.argv) > 1 else ""
+    mains = {"train": train_main, "eval": eval_main, "table": table_main}
+    if command not in mains:
+        sys.exit("usage: python -m fewshot.cli {train,eval,table} [overrides...]")
+    sys.argv[0] = f"fewshot-{command}"
+    mains[command]()
