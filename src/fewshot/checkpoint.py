@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from fewshot.atomic import atomic_write
 from fewshot.errors import FewshotError
 
 FORMAT = "fewshot-checkpoint-v1"
@@ -20,29 +19,8 @@ class CheckpointError(FewshotError):
     """A checkpoint is missing, truncated, corrupt or does not fit the requested run."""
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call write(file) on a temporary file beside `path`, fsync it, then rename it into place, so a
-    kill during the write leaves the previous good file and never a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
-
-
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    atomic_write_bytes(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
 def load_checkpoint(path: Path | str) -> dict[str, Any]:

@@ -27,10 +27,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from fewshot.algorithms.base import Algorithm
-from fewshot.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fewshot.atomic import atomic_write_text
+from fewshot.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fewshot.config import META_KEYS
-from fewshot.data.base import FewShotDataset, SplitBank
-from fewshot.data.sampler import EpisodeSampler, check_episode_fits, fixed_episodes
+from fewshot.data.base import FewShotDataset
+from fewshot.data.sampler import EpisodeSampler, fixed_episodes
 from fewshot.device import resolve_device
 from fewshot.errors import ConfigError, FewshotError
 
@@ -263,7 +264,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     with stop_on_signals() as signals:
         bar = tqdm(range(start, t.iterations + 1), initial=start - 1, total=t.iterations, desc="meta-train", unit="it",
                    dynamic_ncols=True)
-        tic = time.perf_counter()
+        tic, tic_it = time.perf_counter(), start - 1  # training time and tasks/s since the last validation
         for it in bar:
             episode = train_sampler.sample(t.meta_batch_size)  # support_x (T, ways*shots, C, H, W)
             out = algo(episode, train=True)
@@ -284,10 +285,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             progress["acc"] += out.per_task().mean().item()
             progress["n"] += 1
             if it % t.log_every == 0 or it == t.iterations:
-                elapsed = progress["train_seconds"] + time.perf_counter() - tic
+                rate = (it - tic_it) * t.meta_batch_size / max(time.perf_counter() - tic, 1e-9)
                 bar.set_postfix({"loss": f"{progress['loss'] / progress['n']:.3f}",
-                                 progress["metric"]: f"{progress['acc'] / progress['n']:.3f}",
-                                 "tasks/s": f"{(it - start + 1) * t.meta_batch_size / max(time.perf_counter() - tic, 1e-9):.0f}"})
+                                 progress["metric"]: f"{progress['acc'] / progress['n']:.3f}", "tasks/s": f"{rate:.0f}"})
 
             if it % t.val_every == 0 or it == t.iterations:
                 progress["train_seconds"] += time.perf_counter() - tic
@@ -305,7 +305,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     save_checkpoint(ckpt_dir / "best.pt", checkpoint_state(cfg, algo, optimizer, it, best, train_sampler, progress))
                 tqdm.write(f"iteration {it}: val {m} {val[f'{m}_mean']:.4f} ± {val[f'{m}_ci95']:.4f} "
                            f"(best at iteration {best['iteration']})")
-                tic = time.perf_counter()
+                tic, tic_it = time.perf_counter(), it
             if it % t.checkpoint_every == 0 or it == t.iterations or signals:
                 # Time is banked only at validations; a checkpoint between them records it too.
                 snapshot = dict(progress, train_seconds=progress["train_seconds"] + time.perf_counter() - tic)

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from fewshot.table import ALGO_ORDER, atomic_write_bytes
+from fewshot.atomic import atomic_write
+from fewshot.table import ALGO_ORDER
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -40,7 +41,7 @@ def _figure(width: float, height: float) -> "Figure":
 def _save(fig: "Figure", out: Path) -> Path:
     """PNG written beside `out` then renamed into place, so a viewer never opens half an image."""
     out = Path(out)
-    atomic_write_bytes(out, lambda f: fig.savefig(f, format="png"))
+    atomic_write(out, lambda f: fig.savefig(f, format="png"))
     return out
 
 

@@ -35,11 +35,11 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
+from fewshot.atomic import atomic_write
 from fewshot.errors import FewshotError
 
 PROG = "fewshot-table"
@@ -381,21 +381,6 @@ def to_csv(rows: Sequence[Row]) -> str:
     return buf.getvalue()
 
 
-def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    """Call write(binary file) on a temporary file beside `path`, then rename it into place: a reader never sees
-    a half-written table or image. (A torch-free twin of fewshot.checkpoint.atomic_write_bytes.)"""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ---- command --------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
@@ -427,7 +412,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows = aggregate(collect(args.paths, include_eval=args.include_eval), by=args.by)
         print(to_markdown(rows), end="")
         text = to_csv(rows).encode("utf-8")
-        atomic_write_bytes(args.csv, lambda f: f.write(text))
+        atomic_write(args.csv, lambda f: f.write(text))
         print(f"{PROG}: wrote {args.csv}", file=sys.stderr)
         if args.plot is not None:
             from fewshot.plots import plot_table_bars  # matplotlib only when a chart is asked for

@@ -18,6 +18,7 @@ from torch import nn
 
 from fewshot.algorithms.base import AlgoOutput, Algorithm, BackboneFactory, accuracy
 from fewshot.algorithms.protonet import embed_tasks, one_hot
+from fewshot.data.base import Episode
 
 # Probabilities are clamped before the log: a support set can leave a class with (numerically) zero mass.
 _EPS = 1e-8

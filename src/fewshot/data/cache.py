@@ -19,7 +19,6 @@ import logging
 import os
 import pickle
 import tarfile
-import tempfile
 import urllib.parse
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from fewshot.atomic import atomic_write
 from fewshot.data.base import DataError, SplitBank
 from fewshot.data.omniglot import download_file, safe_extract
 
@@ -267,26 +267,11 @@ def read_splits_cache(path: Path, fp: str, version: int, what: str, channels: in
 
 
 def write_cache(path: Path, payload: dict, what: str) -> None:
-    """torch.save to a temp file in the same folder, then os.replace: readers never see a partial cache."""
+    """Save atomically: readers never see a partial cache; a full or read-only disk says what to change."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        atomic_write(path, lambda f: torch.save(payload, f))
     except OSError as e:
-        raise DataError(f"cannot write the {what} cache to {path.parent} ({e}); set cache_dir to a writable folder") from e
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        if isinstance(e, OSError):
-            raise DataError(f"cannot write the {what} cache {path} ({e}); set cache_dir to a writable folder with enough space") from e
-        raise
+        raise DataError(f"cannot write the {what} cache {path} ({e}); set cache_dir to a writable folder with enough space") from e
 
 
 def banks_from_payload(payload: Mapping[str, Any]) -> dict[str, SplitBank]:

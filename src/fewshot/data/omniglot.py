@@ -334,29 +334,6 @@ def _read_cache(path: Path, fingerprint: str, image_size: int) -> tuple[torch.Te
     return images, names
 
 
-def _write_cache(path: Path, payload: dict) -> None:
-    """torch.save to a temp file in the same folder, then os.replace: readers never see a partial cache."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise DataError(f"cannot write the Omniglot cache to {path.parent} ({e}); set cache_dir to a writable folder") from e
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        if isinstance(e, OSError):
-            raise DataError(f"cannot write the Omniglot cache {path} ({e}); set cache_dir to a writable folder with ~30 MB free") from e
-        raise
-
-
 def load_omniglot_images(
     root: str | os.PathLike[str], cache_dir: str | os.PathLike[str], image_size: int = 28
 ) -> tuple[torch.Tensor, list[str]]:
@@ -375,9 +352,12 @@ def load_omniglot_images(
     start = time.perf_counter()
     names, members = _scan(zip_paths)
     images = _decode_images(zip_paths, members, image_size)
-    _write_cache(
+    from fewshot.data.cache import write_cache  # here: fewshot.data.cache imports this module
+
+    write_cache(
         path,
         {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "image_size": image_size, "names": names, "images": images},
+        "Omniglot",
     )
     log.info("decoded Omniglot (%d images) in %.1fs into %s", images.shape[0] * images.shape[1], time.perf_counter() - start, path)
     return images, names
