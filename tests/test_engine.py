@@ -119,3 +119,26 @@ def test_learns_omniglot_5way_1shot(compose_cfg, tmp_path, omniglot_root, omnigl
     print(f"{algo}: untrained {before:.3f} -> trained {after['acc_mean']:.3f} ± {after['acc_ci95']:.3f}")
     assert after["acc_mean"] > 0.55, after
     assert after["acc_mean"] > before + 0.10, (before, after)
+
+
+@pytest.mark.omniglot
+def test_eval_lake_runs_benchmark(compose_cfg, tmp_path, omniglot_root, omniglot_cache_dir, omniglot_28):
+    """fewshot-eval benchmark=lake_runs scores a checkpoint on Lake's 20 original 20-way one-shot runs."""
+    common = [f"data_root={omniglot_root.parent}", f"cache_dir={omniglot_cache_dir}", "device=cpu", "backbone.hidden=8",
+              "trainer.iterations=2", "trainer.val_every=2", "trainer.val_episodes=4", "eval.episodes=4",
+              "episode.queries=2", "trainer.meta_batch_size=2"]
+    engine.train(compose_cfg("train", ["algo=protonet", *common]), tmp_path / "proto")
+    ecfg = compose_cfg("eval", [f"checkpoint={tmp_path / 'proto/checkpoints/best.pt'}", "benchmark=lake_runs", "device=cpu",
+                                f"data_root={omniglot_root.parent}", f"cache_dir={omniglot_cache_dir}"])
+    results = engine.evaluate_checkpoint(ecfg, tmp_path / "lake")
+    lake = results["lake"]
+    assert len(lake["error_per_run"]) == 20 and 0 <= lake["mean_error"] <= 100
+    assert results["eval_split"] == "lake_runs" and results["test"]["episodes"] == 20
+    assert "run01" in (tmp_path / "lake" / "results.md").read_text()
+
+    # A 5-way MAML head cannot answer a 20-way trial: refused with a clear message.
+    engine.train(compose_cfg("train", ["algo=maml", *common]), tmp_path / "maml")
+    ecfg = compose_cfg("eval", [f"checkpoint={tmp_path / 'maml/checkpoints/best.pt'}", "benchmark=lake_runs", "device=cpu",
+                                f"data_root={omniglot_root.parent}", f"cache_dir={omniglot_cache_dir}"])
+    with pytest.raises(engine.ConfigError, match="5-way head"):
+        engine.evaluate_checkpoint(ecfg, tmp_path / "lake2")
