@@ -24,6 +24,8 @@ def _report(prog: str, error: BaseException) -> None:
     only with HYDRA_FULL_ERROR=1."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
+    if isinstance(error, InstantiationException) and isinstance(error.__cause__, FewshotError):
+        error = error.__cause__  # our own message, without Hydra's "Error in call to target ..." wrapper
     print(f"{prog}: error: {one_line(str(error))}", file=sys.stderr)
     sys.exit(getattr(error, "exit_code", 2))
 
