@@ -244,3 +244,21 @@ def test_resume_refuses_a_folder_with_other_settings(compose_cfg, tmp_path):
         engine.train(compose_cfg("train", base[:-2] + ["trainer.iterations=1", "trainer.val_every=1"]), tmp_path)
     longer = engine.train(compose_cfg("train", base[:-2] + ["trainer.iterations=4", "trainer.val_every=2"]), tmp_path)
     assert longer["iterations"] == 4  # training longer continues the same run
+
+
+@pytest.mark.slow
+def test_sigterm_under_multirun_then_rerun_resumes(tmp_path, reference):
+    """A preempted sweep: the same multirun command with the same sweep folder resumes the stopped job."""
+    env = {**os.environ, "FEWSHOT_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [str(BIN / "fewshot-train"), "-m", *RUN[:-1], "seed=1,2", "hydra.sweep.dir=sweep"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job0 = tmp_path / "sweep" / "0_maml_synthetic_5w1s_seed1"
+    wait_for_iteration(job0, 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    code, out = finish(proc)
+    assert code == 128 + signal.SIGTERM and "SIGTERM at iteration" in out
+    code, out = finish(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    assert code == 0, out[-3000:]
+    assert "resuming" in out
+    assert_same(job0, reference)  # job 0 is the reference run (seed 1) interrupted and resumed
+    assert (tmp_path / "sweep" / "1_maml_synthetic_5w1s_seed2" / "results.json").is_file()
