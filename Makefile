@@ -31,7 +31,7 @@ eval: install  ## evaluate a checkpoint: make eval ARGS="checkpoint=outputs/.../
 	$(VENV)/bin/fewshot-eval $(ARGS)
 
 test: install  ## run the test suite on CPU
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --durations=10 $(ARGS)
 
 test-fast: install  ## tests without the slow real-training ones
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
