@@ -303,8 +303,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 if validation_score(val) > best["val_score"]:
                     best = {"val_score": validation_score(val), f"val_{m}": val[f"{m}_mean"], "iteration": it}
                     save_checkpoint(ckpt_dir / "best.pt", checkpoint_state(cfg, algo, optimizer, it, best, train_sampler, progress))
-                tqdm.write(f"iteration {it}: val {m} {val[f'{m}_mean']:.4f} ± {val[f'{m}_ci95']:.4f} "
-                           f"(best at iteration {best['iteration']})")
+                shown = (f"{100 * val['acc_mean']:.2f} ± {100 * val['acc_ci95']:.2f}%" if m == "acc"
+                         else f"{val['mse_mean']:.4f} ± {val['mse_ci95']:.4f}")
+                tqdm.write(f"iteration {it}: val {m} {shown} (best at iteration {best['iteration']})")
                 tic, tic_it = time.perf_counter(), it
             if it % t.checkpoint_every == 0 or it == t.iterations or signals:
                 # Time is banked only at validations; a checkpoint between them records it too.
