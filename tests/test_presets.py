@@ -55,6 +55,7 @@ def test_preset_runs_one_smoke_iteration(compose_cfg, tmp_path, preset):
     ])
     results = engine.train(cfg, tmp_path)
     ways, shots, queries = engine.episode_shape(cfg, "test")
-    assert (results["ways"], results["shots"]) == (cfg.episode.ways, shots)
+    assert (results["ways"], results["shots"], results["queries"]) == (ways, shots, queries)  # the test cell
+    assert results["train_episode"]["ways"] == cfg.episode.ways
     assert results["test"]["episodes"] == 2 and 0 <= results["test"]["acc_mean"] <= 1
     assert (tmp_path / "results.json").is_file()

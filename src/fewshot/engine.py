@@ -399,15 +399,18 @@ def plot_curve(run_dir: Path) -> None:
 
 
 def make_results(cfg: DictConfig, test: dict, train_seconds: Optional[float], best: dict, device: torch.device) -> dict[str, Any]:
+    # ways/shots/queries describe the test tasks (the paper cell); training tasks may differ (ProtoNets train 60-way).
+    ways, shots, queries = episode_shape(cfg, "test")
     return {
         "name": cfg.name,
         "algo": cfg.algo.name,
         "dataset": cfg.dataset.name,
         "dataset_split": cfg.dataset.get("split"),
         "backbone": cfg.backbone.name,
-        "ways": cfg.episode.ways,
-        "shots": cfg.episode.shots,
-        "queries": cfg.episode.queries,
+        "ways": ways,
+        "shots": shots,
+        "queries": queries,
+        "train_episode": {"ways": cfg.episode.ways, "shots": cfg.episode.shots, "queries": cfg.episode.queries},
         "seed": cfg.seed,
         "iterations": cfg.trainer.iterations,
         "meta_batch_size": cfg.trainer.meta_batch_size,
