@@ -210,66 +210,58 @@ class SinusoidConfig:
 
 # Image datasets: mean/std have no schema default; each YAML in conf/dataset/ sets them and cites the source.
 @dataclass
-class MiniImageNetConfig:
+class ImageDatasetConfig:
+    """What every downloadable image dataset takes; subclasses set the target, folder and size."""
+
+    _target_: str = MISSING
+    name: str = MISSING
+    root: str = MISSING
+    cache_dir: str = "${cache_dir}"
+    format: str = "pickle"
+    image_size: int = 84
+    url: Optional[str] = None  # optional download with an md5 check
+    md5: Optional[str] = None
+    mean: list = MISSING
+    std: list = MISSING
+
+
+@dataclass
+class MiniImageNetConfig(ImageDatasetConfig):
     _target_: str = "fewshot.data.miniimagenet.load_miniimagenet"
     name: str = "miniimagenet"
     root: str = "${data_root}/miniimagenet"
-    cache_dir: str = "${cache_dir}"
     format: str = "pickle"  # pickle | csv
     split_dir: Optional[str] = "${data_root}/miniimagenet/splits/ravi"
-    image_size: int = 84
     images_per_class: int = 600
-    url: Optional[str] = None
-    md5: Optional[str] = None
-    mean: list = MISSING
-    std: list = MISSING
 
 
 @dataclass
-class CifarFSConfig:
+class CifarFSConfig(ImageDatasetConfig):
     _target_: str = "fewshot.data.cifar.load_cifar_fs"
     name: str = "cifar_fs"
     root: str = "${data_root}/cifar100"
-    cache_dir: str = "${cache_dir}"
-    format: str = "pickle"
     split_dir: str = "${data_root}/cifar-fs/splits"
     image_size: int = 32
     images_per_class: int = 600
-    url: Optional[str] = None
-    md5: Optional[str] = None
-    mean: list = MISSING
-    std: list = MISSING
 
 
 @dataclass
-class FC100Config:
+class FC100Config(ImageDatasetConfig):
     _target_: str = "fewshot.data.cifar.load_fc100"
     name: str = "fc100"
     root: str = "${data_root}/cifar100"
-    cache_dir: str = "${cache_dir}"
-    format: str = "pickle"
     image_size: int = 32
     images_per_class: int = 600
-    url: Optional[str] = None
-    md5: Optional[str] = None
-    mean: list = MISSING
-    std: list = MISSING
 
 
 @dataclass
-class TieredImageNetConfig:
+class TieredImageNetConfig(ImageDatasetConfig):
     _target_: str = "fewshot.data.tiered.load_tieredimagenet"
     name: str = "tieredimagenet"
     root: str = "${data_root}/tieredimagenet"
-    cache_dir: str = "${cache_dir}"
     format: str = "pickle"  # pickle ({split}_images_png.pkl) | npz ({split}_images.npz)
-    image_size: int = 84
     classes_per_split: Optional[list] = field(default_factory=lambda: [351, 97, 160])  # null: no check
     npz_channel_order: str = "rgb"  # rgb | bgr (npz written by cv2.imdecode hold BGR)
-    url: Optional[str] = None
-    md5: Optional[str] = None
-    mean: list = MISSING
-    std: list = MISSING
 
 
 # Keys that name a choice but are not constructor arguments.
