@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from fewshot.atomic import atomic_write
 from fewshot.data.base import DataError, SplitBank
-from fewshot.data.omniglot import download_file, safe_extract
+from fewshot.data.omniglot import download_file, file_hash, safe_extract
 
 log = logging.getLogger(__name__)
 
@@ -160,14 +160,6 @@ def safe_extract_archive(archive: Path, dest: Path) -> None:
         raise DataError(f"cannot extract {archive} into {dest} ({e}); delete the archive and download it again") from e
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def ensure_files(required: Sequence[Path], root: Path, url: str | None, md5: str | None, what: str, hint: str = "") -> None:
     """Make sure every required file (or folder) exists, downloading url into root when some are missing and url is set.
 
@@ -183,7 +175,7 @@ def ensure_files(required: Sequence[Path], root: Path, url: str | None, md5: str
         raise DataError(f"{what} not found: put {paths} there{hint}, or set the dataset's url (and md5) to download them")
     name = Path(urllib.parse.urlparse(url).path).name or "download"
     dest = root / name
-    if dest.is_file() and md5 is not None and _md5(dest) != md5.lower():
+    if dest.is_file() and md5 is not None and file_hash(dest, "md5") != md5.lower():
         log.warning("%s does not match md5 %s; downloading it again from %s", dest, md5, url)
         dest.unlink()
     if not dest.is_file():

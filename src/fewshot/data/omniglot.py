@@ -288,8 +288,9 @@ def _decode_images(zip_paths: Sequence[Path], members: Sequence[Sequence[tuple[i
 # --------------------------------------------------------------------------------------------- cache
 
 
-def _sha1_file(path: Path) -> str:
-    h = hashlib.sha1()
+def file_hash(path: Path, algorithm: str = "sha1") -> str:
+    """Hex digest of a file's content, read in 1 MiB blocks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
@@ -300,7 +301,7 @@ def _fingerprint(zip_paths: Sequence[Path], image_size: int) -> str:
     """Hash of the source zips' content and of the preprocessing; names the cache file."""
     h = hashlib.sha1(f"omniglot|v{FORMAT_VERSION}|size={image_size}".encode())
     for p in zip_paths:
-        h.update(f"|{p.name}:{p.stat().st_size}:{_sha1_file(p)}".encode())
+        h.update(f"|{p.name}:{p.stat().st_size}:{file_hash(p)}".encode())
     return h.hexdigest()[:16]
 
 
