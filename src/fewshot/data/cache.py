@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fewshot.atomic import atomic_write
+from fewshot.data.cachefile import is_uint8_bank, read_cache, write_cache  # noqa: F401  (write_cache: used as C.write_cache)
 from fewshot.data.base import DataError, SplitBank
 from fewshot.data.omniglot import download_file, file_hash, safe_extract
 
@@ -230,40 +230,15 @@ def fingerprint(tag: str, version: int, params: Mapping[str, Any], files: Iterab
 
 
 def read_splits_cache(path: Path, fp: str, version: int, what: str, channels: int, image_size: int) -> dict[str, Any] | None:
-    """The cached payload (with 'splits': {split: {'images', 'class_names'}}), or None to rebuild it.
+    """The cached payload (with 'splits': {split: {'images', 'class_names'}}), or None to rebuild it."""
 
-    None when the file is missing, unreadable, for another fingerprint or format, or of the wrong shape.
-    """
-    if not path.exists():
-        return None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        ok = data.get("fingerprint") == fp and data.get("format_version") == version
-        for split in SPLITS:
-            entry = data["splits"][split]
-            images, names = entry["images"], list(entry["class_names"])
-            ok = ok and (
-                isinstance(images, torch.Tensor)
-                and images.dtype == torch.uint8
-                and images.dim() == 5
-                and tuple(images.shape[2:]) == (channels, image_size, image_size)
-                and len(names) == images.shape[0]
-            )
-    except Exception as e:  # noqa: BLE001 - any unreadable cache is simply rebuilt
-        log.warning("%s cache %s is unreadable (%s); rebuilding it", what, path, e)
-        return None
-    if not ok:
-        log.warning("%s cache %s is stale; rebuilding it", what, path)
-        return None
-    return data
+    def valid(data: dict) -> bool:
+        return all(
+            is_uint8_bank(e["images"], (len(e["class_names"]), e["images"].shape[1], channels, image_size, image_size))
+            for e in (data["splits"][split] for split in SPLITS)
+        )
 
-
-def write_cache(path: Path, payload: dict, what: str) -> None:
-    """Save atomically: readers never see a partial cache; a full or read-only disk says what to change."""
-    try:
-        atomic_write(path, lambda f: torch.save(payload, f))
-    except OSError as e:
-        raise DataError(f"cannot write the {what} cache {path} ({e}); set cache_dir to a writable folder with enough space") from e
+    return read_cache(path, fp, version, what, valid, mmap=True)
 
 
 def banks_from_payload(payload: Mapping[str, Any]) -> dict[str, SplitBank]:

@@ -24,6 +24,7 @@ import torch
 
 from fewshot.data import cache as C
 from fewshot.data.base import DataError, FewShotDataset, SplitBank
+from fewshot.data.cachefile import is_uint8_bank, read_cache
 
 log = logging.getLogger(__name__)
 
@@ -138,28 +139,10 @@ def _decode_cifar100(folder: Path, image_size: int, images_per_class: int) -> di
 
 
 def _read_cache(path: Path, fp: str, image_size: int, images_per_class: int) -> Optional[dict[str, Any]]:
-    if not path.exists():
-        return None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        images = data["images"]
-        ok = (
-            data.get("fingerprint") == fp
-            and data.get("format_version") == FORMAT_VERSION
-            and isinstance(images, torch.Tensor)
-            and images.dtype == torch.uint8
-            and tuple(images.shape) == (NUM_FINE, images_per_class, 3, image_size, image_size)
-            and len(data["fine_names"]) == NUM_FINE
-            and len(data["coarse_of_fine"]) == NUM_FINE
-            and len(data["coarse_names"]) == NUM_COARSE
-        )
-    except Exception as e:  # noqa: BLE001 - any unreadable cache is simply rebuilt
-        log.warning("%s cache %s is unreadable (%s); rebuilding it", WHAT, path, e)
-        return None
-    if not ok:
-        log.warning("%s cache %s is stale; rebuilding it", WHAT, path)
-        return None
-    return data
+    return read_cache(path, fp, FORMAT_VERSION, WHAT, lambda d: (
+        is_uint8_bank(d["images"], (NUM_FINE, images_per_class, 3, image_size, image_size))
+        and len(d["fine_names"]) == NUM_FINE and len(d["coarse_of_fine"]) == NUM_FINE
+        and len(d["coarse_names"]) == NUM_COARSE), mmap=True)
 
 
 def load_cifar100(

@@ -31,6 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fewshot.data.base import DataError, FewShotDataset, SplitBank
+from fewshot.data.cachefile import is_uint8_bank, read_cache, write_cache
 
 log = logging.getLogger(__name__)
 
@@ -313,26 +314,10 @@ def omniglot_cache_file(root: str | os.PathLike[str], cache_dir: str | os.PathLi
 
 def _read_cache(path: Path, fingerprint: str, image_size: int) -> tuple[torch.Tensor, list[str]] | None:
     """The cached (images, names), or None when missing, unreadable or not for this fingerprint (then rebuilt)."""
-    if not path.exists():
-        return None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        images, names = data["images"], list(data["names"])
-        ok = (
-            data.get("fingerprint") == fingerprint
-            and data.get("format_version") == FORMAT_VERSION
-            and isinstance(images, torch.Tensor)
-            and images.dtype == torch.uint8
-            and tuple(images.shape) == (NUM_CHARACTERS, DRAWINGS_PER_CHARACTER, 1, image_size, image_size)
-            and len(names) == NUM_CHARACTERS
-        )
-    except Exception as e:  # noqa: BLE001 - any unreadable cache is simply rebuilt
-        log.warning("Omniglot cache %s is unreadable (%s); rebuilding it", path, e)
-        return None
-    if not ok:
-        log.warning("Omniglot cache %s is stale; rebuilding it", path)
-        return None
-    return images, names
+    data = read_cache(path, fingerprint, FORMAT_VERSION, "Omniglot", lambda d: (
+        is_uint8_bank(d["images"], (NUM_CHARACTERS, DRAWINGS_PER_CHARACTER, 1, image_size, image_size))
+        and len(d["names"]) == NUM_CHARACTERS))
+    return None if data is None else (data["images"], list(data["names"]))
 
 
 def load_omniglot_images(
@@ -353,8 +338,6 @@ def load_omniglot_images(
     start = time.perf_counter()
     names, members = _scan(zip_paths)
     images = _decode_images(zip_paths, members, image_size)
-    from fewshot.data.cache import write_cache  # here: fewshot.data.cache imports this module
-
     write_cache(
         path,
         {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "image_size": image_size, "names": names, "images": images},

@@ -1,0 +1,47 @@
+"""Decoded-image cache files: one torch file per source fingerprint, written atomically, read weights-only.
+
+Every dataset's cache goes through these two functions; each loader only says what a valid payload looks like.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from fewshot.atomic import atomic_write
+from fewshot.data.base import DataError
+
+log = logging.getLogger(__name__)
+
+
+def is_uint8_bank(images: Any, shape: tuple) -> bool:
+    return isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and tuple(images.shape) == tuple(shape)
+
+
+def read_cache(path: Path, fingerprint: str, version: int, what: str, valid: Callable[[dict], bool],
+               mmap: bool = False) -> Optional[dict[str, Any]]:
+    """The cached payload, or None (then the caller rebuilds it) when the file is missing, unreadable, for another
+    fingerprint or format version, or when valid(payload) says its contents have the wrong shape."""
+    if not path.exists():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        ok = data.get("fingerprint") == fingerprint and data.get("format_version") == version and valid(data)
+    except Exception as e:  # noqa: BLE001 - any unreadable cache is simply rebuilt
+        log.warning("%s cache %s is unreadable (%s); rebuilding it", what, path, e)
+        return None
+    if not ok:
+        log.warning("%s cache %s is stale; rebuilding it", what, path)
+        return None
+    return data
+
+
+def write_cache(path: Path, payload: dict, what: str) -> None:
+    """Save atomically: readers never see a partial cache; a full or read-only disk says what to change."""
+    try:
+        atomic_write(path, lambda f: torch.save(payload, f))
+    except OSError as e:
+        raise DataError(f"cannot write the {what} cache {path} ({e}); set cache_dir to a writable folder with enough space") from e
