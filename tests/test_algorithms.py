@@ -357,7 +357,7 @@ def test_embed_tasks_keeps_batch_norm_statistics_per_task():
 def test_matching_prediction_equals_a_hand_computation():
     # support: class 0 at (1,0) and (1,1); class 1 at (0,1). query (2,1).
     episode = points_episode([[1, 0], [0, 1], [1, 1]], [0, 1, 0], [[2, 1]], [0])
-    algo = MatchingNetworks(FlattenEmbedding, ways=2)
+    algo = MatchingNetworks(FlattenEmbedding, ways=2, similarity="cosine")
     out = algo(episode)
     q = (2 / math.sqrt(5), 1 / math.sqrt(5))
     cos = [q[0], q[1], (q[0] + q[1]) / math.sqrt(2)]  # cosine to each support point
@@ -368,6 +368,44 @@ def test_matching_prediction_equals_a_hand_computation():
     probs = algo.probabilities(support, episode.support_y, query)
     torch.testing.assert_close(probs, torch.tensor([[[p0, 1 - p0]]], dtype=torch.float64))
     torch.testing.assert_close(out.acc, torch.tensor([1.0]))
+
+
+def test_matching_support_cosine_and_scale_equal_a_hand_computation():
+    # The default similarity divides by the support norms only: q.s/|s|. Query (2,1), |q| = sqrt(5).
+    episode = points_episode([[1, 0], [0, 1], [1, 1]], [0, 1, 0], [[2, 1]], [0])
+    sims = [2.0, 1.0, 3 / math.sqrt(2)]
+    for algo, scale in ((MatchingNetworks(FlattenEmbedding, ways=2), 1.0),
+                        (MatchingNetworks(FlattenEmbedding, ways=2, similarity="cosine", scale=3.0),
+                         3.0 / math.sqrt(5))):  # the cosine times 3 = q.s/|s| * 3/sqrt(5)
+        e = [math.exp(scale * c) for c in sims]
+        p0 = (e[0] + e[2]) / sum(e)
+        torch.testing.assert_close(algo(episode).loss, torch.tensor(-math.log(p0), dtype=torch.float64))
+
+
+def test_matching_support_cosine_predicts_as_the_cosine_with_one_shot():
+    # |q| is one positive factor per query: the argmax over the support set, the 1-shot prediction, is the cosine's.
+    torch.manual_seed(0)
+    net = conv4()(out_features=None)
+    episode = random_episode(tasks=3, shots=1)
+    default, cosine = MatchingNetworks(lambda **_: net, WAYS), MatchingNetworks(lambda **_: net, WAYS, similarity="cosine")
+    a, b = default(episode, train=False), cosine(episode, train=False)
+    torch.testing.assert_close(a.acc, b.acc)
+    assert not torch.isclose(a.loss, b.loss)  # the probabilities differ: only the sharpness
+
+
+def test_matching_learned_scale_is_a_parameter_and_bad_settings_are_refused():
+    algo = MatchingNetworks(FlattenEmbedding, ways=2, similarity="cosine", scale=10.0, learn_scale=True)
+    assert "log_scale" in dict(algo.named_parameters())
+    torch.testing.assert_close(algo.log_scale.exp(), torch.tensor(10.0))
+    episode = points_episode([[1, 0], [0, 1], [1, 1]], [0, 1, 0], [[2, 1]], [0])
+    algo(episode).loss.backward()
+    assert algo.log_scale.grad is not None and algo.log_scale.grad != 0
+    assert "log_scale" not in dict(MatchingNetworks(FlattenEmbedding, ways=2).named_parameters())
+    assert "log_scale" not in MatchingNetworks(FlattenEmbedding, ways=2).state_dict()  # old checkpoints still load
+    with pytest.raises(ValueError, match="similarity='dot'"):
+        MatchingNetworks(FlattenEmbedding, ways=2, similarity="dot")
+    with pytest.raises(ValueError, match="scale=0"):
+        MatchingNetworks(FlattenEmbedding, ways=2, scale=0)
 
 
 @pytest.mark.parametrize("fce", [False, True])

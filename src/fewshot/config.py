@@ -57,11 +57,48 @@ class PaperConfig:
     ci95: Optional[float] = None
 
 
+# ---- learning-rate schedules (torch.optim.lr_scheduler classes, stepped once per meta-iteration) -----
+
+@dataclass
+class ConstantScheduleConfig:
+    _target_: Optional[str] = None  # no scheduler
+    name: str = "constant"
+
+
+@dataclass
+class StepScheduleConfig:
+    _target_: str = "torch.optim.lr_scheduler.StepLR"
+    _partial_: bool = True
+    name: str = "step"
+    step_size: int = 2000
+    gamma: float = 0.5
+
+
+@dataclass
+class CosineScheduleConfig:
+    _target_: str = "torch.optim.lr_scheduler.CosineAnnealingLR"
+    _partial_: bool = True
+    name: str = "cosine"
+    T_max: int = MISSING
+    eta_min: float = 0.0
+
+
+@dataclass
+class LinearScheduleConfig:
+    _target_: str = "torch.optim.lr_scheduler.LinearLR"
+    _partial_: bool = True
+    name: str = "linear"
+    start_factor: float = 1.0
+    end_factor: float = 0.0
+    total_iters: int = MISSING
+
+
 @dataclass
 class TrainConfig:
     algo: Any = MISSING
     backbone: Any = MISSING
     dataset: Any = MISSING
+    schedule: Any = MISSING
     device: DeviceConfig = field(default_factory=DeviceConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
@@ -144,6 +181,9 @@ class MatchingConfig:
     fce: bool = False
     fce_steps: Optional[int] = None
     lstm_layers: int = 1
+    similarity: str = "support_cosine"  # support_cosine | cosine
+    scale: float = 1.0
+    learn_scale: bool = False
 
 
 @dataclass
@@ -289,5 +329,9 @@ def register_configs() -> None:
         ("dataset", "tieredimagenet_schema", TieredImageNetConfig),
         ("device", "device_schema", DeviceConfig),
         ("trainer", "trainer_schema", TrainerConfig),
+        ("schedule", "constant_schema", ConstantScheduleConfig),
+        ("schedule", "step_schema", StepScheduleConfig),
+        ("schedule", "cosine_schema", CosineScheduleConfig),
+        ("schedule", "linear_schema", LinearScheduleConfig),
     ):
         cs.store(group=f"schema/{group}", name=name, node=node)

@@ -34,6 +34,7 @@ from fewshot.data.base import FewShotDataset
 from fewshot.data.sampler import EpisodeSampler, fixed_episodes
 from fewshot.device import resolve_device
 from fewshot.errors import ConfigError, FewshotError
+from fewshot.schedule import make_scheduler
 
 SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2}
 
@@ -149,7 +150,7 @@ def validation_score(val: dict) -> float:
 
 
 def checkpoint_state(cfg: DictConfig, algo: Algorithm, optimizer, iteration: int, best: dict, sampler: EpisodeSampler,
-                     progress: Optional[dict] = None) -> dict:
+                     progress: Optional[dict] = None, scheduler=None) -> dict:
     """Everything needed to continue bit for bit: weights, optimizer, iteration, best metric, every RNG
     state, the sampler's generator, the partial logging window, and the config that built the run."""
     return {
@@ -158,6 +159,7 @@ def checkpoint_state(cfg: DictConfig, algo: Algorithm, optimizer, iteration: int
         "dataset": cfg.dataset.name,
         "model": algo.state_dict(),
         "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "iteration": iteration,
         "best": dict(best),
         "progress": dict(progress or {}),
@@ -239,6 +241,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     train_sampler = make_sampler(run, cfg, "train", episode_seed(cfg.seed, "train"))
     val_sampler = make_sampler(run, cfg, "val", episode_seed(cfg.seed, "val"))
     optimizer = torch.optim.Adam(algo.parameters(), lr=t.meta_lr)
+    scheduler = make_scheduler(cfg.get("schedule"), optimizer)
     ckpt_dir = run_dir / "checkpoints"
     metrics_path = run_dir / "metrics.csv"
     best = {"val_score": -math.inf, "iteration": 0}  # val_score: accuracy, or -MSE for regression
@@ -253,6 +256,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         check_same_run(state, cfg, ckpt_dir / "last.pt")
         algo.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
         train_sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         best, progress, start = state["best"], state["progress"], state["iteration"] + 1
@@ -279,6 +284,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             if t.grad_clip:
                 torch.nn.utils.clip_grad_norm_(algo.parameters(), t.grad_clip)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
 
             progress["loss"] += loss
             progress["metric"] = out.metric
@@ -302,7 +309,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 progress.update(loss=0.0, acc=0.0, n=0)
                 if validation_score(val) > best["val_score"]:
                     best = {"val_score": validation_score(val), f"val_{m}": val[f"{m}_mean"], "iteration": it}
-                    save_checkpoint(ckpt_dir / "best.pt", checkpoint_state(cfg, algo, optimizer, it, best, train_sampler, progress))
+                    save_checkpoint(ckpt_dir / "best.pt", checkpoint_state(cfg, algo, optimizer, it, best, train_sampler, progress, scheduler))
                 shown = (f"{100 * val['acc_mean']:.2f} ± {100 * val['acc_ci95']:.2f}%" if m == "acc"
                          else f"{val['mse_mean']:.4f} ± {val['mse_ci95']:.4f}")
                 tqdm.write(f"iteration {it}: val {m} {shown} (best at iteration {best['iteration']})")
@@ -310,7 +317,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             if it % t.checkpoint_every == 0 or it == t.iterations or signals:
                 # Time is banked only at validations; a checkpoint between them records it too.
                 snapshot = dict(progress, train_seconds=progress["train_seconds"] + time.perf_counter() - tic)
-                save_last(ckpt_dir, checkpoint_state(cfg, algo, optimizer, it, best, train_sampler, snapshot))
+                save_last(ckpt_dir, checkpoint_state(cfg, algo, optimizer, it, best, train_sampler, snapshot, scheduler))
             if signals:
                 bar.close()
                 name = signal.Signals(signals[0]).name
@@ -341,6 +348,18 @@ RESUMABLE_CHANGES = ("resume", "device.", "data_root", "cache_dir", "dataset.roo
                      "logger", "dry_run")
 
 
+def upgrade_config(config: dict) -> dict:
+    """A checkpoint's saved config, completed with what its settings meant before a key existed, so an old
+    checkpoint rebuilds the model it was trained as (and resuming it with today's defaults is refused)."""
+    config = dict(config)
+    config.setdefault("schedule", {"_target_": None, "name": "constant"})  # before schedules: constant lr
+    algo = config.get("algo")
+    if isinstance(algo, dict) and algo.get("name") in ("matching", "matching_fce") and "similarity" not in algo:
+        # Before algo.similarity, Matching Networks used the plain cosine, unscaled.
+        config["algo"] = {**algo, "similarity": "cosine", "scale": 1.0, "learn_scale": False}
+    return config
+
+
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, dict):
         out: dict[str, Any] = {}
@@ -353,7 +372,7 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 def check_same_run(state: dict, cfg: DictConfig, path: Path) -> None:
     """Refuse to resume a run folder with other settings than the ones requested: continuing another
     experiment's weights would silently mix two runs."""
-    old = _flatten(state["config"])
+    old = _flatten(upgrade_config(state["config"]))
     new = _flatten(OmegaConf.to_container(cfg, resolve=True))
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
     if changed:
@@ -417,9 +436,24 @@ def make_results(cfg: DictConfig, test: dict, train_seconds: Optional[float], be
         "train_seconds": None if train_seconds is None else round(train_seconds, 3),
         "best_val": best,
         "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
+        "schedule": cfg.schedule.name if "schedule" in cfg else "constant",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": run_command(),
         "test": test,
         "paper": OmegaConf.to_container(cfg.paper, resolve=True) if "paper" in cfg else None,
     }
+
+
+def run_command() -> Optional[str]:
+    """The command line that gives this run again (the job's own overrides under a sweep), or None outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    prog = "fewshot-eval" if hydra_cfg.job.config_name == "eval" else "fewshot-train"
+    return " ".join([prog, *hydra_cfg.overrides.task])
 
 
 def results_markdown(results: dict) -> str:
@@ -472,7 +506,7 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         if want is not None and want != state.get(key):
             raise CheckpointError(f"{cfg.checkpoint} holds a {key}={state.get(key)} model, not {key}={want}; "
                                   f"pass a {want} checkpoint or drop the {key}= override")
-    run_cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), state["config_source"])
+    run_cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), upgrade_config(state["config_source"]))
     # Where data lives and which device runs it belong to this machine, not the training one.
     run_cfg.data_root, run_cfg.cache_dir, run_cfg.device = cfg.data_root, cfg.cache_dir, cfg.device
     if cfg.seed is not None:

@@ -1,6 +1,7 @@
 """fewshot-table: gather results.json files from run and sweep folders into a paper-style table.
 
     fewshot-table PATH... [--csv OUT.csv] [--by cell|name] [--include-eval] [--plot OUT.png]
+    fewshot-table --ledger PATH... [-o RESULTS.md]     (the results ledger: see fewshot.ledger)
 
 Cells. A row of the table is one *cell*: the runs that differ only in their seed.
   --by cell (default): the key is everything results.json records about the experiment, so that nothing that
@@ -398,6 +399,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--include-eval", action="store_true",
                    help="also list fewshot-eval results (results.json with a checkpoint key), as their own rows")
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="also draw the rows as a bar chart with the paper's numbers")
+    p.add_argument("--ledger", action="store_true",
+                   help="write the results ledger instead (every preset: full-budget rows, reduced runs, not yet run)")
+    p.add_argument("-o", "--output", type=Path, default=Path("RESULTS.md"), metavar="OUT.md",
+                   help="where --ledger writes (default: ./RESULTS.md)")
     return p
 
 
@@ -409,6 +414,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except SystemExit as e:  # argparse has printed usage and its error line already
         return int(e.code or 0)
     try:
+        if args.ledger:
+            from fewshot.ledger import ledger_markdown, load_presets
+
+            text = ledger_markdown(collect(args.paths), load_presets(), " ".join(map(str, args.paths)))
+            atomic_write(args.output, lambda f: f.write(text.encode("utf-8")))
+            print(f"{PROG}: wrote {args.output}", file=sys.stderr)
+            return 0
         rows = aggregate(collect(args.paths, include_eval=args.include_eval), by=args.by)
         print(to_markdown(rows), end="")
         text = to_csv(rows).encode("utf-8")

@@ -1,0 +1,162 @@
+"""RESULTS.md, the results ledger: every paper preset, and what fewshot measured for it.
+
+    fewshot-table --ledger PATH... [-o RESULTS.md]        (make ledger: from the runs kept under results/)
+
+Made only from real runs' results.json files, never typed by hand. Three parts:
+- Full budget: runs of a preset exactly as it stands (its iterations and test episodes, and no override
+  beyond the seed, the device and where files live), one row per preset, seeds pooled as fewshot-table does.
+- Reduced or modified: every other run filed under a preset's name, with what differs. Not comparable with the
+  paper; kept apart so that nobody mistakes them for the cell.
+- Not yet run: presets without a full-budget row, with the reason.
+
+Plain Python like fewshot-table: the presets are read as YAML files, without composing them through Hydra.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from omegaconf import OmegaConf
+
+from fewshot.table import Row, aggregate
+
+# Overrides that do not change what a run measures: which seed, where it runs, where files live, logging.
+NEUTRAL_OVERRIDES = ("experiment", "seed", "device", "data_root", "cache_dir", "hydra.", "logger", "resume",
+                     "trainer.log_every", "trainer.checkpoint_every", "eval.meta_batch_size")
+
+# Why a preset may have no full-budget row yet, by dataset; anything else simply has not been run.
+PENDING = {
+    "miniimagenet": "miniImageNet images are not on the machines fewshot has run on (only the split files)",
+    "sinusoid": "regression cell (MSE), not an accuracy: `python scripts/sinusoid.py` reports it",
+}
+NOT_RUN = "not run at full budget yet"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    dataset: str
+    iterations: int
+    episodes: int
+    paper_acc: Optional[float]
+    paper_source: str
+
+
+def _conf_root() -> Path:
+    return Path(str(importlib.resources.files("fewshot.conf")))
+
+
+def load_presets(conf: Optional[Path] = None) -> dict[str, Preset]:
+    """conf/experiment/*.yaml by name; iterations and episodes fall back to the trainer and train defaults."""
+    conf = conf or _conf_root()
+    trainer = OmegaConf.load(conf / "trainer" / "default.yaml")
+    train = OmegaConf.load(conf / "train.yaml")
+    presets = {}
+    for path in sorted((conf / "experiment").glob("*.yaml")):
+        node = OmegaConf.load(path)
+        defaults = OmegaConf.to_container(node).get("defaults", [])
+        dataset = next((d["override /dataset"] for d in defaults
+                        if isinstance(d, dict) and "override /dataset" in d), "omniglot")
+        paper = node.get("paper") or {}
+        presets[node.get("name", path.stem)] = Preset(
+            name=node.get("name", path.stem), dataset=dataset,
+            iterations=int(OmegaConf.select(node, "trainer.iterations", default=trainer.iterations)),
+            episodes=int(OmegaConf.select(node, "eval.episodes", default=train.eval.episodes)),
+            paper_acc=paper.get("acc"), paper_source=paper.get("source", ""))
+    return presets
+
+
+def _overrides(command: Optional[str]) -> list[str]:
+    return shlex.split(command)[1:] if command else []
+
+
+def differences(result: dict, preset: Preset) -> list[str]:
+    """What makes a run other than its preset's full-budget cell; empty when it is that cell."""
+    diffs = []
+    if result.get("iterations", 0) < preset.iterations:
+        diffs.append(f"{result.get('iterations'):,} of {preset.iterations:,} iterations")
+    if result["test"]["episodes"] < preset.episodes:
+        diffs.append(f"{result['test']['episodes']} of {preset.episodes} test episodes")
+    if result.get("command") is None:
+        diffs.append("command not recorded")
+    changed = [o for o in _overrides(result.get("command"))
+               if not o.lstrip("+~").startswith(NEUTRAL_OVERRIDES)
+               and not o.startswith(("trainer.iterations=", "eval.episodes="))]
+    if changed:
+        diffs.append("overrides " + " ".join(changed))
+    return diffs
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _joined(values: Sequence[object]) -> str:
+    return ", ".join(dict.fromkeys(str(v) for v in values if v is not None)) or "–"
+
+
+def _row_line(row: Row, runs: list[dict], extra: Optional[str] = None) -> str:
+    acc = f"{row.acc_mean:.2f} ± {row.acc_ci95:.2f}" + (" †" if row.pooled else "")
+    paper = "–" if row.paper_acc is None else f"{row.paper_acc:.1f}"
+    diff = "–" if row.diff is None else f"{row.diff:+.2f}"
+    commands = "<br>".join(f"`{_cell(c)}`" for c in dict.fromkeys(r.get("command") or "–" for r in runs))
+    cells = [row.name, row.setting, acc, paper, diff, ", ".join(map(str, row.seeds)),
+             _joined(r["test"]["episodes"] for r in runs), _joined(f"{r.get('iterations'):,}" for r in runs),
+             _joined(r.get("train_seconds") and f"{r['train_seconds']:.0f}" for r in runs),
+             _joined(r.get("device") for r in runs), _joined((r.get("date") or "")[:10] or None for r in runs),
+             commands]
+    if extra is not None:
+        cells.insert(2, extra)
+    return "| " + " | ".join(_cell(c) if i < len(cells) - 1 else c for i, c in enumerate(cells)) + " |"
+
+
+HEADER = ["preset", "setting", "test accuracy (%)", "paper (%)", "ours − paper", "seeds", "test episodes",
+          "iterations", "train s", "device", "date", "command"]
+
+
+def _table(header: list[str], lines: list[str]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|", *lines]
+
+
+def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source: str) -> str:
+    full: dict[str, list[dict]] = {}
+    other: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        preset = presets.get(r["name"])
+        if preset is None:
+            continue  # not a paper cell: fewshot-table shows it, the ledger does not
+        diffs = differences(r, preset)
+        if diffs:
+            other.setdefault((r["name"], "; ".join(diffs)), []).append(r)
+        else:
+            full.setdefault(r["name"], []).append(r)
+
+    def rows(groups: dict, extra: bool) -> list[str]:
+        lines = []
+        for key, runs in groups.items():
+            (row,) = aggregate(runs, by="name", warn=lambda m: None)
+            lines.append((row, _row_line(row, runs, key[1] if extra else None)))
+        return [line for _, line in sorted(lines, key=lambda pair: pair[0].name)]
+
+    out = ["# Results ledger", "",
+           f"Generated by `fewshot-table --ledger {source} -o RESULTS.md` (`make ledger`) from the results.json of "
+           "real runs kept under `results/`; never edited by hand. Accuracy in percent, mean ± 95% interval "
+           "(one seed: over its test episodes, 1.96·std/√episodes; † several seeds: across seeds). "
+           "`train s` is the training time without validation and test.", "",
+           "## Full budget", "",
+           "Runs of a preset as it stands: its iterations and test episodes, no override but the seed, device and "
+           "paths.", ""]
+    out += _table(HEADER, rows(full, extra=False)) if full else ["(none yet)"]
+    out += ["", "## Reduced budget or modified", "",
+            "Filed under a preset's name but not its full protocol: not comparable with the paper.", ""]
+    out += _table(HEADER[:2] + ["differs by"] + HEADER[2:], rows(other, extra=True)) if other else ["(none)"]
+    out += ["", "## Not yet run at full budget", "", "| preset | paper (%) | source | reason |", "|---|---|---|---|"]
+    for name, p in sorted(presets.items()):
+        if name not in full:
+            paper = "–" if p.paper_acc is None else f"{p.paper_acc:.1f}"
+            out.append(f"| {name} | {paper} | {_cell(p.paper_source) or '–'} | {PENDING.get(p.dataset, NOT_RUN)} |")
+    return "\n".join(out) + "\n"
