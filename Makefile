@@ -7,7 +7,7 @@ ARGS   ?=
 export FEWSHOT_DATA_ROOT ?= $(if $(wildcard ../shared/data/omniglot),$(abspath ../shared/data),$(CURDIR)/data)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train eval test test-fast bench reproduce clean
+.PHONY: help install train eval test test-fast bench reproduce ledger clean
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ bench: install  ## CPU benchmarks: episode sampler and MAML, each against learn2
 TABLE ?= maml-omniglot
 reproduce: install  ## run a paper table (TABLE=maml-omniglot|protonet-omniglot|...; ARGS="-- trainer.iterations=2000")
 	$(PY) scripts/reproduce.py $(TABLE) $(ARGS)
+
+ledger: install  ## regenerate RESULTS.md from the runs kept under results/ (fewshot-table --ledger)
+	$(VENV)/bin/fewshot-table --ledger results -o RESULTS.md
 
 clean:  ## remove caches (keeps .venv, data and outputs/)
 	rm -rf .pytest_cache src/*.egg-info

@@ -50,6 +50,12 @@ load_omniglot_images(os.environ['FEWSHOT_DATA_ROOT'] + '/omniglot', os.environ['
 " || echo "cache warm-up failed; each job decodes on its own"
 
 start=$(date +%s)
+stamp=$(mktemp)  # results.json older than this came from an earlier call (a warm machine keeps its files)
+for job in "${JOBS[@]}"; do
+  IFS='|' read -r name _ _ <<<"$job"
+  # A fresh folder per call: an old last.pt there would be resumed instead of starting the cell anew.
+  [ -e "$RUNS/$name" ] && mv "$RUNS/$name" "$RUNS/$name.$(date +%s).old"
+done
 for job in "${JOBS[@]}"; do
   IFS='|' read -r name limit overrides <<<"$job"
   # shellcheck disable=SC2086  # the overrides are words
@@ -62,7 +68,7 @@ echo "all jobs ended after $(( $(date +%s) - start )) s"
 # (a reduced budget, kept apart from the full cells).
 for job in "${JOBS[@]}"; do
   IFS='|' read -r name _ _ <<<"$job"
-  if [ ! -f "$RUNS/$name/results.json" ] && [ -f "$RUNS/$name/checkpoints/best.pt" ]; then
+  if [ ! "$RUNS/$name/results.json" -nt "$stamp" ] && [ -f "$RUNS/$name/checkpoints/best.pt" ]; then
     timeout 90 $PY -m fewshot.cli eval checkpoint="$RUNS/$name/checkpoints/best.pt" device="$DEVICE" \
       hydra.run.dir="$RUNS/$name/eval_best" >"$RUNS/${name}_eval.log" 2>&1
   fi

@@ -164,3 +164,40 @@ def test_eval_lake_runs_benchmark(compose_cfg, tmp_path, omniglot_root, omniglot
                                 f"data_root={omniglot_root.parent}", f"cache_dir={omniglot_cache_dir}"])
     with pytest.raises(engine.ConfigError, match="5-way head"):
         engine.evaluate_checkpoint(ecfg, tmp_path / "lake2")
+
+
+@pytest.mark.parametrize("schedule, factor", [("step", 0.5 ** 3), ("cosine", 0.0), ("linear", 0.0), ("constant", 1.0)])
+def test_learning_rate_schedules(tiny_run, schedule, factor):
+    # TINY trains 6 iterations; step halves every 2 of them here, cosine and linear end at 0.
+    extra = ["schedule.step_size=2"] if schedule == "step" else []
+    cfg, run_dir, _ = tiny_run("algo=protonet", f"schedule={schedule}", *extra)
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(cfg.trainer.meta_lr * factor, abs=1e-12)
+    assert (state["scheduler"] is None) == (schedule == "constant")
+    assert json.loads((run_dir / "results.json").read_text())["schedule"] == schedule
+
+
+def test_resume_continues_the_schedule(compose_cfg, tmp_path):
+    """Training 3 iterations, then resuming to 6, ends with the uninterrupted run's learning rate and weights."""
+    common = TINY + ["algo=protonet", "schedule=step", "schedule.step_size=2"]
+    engine.train(compose_cfg("train", common), tmp_path / "straight")
+    engine.train(compose_cfg("train", [*common, "trainer.iterations=3"]), tmp_path / "split")
+    engine.train(compose_cfg("train", common), tmp_path / "split")
+    a, b = (load_checkpoint(tmp_path / d / "checkpoints" / "last.pt") for d in ("straight", "split"))
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+
+
+def test_bad_schedule_setting_is_one_clear_error(compose_cfg, tmp_path):
+    cfg = compose_cfg("train", TINY + ["schedule=step", "schedule.gamma=-0.5"])
+    with pytest.raises(engine.ConfigError, match=r"schedule.gamma=-0.5"):
+        engine.train(cfg, tmp_path)
+
+
+def test_old_matching_checkpoint_rebuilds_with_the_plain_cosine():
+    old = {"algo": {"_target_": "fewshot.algorithms.matching.MatchingNetworks", "name": "matching", "fce": False}}
+    new = engine.upgrade_config(old)
+    assert new["algo"]["similarity"] == "cosine" and new["schedule"]["name"] == "constant"
+    assert engine.upgrade_config({"algo": {"name": "matching", "similarity": "support_cosine"}})["algo"][
+        "similarity"] == "support_cosine"

@@ -3,10 +3,16 @@ light commands such as fewshot-table use it too."""
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Callable, Optional
+
+# atomic_write's temporaries: mkstemp's ".<target name>.<8 random characters>.tmp" beside the target.
+TEMPORARY = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
 
 
 def atomic_write(path: Path | str, write: Callable[[IO[bytes]], object]) -> None:
@@ -29,3 +35,32 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], object]) -> None
 
 def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def remove_stale_temporaries(folder: Path | str, *targets: str, older_than: Optional[float] = None) -> list[Path]:
+    """Delete the atomic_write temporaries that killed writers (SIGKILL, power loss) left in `folder`; return them.
+
+    targets: globs on the name of the file each was to become (e.g. "*.pt"; none given: any name).
+    older_than: only those unmodified for that many seconds, for a folder that other live processes may be writing
+    to (a writer keeps its temporary's mtime fresh until it renames it); None removes every one, for a folder that
+    no other process writes (a locked run folder). The temporaries' names hold no pid, so age is the only test."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # no folder yet (nothing to clean) or unreadable: never a reason to fail a run
+        return removed
+    now = time.time()
+    for entry in entries:
+        match = TEMPORARY.fullmatch(entry.name)
+        if not match or not any(fnmatch.fnmatchcase(match["target"], t) for t in targets or ("*",)):
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if older_than is not None and now - entry.stat(follow_symlinks=False).st_mtime < older_than:
+                continue
+            os.unlink(entry.path)
+        except OSError:  # renamed into place or removed by another process meanwhile
+            continue
+        removed.append(Path(entry.path))
+    return removed

@@ -13,6 +13,9 @@ from fewshot.atomic import atomic_write
 from fewshot.errors import FewshotError
 
 FORMAT = "fewshot-checkpoint-v1"
+# What every reader of a checkpoint relies on (fewshot-eval, resume); "scheduler" came later and may be absent.
+REQUIRED_KEYS = ("algo", "backbone", "dataset", "model", "optimizer", "iteration", "best", "progress", "rng",
+                 "sampler", "config", "config_source")
 
 
 class CheckpointError(FewshotError):
@@ -35,6 +38,10 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is unreadable or not a plain fewshot checkpoint ({first})") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a {FORMAT} file")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: it lacks {', '.join(missing)}; "
+                              "use a best.pt or last.pt written by fewshot-train")
     return state
 
 

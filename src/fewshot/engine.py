@@ -27,16 +27,26 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from fewshot.algorithms.base import Algorithm
-from fewshot.atomic import atomic_write_text
+from fewshot.atomic import atomic_write_text, remove_stale_temporaries
 from fewshot.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fewshot.config import META_KEYS
 from fewshot.data.base import FewShotDataset
 from fewshot.data.sampler import EpisodeSampler, fixed_episodes
-from fewshot.device import resolve_device
+from fewshot.device import available_memory, resolve_device
 from fewshot.errors import ConfigError, FewshotError
+from fewshot.runlock import hold_run_folder
 from fewshot.schedule import make_scheduler
 
 SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2}
+# torch's CPU generator keeps 32 bits of a seed, and the split streams are seed * 1000 + offset: beyond this bound
+# two seeds would share streams (seed=2**40 trained bit for bit as seed=0). Seeds are refused past it.
+MAX_SEED = (2**32 - 1 - max(SPLIT_OFFSET.values())) // 1000
+
+
+def check_seed(seed: object, key: str = "seed") -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{key}={seed}: seeds are integers from 0 to {MAX_SEED:,}; larger ones would repeat the "
+                          "random streams of smaller ones (torch keeps 32 bits of a seed)")
 
 
 def episode_seed(seed: int, split: str) -> int:
@@ -62,6 +72,7 @@ def check_config(cfg: DictConfig) -> None:
         "trainer.meta_batch_size": cfg.trainer.meta_batch_size, "trainer.iterations": cfg.trainer.iterations,
         "trainer.meta_lr": cfg.trainer.meta_lr, "trainer.val_every": cfg.trainer.val_every,
         "trainer.val_episodes": cfg.trainer.val_episodes, "trainer.checkpoint_every": cfg.trainer.checkpoint_every,
+        "trainer.log_every": cfg.trainer.log_every,
         "eval.episodes": cfg.eval.episodes, "eval.meta_batch_size": cfg.eval.meta_batch_size,
     }
     for key in ("inner_lr", "inner_steps", "eval_inner_steps"):
@@ -74,6 +85,13 @@ def check_config(cfg: DictConfig) -> None:
         value = cfg.eval.get(key)
         if value is not None and value < 1:
             raise ConfigError(f"eval.{key}={value}: must be a positive number or null")
+    clip = cfg.trainer.grad_clip
+    if clip is not None and not (math.isfinite(clip) and clip > 0):  # a negative norm would flip the gradient
+        raise ConfigError(f"trainer.grad_clip={clip}: must be a positive gradient norm, or null for no clipping")
+    for key, value in (("eval.episodes", cfg.eval.episodes), ("trainer.val_episodes", cfg.trainer.val_episodes)):
+        if value < 2:
+            raise ConfigError(f"{key}={value}: at least 2 episodes, since a 95% interval from one episode is undefined")
+    check_seed(cfg.seed)
 
 
 @dataclass
@@ -85,9 +103,32 @@ class Run:
     algo: Algorithm
 
 
+# Datasets whose tasks are regression (a real-valued target): only an algorithm with algo.loss=mse fits them.
+REGRESSION_DATASETS = ("sinusoid",)
+
+
+def check_compatible(cfg: DictConfig) -> None:
+    """Refuse dataset/algorithm/backbone combinations that would fail deep in PyTorch, or train on nonsense
+    (cross-entropy over one output is always 0), before anything is built."""
+    regression = cfg.dataset.name in REGRESSION_DATASETS
+    loss = cfg.algo.get("loss")
+    if regression and loss is None:
+        raise ConfigError(f"algo={cfg.algo.name} classifies, but dataset={cfg.dataset.name} is a regression task: use "
+                          "algo=maml algo.loss=mse or algo=pretrain (e.g. experiment=maml_sinusoid_k10)")
+    if regression and loss != "mse":
+        raise ConfigError(f"algo.loss={loss} on dataset={cfg.dataset.name}, a regression task: set algo.loss=mse")
+    if not regression and loss == "mse":
+        raise ConfigError(f"algo.loss=mse on dataset={cfg.dataset.name}, a classification task: "
+                          "set algo.loss=cross_entropy")
+    if not regression and cfg.backbone.name == "mlp_sinusoid":
+        raise ConfigError(f"backbone=mlp_sinusoid is the sinusoid regressor; dataset={cfg.dataset.name} needs an "
+                          "image backbone (conv4, conv4_pool or mlp)")
+
+
 def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
     """Dataset, backbone and algorithm from the config; the only place configs become objects."""
     check_config(cfg)
+    check_compatible(cfg)
     device = device or resolve_device(cfg.device.name)
     dataset: FewShotDataset = instantiate(_plain(cfg.dataset), _convert_="all")
     for split in ("train", "val", "test"):
@@ -101,6 +142,25 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
         raise ConfigError(f"eval.ways={eval_ways} but {cfg.algo.name}'s classifier head has {algo.fixed_ways} outputs; "
                           "it tests with the ways it trained on: drop eval.ways")
     return Run(device=device, dataset=dataset, algo=algo.to(device))
+
+
+def warn_if_graph_too_big(run: Run, cfg: DictConfig) -> None:
+    """A one-line warning when an algorithm's estimated training graph (MAML's second order grows with
+    inner_steps) exceeds the device's free memory, before the run spends minutes finding out."""
+    estimate = getattr(run.algo, "graph_bytes", None)
+    if estimate is None:
+        return
+    ways, shots, queries = episode_shape(cfg, "train")
+    image = (run.dataset.channels, run.dataset.image_size, run.dataset.image_size)
+    try:
+        need = estimate(image, ways * shots, ways * queries, cfg.trainer.meta_batch_size, run.device)
+        have = available_memory(run.device)
+    except Exception:  # an estimate must never stop a run
+        return
+    if need > have:
+        print(f"fewshot: warning: {cfg.algo.name}'s training graph needs about {need / 2**30:.1f} GiB "
+              f"(algo.inner_steps={cfg.algo.inner_steps}), more than the {have / 2**30:.1f} GiB free on {run.device}; "
+              "set algo.chunk_size to fewer tasks or algo.first_order=true", file=sys.stderr)
 
 
 def episode_shape(cfg: DictConfig, split: str) -> tuple[int, int, int]:
@@ -178,26 +238,51 @@ class Interrupted(FewshotError):
         self.exit_code = 128 + signum
 
 
+class SignalGuard:
+    """What SIGTERM/SIGINT do at each stage of a run.
+
+    In the training loop the first signal is only recorded (`received`): the loop finishes its iteration,
+    checkpoints and raises Interrupted. Where there is nothing to save (preparing data, the final test),
+    `immediate` holds the rest of the message and the signal stops the run at once. A second signal stops it at
+    once too, naming the last checkpoint written (`last_checkpoint`) instead of writing a new one mid-step."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.immediate: Optional[str] = None
+        self.last_checkpoint: str = "no checkpoint was written yet"
+
+    def __bool__(self) -> bool:
+        return bool(self.received)
+
+    def handler(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.immediate is not None:
+            raise Interrupted(f"{name} {self.immediate}", signum)
+        if self.received:
+            raise Interrupted(f"second {name}: stopped at once without a new checkpoint; {self.last_checkpoint}",
+                              signum)
+        self.received.append(signum)
+
+
 @contextlib.contextmanager
 def stop_on_signals():
-    """Turn SIGTERM and SIGINT (how clusters preempt) into a flag the loop checks between iterations,
-    so the run stops at a clean point and checkpoints instead of dying mid-step."""
-    received: list[int] = []
+    """Turn SIGTERM and SIGINT (how clusters preempt) into a SignalGuard the run consults, so it stops at a clean
+    point and checkpoints instead of dying mid-step."""
+    guard = SignalGuard()
     if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
-        yield received
+        yield guard
         return
-
-    def handler(signum, frame):
-        if received:  # a second signal: stop now
-            raise KeyboardInterrupt
-        received.append(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, guard.handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    stopping = False
     try:
-        yield received
+        yield guard
+    except Interrupted:
+        stopping = True
+        raise
     finally:
         for s, h in previous.items():
-            signal.signal(s, h)
+            # An interrupted run is on its way out: one more Ctrl-C while it exits must not end in a traceback.
+            signal.signal(s, signal.SIG_IGN if stopping else h)
 
 
 def find_resume_checkpoint(ckpt_dir: Path) -> Optional[dict]:
@@ -227,9 +312,30 @@ def save_last(ckpt_dir: Path, state: dict) -> None:
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Meta-train, validate and checkpoint, then test the best checkpoint; returns results.json's content.
 
-    Resumes from run_dir/checkpoints/last.pt when it exists (or fails when resume=true and it does not)."""
+    Resumes from run_dir/checkpoints/last.pt when it exists (or fails when resume=true and it does not).
+    The run owns its folder throughout: a second run on it stops with RunFolderInUse instead of mixing files."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with hold_run_folder(run_dir, "fewshot-train"):
+        # Locked: no other live run writes here, so our files' temporaries are a killed writer's leftovers.
+        remove_stale_temporaries(run_dir / "checkpoints")
+        remove_stale_temporaries(run_dir, "metrics.csv", "results.json", "results.md")
+        write_hydra_files(run_dir, cfg)
+        return _train_locked(cfg, run_dir)
+
+
+def _train_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    with stop_on_signals() as signals:
+        signals.immediate = "while preparing the run: nothing was trained yet; run the same command again"
+        return _meta_train(cfg, run_dir, signals)
+
+
+# A training loss this many times its first value (or more than this, for a first loss below 1) means the run
+# has diverged: it will not come back, and an infinite loss may take long to appear (meta_lr=1e9 reached 1.7e19).
+DIVERGED = 100.0
+
+
+def _meta_train(cfg: DictConfig, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
     seed_everything(cfg.seed)
     run = build(cfg)
     algo, t = run.algo, cfg.trainer
@@ -237,6 +343,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.dry_run:
         print(OmegaConf.to_yaml(cfg))
         return {}
+    warn_if_graph_too_big(run, cfg)
 
     train_sampler = make_sampler(run, cfg, "train", episode_seed(cfg.seed, "train"))
     val_sampler = make_sampler(run, cfg, "val", episode_seed(cfg.seed, "val"))
@@ -257,76 +364,85 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         algo.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
+            scheduler.load_state_dict(state.get("scheduler") or scheduler.state_dict())
         train_sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         best, progress, start = state["best"], state["progress"], state["iteration"] + 1
         truncate_metrics(metrics_path, state["iteration"])
-        print(f"fewshot: resuming {run_dir} at iteration {start} of {t.iterations}")
+        signals.last_checkpoint = f"the last checkpoint is {ckpt_dir / 'last.pt'} (iteration {state['iteration']})"
+        if start > t.iterations:
+            print(f"fewshot: {run_dir} finished training at iteration {state['iteration']}; testing best.pt only")
+        else:
+            print(f"fewshot: resuming {run_dir} at iteration {start} of {t.iterations}")
     logger = make_logger(cfg.logger, run_dir)
     algo.train()
 
-    with stop_on_signals() as signals:
-        bar = tqdm(range(start, t.iterations + 1), initial=start - 1, total=t.iterations, desc="meta-train", unit="it",
-                   dynamic_ncols=True)
-        tic, tic_it = time.perf_counter(), start - 1  # training time and tasks/s since the last validation
-        for it in bar:
-            episode = train_sampler.sample(t.meta_batch_size)  # support_x (T, ways*shots, C, H, W)
-            out = algo(episode, train=True)
-            loss = out.loss.item()
-            if not math.isfinite(loss):  # before the step, so the weights stay the last good ones
-                raise FewshotError(
-                    f"training loss became {loss} at iteration {it}; stopped, the last good checkpoint is in {ckpt_dir}. "
-                    "Lower trainer.meta_lr or algo.inner_lr"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if t.grad_clip:
-                torch.nn.utils.clip_grad_norm_(algo.parameters(), t.grad_clip)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
+    signals.immediate = None  # from here the first signal checkpoints at the end of its iteration
+    bar = tqdm(range(start, t.iterations + 1), initial=start - 1, total=t.iterations, desc="meta-train", unit="it",
+               dynamic_ncols=True)
+    tic, tic_it = time.perf_counter(), start - 1  # training time and tasks/s since the last validation
+    for it in bar:
+        episode = train_sampler.sample(t.meta_batch_size)  # support_x (T, ways*shots, C, H, W)
+        out = algo(episode, train=True)
+        loss = out.loss.item()
+        first = progress.setdefault("first_loss", loss)
+        # Checked before the step, so the weights stay the last good ones.
+        if not math.isfinite(loss) or abs(loss) > DIVERGED * max(abs(first), 1.0):
+            what = f"became {loss}" if not math.isfinite(loss) else f"reached {loss:.3g} (it started at {first:.3g})"
+            raise FewshotError(f"training loss {what} at iteration {it}: the run diverged and stopped; the last good "
+                               f"checkpoint is in {ckpt_dir}. Lower trainer.meta_lr or algo.inner_lr")
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(algo.parameters(), t.grad_clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
 
-            progress["loss"] += loss
-            progress["metric"] = out.metric
-            progress["acc"] += out.per_task().mean().item()
-            progress["n"] += 1
-            if it % t.log_every == 0 or it == t.iterations:
-                rate = (it - tic_it) * t.meta_batch_size / max(time.perf_counter() - tic, 1e-9)
-                bar.set_postfix({"loss": f"{progress['loss'] / progress['n']:.3f}",
-                                 progress["metric"]: f"{progress['acc'] / progress['n']:.3f}", "tasks/s": f"{rate:.0f}"})
+        progress["loss"] += loss
+        progress["metric"] = out.metric
+        progress["acc"] += out.per_task().mean().item()
+        progress["n"] += 1
+        if it % t.log_every == 0 or it == t.iterations:
+            rate = (it - tic_it) * t.meta_batch_size / max(time.perf_counter() - tic, 1e-9)
+            bar.set_postfix({"loss": f"{progress['loss'] / progress['n']:.3f}",
+                             progress["metric"]: f"{progress['acc'] / progress['n']:.3f}", "tasks/s": f"{rate:.0f}"})
 
-            if it % t.val_every == 0 or it == t.iterations:
-                progress["train_seconds"] += time.perf_counter() - tic
-                val = evaluate(algo, val_sampler, t.val_episodes, cfg.eval.meta_batch_size, episode_seed(cfg.seed, "val"), desc="validate")
-                m = progress["metric"]
-                row = {"iteration": it, "train_loss": progress["loss"] / progress["n"], f"train_{m}": progress["acc"] / progress["n"],
-                       f"val_{m}": val[f"{m}_mean"], "val_ci95": val[f"{m}_ci95"], "train_seconds": round(progress["train_seconds"], 3)}
-                _append_csv(metrics_path, row)
-                if logger:
-                    for key in ("train_loss", f"train_{m}", f"val_{m}"):
-                        logger.add_scalar(key, row[key], it)
-                progress.update(loss=0.0, acc=0.0, n=0)
-                if validation_score(val) > best["val_score"]:
-                    best = {"val_score": validation_score(val), f"val_{m}": val[f"{m}_mean"], "iteration": it}
-                    save_checkpoint(ckpt_dir / "best.pt", checkpoint_state(cfg, algo, optimizer, it, best, train_sampler, progress, scheduler))
-                shown = (f"{100 * val['acc_mean']:.2f} ± {100 * val['acc_ci95']:.2f}%" if m == "acc"
-                         else f"{val['mse_mean']:.4f} ± {val['mse_ci95']:.4f}")
-                tqdm.write(f"iteration {it}: val {m} {shown} (best at iteration {best['iteration']})")
-                tic, tic_it = time.perf_counter(), it
-            if it % t.checkpoint_every == 0 or it == t.iterations or signals:
-                # Time is banked only at validations; a checkpoint between them records it too.
-                snapshot = dict(progress, train_seconds=progress["train_seconds"] + time.perf_counter() - tic)
-                save_last(ckpt_dir, checkpoint_state(cfg, algo, optimizer, it, best, train_sampler, snapshot, scheduler))
-            if signals:
-                bar.close()
-                name = signal.Signals(signals[0]).name
-                raise Interrupted(f"{name} at iteration {it}: checkpoint written to {ckpt_dir / 'last.pt'}; "
-                                  f"resume with the same command and hydra.run.dir={run_dir}", signals[0])
-        bar.close()
+        if it % t.val_every == 0 or it == t.iterations:
+            progress["train_seconds"] += time.perf_counter() - tic
+            val = evaluate(algo, val_sampler, t.val_episodes, cfg.eval.meta_batch_size, episode_seed(cfg.seed, "val"), desc="validate")
+            m = progress["metric"]
+            row = {"iteration": it, "train_loss": progress["loss"] / progress["n"], f"train_{m}": progress["acc"] / progress["n"],
+                   f"val_{m}": val[f"{m}_mean"], "val_ci95": val[f"{m}_ci95"], "train_seconds": round(progress["train_seconds"], 3)}
+            _append_csv(metrics_path, row)
+            if logger:
+                for key in ("train_loss", f"train_{m}", f"val_{m}"):
+                    logger.add_scalar(key, row[key], it)
+            progress.update(loss=0.0, acc=0.0, n=0)
+            if validation_score(val) > best["val_score"]:
+                best = {"val_score": validation_score(val), f"val_{m}": val[f"{m}_mean"], "iteration": it}
+                save_checkpoint(ckpt_dir / "best.pt", checkpoint_state(cfg, algo, optimizer, it, best, train_sampler, progress, scheduler))
+            shown = (f"{100 * val['acc_mean']:.2f} ± {100 * val['acc_ci95']:.2f}%" if m == "acc"
+                     else f"{val['mse_mean']:.4f} ± {val['mse_ci95']:.4f}")
+            tqdm.write(f"iteration {it}: val {m} {shown} (best at iteration {best['iteration']})")
+            tic, tic_it = time.perf_counter(), it
+        if it % t.checkpoint_every == 0 or it == t.iterations or signals:
+            # Time is banked only at validations; a checkpoint between them records it too.
+            snapshot = dict(progress, train_seconds=progress["train_seconds"] + time.perf_counter() - tic)
+            save_last(ckpt_dir, checkpoint_state(cfg, algo, optimizer, it, best, train_sampler, snapshot, scheduler))
+            signals.last_checkpoint = f"the last checkpoint is {ckpt_dir / 'last.pt'} (iteration {it})"
+        if signals:
+            bar.close()
+            name = signal.Signals(signals.received[0]).name
+            raise Interrupted(f"{name} at iteration {it}: checkpoint written to {ckpt_dir / 'last.pt'}; "
+                              f"resume with the same command and hydra.run.dir={run_dir}", signals.received[0])
+    bar.close()
+    if start <= t.iterations:
         progress["train_seconds"] += time.perf_counter() - tic
 
-    # Test the best validation checkpoint, as the papers do.
+    # Test the best validation checkpoint, as the papers do. Nothing to save here: a signal stops at once.
+    signals.immediate = (f"during the test: training is complete ({ckpt_dir / 'best.pt'}); run the same command "
+                         f"with hydra.run.dir={run_dir} to test it again")
     algo.load_state_dict(load_checkpoint(ckpt_dir / "best.pt")["model"])
     test_sampler = make_sampler(run, cfg, "test", episode_seed(cfg.seed, "test"))
     test = evaluate(algo, test_sampler, cfg.eval.episodes, cfg.eval.meta_batch_size, episode_seed(cfg.seed, "test"), desc="test")
@@ -343,9 +459,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 # Settings that may change between a run and its resumption: where things live, how it is
 # evaluated, and how long it trains (training longer continues the same trajectory).
+# Validation tasks (eval.ways, eval.queries, trainer.val_episodes) may not change: they would put numbers of
+# another meaning in one metrics.csv column and pick best.pt across them. Test-only settings may.
 RESUMABLE_CHANGES = ("resume", "device.", "data_root", "cache_dir", "dataset.root", "dataset.cache_dir",
-                     "trainer.iterations", "trainer.log_every", "trainer.val_", "trainer.checkpoint_every", "eval.",
-                     "logger", "dry_run")
+                     "trainer.iterations", "trainer.log_every", "trainer.val_every", "trainer.checkpoint_every",
+                     "eval.episodes", "eval.meta_batch_size", "logger", "dry_run")
 
 
 def upgrade_config(config: dict) -> dict:
@@ -445,6 +563,21 @@ def make_results(cfg: DictConfig, test: dict, train_seconds: Optional[float], be
     }
 
 
+def write_hydra_files(run_dir: Path, cfg: DictConfig) -> None:
+    """.hydra/{config,hydra,overrides}.yaml as Hydra writes them, but only once this run holds the folder
+    (conf/hydra/default.yaml turns Hydra's own early copy off). Nothing to write outside a Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    folder = run_dir / ".hydra"
+    folder.mkdir(exist_ok=True)
+    atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg))
+    atomic_write_text(folder / "hydra.yaml", OmegaConf.to_yaml({"hydra": hydra_cfg}))
+    atomic_write_text(folder / "overrides.yaml", OmegaConf.to_yaml(list(hydra_cfg.overrides.task)))
+
+
 def run_command() -> Optional[str]:
     """The command line that gives this run again (the job's own overrides under a sweep), or None outside Hydra."""
     from hydra.core.hydra_config import HydraConfig
@@ -498,8 +631,18 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """fewshot-eval: rebuild the run from a checkpoint's own config and test it on `cfg.split`.
 
     With the training run's seed and episode count it reproduces results.json's test number exactly."""
+    with hold_run_folder(out_dir, "fewshot-eval"):  # two evaluations into one folder would overwrite each other
+        write_hydra_files(Path(out_dir), cfg)
+        return _evaluate_checkpoint_locked(cfg, Path(out_dir))
+
+
+def _evaluate_checkpoint_locked(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     from fewshot.config import TrainConfig
 
+    if cfg.split not in SPLIT_OFFSET:
+        raise ConfigError(f"split={cfg.split!r}: choose one of {', '.join(SPLIT_OFFSET)}")
+    if cfg.seed is not None:
+        check_seed(cfg.seed)
     state = load_checkpoint(cfg.checkpoint)
     for key in ("algo", "backbone"):
         want = cfg[key].name if cfg.get(key) is not None else None

@@ -22,11 +22,8 @@ from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from fewshot.table import Row, aggregate
+from fewshot.table import NEUTRAL_OVERRIDES, Row, aggregate
 
-# Overrides that do not change what a run measures: which seed, where it runs, where files live, logging.
-NEUTRAL_OVERRIDES = ("experiment", "seed", "device", "data_root", "cache_dir", "hydra.", "logger", "resume",
-                     "trainer.log_every", "trainer.checkpoint_every", "eval.meta_batch_size")
 
 # Why a preset may have no full-budget row yet, by dataset; anything else simply has not been run.
 PENDING = {
@@ -72,6 +69,11 @@ def load_presets(conf: Optional[Path] = None) -> dict[str, Preset]:
 
 def _overrides(command: Optional[str]) -> list[str]:
     return shlex.split(command)[1:] if command else []
+
+
+def _experiment(command: Optional[str]) -> Optional[str]:
+    """The preset a command line chose (experiment=NAME), if any."""
+    return next((o.split("=", 1)[1] for o in _overrides(command) if o.startswith("experiment=")), None)
 
 
 def differences(result: dict, preset: Preset) -> list[str]:
@@ -126,9 +128,10 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
     full: dict[str, list[dict]] = {}
     other: dict[tuple[str, str], list[dict]] = {}
     for r in results:
-        preset = presets.get(r["name"])
+        preset = presets.get(r["name"]) or presets.get(_experiment(r.get("command")))
         if preset is None:
             continue  # not a paper cell: fewshot-table shows it, the ledger does not
+        r = {**r, "name": preset.name}  # a renamed run of a preset is listed with it, the rename as a difference
         diffs = differences(r, preset)
         if diffs:
             other.setdefault((r["name"], "; ".join(diffs)), []).append(r)

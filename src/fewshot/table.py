@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import shlex
 import statistics
 import sys
 from dataclasses import dataclass
@@ -51,6 +52,10 @@ DATASET_ORDER = ("omniglot", "miniimagenet")
 ALGO_ORDER = ("maml", "fomaml", "matching", "protonet")
 
 Value = Union[int, str, None]
+
+# Command-line overrides that do not change what a run measures: the seed, where it runs and where files live.
+NEUTRAL_OVERRIDES = ("experiment", "seed", "device", "data_root", "cache_dir", "hydra.", "logger", "resume",
+                     "trainer.log_every", "trainer.checkpoint_every", "eval.meta_batch_size")
 
 
 class TableError(FewshotError):
@@ -234,6 +239,7 @@ def aggregate(results: Sequence[dict], by: str = "cell", warn: Callable[[str], N
 
     rows = []
     for members in groups.values():
+        check_poolable(members)
         by_seed: dict[int, dict] = {}
         for r in sorted(members, key=lambda r: (_mtime(r), r.get("_path", ""))):
             if r["seed"] in by_seed:
@@ -263,6 +269,37 @@ def aggregate(results: Sequence[dict], by: str = "cell", warn: Callable[[str], N
                         paper_acc=paper[0], paper_ci95=paper[1], paper_source=paper[2],
                         files=tuple(r.get("_path", "") for r in runs)))
     return sorted(rows, key=sort_key)
+
+
+def _settings(command: Optional[str]) -> Optional[tuple[str, ...]]:
+    """The overrides of a recorded command that change what is measured (None when no command was recorded)."""
+    if command is None:
+        return None
+    return tuple(sorted(o for o in shlex.split(command)[1:] if not o.lstrip("+~").startswith(NEUTRAL_OVERRIDES)))
+
+
+def _streams(seed: int) -> tuple[int, ...]:
+    """The 32-bit seeds a run's random streams come from (torch's CPU generator keeps 32 bits): the global seed
+    and the three split streams, seed * 1000 + 0, 1, 2."""
+    return tuple((seed * 1000 + k) % 2**32 for k in range(3)) + (seed % 2**32,)
+
+
+def check_poolable(runs: Sequence[dict]) -> None:
+    """Refuse to pool runs that are not independent seeds of one experiment: two seeds that share random streams
+    (seed=2**40 repeats seed=0 exactly; pooled they give a zero interval) or runs whose commands differ beyond
+    the seed (say, one with algo.similarity=cosine filed under the same name)."""
+    owner: dict[tuple[int, int], int] = {}
+    for r in runs:
+        for stream in enumerate(_streams(r["seed"])):  # (which stream, its 32-bit seed): like with like
+            other = owner.setdefault(stream, r["seed"])
+            if other != r["seed"]:
+                raise TableError(f"{r['name']}: seeds {other} and {r['seed']} draw the same random streams, so their "
+                                 f"runs are not independent; keep one of {r.get('_path')} and the other")
+    settings = {_settings(r.get("command")) for r in runs} - {None}
+    if len(settings) > 1:
+        shown = " vs ".join("[" + " ".join(s) + "]" for s in sorted(settings))
+        raise TableError(f"{runs[0]['name']}: refusing to pool runs whose settings differ beyond the seed ({shown}); "
+                         "give them different names (name=...) or separate folders")
 
 
 def _mtime(result: dict) -> float:

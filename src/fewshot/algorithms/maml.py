@@ -154,6 +154,34 @@ class MAML(Algorithm):
         self.chunk_size = chunk_size
         self.loss = loss
 
+    def graph_bytes(self, image_shape: Sequence[int], support: int, query: int, tasks: int, device: torch.device) -> int:
+        """A rough upper estimate of one meta-training step's autograd graph, in bytes.
+
+        Each inner step keeps the support pass's activations and, second order, its backward pass (the double
+        backward needs both); the query pass on the adapted weights adds its own. Tasks in flight: one per
+        worker thread in the CPU loop, else chunk_size (or the whole meta-batch)."""
+        elements = 0
+
+        def count(module, inputs, output):
+            nonlocal elements
+            elements += output.numel() if isinstance(output, torch.Tensor) else 0
+
+        leaves = [m for m in self.net.modules() if not list(m.children())]
+        handles = [m.register_forward_hook(count) for m in leaves]
+        try:
+            with torch.no_grad():  # two images: BatchNorm needs a batch; halved below
+                self.net(torch.zeros(2, *image_shape, device=next(self.net.parameters()).device))
+        finally:
+            for h in handles:
+                h.remove()
+        per_image = elements // 2
+        per_step = support * per_image * (1 if self.first_order else 2)
+        per_task = self.inner_steps * per_step + 2 * query * per_image
+        strategy = resolve_strategy(self.strategy, device)
+        workers = self._workers(strategy, torch.device(device), tasks)
+        in_flight = workers if workers > 1 else min(tasks, self.chunk_size or tasks)
+        return 4 * per_task * in_flight  # float32
+
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(out, y) if self.loss == "mse" else F.cross_entropy(out, y)
 

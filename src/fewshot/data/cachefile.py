@@ -11,10 +11,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from fewshot.atomic import atomic_write
+from fewshot.atomic import atomic_write, remove_stale_temporaries
 from fewshot.data.base import DataError
 
 log = logging.getLogger(__name__)
+
+# A cache temporary untouched this long belongs to a killed writer: a live one keeps writing to it (and thus its
+# mtime fresh) until it renames it into place. Younger ones may be another process's cache being written now.
+STALE_TEMPORARY_SECONDS = 600
 
 
 def is_uint8_bank(images: Any, shape: tuple) -> bool:
@@ -25,6 +29,8 @@ def read_cache(path: Path, fingerprint: str, version: int, what: str, valid: Cal
                mmap: bool = False) -> Optional[dict[str, Any]]:
     """The cached payload, or None (then the caller rebuilds it) when the file is missing, unreadable, for another
     fingerprint or format version, or when valid(payload) says its contents have the wrong shape."""
+    for stale in remove_stale_temporaries(path.parent, "*.pt", older_than=STALE_TEMPORARY_SECONDS):
+        log.info("removed %s, left by a cache write that was killed", stale)
     if not path.exists():
         return None
     try:

@@ -1,0 +1,214 @@
+"""Faults found on purpose (bad inputs, odd signals, silent corruption): each answered by one clear line or a
+refusal instead of a wrong result or a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from fewshot import engine
+from fewshot.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fewshot.table import TableError, aggregate, collect
+from test_engine import TINY
+from test_robustness import BIN, error_line, run_cli
+
+SMOKE = ["dataset=synthetic", "device=cpu", "backbone.hidden=8", "trainer.meta_batch_size=2", "trainer.val_episodes=4",
+         "eval.episodes=4", "episode.queries=2", "trainer.val_every=2", "trainer.checkpoint_every=2"]
+
+
+# ---- seeds ----------------------------------------------------------------------------------------
+
+def test_seeds_that_would_repeat_smaller_ones_are_refused(compose_cfg, tmp_path):
+    engine.check_seed(engine.MAX_SEED)
+    for seed in (2**40, 2**62, -1, engine.MAX_SEED + 1):
+        with pytest.raises(engine.ConfigError, match=rf"seed={seed}: seeds are integers from 0 to"):
+            engine.train(compose_cfg("train", TINY + [f"seed={seed}"]), tmp_path / str(seed))
+    # the streams of every accepted seed are distinct 32-bit values
+    assert len({(s * 1000 + k) % 2**32 for s in (0, 1, engine.MAX_SEED) for k in range(3)}) == 9
+
+
+def test_seed_too_large_is_one_line_on_the_command_line(tmp_path):
+    proc = run_cli(tmp_path, "fewshot-train", *SMOKE, "trainer.iterations=2", f"seed={2**62}")
+    assert proc.returncode == 2 and error_line(proc).startswith(f"fewshot-train: error: seed={2**62}: seeds are")
+
+
+def _results(tmp_path: Path, seed: int, acc: float, command: str) -> None:
+    folder = tmp_path / f"s{seed}_{abs(hash(command)) % 1000}"
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps({
+        "name": "protonet_omniglot_5w1s", "algo": "protonet", "dataset": "omniglot", "backbone": "conv4_pool",
+        "ways": 5, "shots": 1, "queries": 15, "seed": seed, "iterations": 100, "command": command,
+        "test": {"episodes": 100, "acc_mean": acc, "acc_ci95": 0.01}}))
+
+
+def test_table_refuses_to_pool_seeds_that_share_streams(tmp_path):
+    _results(tmp_path, 0, 0.9, "fewshot-train experiment=protonet_omniglot_5w1s seed=0")
+    _results(tmp_path, 2**40, 0.9, f"fewshot-train experiment=protonet_omniglot_5w1s seed={2**40}")
+    with pytest.raises(TableError, match=r"seeds 0 and 1099511627776 draw the same random streams"):
+        aggregate(collect([tmp_path]))
+
+
+def test_table_refuses_to_pool_runs_that_differ_beyond_the_seed(tmp_path):
+    _results(tmp_path, 0, 0.9, "fewshot-train experiment=protonet_omniglot_5w1s seed=0 device=cuda")
+    _results(tmp_path, 1, 0.8, "fewshot-train experiment=protonet_omniglot_5w1s seed=1 trainer.meta_lr=0.01")
+    with pytest.raises(TableError, match=r"settings differ beyond the seed .*trainer.meta_lr=0.01"):
+        aggregate(collect([tmp_path]))
+    # the seed, the device and paths are no difference
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    _results(ok, 0, 0.9, "fewshot-train experiment=protonet_omniglot_5w1s seed=0 device=cuda")
+    _results(ok, 1, 0.8, "fewshot-train experiment=protonet_omniglot_5w1s seed=1 device=cpu data_root=/x")
+    (row,) = aggregate(collect([ok]))
+    assert row.seeds == (0, 1)
+
+
+# ---- numbers that would be wrong without a word -------------------------------------------------
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan"])
+def test_grad_clip_must_be_a_positive_norm(compose_cfg, tmp_path, value):
+    with pytest.raises(engine.ConfigError, match=rf"trainer.grad_clip={value}(\.0)?: must be a positive gradient norm"):
+        engine.train(compose_cfg("train", TINY + [f"trainer.grad_clip={value}"]), tmp_path)
+
+
+@pytest.mark.parametrize("change", ["eval.ways=2", "eval.queries=1", "trainer.val_episodes=12"])
+def test_resume_refuses_other_validation_tasks(compose_cfg, tmp_path, change):
+    common = TINY + ["algo=protonet"]  # a metric method: it may validate with other ways than it trains with
+    engine.train(compose_cfg("train", common + ["trainer.iterations=3"]), tmp_path)
+    with pytest.raises(CheckpointError, match=rf"other settings \({change.split('=')[0]}"):
+        engine.train(compose_cfg("train", common + [change]), tmp_path)
+
+
+def test_resume_may_change_test_only_settings(compose_cfg, tmp_path):
+    engine.train(compose_cfg("train", TINY + ["trainer.iterations=3"]), tmp_path)
+    results = engine.train(compose_cfg("train", TINY + ["eval.episodes=12", "eval.meta_batch_size=3"]), tmp_path)
+    assert results["test"]["episodes"] == 12
+
+
+def test_divergence_without_nan_stops_the_run(compose_cfg, tmp_path):
+    cfg = compose_cfg("train", TINY + ["trainer.meta_lr=1e9", "trainer.iterations=40"])  # MAML: the head explodes
+    with pytest.raises(engine.FewshotError, match=r"the run diverged and stopped"):
+        engine.train(cfg, tmp_path)
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("key", ["eval.episodes", "trainer.val_episodes"])
+def test_one_episode_has_no_interval(compose_cfg, tmp_path, key):
+    with pytest.raises(engine.ConfigError, match=rf"{key}=1: at least 2 episodes, since a 95% interval"):
+        engine.train(compose_cfg("train", TINY + [f"{key}=1"]), tmp_path)
+
+
+# ---- one line where a traceback was ---------------------------------------------------------------
+
+def test_log_every_zero_is_one_line(compose_cfg, tmp_path):
+    with pytest.raises(engine.ConfigError, match=r"trainer.log_every=0: must be a positive number"):
+        engine.train(compose_cfg("train", TINY + ["trainer.log_every=0"]), tmp_path)
+
+
+def test_eval_unknown_split_and_incomplete_checkpoint(compose_cfg, tmp_path):
+    engine.train(compose_cfg("train", TINY + ["algo=protonet"]), tmp_path / "run")
+    best = tmp_path / "run" / "checkpoints" / "best.pt"
+    with pytest.raises(engine.ConfigError, match=r"split='nope': choose one of train, val, test"):
+        engine.evaluate_checkpoint(compose_cfg("eval", [f"checkpoint={best}", "split=nope", "device=cpu"]), tmp_path / "e")
+    state = load_checkpoint(best)
+    del state["config_source"]
+    state.pop("format")
+    save_checkpoint(tmp_path / "cut.pt", state)
+    with pytest.raises(CheckpointError, match=r"cut.pt is incomplete: it lacks config_source"):
+        engine.evaluate_checkpoint(compose_cfg("eval", [f"checkpoint={tmp_path / 'cut.pt'}", "device=cpu"]),
+                                   tmp_path / "e2")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["dataset=sinusoid", "episode.ways=1", "algo=protonet"], "algo=protonet classifies, but dataset=sinusoid is a "
+                                                              "regression task"),
+    (["experiment=maml_sinusoid_k10", "algo.loss=cross_entropy"], "algo.loss=cross_entropy on dataset=sinusoid"),
+    (["dataset=synthetic", "algo.loss=mse"], "algo.loss=mse on dataset=synthetic, a classification task"),
+    (["dataset=synthetic", "backbone=mlp_sinusoid"], "backbone=mlp_sinusoid is the sinusoid regressor"),
+])
+def test_incompatible_combinations_are_refused_before_building(compose_cfg, tmp_path, overrides, message):
+    with pytest.raises(engine.ConfigError, match=message):
+        engine.build(compose_cfg("train", overrides + ["device=cpu"]))
+
+
+def test_maml_graph_estimate_warns_before_a_run_outgrows_memory(compose_cfg, monkeypatch, capsys):
+    cfg = compose_cfg("train", ["dataset=synthetic", "device=cpu", "algo.inner_steps=1000"])
+    run = engine.build(cfg)
+    need = run.algo.graph_bytes((1, 28, 28), 5, 75, 32, run.device)
+    small = engine.build(compose_cfg("train", ["dataset=synthetic", "device=cpu"]))
+    assert need > 50 * small.algo.graph_bytes((1, 28, 28), 5, 75, 32, run.device)  # grows with the inner steps
+    assert need > 2**30  # the 1000-step graph is gigabytes (4.5 GB was measured for it)
+    monkeypatch.setattr(engine, "available_memory", lambda device: 2**30)
+    engine.warn_if_graph_too_big(run, cfg)
+    err = capsys.readouterr().err
+    assert "warning: maml's training graph needs about" in err and "algo.chunk_size" in err and "first_order" in err
+    engine.warn_if_graph_too_big(small, compose_cfg("train", ["dataset=synthetic", "device=cpu"]))
+    assert capsys.readouterr().err == ""
+
+
+# ---- signals ----------------------------------------------------------------------------------------
+
+def _popen(tmp_path: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "fewshot-train"), *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_sigterm_during_the_test_says_what_happened_and_the_rerun_only_tests(tmp_path):
+    # A long test phase (many episodes) on a short training: SIGTERM once best.pt is written and training ended.
+    args = [*SMOKE, "trainer.iterations=2", "eval.episodes=200000", "eval.meta_batch_size=2", "hydra.run.dir=run"]
+    proc = _popen(tmp_path, *args)
+    _wait_for(tmp_path / "run" / "metrics.csv", proc)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "SIGTERM during the test: training is complete" in err and "hydra.run.dir=" in err
+    rerun = run_cli(tmp_path, "fewshot-train", *SMOKE, "trainer.iterations=2", "hydra.run.dir=run")
+    assert rerun.returncode == 0, rerun.stderr
+    assert "finished training at iteration 2; testing best.pt only" in rerun.stdout
+    assert "resuming" not in rerun.stdout
+
+
+def test_second_sigint_is_one_line_naming_the_last_checkpoint(tmp_path):
+    args = [*SMOKE, "trainer.iterations=100000", "trainer.val_every=100000", "hydra.run.dir=run"]
+    proc = _popen(tmp_path, *args)
+    _wait_for(tmp_path / "run" / "checkpoints" / "last.pt", proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    line = [ln for ln in err.splitlines() if ln.startswith("fewshot-train: error:")]
+    assert len(line) == 1 and ("second SIGINT: stopped at once" in line[0] or "SIGINT at iteration" in line[0])
+    assert "last.pt" in line[0]
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["iteration"] >= 2
+
+
+def test_sigterm_while_preparing_data_says_nothing_was_trained(tmp_path):
+    # Building the run (Omniglot's decoding, here a slowed dataset constructor) is interruptible at once.
+    (tmp_path / "slow.py").write_text("import time\nfrom fewshot.data.synthetic import load_synthetic\n"
+                     "def load(**kw):\n    time.sleep(60)\n    return load_synthetic(**kw)\n")
+    proc = subprocess.Popen([str(BIN / "fewshot-train"), *SMOKE, "trainer.iterations=2", "hydra.run.dir=run",
+                             "dataset._target_=slow.load"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    _wait_for(tmp_path / "run" / ".hydra" / "config.yaml", proc)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM while preparing the run: nothing was trained yet" in err
+

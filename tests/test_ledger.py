@@ -1,0 +1,56 @@
+"""RESULTS.md is made from the results.json files under results/, never by hand, and tells full cells apart."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from fewshot.ledger import differences, ledger_markdown, load_presets
+from fewshot.table import collect, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_results_md_is_regenerated_from_results(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the ledger names the folder it was made from, as `make ledger` gives it
+    out = tmp_path / "RESULTS.md"
+    assert main(["--ledger", "results", "-o", str(out)]) == 0
+    assert out.read_text() == (REPO / "RESULTS.md").read_text(), "RESULTS.md is stale: run `make ledger`"
+
+
+def _result(**changes) -> dict:
+    base = {"name": "matching_omniglot_5w1s", "algo": "matching", "dataset": "omniglot", "backbone": "conv4_pool",
+            "ways": 5, "shots": 1, "queries": 5, "seed": 3, "iterations": 20000, "device": "cuda (X)",
+            "date": "2026-01-01T00:00:00Z", "train_seconds": 10.0,
+            "command": "fewshot-train experiment=matching_omniglot_5w1s seed=3 device=cuda",
+            "test": {"episodes": 1000, "acc_mean": 0.98, "acc_ci95": 0.002},
+            "paper": {"source": "Vinyals et al. 2016", "acc": 98.1, "ci95": None}}
+    out = copy.deepcopy(base)
+    out.update(changes)
+    return out
+
+
+def test_full_reduced_and_modified_runs_are_told_apart():
+    preset = load_presets()["matching_omniglot_5w1s"]
+    assert preset.iterations == 20000 and preset.episodes == 1000 and preset.paper_acc == 98.1
+    assert differences(_result(), preset) == []
+    assert differences(_result(iterations=500), preset) == ["500 of 20,000 iterations"]
+    assert differences(_result(command=None), preset) == ["command not recorded"]
+    modified = _result(command="fewshot-train experiment=matching_omniglot_5w1s algo.similarity=cosine seed=3")
+    assert differences(modified, preset) == ["overrides algo.similarity=cosine"]
+
+
+def test_ledger_sections(tmp_path):
+    runs = [_result(), _result(seed=4, test={"episodes": 1000, "acc_mean": 0.97, "acc_ci95": 0.002}),
+            _result(iterations=500, seed=5)]
+    for i, r in enumerate(runs):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "results.json").write_text(json.dumps(r))
+    text = ledger_markdown(collect([tmp_path]), load_presets(), "runs")
+    full, rest = text.split("## Reduced budget or modified")
+    reduced, pending = rest.split("## Not yet run at full budget")
+    assert "| matching_omniglot_5w1s | 5-way 1-shot | 97.50 ± " in full and "| 3, 4 |" in full  # two seeds pooled
+    assert "500 of 20,000 iterations" in reduced and "| 5 |" in reduced
+    assert "matching_omniglot_5w1s |" not in pending and "| protonet_omniglot_5w1s |" in pending
+    assert "miniImageNet images are not on the machines" in pending
