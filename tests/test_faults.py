@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+from test_engine import TINY
+from test_robustness import BIN, error_line, run_cli
 
 from fewshot import engine
 from fewshot.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fewshot.engine import builder
 from fewshot.table import TableError, aggregate, collect
-from test_engine import TINY
-from test_robustness import BIN, error_line, run_cli
 
 SMOKE = ["dataset=synthetic", "device=cpu", "backbone.hidden=8", "trainer.meta_batch_size=2", "trainer.val_episodes=4",
          "eval.episodes=4", "episode.queries=2", "trainer.val_every=2", "trainer.checkpoint_every=2"]
@@ -143,7 +144,7 @@ def test_maml_graph_estimate_warns_before_a_run_outgrows_memory(compose_cfg, mon
     small = engine.build(compose_cfg("train", ["dataset=synthetic", "device=cpu"]))
     assert need > 50 * small.algo.graph_bytes((1, 28, 28), 5, 75, 32, run.device)  # grows with the inner steps
     assert need > 2**30  # the 1000-step graph is gigabytes (4.5 GB was measured for it)
-    monkeypatch.setattr(engine, "available_memory", lambda device: 2**30)
+    monkeypatch.setattr(builder, "available_memory", lambda device: 2**30)
     engine.warn_if_graph_too_big(run, cfg)
     err = capsys.readouterr().err
     assert "warning: maml's training graph needs about" in err and "algo.chunk_size" in err and "first_order" in err

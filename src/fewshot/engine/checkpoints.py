@@ -1,0 +1,119 @@
+"""Checkpoints for resuming: what they hold, which one to resume from, and which settings may change."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from fewshot.algorithms.base import Algorithm
+from fewshot.atomic import atomic_write_text
+from fewshot.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+)
+from fewshot.data.sampler import EpisodeSampler
+
+
+def checkpoint_state(cfg: DictConfig, algo: Algorithm, optimizer, iteration: int, best: dict, sampler: EpisodeSampler,
+                     progress: Optional[dict] = None, scheduler=None) -> dict:
+    """Everything needed to continue bit for bit: weights, optimizer, iteration, best metric, every RNG
+    state, the sampler's generator, the partial logging window, and the config that built the run."""
+    return {
+        "algo": cfg.algo.name,
+        "backbone": cfg.backbone.name,
+        "dataset": cfg.dataset.name,
+        "model": algo.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "iteration": iteration,
+        "best": dict(best),
+        "progress": dict(progress or {}),
+        "rng": rng_state(),
+        "sampler": sampler.state_dict(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config_source": OmegaConf.to_container(cfg, resolve=False),
+    }
+
+
+def find_resume_checkpoint(ckpt_dir: Path) -> Optional[dict]:
+    """The newest readable of last.pt and previous.pt, or None when the folder holds neither."""
+    errors = []
+    for name in ("last.pt", "previous.pt"):
+        path = ckpt_dir / name
+        if path.exists():
+            try:
+                return load_checkpoint(path)
+            except CheckpointError as e:
+                errors.append(str(e))
+                print(f"fewshot: warning: {e}; trying an older checkpoint", file=sys.stderr)
+    if errors:
+        raise CheckpointError(f"no readable checkpoint to resume from in {ckpt_dir}: {'; '.join(errors)}")
+    return None
+
+
+def save_last(ckpt_dir: Path, state: dict) -> None:
+    """last.pt, keeping the one before it as previous.pt in case last.pt is damaged later."""
+    last = ckpt_dir / "last.pt"
+    if last.exists():
+        os.replace(last, ckpt_dir / "previous.pt")
+    save_checkpoint(last, state)
+
+
+# Settings that may change between a run and its resumption: where things live, how it is
+# evaluated, and how long it trains (training longer continues the same trajectory).
+# Validation tasks (eval.ways, eval.queries, trainer.val_episodes) may not change: they would put numbers of
+# another meaning in one metrics.csv column and pick best.pt across them. Test-only settings may.
+RESUMABLE_CHANGES = ("resume", "device.", "data_root", "cache_dir", "dataset.root", "dataset.cache_dir",
+                     "trainer.iterations", "trainer.log_every", "trainer.val_every", "trainer.checkpoint_every",
+                     "eval.episodes", "eval.meta_batch_size", "logger", "dry_run")
+
+
+def upgrade_config(config: dict) -> dict:
+    """A checkpoint's saved config, completed with what its settings meant before a key existed, so an old
+    checkpoint rebuilds the model it was trained as (and resuming it with today's defaults is refused)."""
+    config = dict(config)
+    config.setdefault("schedule", {"_target_": None, "name": "constant"})  # before schedules: constant lr
+    algo = config.get("algo")
+    if isinstance(algo, dict) and algo.get("name") in ("matching", "matching_fce") and "similarity" not in algo:
+        # Before algo.similarity, Matching Networks used the plain cosine, unscaled.
+        config["algo"] = {**algo, "similarity": "cosine", "scale": 1.0, "learn_scale": False}
+    return config
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def check_same_run(state: dict, cfg: DictConfig, path: Path) -> None:
+    """Refuse to resume a run folder with other settings than the ones requested: continuing another
+    experiment's weights would silently mix two runs."""
+    old = _flatten(upgrade_config(state["config"]))
+    new = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        diffs = ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in changed[:4]) + (" ..." if len(changed) > 4 else "")
+        raise CheckpointError(f"{path} holds a run with other settings ({diffs}); use a new run folder "
+                              "(the default) or the run's own settings to resume it")
+    if state["iteration"] > cfg.trainer.iterations:
+        raise CheckpointError(f"{path} is already at iteration {state['iteration']}, past trainer.iterations={cfg.trainer.iterations}")
+
+
+def truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop metrics.csv rows written after the checkpoint we resume from (and any half-written line)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = lines[:1] + [ln for ln in lines[1:] if ln.split(",")[0].isdigit() and int(ln.split(",")[0]) <= iteration
+                        and len(ln.split(",")) == len(lines[0].split(","))]
+    atomic_write_text(path, "\n".join(kept) + "\n")

@@ -1,0 +1,65 @@
+"""SIGTERM and SIGINT (how clusters preempt): stop at a clean point, checkpoint, and say how to resume."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Optional
+
+from fewshot.errors import FewshotError
+
+
+class Interrupted(FewshotError):
+    """SIGTERM/SIGINT arrived; a checkpoint was written and the run can be resumed."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class SignalGuard:
+    """What SIGTERM/SIGINT do at each stage of a run.
+
+    In the training loop the first signal is only recorded (`received`): the loop finishes its iteration,
+    checkpoints and raises Interrupted. Where there is nothing to save (preparing data, the final test),
+    `immediate` holds the rest of the message and the signal stops the run at once. A second signal stops it at
+    once too, naming the last checkpoint written (`last_checkpoint`) instead of writing a new one mid-step."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.immediate: Optional[str] = None
+        self.last_checkpoint: str = "no checkpoint was written yet"
+
+    def __bool__(self) -> bool:
+        return bool(self.received)
+
+    def handler(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.immediate is not None:
+            raise Interrupted(f"{name} {self.immediate}", signum)
+        if self.received:
+            raise Interrupted(f"second {name}: stopped at once without a new checkpoint; {self.last_checkpoint}",
+                              signum)
+        self.received.append(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Turn SIGTERM and SIGINT (how clusters preempt) into a SignalGuard the run consults, so it stops at a clean
+    point and checkpoints instead of dying mid-step."""
+    guard = SignalGuard()
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+        yield guard
+        return
+    previous = {s: signal.signal(s, guard.handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    stopping = False
+    try:
+        yield guard
+    except Interrupted:
+        stopping = True
+        raise
+    finally:
+        for s, h in previous.items():
+            # An interrupted run is on its way out: one more Ctrl-C while it exits must not end in a traceback.
+            signal.signal(s, signal.SIG_IGN if stopping else h)
