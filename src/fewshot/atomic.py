@@ -28,8 +28,11 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], object]) -> None
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; results and caches are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None:
+            # write() and fsync() name no file, and the rename names the temporary: name the file being written.
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
         raise
 
 

@@ -1,55 +1,39 @@
-"""Console entrypoints: thin Hydra wrappers around engine.train and engine.evaluate."""
+"""What fewshot-train and fewshot-eval share (fewshot.train, fewshot.eval): bad input and failures reported as
+one line on stderr (the traceback with HYDRA_FULL_ERROR=1), a bad override caught before Hydra starts, and
+failed sweep jobs counted (fewshot.sweep)."""
 
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
-from typing import Optional
+from typing import Any, Callable
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig
 
+from fewshot import sweep
 from fewshot.config import register_configs
 from fewshot.errors import FewshotError
 
 register_configs()
-CONFIG_PATH = "pkg://fewshot.conf"
+CONFIG_PATH = "pkg://fewshot.conf"  # the config tree ships as a package: found from any working folder
 
 
 def _report(prog: str, error: BaseException) -> None:
     """One line on stderr and a non-zero exit (2, or 128+signal after a preemption); the traceback
-    only with HYDRA_FULL_ERROR=1."""
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    only with HYDRA_FULL_ERROR=1. In a multirun sweep a failed job is reported and recorded, and the sweep
+    goes on with the next job (sweep.FewshotCallback lists the failures at the end); a preemption stops it."""
+    if sweep.full_error():
         raise error
-    if isinstance(error, InstantiationException) and isinstance(error.__cause__, FewshotError):
+    if isinstance(error, InstantiationException) and isinstance(error.__cause__, (FewshotError, OSError)):
         error = error.__cause__  # our own message, without Hydra's "Error in call to target ..." wrapper
-    print(f"{prog}: error: {one_line(str(error))}", file=sys.stderr)
+    message = sweep.describe_os_error(error) if isinstance(error, OSError) else one_line(str(error))
+    if sweep.in_multirun():
+        if hasattr(error, "exit_code"):  # a preemption (engine.Interrupted, 128+signal) stops the whole sweep
+            message = sweep.resume_hint(message)
+        elif sweep.job_failed(prog, message):
+            return
+    print(f"{prog}: error: {message}", file=sys.stderr)
     sys.exit(getattr(error, "exit_code", 2))
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
-def _train(cfg: DictConfig) -> Optional[float]:
-    from fewshot import engine
-
-    try:
-        results = engine.train(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (FewshotError, InstantiationException) as e:
-        _report("fewshot-train", e)
-    # The objective a sweeper (Optuna) maximizes: validation accuracy, never the test set.
-    return results["best_val"]["val_score"] if results else None
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
-def _eval(cfg: DictConfig) -> None:
-    from fewshot import engine
-
-    try:
-        engine.evaluate_checkpoint(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (FewshotError, InstantiationException) as e:
-        _report("fewshot-eval", e)
 
 
 def one_line(message: str) -> str:
@@ -69,18 +53,24 @@ def one_line(message: str) -> str:
 def _precheck(prog: str, config_name: str) -> None:
     """Compose once before Hydra's own run so that a bad override is reported as one line.
 
-    Skipped for multirun sweeps (their comma lists are expanded by the sweeper) and Hydra's info flags."""
+    For a multirun sweep only the settings common to all its jobs (a bad value swept over fails its own job,
+    sweep.TolerantSweeper). Skipped for Hydra's info flags."""
     from hydra import compose, initialize_config_module
     from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     args, _ = get_args_parser().parse_known_args()
-    if args.multirun or args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
+    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
         return
     try:
+        overrides = args.overrides
+        if args.multirun:
+            parsed = OverridesParser.create().parse_overrides(overrides)
+            overrides = [o.input_line for o in parsed if not o.is_sweep_override()]
         with initialize_config_module(config_module="fewshot.conf", version_base="1.3"):
-            compose(config_name, overrides=args.overrides)
+            compose(config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             return  # let Hydra report it in full
@@ -93,14 +83,34 @@ def _precheck(prog: str, config_name: str) -> None:
         GlobalHydra.instance().clear()
 
 
-def train_main() -> None:
-    _precheck("fewshot-train", "train")
-    _train()
+# What a task reports in one line; anything else is a bug and keeps its traceback.
+HANDLED = (FewshotError, InstantiationException, OSError)  # OSError: a full disk, a read-only folder
+
+
+def report(prog: str, error: BaseException) -> None:
+    """report(), for a failed Hydra job: one line, or the job recorded as failed in a sweep that goes on."""
+    _report(prog, error)
+
+
+def main(prog: str, config_name: str, job: Callable[[], Any]) -> None:
+    """A console command: compose once to report a bad override in one line, run the Hydra job, and exit 1
+    when a sweep went on past failed jobs (listed above)."""
+    _precheck(prog, config_name)
+    job()
+    if sweep.failed_jobs:
+        sys.exit(1)
+
+
+def train_main() -> None:  # kept for `python -m fewshot.cli train` and older installs
+    from fewshot.train import main as run_main
+
+    run_main()
 
 
 def eval_main() -> None:
-    _precheck("fewshot-eval", "eval")
-    _eval()
+    from fewshot.eval import main as run_main
+
+    run_main()
 
 
 def table_main() -> None:
