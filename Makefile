@@ -7,7 +7,7 @@ ARGS   ?=
 export FEWSHOT_DATA_ROOT ?= $(if $(wildcard ../shared/data/omniglot),$(abspath ../shared/data),$(CURDIR)/data)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train eval test test-fast bench reproduce ledger clean
+.PHONY: help install train eval test test-fast lint bench reproduce ledger clean
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,6 +32,10 @@ eval: install  ## evaluate a checkpoint: make eval ARGS="checkpoint=outputs/.../
 
 test: install  ## run the test suite on CPU
 	$(PY) -m pytest -q --durations=10 $(ARGS)
+
+lint: install  ## ruff: lint and format check (line length 120; `ruff format` fixes the layout)
+	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff format --check src tests scripts
 
 test-fast: install  ## tests without the slow real-training ones
 	$(PY) -m pytest -q -m "not slow" $(ARGS)

@@ -25,7 +25,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 scripts/bench_maml.py --device cuda 2>&1 | tee "$OUT/bench_maml.jsonl"
 python3 scripts/bench_sampler.py --device cuda --seconds 3 2>&1 | grep '^{' | tee "$OUT/bench_sampler.jsonl"
 start=$(date +%s.%N)
-python3 -m fewshot.cli train experiment=maml_omniglot_5w1s device=cuda "trainer.iterations=$ITERATIONS" \
+python3 -m fewshot.train experiment=maml_omniglot_5w1s device=cuda "trainer.iterations=$ITERATIONS" \
   trainer.val_every=1000 trainer.checkpoint_every=1000 "hydra.run.dir=$OUT/maml_omniglot_5w1s" 2>&1 \
   | tr '\r' '\n' | grep -v '^meta-train\|^validate\|^test' | tee "$OUT/train.log"
 end=$(date +%s.%N)

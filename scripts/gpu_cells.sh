@@ -59,7 +59,7 @@ done
 for job in "${JOBS[@]}"; do
   IFS='|' read -r name limit overrides <<<"$job"
   # shellcheck disable=SC2086  # the overrides are words
-  timeout "$limit" $PY -m fewshot.cli train $overrides seed="$SEED" device="$DEVICE" hydra.run.dir="$RUNS/$name" \
+  timeout "$limit" $PY -m fewshot.train $overrides seed="$SEED" device="$DEVICE" hydra.run.dir="$RUNS/$name" \
     >"$RUNS/$name.log" 2>&1 &
 done
 wait
@@ -69,7 +69,7 @@ echo "all jobs ended after $(( $(date +%s) - start )) s"
 for job in "${JOBS[@]}"; do
   IFS='|' read -r name _ _ <<<"$job"
   if [ ! "$RUNS/$name/results.json" -nt "$stamp" ] && [ -f "$RUNS/$name/checkpoints/best.pt" ]; then
-    timeout 90 $PY -m fewshot.cli eval checkpoint="$RUNS/$name/checkpoints/best.pt" device="$DEVICE" \
+    timeout 90 $PY -m fewshot.eval checkpoint="$RUNS/$name/checkpoints/best.pt" device="$DEVICE" \
       hydra.run.dir="$RUNS/$name/eval_best" >"$RUNS/${name}_eval.log" 2>&1
   fi
 done

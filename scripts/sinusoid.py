@@ -5,7 +5,7 @@
     python scripts/sinusoid.py --shots 5 --iterations 70000          # the paper's budget (K=5)
     python scripts/sinusoid.py -- trainer.meta_lr=0.0005             # Hydra overrides for both runs after `--`
 
-Both runs go through the engine (engine.train: same task stream per seed, validation every --val-every iterations,
+Both runs go through fewshot.train.run ( same task stream per seed, validation every --val-every iterations,
 the best validation checkpoint is tested on 600 fixed tasks of K support points and 100 query points), with the
 presets maml_sinusoid_k{5,10} and pretrain_sinusoid_k{5,10} and the same budget: iterations x 25 tasks.
 The pretrained net is fine-tuned at test with alpha=0.01 as MAML is, and, as the paper does ("an automatically
@@ -36,6 +36,7 @@ from fewshot import engine
 from fewshot.checkpoint import load_checkpoint
 from fewshot.config import register_configs
 from fewshot.data.sampler import fixed_episodes
+from fewshot.train import run as train_run
 
 ALGOS = {"maml": "MAML", "pretrain": "pretrained"}
 STEPS = (0, 1, 10)
@@ -65,7 +66,7 @@ def step_mse(run: engine.Run, cfg: DictConfig, split: str, episodes: int) -> tor
     """(episodes, eval_inner_steps + 1): per-task query MSE before and after each step, on the engine's fixed
     tasks of `split` (the same tasks engine.evaluate scores)."""
     seed = engine.episode_seed(cfg.seed, split)
-    sampler = engine.make_sampler(run, cfg, split, seed)
+    sampler = engine.make_sampler(run, split, seed)
     rows = [run.algo(ep, train=False).step_mse.detach().cpu() for ep in fixed_episodes(sampler, episodes, cfg.eval.meta_batch_size, seed)]
     return torch.cat(rows).double()
 
@@ -172,7 +173,7 @@ def main() -> int:
         cfg = compose_cfg(algo, args.shots, args, extra)
         run_dir = out / algo
         tic = time.perf_counter()
-        results = engine.train(cfg, run_dir)
+        results = train_run(cfg, run_dir)
         timing[algo] = {"wall_seconds": round(time.perf_counter() - tic, 1), "train_seconds": results["train_seconds"]}
         run = load_best(cfg, run_dir)
         runs[algo] = (cfg, run)
@@ -196,7 +197,7 @@ def main() -> int:
 
     # One test task (the first of the test set) for the paper's Figure 2.
     cfg, run = runs["maml"]
-    sampler = engine.make_sampler(run, cfg, "test", engine.episode_seed(cfg.seed, "test"))
+    sampler = engine.make_sampler(run, "test")
     task = sampler.sample_with_params(1)
     tuned_lr = rows[-1]["lr"]
     png = out / "sinusoid.png"

@@ -25,9 +25,9 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from conftest_data import _in_ci, data_root_candidates
-from fewshot.data import cache as C
 from fewshot.data import cifar, miniimagenet, tiered
 from fewshot.data.base import DataError
+from fewshot.data.io import ensure_files, restricted_load
 from fewshot.engine import _plain
 
 SPLITS = ("train", "val", "test")
@@ -313,7 +313,7 @@ def test_miniimagenet_cache_reused(mini_pickle_root, ravi_dir, tmp_path, monkeyp
         raise AssertionError("decoded again instead of reading the cache")
 
     monkeypatch.setattr(miniimagenet, "_decode_pickles", boom)
-    monkeypatch.setattr(C, "restricted_load", boom)
+    monkeypatch.setattr(miniimagenet, "restricted_load", boom)
     second = miniimagenet.load_miniimagenet(str(mini_pickle_root), str(cache), split_dir=str(ravi_dir), images_per_class=6)
     for s in SPLITS:
         assert torch.equal(first.split(s).images, second.split(s).images)
@@ -520,7 +520,7 @@ def test_archive_with_escaping_entry_refused(tmp_path):
         info.size = len(data)
         tf.addfile(info, io.BytesIO(data))
     with pytest.raises(DataError, match="points outside"):
-        C.ensure_files([tmp_path / "root" / "train"], tmp_path / "root", archive.as_uri(), None, "test data")
+        ensure_files([tmp_path / "root" / "train"], tmp_path / "root", archive.as_uri(), None, "test data")
     assert not (tmp_path / "escaped").exists()
 
 
@@ -596,15 +596,15 @@ def test_restricted_unpickler_refuses_code(tmp_path):
     for obj in (_Evil(marker), {"image_data": np.zeros(3, np.uint8), "class_dict": {"n1": [_Evil(marker)]}}):
         path.write_bytes(pickle.dumps(obj, protocol=2))
         with pytest.raises(DataError, match=r"refusing to load .*(posix|os)\.system"):
-            C.restricted_load(path, "test")
+            restricted_load(path, "test")
         assert not marker.exists()
     # globals that would let a pickle reach code indirectly are refused too
     for module, name in (("builtins", "eval"), ("builtins", "getattr"), ("numpy", "load"), ("numpy.core.multiarray", "fromstring")):
         path.write_bytes(b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"q\x00.")
         with pytest.raises(DataError, match="refusing"):
-            C.restricted_load(path, "test")
+            restricted_load(path, "test")
     path.write_bytes(pickle.dumps({"x": np.arange(5), "y": [np.int64(3)], "z": b"raw"}, protocol=2))
-    got = C.restricted_load(path, "test")
+    got = restricted_load(path, "test")
     assert got["x"].tolist() == list(range(5)) and got["z"] == b"raw"
 
 
@@ -612,7 +612,7 @@ def test_codecs_encode_limited_to_latin1(tmp_path):
     path = tmp_path / "codec.pkl"
     path.write_bytes(b"\x80\x02c_codecs\nencode\nq\x00X\x03\x00\x00\x00abcq\x01X\x05\x00\x00\x00rot13q\x02\x86q\x03Rq\x04.")
     with pytest.raises(DataError, match="refusing"):
-        C.restricted_load(path, "test")
+        restricted_load(path, "test")
 
 
 @pytest.mark.parametrize("dataset", ["miniimagenet", "cifar", "tiered"])

@@ -16,7 +16,8 @@ from PIL import Image
 
 from fewshot.data import omniglot as og
 from fewshot.data.base import DataError
-from fewshot.data.omniglot import download_file, download_omniglot, load_omniglot, safe_extract
+from fewshot.data.io import download_file, safe_extract
+from fewshot.data.omniglot import download_omniglot, load_omniglot
 
 
 def _png() -> bytes:

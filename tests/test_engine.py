@@ -14,6 +14,8 @@ import torch
 
 from fewshot import engine
 from fewshot.checkpoint import load_checkpoint
+from fewshot.eval import run as eval_run
+from fewshot.train import run as train_run
 
 TINY = ["dataset=synthetic", "device=cpu", "backbone.hidden=16", "trainer.meta_batch_size=4", "trainer.iterations=6",
         "trainer.val_every=3", "trainer.val_episodes=10", "trainer.checkpoint_every=3", "eval.episodes=20",
@@ -25,7 +27,7 @@ def tiny_run(compose_cfg, tmp_path):
     def _run(*overrides: str):
         cfg = compose_cfg("train", TINY + list(overrides))
         run_dir = tmp_path / cfg.name
-        return cfg, run_dir, engine.train(cfg, run_dir)
+        return cfg, run_dir, train_run(cfg, run_dir)
 
     return _run
 
@@ -62,9 +64,9 @@ def test_checkpoint_is_self_describing(tiny_run):
 def test_eval_reproduces_training_test_number(tiny_run, compose_cfg, tmp_path):
     cfg, run_dir, results = tiny_run("algo=maml")
     ecfg = compose_cfg("eval", [f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "device=cpu"])
-    again = engine.evaluate_checkpoint(ecfg, tmp_path / "eval")
+    again = eval_run(ecfg, tmp_path / "eval")
     assert again["test"] == results["test"]
-    other = engine.evaluate_checkpoint(compose_cfg("eval", [f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}",
+    other = eval_run(compose_cfg("eval", [f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}",
                                                             "device=cpu", "seed=5", "eval.episodes=10"]), tmp_path / "eval2")
     assert other["test"]["episodes"] == 10 and other["seed"] == 5
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["test"] == results["test"]
@@ -112,10 +114,10 @@ def test_learns_omniglot_5way_1shot(compose_cfg, tmp_path, omniglot_root, omnigl
     ])
     engine.seed_everything(cfg.seed)
     untrained = engine.build(cfg)
-    sampler = engine.make_sampler(untrained, cfg, "test", engine.episode_seed(cfg.seed, "test"))
+    sampler = engine.make_sampler(untrained, "test")
     before = engine.evaluate(untrained.algo, sampler, 100, 25, engine.episode_seed(cfg.seed, "test"))["acc_mean"]
 
-    after = engine.train(cfg, tmp_path)["test"]
+    after = train_run(cfg, tmp_path)["test"]
     print(f"{algo}: untrained {before:.3f} -> trained {after['acc_mean']:.3f} ± {after['acc_ci95']:.3f}")
     assert after["acc_mean"] > 0.55, after
     assert after["acc_mean"] > before + 0.10, (before, after)
@@ -133,7 +135,7 @@ def test_matching_keeps_up_with_protonet(compose_cfg, tmp_path, omniglot_root, o
             "trainer.meta_batch_size=8", "trainer.iterations=200", "trainer.val_every=200", "trainer.val_episodes=20",
             "eval.episodes=300", "episode.queries=5",
         ])
-        return engine.train(cfg, tmp_path / "_".join(overrides))["test"]["acc_mean"]
+        return train_run(cfg, tmp_path / "_".join(overrides))["test"]["acc_mean"]
 
     protonet = train("algo=protonet")
     matching = train("algo=matching")
@@ -149,21 +151,21 @@ def test_eval_lake_runs_benchmark(compose_cfg, tmp_path, omniglot_root, omniglot
     common = [f"data_root={omniglot_root.parent}", f"cache_dir={omniglot_cache_dir}", "device=cpu", "backbone.hidden=8",
               "trainer.iterations=2", "trainer.val_every=2", "trainer.val_episodes=4", "eval.episodes=4",
               "episode.queries=2", "trainer.meta_batch_size=2"]
-    engine.train(compose_cfg("train", ["algo=protonet", *common]), tmp_path / "proto")
+    train_run(compose_cfg("train", ["algo=protonet", *common]), tmp_path / "proto")
     ecfg = compose_cfg("eval", [f"checkpoint={tmp_path / 'proto/checkpoints/best.pt'}", "benchmark=lake_runs", "device=cpu",
                                 f"data_root={omniglot_root.parent}", f"cache_dir={omniglot_cache_dir}"])
-    results = engine.evaluate_checkpoint(ecfg, tmp_path / "lake")
+    results = eval_run(ecfg, tmp_path / "lake")
     lake = results["lake"]
     assert len(lake["error_per_run"]) == 20 and 0 <= lake["mean_error"] <= 100
     assert results["eval_split"] == "lake_runs" and results["test"]["episodes"] == 20
     assert "run01" in (tmp_path / "lake" / "results.md").read_text()
 
     # A 5-way MAML head cannot answer a 20-way trial: refused with a clear message.
-    engine.train(compose_cfg("train", ["algo=maml", *common]), tmp_path / "maml")
+    train_run(compose_cfg("train", ["algo=maml", *common]), tmp_path / "maml")
     ecfg = compose_cfg("eval", [f"checkpoint={tmp_path / 'maml/checkpoints/best.pt'}", "benchmark=lake_runs", "device=cpu",
                                 f"data_root={omniglot_root.parent}", f"cache_dir={omniglot_cache_dir}"])
     with pytest.raises(engine.ConfigError, match="5-way head"):
-        engine.evaluate_checkpoint(ecfg, tmp_path / "lake2")
+        eval_run(ecfg, tmp_path / "lake2")
 
 
 @pytest.mark.parametrize("schedule, factor", [("step", 0.5 ** 3), ("cosine", 0.0), ("linear", 0.0), ("constant", 1.0)])
@@ -180,9 +182,9 @@ def test_learning_rate_schedules(tiny_run, schedule, factor):
 def test_resume_continues_the_schedule(compose_cfg, tmp_path):
     """Training 3 iterations, then resuming to 6, ends with the uninterrupted run's learning rate and weights."""
     common = TINY + ["algo=protonet", "schedule=step", "schedule.step_size=2"]
-    engine.train(compose_cfg("train", common), tmp_path / "straight")
-    engine.train(compose_cfg("train", [*common, "trainer.iterations=3"]), tmp_path / "split")
-    engine.train(compose_cfg("train", common), tmp_path / "split")
+    train_run(compose_cfg("train", common), tmp_path / "straight")
+    train_run(compose_cfg("train", [*common, "trainer.iterations=3"]), tmp_path / "split")
+    train_run(compose_cfg("train", common), tmp_path / "split")
     a, b = (load_checkpoint(tmp_path / d / "checkpoints" / "last.pt") for d in ("straight", "split"))
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
     for k in a["model"]:
@@ -192,7 +194,7 @@ def test_resume_continues_the_schedule(compose_cfg, tmp_path):
 def test_bad_schedule_setting_is_one_clear_error(compose_cfg, tmp_path):
     cfg = compose_cfg("train", TINY + ["schedule=step", "schedule.gamma=-0.5"])
     with pytest.raises(engine.ConfigError, match=r"schedule.gamma=-0.5"):
-        engine.train(cfg, tmp_path)
+        train_run(cfg, tmp_path)
 
 
 def test_old_matching_checkpoint_rebuilds_with_the_plain_cosine():

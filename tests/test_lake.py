@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from conftest_data import _in_ci, data_root_candidates
+from fewshot.benchmarks.lake import LAKE_ZIP_NAME, LakeRun, lake_episode, lake_report, lake_zip_path, load_lake_runs
 from fewshot.data import omniglot as og
 from fewshot.data.base import DataError, Episode, SplitBank
-from fewshot.data.lake import LAKE_ZIP_NAME, LakeRun, lake_episode, lake_report, lake_zip_path, load_lake_runs
 from fewshot.data.sampler import EpisodeSampler
 
 CHANCE_ERROR = 95.0  # 20-way: 19 of 20 guesses are wrong

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import group_choices
 from fewshot import engine
+from fewshot.train import run as train_run
 
 # The sinusoid regression presets (<algo>_sinusoid_k<K>) have their own protocol and smoke test: tests/test_sinusoid.py.
 PRESETS = [p for p in group_choices("experiment") if "_sinusoid_" not in p]
@@ -53,7 +54,7 @@ def test_preset_runs_one_smoke_iteration(compose_cfg, tmp_path, preset):
         "trainer.iterations=1", "trainer.meta_batch_size=2", "trainer.val_episodes=2", "eval.episodes=2",
         "eval.meta_batch_size=2", "backbone.hidden=8",  # width is not part of the episode protocol
     ])
-    results = engine.train(cfg, tmp_path)
+    results = train_run(cfg, tmp_path)
     ways, shots, queries = engine.episode_shape(cfg, "test")
     assert (results["ways"], results["shots"], results["queries"]) == (ways, shots, queries)  # the test cell
     assert results["train_episode"]["ways"] == cfg.episode.ways

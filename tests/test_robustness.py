@@ -16,6 +16,7 @@ import torch
 
 from fewshot import engine
 from fewshot.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fewshot.train import run as train_run
 
 BIN = Path(sys.executable).parent
 RUN = ["algo=maml", "dataset=synthetic", "device=cpu", "backbone.hidden=8", "trainer.meta_batch_size=4",
@@ -105,7 +106,7 @@ def test_sigterm_checkpoints_and_exits_nonzero_then_resumes(tmp_path, reference)
 def test_resume_true_without_checkpoint_is_an_error(compose_cfg, tmp_path):
     cfg = compose_cfg("train", RUN + ["resume=true"])
     with pytest.raises(CheckpointError, match="holds no last.pt"):
-        engine.train(cfg, tmp_path / "fresh")
+        train_run(cfg, tmp_path / "fresh")
 
 
 class Exploit:
@@ -129,7 +130,7 @@ def test_crafted_pickle_is_refused_without_running(tmp_path):
 
 def test_truncated_checkpoint_names_the_file_and_resume_falls_back(compose_cfg, tmp_path):
     cfg = compose_cfg("train", RUN[:-1] + ["trainer.iterations=4", "trainer.val_every=2", "seed=2"])
-    engine.train(cfg, tmp_path)
+    train_run(cfg, tmp_path)
     last = tmp_path / "checkpoints" / "last.pt"
     data = last.read_bytes()
     last.write_bytes(data[: len(data) // 2])
@@ -156,7 +157,7 @@ def test_interrupted_write_keeps_previous_file(tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(compose_cfg, tmp_path):
     cfg = compose_cfg("train", RUN + ["algo.inner_lr=1e30", "trainer.iterations=3"])
     with pytest.raises(Exception, match=r"training loss became (nan|inf) at iteration 1"):
-        engine.train(cfg, tmp_path)
+        train_run(cfg, tmp_path)
 
 
 # ---- bad input: one line on stderr, non-zero exit, no traceback --------------------------------------
@@ -227,7 +228,7 @@ def test_zip_with_wrong_content(tmp_path):
 
 def test_eval_checkpoint_from_another_algorithm(tmp_path, compose_cfg):
     cfg = compose_cfg("train", RUN[:-1] + ["algo=protonet", "trainer.iterations=2", "trainer.val_every=2"])
-    engine.train(cfg, tmp_path / "run")
+    train_run(cfg, tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
     line = error_line(run_cli(tmp_path, "fewshot-eval", f"checkpoint={ckpt}", "algo=maml"))
     assert "protonet" in line and "maml" in line
@@ -237,12 +238,12 @@ def test_eval_checkpoint_from_another_algorithm(tmp_path, compose_cfg):
 
 def test_resume_refuses_a_folder_with_other_settings(compose_cfg, tmp_path):
     base = RUN[:-1] + ["algo=protonet", "trainer.iterations=2", "trainer.val_every=2"]
-    engine.train(compose_cfg("train", base), tmp_path)
+    train_run(compose_cfg("train", base), tmp_path)
     with pytest.raises(CheckpointError, match=r"other settings \(episode.shots: 1 -> 2"):
-        engine.train(compose_cfg("train", base + ["episode.shots=2"]), tmp_path)
+        train_run(compose_cfg("train", base + ["episode.shots=2"]), tmp_path)
     with pytest.raises(CheckpointError, match="already at iteration 2"):
-        engine.train(compose_cfg("train", base[:-2] + ["trainer.iterations=1", "trainer.val_every=1"]), tmp_path)
-    longer = engine.train(compose_cfg("train", base[:-2] + ["trainer.iterations=4", "trainer.val_every=2"]), tmp_path)
+        train_run(compose_cfg("train", base[:-2] + ["trainer.iterations=1", "trainer.val_every=1"]), tmp_path)
+    longer = train_run(compose_cfg("train", base[:-2] + ["trainer.iterations=4", "trainer.val_every=2"]), tmp_path)
     assert longer["iterations"] == 4  # training longer continues the same run
 
 

@@ -6,17 +6,17 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from test_robustness import RUN, error_line, finish, run_cli, start, wait_for_iteration
 
-from fewshot import engine
 from fewshot.atomic import remove_stale_temporaries
-from fewshot.data.cachefile import STALE_TEMPORARY_SECONDS, read_cache
+from fewshot.data.io.cache import STALE_TEMPORARY_SECONDS, read_cache
+from fewshot.eval import run as eval_run
 from fewshot.runlock import RunFolderInUse, hold_run_folder
+from fewshot.train import run as train_run
+from test_robustness import RUN, error_line, finish, run_cli, start, wait_for_iteration
 
 
 def snapshot(run: Path) -> dict[str, tuple[int, int]]:
@@ -75,9 +75,9 @@ def test_lock_is_exclusive_and_released_on_any_exit(tmp_path):
 def test_train_and_eval_refuse_a_held_folder(compose_cfg, tmp_path):
     with hold_run_folder(tmp_path, "fewshot-train"):
         with pytest.raises(RunFolderInUse, match="wait for it or choose another hydra.run.dir"):
-            engine.train(compose_cfg("train", RUN), tmp_path)
+            train_run(compose_cfg("train", RUN), tmp_path)
         with pytest.raises(RunFolderInUse):
-            engine.evaluate_checkpoint(compose_cfg("eval", [f"checkpoint={tmp_path / 'best.pt'}"]), tmp_path)
+            eval_run(compose_cfg("eval", [f"checkpoint={tmp_path / 'best.pt'}"]), tmp_path)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.csv").exists()
 
 
@@ -98,7 +98,7 @@ def test_killed_writers_temporaries_in_the_run_folder_are_removed_at_start(compo
     kept = [ckpt / "notes.tmp", tmp_path / ".mine.txt.abcdefgh.tmp"]  # not ours / not a file the run writes
     for p in stale + kept:
         p.write_bytes(b"half a file")
-    engine.train(compose_cfg("train", RUN[:-1] + ["trainer.iterations=2", "trainer.val_every=2", "seed=3"]), tmp_path)
+    train_run(compose_cfg("train", RUN[:-1] + ["trainer.iterations=2", "trainer.val_every=2", "seed=3"]), tmp_path)
     assert not [p for p in stale if p.exists()]
     assert all(p.exists() for p in kept)
     assert (ckpt / "last.pt").is_file() and (tmp_path / "results.json").is_file()

@@ -20,6 +20,7 @@ from fewshot.data.base import DataError
 from fewshot.data.sinusoid import SinusoidTasks, load_sinusoid
 from fewshot.errors import FewshotError
 from fewshot.models.backbones import MLP
+from fewshot.train import run as train_run
 
 SINUSOID_PRESETS = [p for p in group_choices("experiment") if "_sinusoid_" in p]
 mlp40 = functools.partial(MLP, in_channels=1, image_size=1, sizes=[40, 40], batch_norm=False)
@@ -218,7 +219,7 @@ def test_sinusoid_preset_runs_one_smoke_iteration(compose_cfg, tmp_path, preset)
         f"experiment={preset}", "device=cpu", "trainer.iterations=1", "trainer.meta_batch_size=2",
         "trainer.val_episodes=2", "eval.episodes=3", "eval.meta_batch_size=2",
     ])
-    results = engine.train(cfg, tmp_path)
+    results = train_run(cfg, tmp_path)
     test = results["test"]
     assert results["name"] == preset and results["ways"] == 1 and "acc_mean" not in test
     assert test["episodes"] == 3 and math.isfinite(test["mse_mean"]) and len(test["step_mse"]) == 11

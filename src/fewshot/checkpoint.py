@@ -38,6 +38,13 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is unreadable or not a plain fewshot checkpoint ({first})") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a {FORMAT} file")
+    return state
+
+
+def load_run_checkpoint(path: Path | str) -> dict[str, Any]:
+    """A checkpoint of a training run (best.pt, last.pt), refused in one line when keys that resume and
+    fewshot-eval read are missing."""
+    state = load_checkpoint(path)
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: it lacks {', '.join(missing)}; "

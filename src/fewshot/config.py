@@ -1,6 +1,8 @@
 """Typed schemas for the Hydra config tree, so a misspelled key fails at compose time.
 
-Each YAML file in conf/<group>/ starts from its schema (e.g. `- /schema/algo/maml_schema@_here_`),
+Each YAML file in conf/<group>/ starts from its schema (e.g. `- /schema_dataset_omniglot@_here_`; schemas are
+stored as root configs, not groups, so that `--help` lists only the groups a user chooses;
+algorithms and backbones take theirs from their constructors, see fewshot.schemas),
 and conf/train.yaml / conf/eval.yaml start from `train_schema` / `eval_schema`. The group
 directories stay the only registry of choices; these dataclasses only fix the keys and types.
 """
@@ -12,6 +14,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from fewshot.schemas import algorithm_schemas, backbone_schemas, torch_schemas
 
 
 @dataclass
@@ -57,47 +61,12 @@ class PaperConfig:
     ci95: Optional[float] = None
 
 
-# ---- learning-rate schedules (torch.optim.lr_scheduler classes, stepped once per meta-iteration) -----
-
-@dataclass
-class ConstantScheduleConfig:
-    _target_: Optional[str] = None  # no scheduler
-    name: str = "constant"
-
-
-@dataclass
-class StepScheduleConfig:
-    _target_: str = "torch.optim.lr_scheduler.StepLR"
-    _partial_: bool = True
-    name: str = "step"
-    step_size: int = 2000
-    gamma: float = 0.5
-
-
-@dataclass
-class CosineScheduleConfig:
-    _target_: str = "torch.optim.lr_scheduler.CosineAnnealingLR"
-    _partial_: bool = True
-    name: str = "cosine"
-    T_max: int = MISSING
-    eta_min: float = 0.0
-
-
-@dataclass
-class LinearScheduleConfig:
-    _target_: str = "torch.optim.lr_scheduler.LinearLR"
-    _partial_: bool = True
-    name: str = "linear"
-    start_factor: float = 1.0
-    end_factor: float = 0.0
-    total_iters: int = MISSING
-
-
 @dataclass
 class TrainConfig:
     algo: Any = MISSING
     backbone: Any = MISSING
     dataset: Any = MISSING
+    optim: Any = MISSING
     schedule: Any = MISSING
     device: DeviceConfig = field(default_factory=DeviceConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -138,78 +107,6 @@ class EvalRunConfig:
 
 
 # ---- group schemas -------------------------------------------------------------------------------
-
-@dataclass
-class MamlConfig:
-    _target_: str = "fewshot.algorithms.maml.MAML"
-    name: str = "maml"
-    inner_lr: float = 0.4
-    inner_steps: int = 1
-    eval_inner_steps: int = 10
-    first_order: bool = False
-    strategy: str = "auto"  # auto | vmap | loop
-    chunk_size: Optional[int] = None
-    loss: str = "cross_entropy"  # cross_entropy (classification) | mse (regression: sinusoid)
-
-
-@dataclass
-class PretrainConfig:
-    """MAML's sinusoid baseline: plain regression on all tasks, fine-tuned at test (Finn et al. 2017, 5.1)."""
-
-    _target_: str = "fewshot.algorithms.pretrain.Pretrained"
-    name: str = "pretrain"
-    inner_lr: float = 0.01  # the test-time fine-tuning step size
-    eval_inner_steps: int = 10
-    loss: str = "mse"
-    strategy: str = "auto"  # how the test-time fine-tuning runs over tasks (MAML's): auto | vmap | loop
-
-
-@dataclass
-class MamlL2LConfig:
-    _target_: str = "fewshot.algorithms.maml_l2l.MAMLL2L"
-    name: str = "maml_l2l"
-    inner_lr: float = 0.4
-    inner_steps: int = 1
-    eval_inner_steps: int = 10
-    first_order: bool = False
-
-
-@dataclass
-class MatchingConfig:
-    _target_: str = "fewshot.algorithms.matching.MatchingNetworks"
-    name: str = "matching"
-    fce: bool = False
-    fce_steps: Optional[int] = None
-    lstm_layers: int = 1
-    similarity: str = "support_cosine"  # support_cosine | cosine
-    scale: float = 1.0
-    learn_scale: bool = False
-
-
-@dataclass
-class ProtoNetConfig:
-    _target_: str = "fewshot.algorithms.protonet.ProtoNet"
-    name: str = "protonet"
-
-
-@dataclass
-class Conv4Config:
-    _target_: str = "fewshot.models.backbones.Conv4"
-    _partial_: bool = True
-    name: str = "conv4"
-    hidden: int = 64
-    layers: int = 4
-    max_pool: bool = False
-
-
-@dataclass
-class MLPConfig:
-    _target_: str = "fewshot.models.backbones.MLP"
-    _partial_: bool = True
-    name: str = "mlp"
-    sizes: list = field(default_factory=lambda: [256, 128, 64, 64])
-    batch_norm: bool = True
-
 
 @dataclass
 class OmniglotConfig:
@@ -313,13 +210,6 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalRunConfig)
     for group, name, node in (
-        ("algo", "maml_schema", MamlConfig),
-        ("algo", "maml_l2l_schema", MamlL2LConfig),
-        ("algo", "matching_schema", MatchingConfig),
-        ("algo", "protonet_schema", ProtoNetConfig),
-        ("algo", "pretrain_schema", PretrainConfig),
-        ("backbone", "conv4_schema", Conv4Config),
-        ("backbone", "mlp_schema", MLPConfig),
         ("dataset", "omniglot_schema", OmniglotConfig),
         ("dataset", "synthetic_schema", SyntheticConfig),
         ("dataset", "sinusoid_schema", SinusoidConfig),
@@ -329,9 +219,12 @@ def register_configs() -> None:
         ("dataset", "tieredimagenet_schema", TieredImageNetConfig),
         ("device", "device_schema", DeviceConfig),
         ("trainer", "trainer_schema", TrainerConfig),
-        ("schedule", "constant_schema", ConstantScheduleConfig),
-        ("schedule", "step_schema", StepScheduleConfig),
-        ("schedule", "cosine_schema", CosineScheduleConfig),
-        ("schedule", "linear_schema", LinearScheduleConfig),
     ):
-        cs.store(group=f"schema/{group}", name=name, node=node)
+        cs.store(name=f"schema_{group}_{name.removesuffix('_schema')}", node=node)
+    # Algorithms and backbones: schemas generated from their constructors (fewshot.schemas).
+    for name, node in algorithm_schemas():
+        cs.store(name=f"schema_algo_{name}", node=node)
+    for name, node in backbone_schemas():
+        cs.store(name=f"schema_backbone_{name}", node=node)
+    for group, name, node in torch_schemas():
+        cs.store(name=f"schema_{group}_{name}", node=node)

@@ -1,12 +1,12 @@
-"""Learning-rate schedules for the meta-optimizer, stepped once per meta-iteration.
+"""The meta-optimizer (conf/optim/) and its learning-rate schedule (conf/schedule/), stepped once per meta-iteration.
 
-conf/schedule/ chooses one; each is a torch.optim.lr_scheduler class, so its state goes into checkpoints
-and a resumed run continues the schedule where it stopped. `constant` builds no scheduler at all.
+Both are torch classes instantiated from their config node, so their state goes into checkpoints and a resumed
+run continues where it stopped. `schedule=constant` builds no scheduler at all.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from hydra.utils import instantiate
@@ -15,6 +15,18 @@ from omegaconf import DictConfig, OmegaConf
 from fewshot.errors import ConfigError
 
 LRScheduler = torch.optim.lr_scheduler.LRScheduler
+
+
+def _spec(node: DictConfig) -> DictConfig:
+    return OmegaConf.create({k: v for k, v in node.items() if k != "name"})
+
+
+def make_optimizer(node: DictConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer an `optim:` node describes, over `params`."""
+    try:
+        return instantiate(_spec(node), _convert_="all")(params)
+    except (TypeError, ValueError) as e:  # torch's own checks, e.g. "Invalid momentum value: -1"
+        raise ConfigError(f"optim={node.name}: {e}") from e
 
 
 def make_scheduler(node: Optional[DictConfig], optimizer: torch.optim.Optimizer) -> Optional[LRScheduler]:
@@ -26,5 +38,4 @@ def make_scheduler(node: Optional[DictConfig], optimizer: torch.optim.Optimizer)
             continue
         if not (isinstance(value, (int, float)) and value >= 0):
             raise ConfigError(f"schedule.{key}={value}: must be a non-negative number")
-    spec = OmegaConf.create({k: v for k, v in node.items() if k != "name"})
-    return instantiate(spec, _convert_="all")(optimizer)
+    return instantiate(_spec(node), _convert_="all")(optimizer)

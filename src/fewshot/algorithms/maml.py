@@ -41,7 +41,8 @@ from fewshot.data.base import Episode
 
 Weights = dict[str, torch.Tensor]
 STRATEGIES = ("auto", "vmap", "loop")
-LOSSES = ("cross_entropy", "mse")
+# auto: from the task source's targets, MSE for real-valued ones (regression), cross-entropy for class labels.
+LOSSES = ("auto", "cross_entropy", "mse")
 
 # What "auto" runs on a CPU. On the 2-core development machine (torch 2.x, Omniglot Conv4-64, second
 # order, python scripts/bench_maml.py --device cpu --all-strategies) the threaded loop beat both
@@ -133,7 +134,7 @@ class MAML(Algorithm):
         first_order: bool = False,
         strategy: str = "auto",
         chunk_size: Optional[int] = None,
-        loss: str = "cross_entropy",
+        loss: str = "auto",
     ) -> None:
         super().__init__()
         resolve_strategy(strategy, "cpu")  # validates
@@ -182,15 +183,19 @@ class MAML(Algorithm):
         in_flight = workers if workers > 1 else min(tasks, self.chunk_size or tasks)
         return 4 * per_task * in_flight  # float32
 
+    def _regression(self, y: torch.Tensor) -> bool:
+        return self.loss == "mse" or (self.loss == "auto" and y.is_floating_point())
+
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(out, y) if self.loss == "mse" else F.cross_entropy(out, y)
+        return F.mse_loss(out, y) if self._regression(y) else F.cross_entropy(out, y)
 
     def _score(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The per-task metric: query accuracy, or query MSE for regression."""
-        return F.mse_loss(out, y) if self.loss == "mse" else accuracy(out, y)
+        return F.mse_loss(out, y) if self._regression(y) else accuracy(out, y)
 
-    def _output(self, loss: torch.Tensor, score: torch.Tensor, steps: Optional[torch.Tensor] = None) -> AlgoOutput:
-        if self.loss == "mse":
+    def _output(self, y: torch.Tensor, loss: torch.Tensor, score: torch.Tensor,
+                steps: Optional[torch.Tensor] = None) -> AlgoOutput:
+        if self._regression(y):
             return AlgoOutput(loss=loss, mse=score, step_mse=steps)
         return AlgoOutput(loss=loss, acc=score, step_acc=steps)
 
@@ -352,14 +357,14 @@ class MAML(Algorithm):
             if not train:
                 weights = {k: p.detach().requires_grad_() for k, p in self.net.named_parameters()}
                 losses, accs, step_acc = self._tasks(weights, xs, self.eval_inner_steps, False, strategy, workers)
-                return self._output(losses.mean(), accs, step_acc)
+                return self._output(episode.query_y, losses.mean(), accs, step_acc)
             names, params = zip(*self.net.named_parameters())
             if workers > 1 or (self.chunk_size is not None and self.chunk_size < tasks):
                 loss, acc = _MetaGradient.apply(lambda leaves: self._meta_gradient(names, leaves, xs, strategy, workers), *params)
             else:  # the whole meta-batch's graph; loss.backward() differentiates through it
                 losses, acc = self._tasks(dict(zip(names, params)), xs, self.inner_steps, True, strategy)
                 loss = losses.mean()
-        return self._output(loss, acc.detach())
+        return self._output(episode.query_y, loss, acc.detach())
 
 
 class _MetaGradient(torch.autograd.Function):

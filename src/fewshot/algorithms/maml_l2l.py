@@ -7,7 +7,6 @@ self.net at every call instead of being registered as a submodule, which would s
 
 from __future__ import annotations
 
-import learn2learn as l2l
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +45,8 @@ class MAMLL2L(Algorithm):
 
     def forward(self, episode: Episode, train: bool = True) -> AlgoOutput:
         # At test no meta-gradient is needed: adapt first-order (no create_graph).
+        import learn2learn as l2l  # here, not at module import: it takes seconds, and schemas import this module
+
         maml = l2l.algorithms.MAML(self.net, lr=self.inner_lr, first_order=self.first_order or not train)
         steps = self.inner_steps if train else self.eval_inner_steps
         losses, accs, step_accs = [], [], []

@@ -58,7 +58,7 @@ class Pretrained(MAML):
             out = torch.func.vmap(self.net, randomness="error")(x)
         else:
             out = self.net(x.flatten(0, 1)).view(tasks, n, -1)
-        if self.loss == "mse":
+        if self._regression(y):
             per_task = (out - y.view(tasks, n, -1)).pow(2).flatten(1).mean(1)  # (T,)
             return AlgoOutput(loss=per_task.mean(), mse=per_task.detach())
         per_point = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(tasks, n)

@@ -1,8 +1,11 @@
-"""The containers every dataset loader returns and every sampler and algorithm consumes."""
+"""The containers every sampler and algorithm consumes: a split's image bank and a meta-batch of tasks.
+
+The lowest layer of fewshot.data: it imports nothing of the package, so the sampler and the data I/O layer
+build on it and FewShotDataset (fewshot.data.dataset) on those."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -29,7 +32,8 @@ class SplitBank:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 5:
-            raise ValueError(f"SplitBank.images must be uint8 (classes, per_class, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+            raise ValueError(f"SplitBank.images must be uint8 (classes, per_class, C, H, W), "
+                             f"got {self.images.dtype} {tuple(self.images.shape)}")
         if len(self.class_names) != self.images.shape[0]:
             raise ValueError(f"{len(self.class_names)} class names for {self.images.shape[0]} classes")
 
@@ -40,40 +44,6 @@ class SplitBank:
     @property
     def images_per_class(self) -> int:
         return self.images.shape[1]
-
-
-@dataclass
-class FewShotDataset:
-    """A dataset's train/val/test splits plus what a backbone needs to know about its images.
-
-    mean/std: per-channel normalization applied after scaling uint8 to [0, 1].
-    """
-
-    name: str
-    splits: dict[str, SplitBank]
-    channels: int
-    image_size: int
-    mean: tuple[float, ...] = field(default=(0.0,))
-    std: tuple[float, ...] = field(default=(1.0,))
-
-    def split(self, name: str) -> SplitBank:
-        if name not in self.splits:
-            raise DataError(f"dataset {self.name} has no split {name!r}; it has {sorted(self.splits)}")
-        return self.splits[name]
-
-    def check_episode(self, split: str, ways: int, shots: int, queries: int) -> None:
-        """Raise DataError before any training when this episode shape cannot be drawn from `split`."""
-        from fewshot.data.sampler import check_episode_fits
-
-        check_episode_fits(self.split(split), ways, shots, queries, split)
-
-    def sampler(self, split: str, ways: int, shots: int, queries: int, device, seed: int):
-        """The episode sampler for a split: the engine only calls this, so a dataset of another kind
-        (MAML's sinusoid) provides its own sampler with the same sample(tasks) -> Episode call."""
-        from fewshot.data.sampler import EpisodeSampler
-
-        return EpisodeSampler(self.split(split), ways, shots, queries, device=device, seed=seed,
-                              mean=self.mean, std=self.std, split=split)
 
 
 @dataclass
@@ -98,5 +68,6 @@ class Episode:
         return self.ways if self.ways is not None else int(self.support_y.max()) + 1
 
     def to(self, device: torch.device | str) -> "Episode":
-        moved = (t.to(device, non_blocking=True) for t in (self.support_x, self.support_y, self.query_x, self.query_y))
+        tensors = (self.support_x, self.support_y, self.query_x, self.query_y)
+        moved = (t.to(device, non_blocking=True) for t in tensors)
         return Episode(*moved, ways=self.ways)

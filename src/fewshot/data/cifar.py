@@ -14,19 +14,19 @@ that only rebuilds numpy arrays, lists and dicts. All 100 classes are decoded on
 
 from __future__ import annotations
 
-import logging
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
-from fewshot.data import cache as C
-from fewshot.data.base import DataError, FewShotDataset, SplitBank
-from fewshot.data.cachefile import is_uint8_bank, read_cache
-
-log = logging.getLogger(__name__)
+from fewshot.data.base import DataError, SplitBank
+from fewshot.data.dataset import SPLITS, FewShotDataset, check_image_size, check_normalization
+from fewshot.data.io.cache import cached, is_uint8_bank
+from fewshot.data.io.decode import resize_banks, to_bank
+from fewshot.data.io.download import ensure_files
+from fewshot.data.io.hashing import fingerprint
+from fewshot.data.io.pickles import as_text, get_key, restricted_load
 
 CIFAR_DIR = "cifar-100-python"
 CIFAR_FILES: tuple[str, ...] = ("train", "test", "meta")
@@ -79,14 +79,17 @@ def _labels(value: Any, n: int, path: Path, key: str, high: int) -> np.ndarray:
     except (TypeError, ValueError) as e:
         raise DataError(f"{path}: {key} is not a list of integers ({e}); replace it with the original") from e
     if len(arr) != n or (n and (arr.min() < 0 or arr.max() >= high)):
-        raise DataError(f"{path}: {key} has {len(arr)} labels for {n} images or labels outside 0..{high - 1}; replace it with the original")
+        raise DataError(
+            f"{path}: {key} has {len(arr)} labels for {n} images or "
+            f"labels outside 0..{high - 1}; replace it with the original"
+        )
     return arr
 
 
 def _names(value: Any, n: int, path: Path, key: str) -> list[str]:
     if not isinstance(value, (list, tuple)) or len(value) != n:
         raise DataError(f"{path}: {key} is not a list of {n} names; replace it with the original")
-    return [C.as_text(v) for v in value]
+    return [as_text(v) for v in value]
 
 
 def _decode_cifar100(folder: Path, image_size: int, images_per_class: int) -> dict[str, Any]:
@@ -94,18 +97,20 @@ def _decode_cifar100(folder: Path, image_size: int, images_per_class: int) -> di
     datas, fines, coarses = [], [], []
     for name in ("train", "test"):
         path = folder / name
-        d = C.restricted_load(path, WHAT)
-        data = C.get_key(d, "data", path, WHAT)
-        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3 * CIFAR_SIZE * CIFAR_SIZE):
+        d = restricted_load(path, WHAT)
+        data = get_key(d, "data", path, WHAT)
+        row = 3 * CIFAR_SIZE * CIFAR_SIZE
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == row):
             desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
             raise DataError(f"{path}: data is {desc}, expected N x 3072 uint8; replace it with the original")
         datas.append(data)
-        fines.append(_labels(C.get_key(d, "fine_labels", path, WHAT), len(data), path, "fine_labels", NUM_FINE))
-        coarses.append(_labels(C.get_key(d, "coarse_labels", path, WHAT), len(data), path, "coarse_labels", NUM_COARSE))
+        fines.append(_labels(get_key(d, "fine_labels", path, WHAT), len(data), path, "fine_labels", NUM_FINE))
+        coarses.append(_labels(get_key(d, "coarse_labels", path, WHAT), len(data), path, "coarse_labels", NUM_COARSE))
     meta_path = folder / "meta"
-    meta = C.restricted_load(meta_path, WHAT)
-    fine_names = _names(C.get_key(meta, "fine_label_names", meta_path, WHAT), NUM_FINE, meta_path, "fine_label_names")
-    coarse_names = _names(C.get_key(meta, "coarse_label_names", meta_path, WHAT), NUM_COARSE, meta_path, "coarse_label_names")
+    meta = restricted_load(meta_path, WHAT)
+    fine_names = _names(get_key(meta, "fine_label_names", meta_path, WHAT), NUM_FINE, meta_path, "fine_label_names")
+    coarse_names = _names(get_key(meta, "coarse_label_names", meta_path, WHAT), NUM_COARSE, meta_path,
+                          "coarse_label_names")
 
     data = np.concatenate(datas)
     fine, coarse = np.concatenate(fines), np.concatenate(coarses)
@@ -114,63 +119,63 @@ def _decode_cifar100(folder: Path, image_size: int, images_per_class: int) -> di
     if len(bad):
         c = int(bad[0])
         raise DataError(
-            f"{folder}: class {fine_names[c]} has {counts[c]} images in train+test, expected images_per_class={images_per_class} "
-            f"({len(bad)} classes differ); replace the pickles with the original CIFAR-100 or set images_per_class"
+            f"{folder}: class {fine_names[c]} has {counts[c]} images in train+test, "
+            f"expected images_per_class={images_per_class} ({len(bad)} classes differ); "
+            "replace the pickles with the original CIFAR-100 or set images_per_class"
         )
     coarse_of_fine = []
     for c in range(NUM_FINE):
         parents = np.unique(coarse[fine == c])
         if len(parents) != 1:
-            raise DataError(f"{folder}: class {fine_names[c]} has coarse labels {parents.tolist()}, expected one; replace the pickles with the original")
+            raise DataError(
+                f"{folder}: class {fine_names[c]} has coarse labels {parents.tolist()}, "
+                "expected one; replace the pickles with the original"
+            )
         coarse_of_fine.append(int(parents[0]))
     per_coarse = np.bincount(coarse_of_fine, minlength=NUM_COARSE)
     if (per_coarse != FINE_PER_COARSE).any():
-        raise DataError(f"{folder}: superclasses hold {per_coarse.tolist()} classes, CIFAR-100 has {FINE_PER_COARSE} in each; replace the pickles with the original")
+        raise DataError(
+            f"{folder}: superclasses hold {per_coarse.tolist()} classes, CIFAR-100 "
+            f"has {FINE_PER_COARSE} in each; replace the pickles with the original"
+        )
 
     order = np.argsort(fine, kind="stable")  # class-major; within a class, train images then test, in file order
     images = data[order].reshape(-1, 3, CIFAR_SIZE, CIFAR_SIZE).transpose(0, 2, 3, 1)  # channel-first rows -> HWC
-    images = C.resize_banks(np.ascontiguousarray(images), image_size, f"resizing {WHAT} to {image_size}x{image_size}")
+    images = resize_banks(np.ascontiguousarray(images), image_size, f"resizing {WHAT} to {image_size}x{image_size}")
     return {
-        "images": C.to_bank(images, NUM_FINE, images_per_class),
+        "images": to_bank(images, NUM_FINE, images_per_class),
         "fine_names": fine_names,
         "coarse_of_fine": coarse_of_fine,
         "coarse_names": coarse_names,
     }
 
 
-def _read_cache(path: Path, fp: str, image_size: int, images_per_class: int) -> Optional[dict[str, Any]]:
-    return read_cache(path, fp, FORMAT_VERSION, WHAT, lambda d: (
-        is_uint8_bank(d["images"], (NUM_FINE, images_per_class, 3, image_size, image_size))
-        and len(d["fine_names"]) == NUM_FINE and len(d["coarse_of_fine"]) == NUM_FINE
-        and len(d["coarse_names"]) == NUM_COARSE), mmap=True)
-
-
 def load_cifar100(
-    root: str, cache_dir: str, image_size: int = 32, images_per_class: int = 600, url: Optional[str] = None, md5: Optional[str] = None
+    root: str, cache_dir: str, image_size: int = 32, images_per_class: int = 600, url: Optional[str] = None,
+    md5: Optional[str] = None,
 ) -> dict[str, Any]:
     """All CIFAR-100 classes, decoded once and cached: {'images': (100, per, 3, S, S) uint8 in fine-label order,
     'fine_names', 'coarse_of_fine' (coarse index of each fine class), 'coarse_names'}."""
-    C.check_image_size(image_size, WHAT)
+    check_image_size(image_size, WHAT)
     if images_per_class < 1:
         raise DataError(f"{WHAT} images_per_class must be positive, got {images_per_class}")
     root_p = Path(root).expanduser().absolute()
     folder = cifar_dir(root_p)
     files = [folder / n for n in CIFAR_FILES]
     hint = f" (from the official archive {OFFICIAL_URL}, md5 {OFFICIAL_MD5}, which unpacks to {root_p / CIFAR_DIR})"
-    C.ensure_files(files, root_p, url, md5, WHAT, hint=hint)
+    ensure_files(files, root_p, url, md5, WHAT, hint=hint)
     folder = cifar_dir(root_p)
     files = [folder / n for n in CIFAR_FILES]
-    fp = C.fingerprint("cifar100", FORMAT_VERSION, {"image_size": image_size, "images_per_class": images_per_class}, files)
-    path = Path(cache_dir).expanduser() / f"cifar100_{fp}.pt"
-    data = _read_cache(path, fp, image_size, images_per_class)
-    if data is not None:
-        log.debug("%s loaded from cache %s", WHAT, path)
-        return data
-    start = time.perf_counter()
-    data = {"format_version": FORMAT_VERSION, "fingerprint": fp, **_decode_cifar100(folder, image_size, images_per_class)}
-    C.write_cache(path, data, WHAT)
-    log.info("decoded %s (%d images) in %.1fs into %s", WHAT, NUM_FINE * images_per_class, time.perf_counter() - start, path)
-    return data
+    params = {"image_size": image_size, "images_per_class": images_per_class}
+    fp = fingerprint("cifar100", FORMAT_VERSION, params, files)
+    shape = (NUM_FINE, images_per_class, 3, image_size, image_size)
+    return cached(
+        Path(cache_dir).expanduser() / f"cifar100_{fp}.pt", fp, FORMAT_VERSION, WHAT,
+        valid=lambda d: (is_uint8_bank(d["images"], shape) and len(d["fine_names"]) == NUM_FINE
+                         and len(d["coarse_of_fine"]) == NUM_FINE and len(d["coarse_names"]) == NUM_COARSE),
+        decode=lambda: _decode_cifar100(folder, image_size, images_per_class),
+        describe=lambda d: f"{NUM_FINE * images_per_class} images", mmap=True,
+    )
 
 
 # --------------------------------------------------------------------------------------------- splits
@@ -181,8 +186,8 @@ def read_cifar_fs_split(split_dir: Path) -> dict[str, list[str]]:
     missing = [split_dir / n for n in CIFAR_FS_FILES.values() if not (split_dir / n).is_file()]
     if missing:
         raise DataError(
-            f"CIFAR-FS split files not found: put {', '.join(str(p) for p in missing)} there "
-            f"(the cifar-fs_splits/ of bertinetto/r2d2), or set split_dir"
+            f"CIFAR-FS split files not found: put {', '.join(str(p) for p in missing)} "
+            "there (the cifar-fs_splits/ of bertinetto/r2d2), or set split_dir"
         )
     out = {}
     for split, name in CIFAR_FS_FILES.items():
@@ -225,7 +230,7 @@ def load_cifar_fs(
         cifar-100-python.tar.gz); None: local files only.
     """
     _check_format(format, "CIFAR-FS")
-    mean_t, std_t = C.check_normalization(mean, std, 3, "CIFAR-FS")
+    mean_t, std_t = check_normalization(mean, std, 3, "CIFAR-FS")
     split_p = Path(split_dir).expanduser().absolute()
     classes = read_cifar_fs_split(split_p)  # before decoding anything: a missing split file fails fast
     data = load_cifar100(root, cache_dir, image_size, images_per_class, url, md5)
@@ -234,20 +239,26 @@ def load_cifar_fs(
         path = split_p / CIFAR_FS_FILES[split]
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise DataError(f"{path} names classes that are not CIFAR-100 fine labels: {', '.join(unknown[:5])}; restore the split file")
+            raise DataError(
+                f"{path} names classes that are not CIFAR-100 fine "
+                f"labels: {', '.join(unknown[:5])}; restore the split file"
+            )
         if len(names) != CIFAR_FS_CLASSES[split] or len(set(names)) != len(names):
-            raise DataError(f"{path} lists {len(names)} classes ({len(set(names))} distinct), CIFAR-FS has {CIFAR_FS_CLASSES[split]}; restore the split file")
+            raise DataError(
+                f"{path} lists {len(names)} classes ({len(set(names))} distinct), "
+                f"CIFAR-FS has {CIFAR_FS_CLASSES[split]}; restore the split file"
+            )
         for n in names:
             if n in seen:
                 raise DataError(f"CIFAR-FS class {n} is in both {seen[n]} and {path}; restore the split files")
             seen[n] = str(path)
-    splits = {s: _bank(data, classes[s]) for s in C.SPLITS}
+    splits = {s: _bank(data, classes[s]) for s in SPLITS}
     return FewShotDataset(name="cifar_fs", splits=splits, channels=3, image_size=image_size, mean=mean_t, std=std_t)
 
 
 def fc100_classes(fine_names: Sequence[str], coarse_of_fine: Sequence[int]) -> dict[str, list[str]]:
     """FC100's fine classes of each split (fine-label order), from the superclass lists."""
-    return {s: [n for n, c in zip(fine_names, coarse_of_fine) if c in FC100_SUPERCLASSES[s]] for s in C.SPLITS}
+    return {s: [n for n, c in zip(fine_names, coarse_of_fine) if c in FC100_SUPERCLASSES[s]] for s in SPLITS}
 
 
 def load_fc100(
@@ -264,8 +275,8 @@ def load_fc100(
     """FC100: banks of uint8 (60|20|20, images_per_class, 3, S, S), split by CIFAR-100 superclass
     (FC100_SUPERCLASSES), classes in fine-label order. Arguments as in load_cifar_fs."""
     _check_format(format, "FC100")
-    mean_t, std_t = C.check_normalization(mean, std, 3, "FC100")
+    mean_t, std_t = check_normalization(mean, std, 3, "FC100")
     data = load_cifar100(root, cache_dir, image_size, images_per_class, url, md5)
     classes = fc100_classes(data["fine_names"], data["coarse_of_fine"])
-    splits = {s: _bank(data, classes[s]) for s in C.SPLITS}
+    splits = {s: _bank(data, classes[s]) for s in SPLITS}
     return FewShotDataset(name="fc100", splits=splits, channels=3, image_size=image_size, mean=mean_t, std=std_t)

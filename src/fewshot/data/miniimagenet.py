@@ -11,23 +11,42 @@ Two on-disk formats are read:
 Either way the decoded banks are cached in ``cache_dir`` under a fingerprint of the sources and the preprocessing.
 The Ravi CSVs are looked for in ``root/splits/ravi/``, then next to the images (``root/``), then in ``split_dir``;
 when found, every split's class list must equal theirs (with format=csv, also those in split_dir when that is
-another folder).
+another folder). Reading and checking those CSVs is fewshot.data.ravi's.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
-import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-from fewshot.data import cache as C
-from fewshot.data.base import DataError, FewShotDataset
+from fewshot.data.base import DataError
+from fewshot.data.dataset import (
+    SPLITS,
+    FewShotDataset,
+    banks_from_payload,
+    check_image_size,
+    check_normalization,
+    splits_payload_valid,
+)
+from fewshot.data.io.cache import cached
+from fewshot.data.io.decode import corrupt, decode_image, fill_parallel, resize_banks, to_bank
+from fewshot.data.io.download import ensure_files
+from fewshot.data.io.hashing import fingerprint
+from fewshot.data.io.pickles import as_text, get_key, restricted_load
+from fewshot.data.ravi import (
+    CSV_NAMES,
+    check_classes,
+    find_split_dir,
+    group_by_class,
+    read_split_csv,
+    split_classes,
+    split_dir_candidates,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,99 +55,11 @@ PICKLE_NAMES: dict[str, str] = {
     "val": "mini-imagenet-cache-validation.pkl",
     "test": "mini-imagenet-cache-test.pkl",
 }
-CSV_NAMES: dict[str, str] = {"train": "train.csv", "val": "val.csv", "test": "test.csv"}
-RAVI_CLASSES: dict[str, int] = {"train": 64, "val": 16, "test": 20}
 FORMATS: tuple[str, ...] = ("pickle", "csv")
 IMAGES_DIR = "images"
 # Bump when decoding or the cache layout changes, so old caches are rebuilt.
 FORMAT_VERSION = 1
 WHAT = "miniImageNet"
-
-
-# --------------------------------------------------------------------------------------------- split files
-
-
-def read_split_csv(path: Path) -> list[tuple[str, str]]:
-    """(filename, label) rows of a Ravi split CSV (header ``filename,label``)."""
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"cannot read the split file {path} ({e}); restore it from the Ravi split") from e
-    if not rows or [c.strip() for c in rows[0]] != ["filename", "label"]:
-        raise DataError(f"{path} does not start with the header 'filename,label'; restore it from the Ravi split")
-    out = []
-    for lineno, row in enumerate(rows[1:], 2):
-        if not row or not "".join(row).strip():
-            continue
-        if len(row) != 2 or not row[0].strip() or not row[1].strip():
-            raise DataError(f"{path}:{lineno}: expected 'filename,label', got {','.join(row)!r}")
-        out.append((row[0].strip(), row[1].strip()))
-    if not out:
-        raise DataError(f"{path} lists no images; restore it from the Ravi split")
-    return out
-
-
-def split_dir_candidates(root: Path, split_dir: Optional[Path]) -> list[Path]:
-    """Where the Ravi CSVs are looked for, in order: root/splits/ravi, root (next to images/), split_dir."""
-    out: list[Path] = []
-    for d in (root / "splits" / "ravi", root, split_dir):
-        if d is not None and all(d.resolve() != o.resolve() for o in out):
-            out.append(d)
-    return out
-
-
-def find_split_dir(root: Path, split_dir: Optional[Path]) -> Optional[Path]:
-    """The first candidate folder holding all three Ravi CSVs, or None."""
-    for d in split_dir_candidates(root, split_dir):
-        if all((d / n).is_file() for n in CSV_NAMES.values()):
-            return d
-    return None
-
-
-def _group(rows: Sequence[tuple[str, str]]) -> "OrderedDict[str, list[str]]":
-    by_class: OrderedDict[str, list[str]] = OrderedDict()
-    for filename, label in rows:
-        by_class.setdefault(label, []).append(filename)
-    return by_class
-
-
-def split_classes(folder: Path) -> dict[str, list[str]]:
-    """Class wnids of each split as listed in folder/{train,val,test}.csv (order of first appearance)."""
-    return {s: list(_group(read_split_csv(folder / CSV_NAMES[s]))) for s in C.SPLITS}
-
-
-def _diff(have: Sequence[str], want: Sequence[str]) -> str:
-    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-    parts = []
-    if missing:
-        parts.append(f"missing {len(missing)} ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
-    if extra:
-        parts.append(f"unexpected {len(extra)} ({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''})")
-    return "; ".join(parts)
-
-
-def check_classes(classes: dict[str, list[str]], source: str, reference: Optional[dict[str, list[str]]], ref_dir: Optional[Path]) -> None:
-    """64/16/20 distinct classes, no class in two splits, and (when given) the same classes as the split files."""
-    seen: dict[str, str] = {}
-    for split in C.SPLITS:
-        names = classes[split]
-        if len(set(names)) != len(names):
-            raise DataError(f"{WHAT} {split} split in {source} lists a class twice")
-        if len(names) != RAVI_CLASSES[split]:
-            raise DataError(
-                f"{WHAT} {split} split in {source} has {len(names)} classes, the Ravi split has {RAVI_CLASSES[split]}; "
-                f"replace the files with the original miniImageNet"
-            )
-        for n in names:
-            if n in seen:
-                raise DataError(f"{WHAT} class {n} is in both the {seen[n]} and {split} splits of {source}; the files are mixed up")
-            seen[n] = split
-        if reference is not None and set(names) != set(reference[split]):
-            raise DataError(
-                f"{WHAT} {split} classes in {source} differ from the Ravi split file {ref_dir / CSV_NAMES[split]}: "
-                f"{_diff(names, reference[split])}"
-            )
 
 
 # --------------------------------------------------------------------------------------------- decoding
@@ -137,18 +68,21 @@ def check_classes(classes: dict[str, list[str]], source: str, reference: Optiona
 def _decode_pickles(root: Path, image_size: int, images_per_class: int) -> dict[str, dict]:
     """Each split's pickle -> {'images': (classes, per_class, 3, S, S) uint8, 'class_names': sorted wnids}."""
     out = {}
-    for split in C.SPLITS:
+    for split in SPLITS:
         path = root / PICKLE_NAMES[split]
-        data = C.restricted_load(path, WHAT)
-        image_data = C.get_key(data, "image_data", path, WHAT)
-        class_dict = C.get_key(data, "class_dict", path, WHAT)
-        if not (isinstance(image_data, np.ndarray) and image_data.dtype == np.uint8 and image_data.ndim == 4 and image_data.shape[3] == 3):
-            desc = f"{image_data.dtype} {image_data.shape}" if isinstance(image_data, np.ndarray) else type(image_data).__name__
+        data = restricted_load(path, WHAT)
+        image_data = get_key(data, "image_data", path, WHAT)
+        class_dict = get_key(data, "class_dict", path, WHAT)
+        is_array = isinstance(image_data, np.ndarray)
+        if not (is_array and image_data.dtype == np.uint8 and image_data.ndim == 4 and image_data.shape[3] == 3):
+            desc = f"{image_data.dtype} {image_data.shape}" if is_array else type(image_data).__name__
             raise DataError(f"{path}: image_data is {desc}, expected N x H x W x 3 uint8; replace it with the original")
         if not isinstance(class_dict, dict) or not class_dict:
-            raise DataError(f"{path}: class_dict is not a non-empty dict of wnid -> image indices; replace it with the original")
-        names = sorted(C.as_text(k) for k in class_dict)
-        by_name = {C.as_text(k): v for k, v in class_dict.items()}
+            raise DataError(
+                f"{path}: class_dict is not a non-empty dict of wnid -> image indices; replace it with the original"
+            )
+        names = sorted(as_text(k) for k in class_dict)
+        by_name = {as_text(k): v for k, v in class_dict.items()}
         order = []
         for name in names:
             try:
@@ -158,7 +92,7 @@ def _decode_pickles(root: Path, image_size: int, images_per_class: int) -> dict[
             if len(idx) != images_per_class:
                 raise DataError(
                     f"{path}: class {name} has {len(idx)} images, expected images_per_class={images_per_class}; "
-                    f"replace the file with the original (600 per class) or set images_per_class"
+                    "replace the file with the original (600 per class) or set images_per_class"
                 )
             if idx.size and (idx.min() < 0 or idx.max() >= len(image_data)):
                 raise DataError(f"{path}: class {name} points at images outside image_data (0..{len(image_data) - 1})")
@@ -166,22 +100,22 @@ def _decode_pickles(root: Path, image_size: int, images_per_class: int) -> dict[
         flat = np.concatenate(order)
         if len(np.unique(flat)) != len(flat):
             raise DataError(f"{path}: class_dict puts an image in two classes; replace the file with the original")
-        images = C.resize_banks(image_data[flat], image_size, f"resizing {WHAT} {split} to {image_size}x{image_size}")
-        out[split] = {"images": C.to_bank(images, len(names), images_per_class), "class_names": names}
+        images = resize_banks(image_data[flat], image_size, f"resizing {WHAT} {split} to {image_size}x{image_size}")
+        out[split] = {"images": to_bank(images, len(names), images_per_class), "class_names": names}
     return out
 
 
 def _csv_sources(root: Path, csv_dir: Path, images_per_class: int) -> dict[str, "OrderedDict[str, list[str]]"]:
     """Per split, wnid -> its image filenames from the CSVs, each class with exactly images_per_class rows."""
     out = {}
-    for split in C.SPLITS:
+    for split in SPLITS:
         path = csv_dir / CSV_NAMES[split]
-        by_class = _group(read_split_csv(path))
+        by_class = group_by_class(read_split_csv(path))
         for label, files in by_class.items():
             if len(files) != images_per_class:
                 raise DataError(
                     f"{path}: class {label} has {len(files)} images, expected images_per_class={images_per_class}; "
-                    f"restore the Ravi CSV (600 per class) or set images_per_class"
+                    "restore the Ravi CSV (600 per class) or set images_per_class"
                 )
         out[split] = by_class
     return out
@@ -190,7 +124,7 @@ def _csv_sources(root: Path, csv_dir: Path, images_per_class: int) -> dict[str, 
 def _image_stats(images_dir: Path, sources: dict[str, "OrderedDict[str, list[str]]"]) -> list[str]:
     """name:size:mtime of every listed image (for the fingerprint); DataError naming the missing ones."""
     stats, missing, total = [], [], 0
-    for split in C.SPLITS:
+    for split in SPLITS:
         for files in sources[split].values():
             for name in files:
                 total += 1
@@ -202,16 +136,17 @@ def _image_stats(images_dir: Path, sources: dict[str, "OrderedDict[str, list[str
                 stats.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
     if missing:
         raise DataError(
-            f"{len(missing)} of the {total} images listed in the split CSVs are missing from {images_dir} "
-            f"(e.g. {images_dir / missing[0]}); put the miniImageNet images there"
+            f"{len(missing)} of the {total} images listed in the split CSVs are missing from "
+            f"{images_dir} (e.g. {images_dir / missing[0]}); put the miniImageNet images there"
         )
     return stats
 
 
-def _decode_csv(images_dir: Path, sources: dict[str, "OrderedDict[str, list[str]]"], image_size: int, images_per_class: int) -> dict[str, dict]:
+def _decode_csv(images_dir: Path, sources: dict[str, "OrderedDict[str, list[str]]"], image_size: int,
+                images_per_class: int) -> dict[str, dict]:
     """Decode every listed image into (classes, per_class, 3, S, S) uint8 banks, resized with Lanczos."""
     out = {}
-    for split in C.SPLITS:
+    for split in SPLITS:
         names = list(sources[split])
         files = [f for n in names for f in sources[split][n]]
         arr = np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
@@ -219,12 +154,12 @@ def _decode_csv(images_dir: Path, sources: dict[str, "OrderedDict[str, list[str]
         def work(i: int, files=files, arr=arr) -> None:
             path = images_dir / files[i]
             try:
-                arr[i] = C.decode_image(path.read_bytes(), image_size)
+                arr[i] = decode_image(path.read_bytes(), image_size)
             except (OSError, SyntaxError, ValueError) as e:
-                raise C.corrupt(path, WHAT, e) from e
+                raise corrupt(path, WHAT, e) from e
 
-        C.fill_parallel(len(files), work, f"decoding {WHAT} {split} to {image_size}x{image_size}")
-        out[split] = {"images": C.to_bank(arr, len(names), images_per_class), "class_names": names}
+        fill_parallel(len(files), work, f"decoding {WHAT} {split} to {image_size}x{image_size}")
+        out[split] = {"images": to_bank(arr, len(names), images_per_class), "class_names": names}
     return out
 
 
@@ -255,10 +190,10 @@ def load_miniimagenet(
     """
     if format not in FORMATS:
         raise DataError(f"unknown {WHAT} format {format!r}; choose one of {', '.join(FORMATS)}")
-    C.check_image_size(image_size, WHAT)
+    check_image_size(image_size, WHAT)
     if images_per_class < 1:
         raise DataError(f"{WHAT} images_per_class must be positive, got {images_per_class}")
-    mean_t, std_t = C.check_normalization(mean, std, 3, WHAT)
+    mean_t, std_t = check_normalization(mean, std, 3, WHAT)
     root_p = Path(root).expanduser().absolute()
     split_p = Path(split_dir).expanduser().absolute() if split_dir else None
     cache_p = Path(cache_dir).expanduser()
@@ -266,45 +201,52 @@ def load_miniimagenet(
     params = {"image_size": image_size, "images_per_class": images_per_class}
 
     if format == "pickle":
-        sources = [root_p / PICKLE_NAMES[s] for s in C.SPLITS]
-        C.ensure_files(sources, root_p, url, md5, WHAT, hint=f" (or set format=csv with the images in {root_p / IMAGES_DIR})")
-        fp = C.fingerprint("miniimagenet-pickle", FORMAT_VERSION, params, sources)
+        sources = [root_p / PICKLE_NAMES[s] for s in SPLITS]
+        hint = f" (or set format=csv with the images in {root_p / IMAGES_DIR})"
+        ensure_files(sources, root_p, url, md5, WHAT, hint=hint)
+        fp = fingerprint("miniimagenet-pickle", FORMAT_VERSION, params, sources)
         decode = lambda: _decode_pickles(root_p, image_size, images_per_class)  # noqa: E731
         source_desc = str(root_p)
     else:
         images_dir = root_p / IMAGES_DIR
         csv_dir = find_split_dir(root_p, split_p)
-        required = [images_dir] + ([] if csv_dir else [root_p / "splits" / "ravi" / CSV_NAMES[s] for s in C.SPLITS])
-        C.ensure_files(required, root_p, url, md5, WHAT, hint=f" ({images_dir} holds the images the CSVs name; the Ravi CSVs may also sit in {candidates})")
+        required = [images_dir] + ([] if csv_dir else [root_p / "splits" / "ravi" / CSV_NAMES[s] for s in SPLITS])
+        hint = f" ({images_dir} holds the images the CSVs name; the Ravi CSVs may also sit in {candidates})"
+        ensure_files(required, root_p, url, md5, WHAT, hint=hint)
         csv_dir = csv_dir or find_split_dir(root_p, split_p)
         if csv_dir is None:
-            raise DataError(f"{WHAT} split files {', '.join(CSV_NAMES.values())} not found in {candidates}; put the Ravi CSVs there")
+            raise DataError(
+                f"{WHAT} split files {', '.join(CSV_NAMES.values())} "
+                f"not found in {candidates}; put the Ravi CSVs there"
+            )
         srcs = _csv_sources(root_p, csv_dir, images_per_class)
         stats = _image_stats(images_dir, srcs)
-        csv_files = [csv_dir / CSV_NAMES[s] for s in C.SPLITS]
-        fp = C.fingerprint("miniimagenet-csv", FORMAT_VERSION, params, csv_files, stats)
+        csv_files = [csv_dir / CSV_NAMES[s] for s in SPLITS]
+        fp = fingerprint("miniimagenet-csv", FORMAT_VERSION, params, csv_files, stats)
         decode = lambda: _decode_csv(images_dir, srcs, image_size, images_per_class)  # noqa: E731
         source_desc = f"{csv_dir} with {images_dir}"
 
-    path = cache_p / f"miniimagenet_{format}_{fp}.pt"
-    payload = C.read_splits_cache(path, fp, FORMAT_VERSION, WHAT, 3, image_size)
-    if payload is None:
-        start = time.perf_counter()
+    def decode_checked() -> dict:
         splits = decode()
-        check_classes({s: splits[s]["class_names"] for s in C.SPLITS}, source_desc, None, None)
-        payload = {"format_version": FORMAT_VERSION, "fingerprint": fp, "image_size": image_size, "splits": splits}
-        C.write_cache(path, payload, WHAT)
-        n = sum(int(splits[s]["images"].shape[0] * splits[s]["images"].shape[1]) for s in C.SPLITS)
-        log.info("decoded %s (%d images, %s) in %.1fs into %s", WHAT, n, format, time.perf_counter() - start, path)
-    else:
-        log.debug("%s loaded from cache %s", WHAT, path)
+        check_classes({s: splits[s]["class_names"] for s in SPLITS}, source_desc, None, None)
+        return {"image_size": image_size, "splits": splits}
+
+    def describe(payload: dict) -> str:
+        n = sum(int(e["images"].shape[0] * e["images"].shape[1]) for e in payload["splits"].values())
+        return f"{n} images, {format}"
+
+    path = cache_p / f"miniimagenet_{format}_{fp}.pt"
+    payload = cached(path, fp, FORMAT_VERSION, WHAT, splits_payload_valid(3, image_size), decode_checked, describe,
+                     mmap=True)
 
     # The class lists are checked against the split files on every load (the cache does not depend on them).
-    classes = {s: list(payload["splits"][s]["class_names"]) for s in C.SPLITS}
+    classes = {s: list(payload["splits"][s]["class_names"]) for s in SPLITS}
     ref_dir = find_split_dir(root_p, split_p) if format == "pickle" else split_p
-    if format == "csv" and (ref_dir is None or not all((ref_dir / n).is_file() for n in CSV_NAMES.values()) or ref_dir.resolve() == csv_dir.resolve()):
+    if format == "csv" and (ref_dir is None or not all((ref_dir / n).is_file() for n in CSV_NAMES.values())
+                            or ref_dir.resolve() == csv_dir.resolve()):
         ref_dir = None  # the CSVs used are the split files
     if format == "pickle" and ref_dir is None:
         log.warning("%s class lists not checked: no Ravi split CSVs in %s", WHAT, candidates)
     check_classes(classes, source_desc, split_classes(ref_dir) if ref_dir else None, ref_dir)
-    return FewShotDataset(name="miniimagenet", splits=C.banks_from_payload(payload), channels=3, image_size=image_size, mean=mean_t, std=std_t)
+    return FewShotDataset(name="miniimagenet", splits=banks_from_payload(payload), channels=3, image_size=image_size,
+                          mean=mean_t, std=std_t)

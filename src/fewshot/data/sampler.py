@@ -17,11 +17,13 @@ def check_episode_fits(bank: SplitBank, ways: int, shots: int, queries: int, spl
     if ways < 2:
         raise DataError(f"episode.ways={ways}: a classification task needs at least 2 ways")
     if ways > bank.num_classes:
-        raise DataError(f"episode.ways={ways} exceeds the {bank.num_classes} classes of the {split} split; lower episode.ways")
+        raise DataError(
+            f"episode.ways={ways} exceeds the {bank.num_classes} classes of the {split} split; lower episode.ways"
+        )
     if shots + queries > bank.images_per_class:
         raise DataError(
-            f"episode.shots + episode.queries = {shots} + {queries} exceeds the {bank.images_per_class} images per class "
-            f"of the {split} split; lower episode.shots or episode.queries"
+            f"episode.shots + episode.queries = {shots} + {queries} exceeds the {bank.images_per_class} "
+            f"images per class of the {split} split; lower episode.shots or episode.queries"
         )
 
 

@@ -94,7 +94,9 @@ class SinusoidTasks:
         if split not in ("train", "val", "test"):
             raise DataError(f"dataset {self.name} has no split {split!r}; it has ['test', 'train', 'val']")
         if ways != 1:
-            raise DataError(f"episode.ways={ways}: sinusoid regression has one output, set episode.ways=1 (and eval.ways=null)")
+            raise DataError(
+                f"episode.ways={ways}: sinusoid regression has one output, set episode.ways=1 (and eval.ways=null)"
+            )
         for key, value in (("episode.shots", shots), ("episode.queries", queries)):
             if value < 1:
                 raise DataError(f"{key}={value}: must be at least 1")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fewshot.data.base import FewShotDataset, SplitBank
+from fewshot.data.base import SplitBank
+from fewshot.data.dataset import FewShotDataset
 
 
 def load_synthetic(
@@ -31,9 +32,11 @@ def load_synthetic(
             x[c, i] = torch.roll(x[c, i], shifts=tuple(shifts[c, i].tolist()), dims=(-2, -1))
     x = (x + noise * torch.randn(x.shape, generator=g)).clamp_(0, 1)
     images = (x * 255).round().to(torch.uint8)
-    bounds = {"train": (0, train_classes), "val": (train_classes, train_classes + val_classes), "test": (train_classes + val_classes, total)}
+    val_end = train_classes + val_classes
+    bounds = {"train": (0, train_classes), "val": (train_classes, val_end), "test": (val_end, total)}
     splits = {
         name: SplitBank(images[a:b].contiguous(), [f"synthetic/{c:04d}" for c in range(a, b)], rotate=False)
         for name, (a, b) in bounds.items()
     }
-    return FewShotDataset("synthetic", splits, channels=channels, image_size=image_size, mean=(0.0,) * channels, std=(1.0,) * channels)
+    return FewShotDataset(
+        "synthetic", splits, channels=channels, image_size=image_size, mean=(0.0,) * channels, std=(1.0,) * channels)

@@ -21,15 +21,26 @@ dropped on every load. The decoded banks are cached in cache_dir under a fingerp
 from __future__ import annotations
 
 import logging
-import time
-import zipfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from fewshot.data import cache as C
-from fewshot.data.base import DataError, FewShotDataset
+from fewshot.data.base import DataError
+from fewshot.data.dataset import (
+    SPLITS,
+    FewShotDataset,
+    banks_from_payload,
+    check_image_size,
+    check_normalization,
+    splits_payload_valid,
+)
+from fewshot.data.io.cache import cached
+from fewshot.data.io.decode import corrupt, decode_image, fill_parallel, resize_banks, to_bank
+from fewshot.data.io.download import ensure_files
+from fewshot.data.io.hashing import fingerprint
+from fewshot.data.io.npz import npz_array
+from fewshot.data.io.pickles import as_text, get_key, restricted_load
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +65,17 @@ def labels_file(split: str) -> str:
 
 def _read_labels(path: Path) -> tuple[np.ndarray, list[str], Optional[np.ndarray], Optional[list[str]]]:
     """(class index per image, class names, superclass index per image or None, superclass names or None)."""
-    d = C.restricted_load(path, WHAT)
+    d = restricted_load(path, WHAT)
     if not isinstance(d, dict):
-        raise DataError(f"{path} holds a {type(d).__name__}, not the dict of a {WHAT} labels file; replace it with the original")
-    keys = {C.as_text(k): k for k in d}
+        raise DataError(
+            f"{path} holds a {type(d).__name__}, not the dict of a {WHAT} labels file; replace it with the original"
+        )
+    keys = {as_text(k): k for k in d}
     if "label_specific" in keys:
         specific = np.asarray(d[keys["label_specific"]], dtype=np.int64).reshape(-1)
-        names = [C.as_text(n) for n in C.get_key(d, "label_specific_str", path, WHAT)]
+        names = [as_text(n) for n in get_key(d, "label_specific_str", path, WHAT)]
         general = np.asarray(d[keys["label_general"]], dtype=np.int64).reshape(-1) if "label_general" in keys else None
-        general_names = [C.as_text(n) for n in d[keys["label_general_str"]]] if "label_general_str" in keys else None
+        general_names = [as_text(n) for n in d[keys["label_general_str"]]] if "label_general_str" in keys else None
     elif "labels" in keys:  # MetaOptNet's repackaging: {'labels': [...], maybe 'catname2label': {...}}
         specific = np.asarray(d[keys["labels"]], dtype=np.int64).reshape(-1)
         top = int(specific.max()) + 1 if len(specific) else 0
@@ -70,14 +83,19 @@ def _read_labels(path: Path) -> tuple[np.ndarray, list[str], Optional[np.ndarray
         if "catname2label" in keys and isinstance(d[keys["catname2label"]], dict):
             for name, label in d[keys["catname2label"]].items():
                 if 0 <= int(label) < top:
-                    names[int(label)] = C.as_text(name)
+                    names[int(label)] = as_text(name)
         general, general_names = None, None
     else:
-        raise DataError(f"{path} has neither 'label_specific' nor 'labels' (it has {', '.join(sorted(keys))}); replace it with the original")
+        raise DataError(
+            f"{path} has neither 'label_specific' nor 'labels' (it has "
+            f"{', '.join(sorted(keys))}); replace it with the original"
+        )
     if len(specific) and (specific.min() < 0 or specific.max() >= len(names)):
         raise DataError(f"{path}: class indices outside 0..{len(names) - 1}; replace it with the original")
     if general is not None and len(general) != len(specific):
-        raise DataError(f"{path}: {len(general)} superclass labels for {len(specific)} images; replace it with the original")
+        raise DataError(
+            f"{path}: {len(general)} superclass labels for {len(specific)} images; replace it with the original"
+        )
     return specific, names, general, general_names
 
 
@@ -88,40 +106,13 @@ def _png_bytes(item: Any, path: Path, i: int) -> bytes:
         return item
     if isinstance(item, str):  # a Python 2 str, decoded as latin-1 by the unpickler
         return item.encode("latin1")
-    raise DataError(f"{path}: item {i} is a {type(item).__name__}, not an encoded image; replace the file with the original")
+    raise DataError(
+        f"{path}: item {i} is a {type(item).__name__}, not an encoded image; replace the file with the original"
+    )
 
 
-def _npz_images(path: Path) -> np.ndarray:
-    """The 'images' array of an npz: memory-mapped when stored uncompressed (np.savez), else read whole."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            info = zf.getinfo("images.npy")
-            if info.compress_type == zipfile.ZIP_STORED:
-                with open(path, "rb") as f:
-                    f.seek(info.header_offset)
-                    local = f.read(30)
-                    if local[:4] != b"PK\x03\x04":
-                        raise ValueError("bad local zip header")
-                    start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
-                    f.seek(start)
-                    version = np.lib.format.read_magic(f)
-                    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-                    if read_header is not None:
-                        shape, fortran, dtype = read_header(f)
-                        if not fortran and not dtype.hasobject:
-                            return np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape)
-    except KeyError as e:
-        raise DataError(f"{path} has no 'images' array; it is not a {WHAT} npz, replace it with the original") from e
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise C.corrupt(path, WHAT, e) from e
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return z["images"]
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise C.corrupt(path, WHAT, e) from e
-
-
-def _kept_indices(specific: np.ndarray, names: Sequence[str], path: Path, split: str) -> tuple[list[int], np.ndarray, dict[str, int]]:
+def _kept_indices(specific: np.ndarray, names: Sequence[str], path: Path,
+                  split: str) -> tuple[list[int], np.ndarray, dict[str, int]]:
     """Classes present (sorted index), the first m image indices of each (class-major), and the count stats."""
     classes = sorted(set(specific.tolist()))
     if not classes:
@@ -134,7 +125,8 @@ def _kept_indices(specific: np.ndarray, names: Sequence[str], path: Path, split:
     return classes, kept, {"kept": m, "max": int(counts.max()), "dropped": int(counts.sum()) - m * len(classes)}
 
 
-def _decode_split(root: Path, split: str, format: str, image_size: int, channel_order: str, expected: Optional[int] = None) -> dict[str, Any]:
+def _decode_split(root: Path, split: str, format: str, image_size: int, channel_order: str,
+                  expected: Optional[int] = None) -> dict[str, Any]:
     lpath = root / labels_file(split)
     ipath = root / image_file(split, format)
     specific, names, general, general_names = _read_labels(lpath)
@@ -149,36 +141,48 @@ def _decode_split(root: Path, split: str, format: str, image_size: int, channel_
             if len(parents) != 1:
                 raise DataError(f"{lpath}: class {names[c]} has superclass labels {parents.tolist()}, expected one")
             p = int(parents[0])
-            superclasses.append(general_names[p] if general_names is not None and 0 <= p < len(general_names) else str(p))
+            named = general_names is not None and 0 <= p < len(general_names)
+            superclasses.append(general_names[p] if named else str(p))
 
     if format == "pickle":
-        items = C.restricted_load(ipath, WHAT)
+        items = restricted_load(ipath, WHAT)
         if not isinstance(items, (list, tuple)):
-            raise DataError(f"{ipath} holds a {type(items).__name__}, not a list of PNG images; replace it with the original")
+            raise DataError(
+                f"{ipath} holds a {type(items).__name__}, not a list of PNG images; replace it with the original"
+            )
         if len(items) != len(specific):
-            raise DataError(f"{ipath} has {len(items)} images but {lpath} labels {len(specific)}; the two files do not belong together")
+            raise DataError(
+                f"{ipath} has {len(items)} images but {lpath} labels "
+                f"{len(specific)}; the two files do not belong together"
+            )
         arr = np.empty((len(kept), image_size, image_size, 3), dtype=np.uint8)
 
         def work(i: int) -> None:
             j = int(kept[i])
             try:
-                arr[i] = C.decode_image(_png_bytes(items[j], ipath, j), image_size)
+                arr[i] = decode_image(_png_bytes(items[j], ipath, j), image_size)
             except (OSError, SyntaxError, ValueError) as e:
-                raise C.corrupt(ipath, f"{WHAT} image {j}", e) from e
+                raise corrupt(ipath, f"{WHAT} image {j}", e) from e
 
-        C.fill_parallel(len(kept), work, f"decoding {WHAT} {split} to {image_size}x{image_size}")
+        fill_parallel(len(kept), work, f"decoding {WHAT} {split} to {image_size}x{image_size}")
     else:
-        images = _npz_images(ipath)
+        images = npz_array(ipath, "images", WHAT)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
-            raise DataError(f"{ipath}: images is {images.dtype} {images.shape}, expected N x H x W x 3 uint8; replace it with the original")
+            raise DataError(
+                f"{ipath}: images is {images.dtype} {images.shape}, "
+                "expected N x H x W x 3 uint8; replace it with the original"
+            )
         if len(images) != len(specific):
-            raise DataError(f"{ipath} has {len(images)} images but {lpath} labels {len(specific)}; the two files do not belong together")
+            raise DataError(
+                f"{ipath} has {len(images)} images but {lpath} labels "
+                f"{len(specific)}; the two files do not belong together"
+            )
         arr = np.asarray(images[np.sort(kept)])[np.argsort(np.argsort(kept))]  # read rows in file order, then regroup
         if channel_order == "bgr":
             arr = np.ascontiguousarray(arr[..., ::-1])
-        arr = C.resize_banks(arr, image_size, f"resizing {WHAT} {split} to {image_size}x{image_size}")
+        arr = resize_banks(arr, image_size, f"resizing {WHAT} {split} to {image_size}x{image_size}")
     return {
-        "images": C.to_bank(arr, len(classes), m),
+        "images": to_bank(arr, len(classes), m),
         "class_names": [names[c] for c in classes],
         "superclasses": superclasses,
         "counts": stats,
@@ -213,43 +217,46 @@ def load_tieredimagenet(
     if npz_channel_order not in CHANNEL_ORDERS:
         raise DataError(f"unknown npz_channel_order {npz_channel_order!r}; choose one of {', '.join(CHANNEL_ORDERS)}")
     if classes_per_split is not None and len(classes_per_split) != 3:
-        raise DataError(f"classes_per_split must list 3 counts (train, val, test) or be null, got {list(classes_per_split)}")
-    C.check_image_size(image_size, WHAT)
-    mean_t, std_t = C.check_normalization(mean, std, 3, WHAT)
+        raise DataError(
+            f"classes_per_split must list 3 counts (train, val, test) or be null, got {list(classes_per_split)}"
+        )
+    check_image_size(image_size, WHAT)
+    mean_t, std_t = check_normalization(mean, std, 3, WHAT)
     root_p = Path(root).expanduser().absolute()
-    files = [root_p / f for s in C.SPLITS for f in (image_file(s, format), labels_file(s))]
+    files = [root_p / f for s in SPLITS for f in (image_file(s, format), labels_file(s))]
     other = "npz" if format == "pickle" else "pickle"
-    C.ensure_files(files, root_p, url, md5, WHAT, hint=f" (or set format={other} for the {'_images.npz' if other == 'npz' else '_images_png.pkl'} files)")
+    suffix = "_images.npz" if other == "npz" else "_images_png.pkl"
+    ensure_files(files, root_p, url, md5, WHAT, hint=f" (or set format={other} for the {suffix} files)")
     channel_order = npz_channel_order if format == "npz" else "rgb"
-    fp = C.fingerprint("tieredimagenet", FORMAT_VERSION, {"format": format, "image_size": image_size, "channels": channel_order}, files)
+    params = {"format": format, "image_size": image_size, "channels": channel_order}
+    fp = fingerprint("tieredimagenet", FORMAT_VERSION, params, files)
     path = Path(cache_dir).expanduser() / f"tieredimagenet_{format}_{fp}.pt"
-    payload = C.read_splits_cache(path, fp, FORMAT_VERSION, WHAT, 3, image_size)
-    if payload is None:
-        start = time.perf_counter()
-        expected = dict(zip(C.SPLITS, classes_per_split)) if classes_per_split is not None else {}
-        splits = {s: _decode_split(root_p, s, format, image_size, channel_order, expected.get(s)) for s in C.SPLITS}
+    expected = dict(zip(SPLITS, classes_per_split)) if classes_per_split is not None else {}
+
+    def decode() -> dict:
+        splits = {s: _decode_split(root_p, s, format, image_size, channel_order, expected.get(s)) for s in SPLITS}
         _check(splits, root_p, None)
-        payload = {"format_version": FORMAT_VERSION, "fingerprint": fp, "image_size": image_size, "splits": splits}
-        C.write_cache(path, payload, WHAT)
-        log.info("decoded %s (%s) in %.1fs into %s", WHAT, format, time.perf_counter() - start, path)
-    else:
-        log.debug("%s loaded from cache %s", WHAT, path)
+        return {"image_size": image_size, "splits": splits}
+
+    payload = cached(path, fp, FORMAT_VERSION, WHAT, splits_payload_valid(3, image_size), decode,
+                     describe=lambda d: format, mmap=True)
     splits = payload["splits"]
     _check(splits, root_p, classes_per_split)
-    for s in C.SPLITS:
+    for s in SPLITS:
         n = len(splits[s]["class_names"])
         st = splits[s]["counts"]
         log.info(
             "%s %s: %d classes with %d to %d images each; kept the first %d of every class (dropped %d images)",
             WHAT, s, n, st["kept"], st["max"], st["kept"], st["dropped"],
         )
-    return FewShotDataset(name="tieredimagenet", splits=C.banks_from_payload(payload), channels=3, image_size=image_size, mean=mean_t, std=std_t)
+    return FewShotDataset(name="tieredimagenet", splits=banks_from_payload(payload), channels=3, image_size=image_size,
+                          mean=mean_t, std=std_t)
 
 
 def _count_error(root: Path, split: str, have: int, want: int) -> DataError:
     return DataError(
-        f"{root / labels_file(split)}: the {split} split has {have} classes, expected {want} (classes_per_split); "
-        f"replace the files with the original tieredImageNet or set classes_per_split"
+        f"{root / labels_file(split)}: the {split} split has {have} classes, expected {want} "
+        "(classes_per_split); replace the files with the original tieredImageNet or set classes_per_split"
     )
 
 
@@ -257,17 +264,22 @@ def _check(splits: dict[str, dict[str, Any]], root: Path, classes_per_split: Opt
     """No class (or superclass) in two splits, and the expected class counts when given."""
     seen: dict[str, str] = {}
     seen_super: dict[str, str] = {}
-    for i, s in enumerate(C.SPLITS):
+    for i, s in enumerate(SPLITS):
         names = list(splits[s]["class_names"])
         if classes_per_split is not None and len(names) != int(classes_per_split[i]):
             raise _count_error(root, s, len(names), int(classes_per_split[i]))
         for n in names:
             if n in seen and seen[n] != s:
-                raise DataError(f"{WHAT} class {n} is in both the {seen[n]} and {s} splits of {root}; the files are mixed up")
+                raise DataError(
+                    f"{WHAT} class {n} is in both the {seen[n]} and {s} splits of {root}; the files are mixed up"
+                )
             seen[n] = s
         if len(set(names)) != len(names):
             raise DataError(f"{root / labels_file(s)} names a class twice")
         for sup in set(splits[s].get("superclasses", [])):
             if sup in seen_super and seen_super[sup] != s:
-                raise DataError(f"{WHAT} superclass {sup} is in both the {seen_super[sup]} and {s} splits of {root}; the files are mixed up")
+                raise DataError(
+                    f"{WHAT} superclass {sup} is in both the {seen_super[sup]} "
+                    f"and {s} splits of {root}; the files are mixed up"
+                )
             seen_super[sup] = s

@@ -6,20 +6,22 @@ import functools
 import math
 import random
 import sys
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fewshot.algorithms.base import Algorithm
 from fewshot.config import META_KEYS
-from fewshot.data.base import FewShotDataset
+from fewshot.data.dataset import FewShotDataset
 from fewshot.data.sampler import EpisodeSampler
 from fewshot.device import available_memory, resolve_device
-from fewshot.errors import ConfigError
+from fewshot.errors import ConfigError, FewshotError
+from fewshot.optim import make_optimizer, make_scheduler
 
 SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2}
 
@@ -80,13 +82,53 @@ def check_config(cfg: DictConfig) -> None:
     check_seed(cfg.seed)
 
 
+@dataclass(frozen=True)
+class Shape:
+    """The tasks of a split: ways, shots per class, queries per class."""
+
+    ways: int
+    shots: int
+    queries: int
+
+    def __iter__(self):  # ways, shots, queries = shape
+        return iter((self.ways, self.shots, self.queries))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the loop, evaluation and results need from a config, as plain values (read once, here)."""
+
+    name: str
+    seed: int
+    iterations: int
+    meta_batch_size: int
+    val_every: int
+    val_episodes: int
+    checkpoint_every: int
+    log_every: int
+    grad_clip: Optional[float]
+    test_episodes: int
+    eval_batch: int  # tasks per forward pass at validation and test (memory, not results)
+    train: Shape
+    eval: Shape  # validation and test tasks
+    logger: Optional[str] = None
+    resume: bool = False
+    dry_run: bool = False
+
+
 @dataclass
 class Run:
-    """Everything built from a config, in plain objects."""
+    """Everything built from a config, in plain objects: nothing below the build step reads a config."""
 
     device: torch.device
     dataset: FewShotDataset
     algo: Algorithm
+    settings: Optional[Settings] = None
+    optimizer: Optional[Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]] = None
+    scheduler: Optional[Callable[[torch.optim.Optimizer], Any]] = None  # None: a constant learning rate
+    config: dict = field(default_factory=dict)  # resolved, saved in checkpoints; resume compares it
+    config_source: dict = field(default_factory=dict)  # with interpolations, for fewshot-eval to rebuild the run
+    record: dict = field(default_factory=dict)  # how results.json names the run: algo, dataset, backbone, paper...
 
 
 # Datasets whose tasks are regression (a real-valued target): only an algorithm with algo.loss=mse fits them.
@@ -101,8 +143,9 @@ def check_compatible(cfg: DictConfig) -> None:
     if regression and loss is None:
         raise ConfigError(f"algo={cfg.algo.name} classifies, but dataset={cfg.dataset.name} is a regression task: use "
                           "algo=maml algo.loss=mse or algo=pretrain (e.g. experiment=maml_sinusoid_k10)")
-    if regression and loss != "mse":
-        raise ConfigError(f"algo.loss={loss} on dataset={cfg.dataset.name}, a regression task: set algo.loss=mse")
+    if regression and loss == "cross_entropy":
+        raise ConfigError(f"algo.loss={loss} on dataset={cfg.dataset.name}, a regression task: set algo.loss=mse "
+                          "(or auto)")
     if not regression and loss == "mse":
         raise ConfigError(f"algo.loss=mse on dataset={cfg.dataset.name}, a classification task: "
                           "set algo.loss=cross_entropy")
@@ -111,41 +154,70 @@ def check_compatible(cfg: DictConfig) -> None:
                           "image backbone (conv4, conv4_pool or mlp)")
 
 
+def _make(group: str, node: DictConfig, **kwargs: Any) -> Any:
+    """Instantiate a group's choice; a constructor's refusal (ValueError) becomes one line naming the group."""
+    try:
+        return instantiate(_plain(node), _convert_="all", **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ValueError) and not isinstance(e.__cause__, FewshotError):
+            raise ConfigError(f"{group}={node.name}: {e.__cause__}") from e
+        raise
+
+
 def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
     """Dataset, backbone and algorithm from the config; the only place configs become objects."""
     check_config(cfg)
     check_compatible(cfg)
     device = device or resolve_device(cfg.device.name)
-    dataset: FewShotDataset = instantiate(_plain(cfg.dataset), _convert_="all")
+    dataset: FewShotDataset = _make("dataset", cfg.dataset)
     for split in ("train", "val", "test"):
         dataset.check_episode(split, *episode_shape(cfg, split))
     backbone = functools.partial(
-        instantiate(_plain(cfg.backbone), _convert_="all"), in_channels=dataset.channels, image_size=dataset.image_size
+        _make("backbone", cfg.backbone), in_channels=dataset.channels, image_size=dataset.image_size
     )
-    algo: Algorithm = instantiate(_plain(cfg.algo), _convert_="all", backbone=backbone, ways=cfg.episode.ways)
+    algo: Algorithm = _make("algo", cfg.algo, backbone=backbone, ways=cfg.episode.ways)
     eval_ways = episode_shape(cfg, "test")[0]
     if algo.fixed_ways is not None and eval_ways != algo.fixed_ways:
         raise ConfigError(f"eval.ways={eval_ways} but {cfg.algo.name}'s classifier head has {algo.fixed_ways} outputs; "
                           "it tests with the ways it trained on: drop eval.ways")
-    return Run(device=device, dataset=dataset, algo=algo.to(device))
+    t = cfg.trainer
+    settings = Settings(
+        name=cfg.name, seed=cfg.seed, iterations=t.iterations, meta_batch_size=t.meta_batch_size,
+        val_every=t.val_every, val_episodes=t.val_episodes, checkpoint_every=t.checkpoint_every,
+        log_every=t.log_every, grad_clip=t.grad_clip, test_episodes=cfg.eval.episodes,
+        eval_batch=cfg.eval.meta_batch_size, train=Shape(*episode_shape(cfg, "train")),
+        eval=Shape(*episode_shape(cfg, "test")), logger=cfg.get("logger"), resume=bool(cfg.get("resume")),
+        dry_run=bool(cfg.get("dry_run")))
+    record = {
+        "algo": cfg.algo.name, "dataset": cfg.dataset.name, "dataset_split": cfg.dataset.get("split"),
+        "backbone": cfg.backbone.name, "schedule": cfg.schedule.name if "schedule" in cfg else "constant",
+        "optim": cfg.optim.name if "optim" in cfg else "adam", "data_root": cfg.get("data_root"),
+        "image_size": cfg.dataset.get("image_size"),
+        "paper": OmegaConf.to_container(cfg.paper, resolve=True) if "paper" in cfg else None,
+    }
+    return Run(device=device, dataset=dataset, algo=algo.to(device), settings=settings,
+               optimizer=functools.partial(make_optimizer, cfg.optim) if "optim" in cfg else None,
+               scheduler=functools.partial(make_scheduler, cfg.get("schedule")),
+               config=OmegaConf.to_container(cfg, resolve=True), config_source=OmegaConf.to_container(cfg, resolve=False),
+               record=record)
 
 
-def warn_if_graph_too_big(run: Run, cfg: DictConfig) -> None:
+def warn_if_graph_too_big(run: Run) -> None:
     """A one-line warning when an algorithm's estimated training graph (MAML's second order grows with
     inner_steps) exceeds the device's free memory, before the run spends minutes finding out."""
     estimate = getattr(run.algo, "graph_bytes", None)
     if estimate is None:
         return
-    ways, shots, queries = episode_shape(cfg, "train")
+    ways, shots, queries = run.settings.train
     image = (run.dataset.channels, run.dataset.image_size, run.dataset.image_size)
     try:
-        need = estimate(image, ways * shots, ways * queries, cfg.trainer.meta_batch_size, run.device)
+        need = estimate(image, ways * shots, ways * queries, run.settings.meta_batch_size, run.device)
         have = available_memory(run.device)
     except Exception:  # an estimate must never stop a run
         return
     if need > have:
-        print(f"fewshot: warning: {cfg.algo.name}'s training graph needs about {need / 2**30:.1f} GiB "
-              f"(algo.inner_steps={cfg.algo.inner_steps}), more than the {have / 2**30:.1f} GiB free on {run.device}; "
+        print(f"fewshot: warning: {run.record['algo']}'s training graph needs about {need / 2**30:.1f} GiB "
+              f"(algo.inner_steps={run.algo.inner_steps}), more than the {have / 2**30:.1f} GiB free on {run.device}; "
               "set algo.chunk_size to fewer tasks or algo.first_order=true", file=sys.stderr)
 
 
@@ -156,5 +228,47 @@ def episode_shape(cfg: DictConfig, split: str) -> tuple[int, int, int]:
     return cfg.eval.ways or cfg.episode.ways, cfg.episode.shots, cfg.eval.queries or cfg.episode.queries
 
 
-def make_sampler(run: Run, cfg: DictConfig, split: str, seed: int) -> EpisodeSampler:
-    return run.dataset.sampler(split, *episode_shape(cfg, split), device=run.device, seed=seed)
+def make_sampler(run: Run, split: str, seed: Optional[int] = None) -> EpisodeSampler:
+    """The split's task sampler, on the run's device; seed: the split's own stream for the run's seed."""
+    shape = run.settings.train if split == "train" else run.settings.eval
+    seed = episode_seed(run.settings.seed, split) if seed is None else seed
+    return run.dataset.sampler(split, *shape, device=run.device, seed=seed)
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """What fewshot-eval was asked: which checkpoint, on which split or benchmark."""
+
+    checkpoint: str
+    split: str = "test"
+    benchmark: Optional[str] = None
+
+
+def build_from_checkpoint(cfg: DictConfig) -> tuple[Run, dict, EvalRequest]:
+    """fewshot-eval's build step: the run a checkpoint was trained as, from its own saved config, with what
+    belongs to this machine (data, cache, device) and the test-only overrides (seed, episodes) from `cfg`."""
+    from fewshot.checkpoint import CheckpointError, load_run_checkpoint
+    from fewshot.config import TrainConfig
+    from fewshot.engine.checkpoints import upgrade_config
+
+    if cfg.split not in SPLIT_OFFSET:
+        raise ConfigError(f"split={cfg.split!r}: choose one of {', '.join(SPLIT_OFFSET)}")
+    if cfg.seed is not None:
+        check_seed(cfg.seed)
+    state = load_run_checkpoint(cfg.checkpoint)
+    for key in ("algo", "backbone"):
+        want = cfg[key].name if cfg.get(key) is not None else None
+        if want is not None and want != state.get(key):
+            raise CheckpointError(f"{cfg.checkpoint} holds a {key}={state.get(key)} model, not {key}={want}; "
+                                  f"pass a {want} checkpoint or drop the {key}= override")
+    run_cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), upgrade_config(state["config_source"]))
+    # Where data lives and which device runs it belong to this machine, not the training one.
+    run_cfg.data_root, run_cfg.cache_dir, run_cfg.device = cfg.data_root, cfg.cache_dir, cfg.device
+    if cfg.seed is not None:
+        run_cfg.seed = cfg.seed
+    if cfg.eval.episodes is not None:
+        run_cfg.eval.episodes = cfg.eval.episodes
+    if cfg.eval.meta_batch_size is not None:
+        run_cfg.eval.meta_batch_size = cfg.eval.meta_batch_size
+    request = EvalRequest(checkpoint=str(cfg.checkpoint), split=cfg.split, benchmark=cfg.get("benchmark"))
+    return build(run_cfg), state, request

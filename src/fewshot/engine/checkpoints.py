@@ -7,28 +7,27 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
 
-from fewshot.algorithms.base import Algorithm
 from fewshot.atomic import atomic_write_text
 from fewshot.checkpoint import (
     CheckpointError,
-    load_checkpoint,
+    load_run_checkpoint,
     rng_state,
     save_checkpoint,
 )
 from fewshot.data.sampler import EpisodeSampler
+from fewshot.engine.builder import Run
 
 
-def checkpoint_state(cfg: DictConfig, algo: Algorithm, optimizer, iteration: int, best: dict, sampler: EpisodeSampler,
+def checkpoint_state(run: Run, optimizer, iteration: int, best: dict, sampler: EpisodeSampler,
                      progress: Optional[dict] = None, scheduler=None) -> dict:
     """Everything needed to continue bit for bit: weights, optimizer, iteration, best metric, every RNG
     state, the sampler's generator, the partial logging window, and the config that built the run."""
     return {
-        "algo": cfg.algo.name,
-        "backbone": cfg.backbone.name,
-        "dataset": cfg.dataset.name,
-        "model": algo.state_dict(),
+        "algo": run.record["algo"],
+        "backbone": run.record["backbone"],
+        "dataset": run.record["dataset"],
+        "model": run.algo.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "iteration": iteration,
@@ -36,8 +35,8 @@ def checkpoint_state(cfg: DictConfig, algo: Algorithm, optimizer, iteration: int
         "progress": dict(progress or {}),
         "rng": rng_state(),
         "sampler": sampler.state_dict(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "config_source": OmegaConf.to_container(cfg, resolve=False),
+        "config": run.config,
+        "config_source": run.config_source,
     }
 
 
@@ -48,7 +47,7 @@ def find_resume_checkpoint(ckpt_dir: Path) -> Optional[dict]:
         path = ckpt_dir / name
         if path.exists():
             try:
-                return load_checkpoint(path)
+                return load_run_checkpoint(path)
             except CheckpointError as e:
                 errors.append(str(e))
                 print(f"fewshot: warning: {e}; trying an older checkpoint", file=sys.stderr)
@@ -79,6 +78,9 @@ def upgrade_config(config: dict) -> dict:
     checkpoint rebuilds the model it was trained as (and resuming it with today's defaults is refused)."""
     config = dict(config)
     config.setdefault("schedule", {"_target_": None, "name": "constant"})  # before schedules: constant lr
+    if "optim" not in config:  # before optim/: Adam at trainer.meta_lr, torch's defaults otherwise
+        lr = config.get("trainer", {}).get("meta_lr", 1e-3)
+        config["optim"] = {"_target_": "torch.optim.adam.Adam", "_partial_": True, "name": "adam", "lr": lr}
     algo = config.get("algo")
     if isinstance(algo, dict) and algo.get("name") in ("matching", "matching_fce") and "similarity" not in algo:
         # Before algo.similarity, Matching Networks used the plain cosine, unscaled.
@@ -95,18 +97,19 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
-def check_same_run(state: dict, cfg: DictConfig, path: Path) -> None:
-    """Refuse to resume a run folder with other settings than the ones requested: continuing another
-    experiment's weights would silently mix two runs."""
+def check_same_run(state: dict, config: dict, path: Path) -> None:
+    """Refuse to resume a run folder with other settings than the ones requested (`config`, resolved): continuing
+    another experiment's weights would silently mix two runs."""
     old = _flatten(upgrade_config(state["config"]))
-    new = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    new = _flatten(config)
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
     if changed:
         diffs = ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in changed[:4]) + (" ..." if len(changed) > 4 else "")
         raise CheckpointError(f"{path} holds a run with other settings ({diffs}); use a new run folder "
                               "(the default) or the run's own settings to resume it")
-    if state["iteration"] > cfg.trainer.iterations:
-        raise CheckpointError(f"{path} is already at iteration {state['iteration']}, past trainer.iterations={cfg.trainer.iterations}")
+    iterations = config["trainer"]["iterations"]
+    if state["iteration"] > iterations:
+        raise CheckpointError(f"{path} is already at iteration {state['iteration']}, past trainer.iterations={iterations}")
 
 
 def truncate_metrics(path: Path, iteration: int) -> None:

@@ -1,4 +1,6 @@
-"""The meta-training loop: sample a meta-batch, step, validate, checkpoint; then test the best checkpoint."""
+"""The meta-training loop: sample a meta-batch, step, validate, checkpoint; then test the best checkpoint.
+
+It reads no config: everything comes from the Run that the build step made (fewshot.engine.builder)."""
 
 from __future__ import annotations
 
@@ -9,97 +11,49 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from fewshot.atomic import remove_stale_temporaries
-from fewshot.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    save_checkpoint,
-    set_rng_state,
-)
-from fewshot.engine.builder import (
-    build,
-    episode_seed,
-    make_sampler,
-    seed_everything,
-    warn_if_graph_too_big,
-)
-from fewshot.engine.checkpoints import (
-    check_same_run,
-    checkpoint_state,
-    find_resume_checkpoint,
-    save_last,
-    truncate_metrics,
-)
-from fewshot.engine.evaluation import evaluate, validation_score
-from fewshot.engine.results import (
-    _append_csv,
-    make_logger,
-    make_results,
-    plot_curve,
-    write_hydra_files,
-    write_results,
-)
-from fewshot.engine.signals import Interrupted, SignalGuard, stop_on_signals
+from fewshot.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
+from fewshot.engine.builder import Run, episode_seed, make_sampler, warn_if_graph_too_big
+from fewshot.engine.checkpoints import check_same_run, checkpoint_state, find_resume_checkpoint, save_last, truncate_metrics
+from fewshot.engine.evaluation import evaluate
+from fewshot.engine.results import append_csv, make_logger, make_results, plot_curve, write_results
+from fewshot.engine.signals import Interrupted, SignalGuard
 from fewshot.errors import FewshotError
-from fewshot.runlock import hold_run_folder
-from fewshot.schedule import make_scheduler
-
-
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Meta-train, validate and checkpoint, then test the best checkpoint; returns results.json's content.
-
-    Resumes from run_dir/checkpoints/last.pt when it exists (or fails when resume=true and it does not).
-    The run owns its folder throughout: a second run on it stops with RunFolderInUse instead of mixing files."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with hold_run_folder(run_dir, "fewshot-train"):
-        # Locked: no other live run writes here, so our files' temporaries are a killed writer's leftovers.
-        remove_stale_temporaries(run_dir / "checkpoints")
-        remove_stale_temporaries(run_dir, "metrics.csv", "results.json", "results.md")
-        write_hydra_files(run_dir, cfg)
-        return _train_locked(cfg, run_dir)
-
-
-def _train_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    with stop_on_signals() as signals:
-        signals.immediate = "while preparing the run: nothing was trained yet; run the same command again"
-        return _meta_train(cfg, run_dir, signals)
-
+from fewshot.metrics import METRICS
 
 # A training loss this many times its first value (or more than this, for a first loss below 1) means the run
 # has diverged: it will not come back, and an infinite loss may take long to appear (meta_lr=1e9 reached 1.7e19).
 DIVERGED = 100.0
 
 
-def _meta_train(cfg: DictConfig, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
-    seed_everything(cfg.seed)
-    run = build(cfg)
-    algo, t = run.algo, cfg.trainer
-    print(f"fewshot: {cfg.name} on {run.device}, {sum(p.numel() for p in algo.parameters()):,} parameters, run folder {run_dir}")
-    if cfg.dry_run:
-        print(OmegaConf.to_yaml(cfg))
-        return {}
-    warn_if_graph_too_big(run, cfg)
+def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
+    """Meta-train, validate and checkpoint, then test the best checkpoint; returns results.json's content.
 
-    train_sampler = make_sampler(run, cfg, "train", episode_seed(cfg.seed, "train"))
-    val_sampler = make_sampler(run, cfg, "val", episode_seed(cfg.seed, "val"))
-    optimizer = torch.optim.Adam(algo.parameters(), lr=t.meta_lr)
-    scheduler = make_scheduler(cfg.get("schedule"), optimizer)
+    Resumes from run_dir/checkpoints/last.pt when it exists (or fails when the run asks to resume and it does
+    not). The caller holds the run folder and the signal guard (fewshot.train)."""
+    algo, t = run.algo, run.settings
+    warn_if_graph_too_big(run)
+
+    train_sampler = make_sampler(run, "train")
+    val_sampler = make_sampler(run, "val")
+    optimizer = run.optimizer(algo.parameters())
+    scheduler = run.scheduler(optimizer)
     ckpt_dir = run_dir / "checkpoints"
     metrics_path = run_dir / "metrics.csv"
-    best = {"val_score": -math.inf, "iteration": 0}  # val_score: accuracy, or -MSE for regression
+    best = {"val_score": -math.inf, "iteration": 0}  # val_score: Metric.score, higher is better
     # Running sums since the last validation, and the time spent training (validation excluded).
     progress = {"loss": 0.0, "acc": 0.0, "n": 0, "train_seconds": 0.0, "metric": "acc"}
     start = 1
 
+    def state_at(it: int, progress: dict) -> dict:
+        return checkpoint_state(run, optimizer, it, best, train_sampler, progress, scheduler)
+
     state = find_resume_checkpoint(ckpt_dir)
-    if state is None and cfg.resume:
+    if state is None and t.resume:
         raise CheckpointError(f"resume=true but {ckpt_dir} holds no last.pt; point hydra.run.dir at the run folder to resume")
     if state is not None:
-        check_same_run(state, cfg, ckpt_dir / "last.pt")
+        check_same_run(state, run.config, ckpt_dir / "last.pt")
         algo.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
@@ -113,7 +67,7 @@ def _meta_train(cfg: DictConfig, run_dir: Path, signals: SignalGuard) -> dict[st
             print(f"fewshot: {run_dir} finished training at iteration {state['iteration']}; testing best.pt only")
         else:
             print(f"fewshot: resuming {run_dir} at iteration {start} of {t.iterations}")
-    logger = make_logger(cfg.logger, run_dir)
+    logger = make_logger(t.logger, run_dir)
     algo.train()
 
     signals.immediate = None  # from here the first signal checkpoints at the end of its iteration
@@ -149,26 +103,29 @@ def _meta_train(cfg: DictConfig, run_dir: Path, signals: SignalGuard) -> dict[st
 
         if it % t.val_every == 0 or it == t.iterations:
             progress["train_seconds"] += time.perf_counter() - tic
-            val = evaluate(algo, val_sampler, t.val_episodes, cfg.eval.meta_batch_size, episode_seed(cfg.seed, "val"), desc="validate")
-            m = progress["metric"]
+            val = evaluate(algo, val_sampler, t.val_episodes, t.eval_batch, episode_seed(t.seed, "val"), desc="validate")
+            metric = METRICS[progress["metric"]]
+            m = metric.name
+            if not math.isfinite(val[f"{m}_mean"]):  # it could never become best.pt: say so now
+                raise FewshotError(f"validation {metric.label} is {val[f'{m}_mean']} at iteration {it}: the adapted "
+                                   f"model diverges; lower algo.inner_lr (or trainer.meta_lr)")
             row = {"iteration": it, "train_loss": progress["loss"] / progress["n"], f"train_{m}": progress["acc"] / progress["n"],
                    f"val_{m}": val[f"{m}_mean"], "val_ci95": val[f"{m}_ci95"], "train_seconds": round(progress["train_seconds"], 3)}
-            _append_csv(metrics_path, row)
+            append_csv(metrics_path, row)
             if logger:
                 for key in ("train_loss", f"train_{m}", f"val_{m}"):
                     logger.add_scalar(key, row[key], it)
             progress.update(loss=0.0, acc=0.0, n=0)
-            if validation_score(val) > best["val_score"]:
-                best = {"val_score": validation_score(val), f"val_{m}": val[f"{m}_mean"], "iteration": it}
-                save_checkpoint(ckpt_dir / "best.pt", checkpoint_state(cfg, algo, optimizer, it, best, train_sampler, progress, scheduler))
-            shown = (f"{100 * val['acc_mean']:.2f} ± {100 * val['acc_ci95']:.2f}%" if m == "acc"
-                     else f"{val['mse_mean']:.4f} ± {val['mse_ci95']:.4f}")
+            if metric.score(val[f"{m}_mean"]) > best["val_score"]:
+                best = {"val_score": metric.score(val[f"{m}_mean"]), f"val_{m}": val[f"{m}_mean"], "iteration": it}
+                save_checkpoint(ckpt_dir / "best.pt", state_at(it, progress))
+            shown = metric.show(val[f"{m}_mean"], val[f"{m}_ci95"])
             tqdm.write(f"iteration {it}: val {m} {shown} (best at iteration {best['iteration']})")
             tic, tic_it = time.perf_counter(), it
         if it % t.checkpoint_every == 0 or it == t.iterations or signals:
             # Time is banked only at validations; a checkpoint between them records it too.
             snapshot = dict(progress, train_seconds=progress["train_seconds"] + time.perf_counter() - tic)
-            save_last(ckpt_dir, checkpoint_state(cfg, algo, optimizer, it, best, train_sampler, snapshot, scheduler))
+            save_last(ckpt_dir, state_at(it, snapshot))
             signals.last_checkpoint = f"the last checkpoint is {ckpt_dir / 'last.pt'} (iteration {it})"
         if signals:
             bar.close()
@@ -183,14 +140,13 @@ def _meta_train(cfg: DictConfig, run_dir: Path, signals: SignalGuard) -> dict[st
     signals.immediate = (f"during the test: training is complete ({ckpt_dir / 'best.pt'}); run the same command "
                          f"with hydra.run.dir={run_dir} to test it again")
     algo.load_state_dict(load_checkpoint(ckpt_dir / "best.pt")["model"])
-    test_sampler = make_sampler(run, cfg, "test", episode_seed(cfg.seed, "test"))
-    test = evaluate(algo, test_sampler, cfg.eval.episodes, cfg.eval.meta_batch_size, episode_seed(cfg.seed, "test"), desc="test")
-    results = make_results(cfg, test, train_seconds=progress["train_seconds"], best=best, device=run.device)
+    test_sampler = make_sampler(run, "test")
+    test = evaluate(algo, test_sampler, t.test_episodes, t.eval_batch, episode_seed(t.seed, "test"), desc="test")
+    results = make_results(run, test, train_seconds=progress["train_seconds"], best=best)
     write_results(run_dir, results)
     if logger:
-        for key in ("acc_mean", "mse_mean"):
-            if key in test:
-                logger.add_scalar(f"test_{key.split('_')[0]}", test[key], t.iterations)
+        m = METRICS[progress["metric"]].name
+        logger.add_scalar(f"test_{m}", test[f"{m}_mean"], t.iterations)
         logger.close()
     plot_curve(run_dir)
     return results

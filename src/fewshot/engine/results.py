@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from fewshot.atomic import atomic_write_text
-from fewshot.engine.builder import episode_shape
+from fewshot.engine.builder import Run
+from fewshot.metrics import METRICS
 from fewshot.errors import ConfigError
 
 
@@ -41,47 +41,34 @@ def plot_curve(run_dir: Path) -> None:
         print(f"fewshot: warning: learning-curve plot failed: {e}", file=sys.stderr)
 
 
-def make_results(cfg: DictConfig, test: dict, train_seconds: Optional[float], best: dict, device: torch.device) -> dict[str, Any]:
-    # ways/shots/queries describe the test tasks (the paper cell); training tasks may differ (ProtoNets train 60-way).
-    ways, shots, queries = episode_shape(cfg, "test")
+def make_results(run: Run, test: dict, train_seconds: Optional[float], best: dict) -> dict[str, Any]:
+    """results.json: the run's cell (test tasks: ways/shots/queries are the paper cell's; training tasks may differ,
+    ProtoNets train 60-way), its budget, where and when it ran, the command that gives it again, and the test."""
+    t, device = run.settings, run.device
     return {
-        "name": cfg.name,
-        "algo": cfg.algo.name,
-        "dataset": cfg.dataset.name,
-        "dataset_split": cfg.dataset.get("split"),
-        "backbone": cfg.backbone.name,
-        "ways": ways,
-        "shots": shots,
-        "queries": queries,
-        "train_episode": {"ways": cfg.episode.ways, "shots": cfg.episode.shots, "queries": cfg.episode.queries},
-        "seed": cfg.seed,
-        "iterations": cfg.trainer.iterations,
-        "meta_batch_size": cfg.trainer.meta_batch_size,
+        "name": t.name,
+        "algo": run.record["algo"],
+        "dataset": run.record["dataset"],
+        "dataset_split": run.record["dataset_split"],
+        "backbone": run.record["backbone"],
+        "ways": t.eval.ways,
+        "shots": t.eval.shots,
+        "queries": t.eval.queries,
+        "train_episode": {"ways": t.train.ways, "shots": t.train.shots, "queries": t.train.queries},
+        "seed": t.seed,
+        "iterations": t.iterations,
+        "meta_batch_size": t.meta_batch_size,
         "train_seconds": None if train_seconds is None else round(train_seconds, 3),
         "best_val": best,
         "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
-        "schedule": cfg.schedule.name if "schedule" in cfg else "constant",
+        "optim": run.record["optim"],
+        "schedule": run.record["schedule"],
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": run_command(),
         "test": test,
-        "paper": OmegaConf.to_container(cfg.paper, resolve=True) if "paper" in cfg else None,
+        "paper": run.record["paper"],
     }
-
-
-def write_hydra_files(run_dir: Path, cfg: DictConfig) -> None:
-    """.hydra/{config,hydra,overrides}.yaml as Hydra writes them, but only once this run holds the folder
-    (conf/hydra/default.yaml turns Hydra's own early copy off). Nothing to write outside a Hydra job."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return
-    hydra_cfg = HydraConfig.get()
-    folder = run_dir / ".hydra"
-    folder.mkdir(exist_ok=True)
-    atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg))
-    atomic_write_text(folder / "hydra.yaml", OmegaConf.to_yaml({"hydra": hydra_cfg}))
-    atomic_write_text(folder / "overrides.yaml", OmegaConf.to_yaml(list(hydra_cfg.overrides.task)))
 
 
 def run_command() -> Optional[str]:
@@ -96,24 +83,26 @@ def run_command() -> Optional[str]:
 
 
 def results_markdown(results: dict) -> str:
+    """results.md: one table row (with the paper's number where the preset quotes one) and the score after each
+    inner step for the algorithms that adapt."""
     test = results["test"]
-    if "mse_mean" in test:  # regression: no accuracy, no paper accuracy
-        steps = ", ".join(f"{i}: {v:.4f}" for i, v in enumerate(test.get("step_mse", [])))
-        return (f"| algo | dataset | shots | seed | test tasks | MSE |\n|---|---|---|---|---|---|\n"
-                f"| {results['algo']} | {results['dataset']} | {results['shots']} | {results['seed']} | {test['episodes']} | "
-                f"{test['mse_mean']:.4f} ± {test['mse_ci95']:.4f} |\n" + (f"\nMSE after each inner step: {steps}\n" if steps else ""))
-    acc = f"{100 * test['acc_mean']:.2f} ± {100 * test['acc_ci95']:.2f}"
+    metric = METRICS[test.get("metric", "acc")]
+    m = metric.name
     paper = results.get("paper") or {}
-    paper_s = f"{paper['acc']:.2f}" + (f" ± {paper['ci95']:.2f}" if paper.get("ci95") is not None else "") if paper.get("acc") is not None else "–"
+    paper_s = "–"
+    if paper.get(m) is not None:
+        paper_s = f"{paper[m]:.2f}" + (f" ± {paper['ci95']:.2f}" if paper.get("ci95") is not None else "")
+    shown = metric.show(test[f"{m}_mean"], test[f"{m}_ci95"]).rstrip("%")
+    unit = f"{metric.label} (%)" if metric.percent else metric.label
     lines = [
-        "| algo | dataset | backbone | ways | shots | queries | seed | test episodes | accuracy (%) | paper (%) |",
+        f"| algo | dataset | backbone | ways | shots | queries | seed | test episodes | {unit} | paper{' (%)' if metric.percent else ''} |",
         "|---|---|---|---|---|---|---|---|---|---|",
         f"| {results['algo']} | {results['dataset']} | {results['backbone']} | {results['ways']} | {results['shots']} | "
-        f"{results['queries']} | {results['seed']} | {test['episodes']} | {acc} | {paper_s} |",
+        f"{results['queries']} | {results['seed']} | {test['episodes']} | {shown} | {paper_s} |",
     ]
-    if "step_acc" in test:
-        steps = ", ".join(f"{i}: {100 * a:.2f}" for i, a in enumerate(test["step_acc"]))
-        lines += ["", f"Accuracy (%) after each inner step: {steps}"]
+    if f"step_{m}" in test:
+        steps = ", ".join(f"{i}: {metric.show(v, None).rstrip('%')}" for i, v in enumerate(test[f"step_{m}"]))
+        lines += ["", f"{unit[0].upper() + unit[1:]} after each inner step: {steps}"]
     return "\n".join(lines) + "\n"
 
 
@@ -124,7 +113,7 @@ def write_results(run_dir: Path, results: dict) -> None:
     print(table, end="")
 
 
-def _append_csv(path: Path, row: dict) -> None:
+def append_csv(path: Path, row: dict) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(row))

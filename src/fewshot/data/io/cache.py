@@ -1,11 +1,13 @@
 """Decoded-image cache files: one torch file per source fingerprint, written atomically, read weights-only.
 
-Every dataset's cache goes through these two functions; each loader only says what a valid payload looks like.
+Every dataset goes through ``cached``: read the cache for this fingerprint, else decode, save, log. Each loader
+only says how to decode and what a valid payload looks like.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -50,4 +52,26 @@ def write_cache(path: Path, payload: dict, what: str) -> None:
     try:
         atomic_write(path, lambda f: torch.save(payload, f))
     except OSError as e:
-        raise DataError(f"cannot write the {what} cache {path} ({e}); set cache_dir to a writable folder with enough space") from e
+        raise DataError(
+            f"cannot write the {what} cache {path} ({e}); set cache_dir to a writable folder with enough space"
+        ) from e
+
+
+def cached(path: Path, fingerprint: str, version: int, what: str, valid: Callable[[dict], bool],
+           decode: Callable[[], dict[str, Any]], describe: Callable[[dict[str, Any]], str],
+           mmap: bool = False) -> dict[str, Any]:
+    """The payload cached at path for this fingerprint and format version, else decode() saved there first.
+
+    decode: the payload's contents (it raises DataError for bad sources, before anything is written); the
+        fingerprint and version are added here. describe(payload): what the log says was decoded ("N images").
+    mmap: map a read cache instead of loading it (GB-sized banks stay in the page cache).
+    """
+    payload = read_cache(path, fingerprint, version, what, valid, mmap=mmap)
+    if payload is not None:
+        log.debug("%s loaded from cache %s", what, path)
+        return payload
+    start = time.perf_counter()
+    payload = {"format_version": version, "fingerprint": fingerprint, **decode()}
+    write_cache(path, payload, what)
+    log.info("decoded %s (%s) in %.1fs into %s", what, describe(payload), time.perf_counter() - start, path)
+    return payload

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from fewshot.data.base import DataError, Episode
-from fewshot.data.omniglot import check_zip_members, decode_drawing, open_zip
+from fewshot.data.io.archives import check_zip_members, open_zip
+from fewshot.data.omniglot import decode_drawing
 
 LAKE_ZIP_NAME = "all_runs.zip"
 LAKE_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/one-shot-classification/all_runs.zip"
@@ -67,8 +68,8 @@ def lake_zip_path(data_root: str | os.PathLike[str]) -> Path:
 
 def _missing_message(path: Path) -> str:
     return (
-        f"Lake's one-shot runs not found: {path} does not exist; put {LAKE_ZIP_NAME} there or at "
-        f"<data_root>/omniglot/{LAKE_ZIP_NAME} (the original file is {LAKE_URL})"
+        f"Lake's one-shot runs not found: {path} does not exist; put {LAKE_ZIP_NAME} there "
+        f"or at <data_root>/omniglot/{LAKE_ZIP_NAME} (the original file is {LAKE_URL})"
     )
 
 
@@ -83,7 +84,8 @@ def _resolve(entry: str, prefix: str, run: str, files: set[str]) -> str | None:
     return None
 
 
-def _plan_run(zip_path: Path, zf: zipfile.ZipFile, files: set[str], prefix: str, run: str) -> tuple[list[str], list[str], list[int]]:
+def _plan_run(zip_path: Path, zf: zipfile.ZipFile, files: set[str], prefix: str,
+              run: str) -> tuple[list[str], list[str], list[int]]:
     """(sorted training entries, sorted test entries, answer index per test entry) for one run, checked."""
     where = f"{zip_path}: {run}"
     folder = f"{prefix}{run}/"
@@ -91,20 +93,24 @@ def _plan_run(zip_path: Path, zf: zipfile.ZipFile, files: set[str], prefix: str,
     query = sorted(f for f in files if f.startswith(folder + "test/") and f.lower().endswith(".png"))
     if len(support) != NUM_WAYS or len(query) != NUM_TRIALS:
         raise DataError(
-            f"{where} has {len(support)} training and {len(query)} test PNGs; expected {NUM_WAYS} and {NUM_TRIALS}: "
-            f"replace the zip with the original {LAKE_ZIP_NAME}"
+            f"{where} has {len(support)} training and {len(query)} test PNGs; expected "
+            f"{NUM_WAYS} and {NUM_TRIALS}: replace the zip with the original {LAKE_ZIP_NAME}"
         )
     labels_entry = folder + LABELS_FILE
     try:
         text = zf.read(labels_entry).decode("utf-8")
     except (zipfile.BadZipFile, OSError, zlib.error, UnicodeDecodeError, KeyError) as e:
-        raise DataError(f"cannot read {labels_entry} from {zip_path} ({e}); replace the zip with the original {LAKE_ZIP_NAME}") from e
+        raise DataError(
+            f"cannot read {labels_entry} from {zip_path} ({e}); replace the zip with the original {LAKE_ZIP_NAME}"
+        ) from e
     s_index = {f: i for i, f in enumerate(support)}
     q_index = {f: i for i, f in enumerate(query)}
     answers: list[int | None] = [None] * len(query)
     lines = [(n, line.split()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if len(lines) != NUM_TRIALS:
-        raise DataError(f"{zip_path}: {labels_entry} has {len(lines)} answers; expected {NUM_TRIALS} (one per test image)")
+        raise DataError(
+            f"{zip_path}: {labels_entry} has {len(lines)} answers; expected {NUM_TRIALS} (one per test image)"
+        )
     for lineno, fields in lines:
         at = f"{zip_path}: {labels_entry}:{lineno}"
         if len(fields) != 2:
@@ -130,7 +136,9 @@ def _decode(zip_path: Path, zf: zipfile.ZipFile, entries: Sequence[str], image_s
         for i, entry in enumerate(entries):
             out[i] = decode_drawing(zf.read(entry), image_size)
     except (zipfile.BadZipFile, OSError, SyntaxError, ValueError, zlib.error) as e:  # corrupt entry or PNG
-        raise DataError(f"cannot decode {entry} from {zip_path} ({e}); replace the zip with the original {LAKE_ZIP_NAME}") from e
+        raise DataError(
+            f"cannot decode {entry} from {zip_path} ({e}); replace the zip with the original {LAKE_ZIP_NAME}"
+        ) from e
     return torch.from_numpy(out).unsqueeze(1)
 
 
@@ -150,7 +158,7 @@ def load_lake_runs(zip_path: str | os.PathLike[str], image_size: int = 28) -> li
     with open_zip(path) as zf:
         try:
             names = zf.namelist()
-        except (zipfile.BadZipFile, OSError) as e:  # pragma: no cover - namelist reads the central directory already parsed
+        except (zipfile.BadZipFile, OSError) as e:  # pragma: no cover - open_zip parsed the directory already
             raise DataError(f"{path} is not a readable zip ({e}); replace it with the original {LAKE_ZIP_NAME}") from e
         check_zip_members(path, names)
         files = {n for n in names if not n.endswith("/")}
@@ -160,12 +168,15 @@ def load_lake_runs(zip_path: str | os.PathLike[str], image_size: int = 28) -> li
             if m is None:
                 continue
             if m["run"] in found:
-                raise DataError(f"{path} holds {m['run']} twice (under {found[m['run']]!r} and {m['prefix']!r}); replace it with the original {LAKE_ZIP_NAME}")
+                raise DataError(
+                    f"{path} holds {m['run']} twice (under {found[m['run']]!r} and "
+                    f"{m['prefix']!r}); replace it with the original {LAKE_ZIP_NAME}"
+                )
             found[m["run"]] = m["prefix"]
         if len(found) != NUM_RUNS:
             raise DataError(
-                f"{path} holds {len(found)} runs (folders runNN/ with {LABELS_FILE}); expected {NUM_RUNS}: "
-                f"is this Lake's {LAKE_ZIP_NAME}? The original is {LAKE_URL}"
+                f"{path} holds {len(found)} runs (folders runNN/ with {LABELS_FILE}); expected "
+                f"{NUM_RUNS}: is this Lake's {LAKE_ZIP_NAME}? The original is {LAKE_URL}"
             )
         runs = []
         for run in sorted(found, key=lambda r: (int(r[3:]), r)):
