@@ -39,8 +39,10 @@ def random_episode(ways: int, shots: int, queries: int, tasks: int, device: torc
     g = torch.Generator().manual_seed(seed)
     labels = lambda n: torch.arange(ways).repeat_interleave(n).expand(tasks, -1).contiguous()  # noqa: E731
     return Episode(
-        torch.rand(tasks, ways * shots, 1, 28, 28, generator=g), labels(shots),
-        torch.rand(tasks, ways * queries, 1, 28, 28, generator=g), labels(queries),
+        torch.rand(tasks, ways * shots, 1, 28, 28, generator=g),
+        labels(shots),
+        torch.rand(tasks, ways * queries, 1, 28, 28, generator=g),
+        labels(queries),
     ).to(device)
 
 
@@ -66,7 +68,9 @@ def meta_step(algo: torch.nn.Module, episode: Episode, device: torch.device) -> 
     return step
 
 
-def time_interleaved(steps: dict[str, Callable[[], float]], device: torch.device, iters: int, warmup: int) -> dict[str, dict]:
+def time_interleaved(
+    steps: dict[str, Callable[[], float]], device: torch.device, iters: int, warmup: int
+) -> dict[str, dict]:
     """Median ms per meta-iteration of each closure, timed in turns (A B C, B C A, ...) so that a busy
     machine slows all of them alike; peak CUDA memory per closure when on CUDA."""
     for step in steps.values():
@@ -76,7 +80,7 @@ def time_interleaved(steps: dict[str, Callable[[], float]], device: torch.device
     times: dict[str, list[float]] = {name: [] for name in names}
     peaks: dict[str, float] = {name: 0.0 for name in names}
     for i in range(iters):
-        for name in names[i % len(names):] + names[:i % len(names)]:
+        for name in names[i % len(names) :] + names[: i % len(names)]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             times[name].append(steps[name]())
@@ -91,8 +95,12 @@ def time_interleaved(steps: dict[str, Callable[[], float]], device: torch.device
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--iters", type=int, default=None, help="timed meta-iterations per algorithm (default: 3 on CPU, 20 on CUDA)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed meta-iterations first (default: 1 on CPU, 5 on CUDA)")
+    parser.add_argument(
+        "--iters", type=int, default=None, help="timed meta-iterations per algorithm (default: 3 on CPU, 20 on CUDA)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed meta-iterations first (default: 1 on CPU, 5 on CUDA)"
+    )
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--all-strategies", action="store_true", help="also time the strategy auto does not pick")
     parser.add_argument("--hidden", type=int, default=64)
@@ -101,7 +109,11 @@ def main() -> None:
     cpu = device.type == "cpu"
     iters = args.iters if args.iters is not None else (3 if cpu else 20)
     warmup = args.warmup if args.warmup is not None else (1 if cpu else 5)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    device_name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    )
     auto = resolve_strategy("auto", device)
     strategies = [auto] + ([s for s in ("loop", "vmap") if s != auto] if args.all_strategies else [])
 
@@ -122,10 +134,20 @@ def main() -> None:
             ours = timings[strategy]
             speedup = l2l["ms_median"] / ours["ms_median"]
             record = {
-                "setting": name, **s, "second_order": True, "device": device_name, "torch": torch.__version__,
-                "strategy": strategy, "auto": strategy == auto, "iters": iters, "warmup": warmup,
-                "ms_per_iter_ours": round(ours["ms_median"], 2), "ms_per_iter_l2l": round(l2l["ms_median"], 2),
-                "speedup": round(speedup, 3), "ms_all_ours": ours["ms_all"], "ms_all_l2l": l2l["ms_all"],
+                "setting": name,
+                **s,
+                "second_order": True,
+                "device": device_name,
+                "torch": torch.__version__,
+                "strategy": strategy,
+                "auto": strategy == auto,
+                "iters": iters,
+                "warmup": warmup,
+                "ms_per_iter_ours": round(ours["ms_median"], 2),
+                "ms_per_iter_l2l": round(l2l["ms_median"], 2),
+                "speedup": round(speedup, 3),
+                "ms_all_ours": ours["ms_all"],
+                "ms_all_l2l": l2l["ms_all"],
             }
             if device.type == "cuda":
                 record["peak_mem_mib_ours"] = round(ours["peak_mem_mib"], 1)
@@ -133,7 +155,16 @@ def main() -> None:
             print(json.dumps(record), flush=True)
             if strategy == auto:
                 speedups[name] = round(speedup, 3)
-    print(json.dumps({"summary": "speedup = l2l ms / ours ms (median), strategy auto", "device": device_name, "strategy": auto, "speedup": speedups}))
+    print(
+        json.dumps(
+            {
+                "summary": "speedup = l2l ms / ours ms (median), strategy auto",
+                "device": device_name,
+                "strategy": auto,
+                "speedup": speedups,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

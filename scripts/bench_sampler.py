@@ -94,7 +94,7 @@ def main() -> None:
     bank = data.split("train")
     per_class = args.shots + args.queries
     summary = []
-    for rotate in ([bank.rotate, False] if bank.rotate else [False]):
+    for rotate in [bank.rotate, False] if bank.rotate else [False]:
         bank_r = type(bank)(bank.images, bank.class_names, rotate=rotate)
         ours = EpisodeSampler(bank_r, args.ways, args.shots, args.queries, device=device, seed=0)
         ours_rate = rate(lambda: ours.sample(args.meta_batch), args.meta_batch, args.seconds, sync)

@@ -33,7 +33,7 @@ TABLES = {
 
 def main() -> int:
     argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("table", nargs="?", choices=sorted(TABLES))
@@ -49,9 +49,23 @@ def main() -> int:
         return 0 if args.list else 2
     out = Path(args.out or f"outputs/reproduce/{args.table}/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     bin_dir = Path(sys.executable).parent
-    train = [str(bin_dir / "fewshot-train"), "-m", f"experiment={','.join(TABLES[args.table])}", f"seed={args.seeds}",
-             f"launcher={args.launcher}", f"hydra.sweep.dir={out}", *extra]
-    table = [str(bin_dir / "fewshot-table"), str(out), "--csv", str(out / "table.csv"), "--plot", str(out / "table.png")]
+    train = [
+        str(bin_dir / "fewshot-train"),
+        "-m",
+        f"experiment={','.join(TABLES[args.table])}",
+        f"seed={args.seeds}",
+        f"launcher={args.launcher}",
+        f"hydra.sweep.dir={out}",
+        *extra,
+    ]
+    table = [
+        str(bin_dir / "fewshot-table"),
+        str(out),
+        "--csv",
+        str(out / "table.csv"),
+        "--plot",
+        str(out / "table.png"),
+    ]
     for cmd in (train, table):
         print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
         if not args.dry_run:

@@ -45,10 +45,17 @@ STEPS = (0, 1, 10)
 def compose_cfg(algo: str, shots: int, args: argparse.Namespace, extra: list[str]) -> DictConfig:
     preset = f"{algo}_sinusoid_k{shots if shots in (5, 10) else 10}"
     overrides = [
-        f"experiment={preset}", f"episode.shots={shots}", f"episode.queries={shots}", f"device={args.device}",
-        f"seed={args.seed}", f"trainer.iterations={args.iterations}", f"eval.episodes={args.episodes}",
-        f"trainer.val_every={args.val_every}", f"trainer.checkpoint_every={args.val_every}",
-        f"name={algo}_sinusoid_k{shots}", *extra,
+        f"experiment={preset}",
+        f"episode.shots={shots}",
+        f"episode.queries={shots}",
+        f"device={args.device}",
+        f"seed={args.seed}",
+        f"trainer.iterations={args.iterations}",
+        f"eval.episodes={args.episodes}",
+        f"trainer.val_every={args.val_every}",
+        f"trainer.checkpoint_every={args.val_every}",
+        f"name={algo}_sinusoid_k{shots}",
+        *extra,
     ]
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="fewshot.conf", version_base="1.3"):
@@ -67,7 +74,10 @@ def step_mse(run: engine.Run, cfg: DictConfig, split: str, episodes: int) -> tor
     tasks of `split` (the same tasks engine.evaluate scores)."""
     seed = engine.episode_seed(cfg.seed, split)
     sampler = engine.make_sampler(run, split, seed)
-    rows = [run.algo(ep, train=False).step_mse.detach().cpu() for ep in fixed_episodes(sampler, episodes, cfg.eval.meta_batch_size, seed)]
+    rows = [
+        run.algo(ep, train=False).step_mse.detach().cpu()
+        for ep in fixed_episodes(sampler, episodes, cfg.eval.meta_batch_size, seed)
+    ]
     return torch.cat(rows).double()
 
 
@@ -109,10 +119,19 @@ def plot(panels: list[tuple[str, engine.Run, float]], task, curves: dict[str, di
             with torch.no_grad():
                 pred = functional_call(algo.net, weights, (grid,)).cpu().view(-1)
             label = "pre-update" if steps == 0 else f"{steps} grad step" + ("s" if steps > 1 else "")
-            ax.plot(grid.cpu(), pred, ls=style, color=color, lw=1.6 if steps else 1.3, alpha=0.55 if steps == 0 else 1,
-                    label=label)
+            ax.plot(
+                grid.cpu(),
+                pred,
+                ls=style,
+                color=color,
+                lw=1.6 if steps else 1.3,
+                alpha=0.55 if steps == 0 else 1,
+                label=label,
+            )
         algo.inner_lr = saved_lr
-        ax.plot(x_s.cpu().view(-1), y_s.cpu().view(-1), "^", color="tab:purple", ms=9, label=f"{shots} points used for grad")
+        ax.plot(
+            x_s.cpu().view(-1), y_s.cpu().view(-1), "^", color="tab:purple", ms=9, label=f"{shots} points used for grad"
+        )
         ax.set_title(f"{title}, K={shots}, step size {lr:g}", fontsize=10)
         ax.set_xlim(-5, 5)
         ax.set_xlabel("x")
@@ -124,7 +143,7 @@ def plot(panels: list[tuple[str, engine.Run, float]], task, curves: dict[str, di
         steps = list(range(len(c["step_mse"])))
         lo = [m - e for m, e in zip(c["step_mse"], c["step_ci95"])]
         hi = [m + e for m, e in zip(c["step_mse"], c["step_ci95"])]
-        line, = ax.plot(steps, c["step_mse"], marker="o", ms=3, label=name)
+        (line,) = ax.plot(steps, c["step_mse"], marker="o", ms=3, label=name)
         ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
     ax.set_xlabel("number of gradient steps")
     ax.set_ylabel(f"test MSE, {next(iter(curves.values()))['episodes']} tasks (95% band)")
@@ -136,9 +155,18 @@ def plot(panels: list[tuple[str, engine.Run, float]], task, curves: dict[str, di
 
 
 def markdown(rows: list[dict], shots: int, iterations: int, episodes: int) -> str:
-    head = "| model | fine-tune step size | " + " | ".join(f"MSE after {s} step{'s' if s != 1 else ''}" for s in STEPS) + " |"
-    lines = [f"Sinusoid regression, K={shots}, {iterations} iterations x 25 tasks, test MSE on 100 points per task, "
-             f"mean ± 95% CI over {episodes} tasks", "", head, "|---|---|" + "---|" * len(STEPS)]
+    head = (
+        "| model | fine-tune step size | "
+        + " | ".join(f"MSE after {s} step{'s' if s != 1 else ''}" for s in STEPS)
+        + " |"
+    )
+    lines = [
+        f"Sinusoid regression, K={shots}, {iterations} iterations x 25 tasks, test MSE on 100 points per task, "
+        f"mean ± 95% CI over {episodes} tasks",
+        "",
+        head,
+        "|---|---|" + "---|" * len(STEPS),
+    ]
     for r in rows:
         cells = " | ".join(f"{r['step_mse'][s]:.3f} ± {r['step_ci95'][s]:.3f}" for s in STEPS)
         lines.append(f"| {r['model']} | {r['lr']:g} | {cells} |")
@@ -147,20 +175,31 @@ def markdown(rows: list[dict], shots: int, iterations: int, episodes: int) -> st
 
 def main() -> int:
     argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shots", type=int, default=10, help="K support points per task (default 10)")
-    p.add_argument("--iterations", type=int, default=8000, help="meta-iterations of 25 tasks for each model "
-                   "(default 8000; the paper: 70000)")
+    p.add_argument(
+        "--iterations",
+        type=int,
+        default=8000,
+        help="meta-iterations of 25 tasks for each model (default 8000; the paper: 70000)",
+    )
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--episodes", type=int, default=600, help="test tasks (default 600)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: the MLP is tiny, and "
-                   "more threads only wait on each other)")
-    p.add_argument("--lrs", default="0.001,0.002,0.005,0.01,0.02,0.05,0.1",
-                   help="fine-tuning step sizes tried for the pretrained net on validation tasks")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: the MLP is tiny, and more threads only wait on each other)",
+    )
+    p.add_argument(
+        "--lrs",
+        default="0.001,0.002,0.005,0.01,0.02,0.05,0.1",
+        help="fine-tuning step sizes tried for the pretrained net on validation tasks",
+    )
     p.add_argument("--out", help="output folder (default outputs/sinusoid/k<K>_it<N>_seed<S>)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -188,7 +227,9 @@ def main() -> int:
             run.algo.inner_lr = best_lr
             tuned = summarize(step_mse(run, cfg, "test", args.episodes))
             scores = {f"{lr:g}": (v if math.isfinite(v) else None) for lr, v in scores.items()}  # None: diverged
-            rows.append({"model": "pretrained, tuned step", "algo": algo, "lr": best_lr, **tuned, "val_mse_by_lr": scores})
+            rows.append(
+                {"model": "pretrained, tuned step", "algo": algo, "lr": best_lr, **tuned, "val_mse_by_lr": scores}
+            )
             if best_lr != alpha:
                 curves[f"pretrained (tuned step {best_lr:g})"] = tuned
             else:
@@ -201,12 +242,23 @@ def main() -> int:
     task = sampler.sample_with_params(1)
     tuned_lr = rows[-1]["lr"]
     png = out / "sinusoid.png"
-    plot([("MAML", run, run.algo.inner_lr), ("pretrained", runs["pretrain"][1], tuned_lr)], task, curves, args.shots, png)
+    plot(
+        [("MAML", run, run.algo.inner_lr), ("pretrained", runs["pretrain"][1], tuned_lr)], task, curves, args.shots, png
+    )
 
     table = markdown(rows, args.shots, args.iterations, args.episodes)
-    summary = {"shots": args.shots, "iterations": args.iterations, "meta_batch_size": 25, "seed": args.seed,
-               "device": args.device, "threads": args.threads, "timing": timing, "rows": rows,
-               "plot_task": {"amplitude": task[1][0].item(), "phase": task[2][0].item()}, "plot": str(png)}
+    summary = {
+        "shots": args.shots,
+        "iterations": args.iterations,
+        "meta_batch_size": 25,
+        "seed": args.seed,
+        "device": args.device,
+        "threads": args.threads,
+        "timing": timing,
+        "rows": rows,
+        "plot_task": {"amplitude": task[1][0].item(), "phase": task[2][0].item()},
+        "plot": str(png),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(table)
     print()

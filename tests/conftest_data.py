@@ -17,7 +17,9 @@ OMNIGLOT_ZIPS = ("images_background.zip", "images_evaluation.zip")
 
 def _in_ci() -> bool:
     """CI (or FEWSHOT_REQUIRE_DATA, which .ci/run sets) turns a would-be skip into a failure."""
-    return any(os.environ.get(v, "").strip().lower() not in ("", "0", "false", "no") for v in ("CI", "FEWSHOT_REQUIRE_DATA"))
+    return any(
+        os.environ.get(v, "").strip().lower() not in ("", "0", "false", "no") for v in ("CI", "FEWSHOT_REQUIRE_DATA")
+    )
 
 
 def data_root_candidates() -> list[Path]:
@@ -67,4 +69,6 @@ def omniglot_28(omniglot_root: Path, omniglot_cache_dir: Path):
     """The real Omniglot, 28x28, Finn split (seed 1); decoded on first use, from the session cache after."""
     from fewshot.data.omniglot import load_omniglot
 
-    return load_omniglot(str(omniglot_root), str(omniglot_cache_dir), image_size=28, split="finn", split_seed=1, download=False)
+    return load_omniglot(
+        str(omniglot_root), str(omniglot_cache_dir), image_size=28, split="finn", split_seed=1, download=False
+    )

@@ -28,12 +28,16 @@ def conv4(**kw) -> functools.partial:
     return functools.partial(Conv4, in_channels=1, image_size=28, hidden=16, **kw)
 
 
-def random_episode(tasks=TASKS, ways=WAYS, shots=SHOTS, queries=QUERIES, size=28, dtype=torch.float32, seed=0) -> Episode:
+def random_episode(
+    tasks=TASKS, ways=WAYS, shots=SHOTS, queries=QUERIES, size=28, dtype=torch.float32, seed=0
+) -> Episode:
     g = torch.Generator().manual_seed(seed)
     labels = lambda n: torch.arange(ways).repeat_interleave(n).expand(tasks, -1).contiguous()  # noqa: E731
     return Episode(
-        torch.randn(tasks, ways * shots, 1, size, size, generator=g).to(dtype), labels(shots),
-        torch.randn(tasks, ways * queries, 1, size, size, generator=g).to(dtype), labels(queries),
+        torch.randn(tasks, ways * shots, 1, size, size, generator=g).to(dtype),
+        labels(shots),
+        torch.randn(tasks, ways * queries, 1, size, size, generator=g).to(dtype),
+        labels(queries),
     )
 
 
@@ -150,13 +154,17 @@ def _strategy_variants():
     return [("loop", None, 1), ("loop", None, 2), ("loop", 2, 1), ("vmap", None, 1), ("vmap", 2, 1), ("vmap", 1, 2)]
 
 
-@pytest.mark.parametrize("first_order,steps", [(False, 1), (False, 3), (True, 2)], ids=["second-order-1", "second-order-3", "first-order-2"])
+@pytest.mark.parametrize(
+    "first_order,steps", [(False, 1), (False, 3), (True, 2)], ids=["second-order-1", "second-order-3", "first-order-2"]
+)
 def test_strategies_and_chunking_give_the_same_loss_and_gradients(first_order, steps):
     torch.manual_seed(0)
     episode = random_episode(tasks=4, dtype=torch.float64)
     reference = None
     for strategy, chunk_size, threads in _strategy_variants():
-        algo = MAML(conv4(), WAYS, inner_steps=steps, first_order=first_order, strategy=strategy, chunk_size=chunk_size).double()
+        algo = MAML(
+            conv4(), WAYS, inner_steps=steps, first_order=first_order, strategy=strategy, chunk_size=chunk_size
+        ).double()
         if reference is None:
             state = algo.state_dict()
         algo.load_state_dict(state)
@@ -231,8 +239,12 @@ def test_maml_and_maml_l2l_share_state_dict_keys():
 
 @pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
 @pytest.mark.parametrize("steps", [1, 3], ids=["1-step", "3-steps"])
-@pytest.mark.parametrize("strategy,threads", [("loop", 1), ("loop", 2), ("vmap", 1)], ids=["loop", "loop-threaded", "vmap"])
-@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float32, 1e-4, 1e-5), (torch.float64, 1e-9, 1e-11)], ids=["float32", "float64"])
+@pytest.mark.parametrize(
+    "strategy,threads", [("loop", 1), ("loop", 2), ("vmap", 1)], ids=["loop", "loop-threaded", "vmap"]
+)
+@pytest.mark.parametrize(
+    "dtype,rtol,atol", [(torch.float32, 1e-4, 1e-5), (torch.float64, 1e-9, 1e-11)], ids=["float32", "float64"]
+)
 def test_meta_gradient_matches_learn2learn(first_order, steps, strategy, threads, dtype, rtol, atol):
     torch.manual_seed(0)
     kw = dict(inner_lr=0.4, inner_steps=steps, first_order=first_order)
@@ -331,7 +343,9 @@ def test_protonet_is_invariant_to_the_support_order():
     torch.testing.assert_close(a.loss, b.loss, rtol=1e-12, atol=1e-12)
     sa, qa = embed_tasks(algo.net, episode.support_x, episode.query_x)
     sb, qb = embed_tasks(algo.net, shuffled.support_x, shuffled.query_x)
-    torch.testing.assert_close(algo.logits(sa, episode.support_y, qa), algo.logits(sb, shuffled.support_y, qb), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        algo.logits(sa, episode.support_y, qa), algo.logits(sb, shuffled.support_y, qb), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_embed_tasks_keeps_batch_norm_statistics_per_task():
@@ -346,8 +360,10 @@ def test_embed_tasks_keeps_batch_norm_statistics_per_task():
     (support.sum() + query.square().sum()).backward()
     g_vmap = {k: p.grad.clone() for k, p in net.named_parameters()}
     net.zero_grad()
-    sum(net(torch.cat([s, q]))[: s.shape[0]].sum() + net(torch.cat([s, q]))[s.shape[0]:].square().sum()
-        for s, q in zip(episode.support_x, episode.query_x)).backward()
+    sum(
+        net(torch.cat([s, q]))[: s.shape[0]].sum() + net(torch.cat([s, q]))[s.shape[0] :].square().sum()
+        for s, q in zip(episode.support_x, episode.query_x)
+    ).backward()
     assert_grads_close(g_vmap, {k: p.grad for k, p in net.named_parameters()}, rtol=1e-9, atol=1e-11)
 
 
@@ -374,9 +390,10 @@ def test_matching_support_cosine_and_scale_equal_a_hand_computation():
     # The default similarity divides by the support norms only: q.s/|s|. Query (2,1), |q| = sqrt(5).
     episode = points_episode([[1, 0], [0, 1], [1, 1]], [0, 1, 0], [[2, 1]], [0])
     sims = [2.0, 1.0, 3 / math.sqrt(2)]
-    for algo, scale in ((MatchingNetworks(FlattenEmbedding, ways=2), 1.0),
-                        (MatchingNetworks(FlattenEmbedding, ways=2, similarity="cosine", scale=3.0),
-                         3.0 / math.sqrt(5))):  # the cosine times 3 = q.s/|s| * 3/sqrt(5)
+    for algo, scale in (
+        (MatchingNetworks(FlattenEmbedding, ways=2), 1.0),
+        (MatchingNetworks(FlattenEmbedding, ways=2, similarity="cosine", scale=3.0), 3.0 / math.sqrt(5)),
+    ):  # the cosine times 3 = q.s/|s| * 3/sqrt(5)
         e = [math.exp(scale * c) for c in sims]
         p0 = (e[0] + e[2]) / sum(e)
         torch.testing.assert_close(algo(episode).loss, torch.tensor(-math.log(p0), dtype=torch.float64))
@@ -387,7 +404,10 @@ def test_matching_support_cosine_predicts_as_the_cosine_with_one_shot():
     torch.manual_seed(0)
     net = conv4()(out_features=None)
     episode = random_episode(tasks=3, shots=1)
-    default, cosine = MatchingNetworks(lambda **_: net, WAYS), MatchingNetworks(lambda **_: net, WAYS, similarity="cosine")
+    default, cosine = (
+        MatchingNetworks(lambda **_: net, WAYS),
+        MatchingNetworks(lambda **_: net, WAYS, similarity="cosine"),
+    )
     a, b = default(episode, train=False), cosine(episode, train=False)
     torch.testing.assert_close(a.acc, b.acc)
     assert not torch.isclose(a.loss, b.loss)  # the probabilities differ: only the sharpness
@@ -437,7 +457,9 @@ def test_matching_without_fce_is_invariant_to_the_support_order():
     episode = random_episode(tasks=2, shots=3, dtype=torch.float64)
     perm = torch.randperm(WAYS * 3)
     shuffled = Episode(episode.support_x[:, perm], episode.support_y[:, perm], episode.query_x, episode.query_y)
-    torch.testing.assert_close(algo(episode, train=False).loss, algo(shuffled, train=False).loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        algo(episode, train=False).loss, algo(shuffled, train=False).loss, rtol=1e-12, atol=1e-12
+    )
     # the FCE support LSTM reads the support set as a sequence, so its output depends on the order
     fce = MatchingNetworks(conv4(), WAYS, fce=True).double()
     assert not torch.allclose(fce(episode, train=False).loss, fce(shuffled, train=False).loss, rtol=1e-9, atol=0)
@@ -468,7 +490,9 @@ class PrototypeTasks:
         self.noise, self.g = noise, g
 
     def episode(self, classes: range, tasks: int, ways=5, shots=1, queries=5) -> Episode:
-        pick = torch.stack([torch.tensor(classes)[torch.randperm(len(classes), generator=self.g)[:ways]] for _ in range(tasks)])
+        pick = torch.stack(
+            [torch.tensor(classes)[torch.randperm(len(classes), generator=self.g)[:ways]] for _ in range(tasks)]
+        )
 
         def images(n):
             x = self.prototypes[pick].unsqueeze(2).expand(-1, -1, n, -1, -1, -1)  # (T, ways, n, 1, 28, 28)

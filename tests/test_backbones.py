@@ -61,7 +61,7 @@ def test_forward_backward_every_parameter(make, shape, out):
     net = make(out)
     y = net(torch.randn(shape))
     assert y.shape == (shape[0], out or net.embedding_dim)
-    (y ** 2).mean().backward()
+    (y**2).mean().backward()
     for name, p in net.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 

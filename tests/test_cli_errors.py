@@ -11,13 +11,22 @@ import sys
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-FAST = ["dataset=synthetic", "device=cpu", "trainer=smoke", "backbone.hidden=8", "trainer.iterations=2",
-        "trainer.val_every=2", "trainer.val_episodes=4", "eval.episodes=4", "episode.queries=3"]
+FAST = [
+    "dataset=synthetic",
+    "device=cpu",
+    "trainer=smoke",
+    "backbone.hidden=8",
+    "trainer.iterations=2",
+    "trainer.val_every=2",
+    "trainer.val_episodes=4",
+    "eval.episodes=4",
+    "episode.queries=3",
+]
 
 # fewshot-train with a fault injected in-process, for what a test running as root cannot provoke for real:
 #   erofs PATH: PATH lies on a read-only file system (creating or writing anything under it fails with EROFS)
 #   enospc PATH: the disk fills up while checkpoints/best.pt is written (PATH unused)
-FAULTS = r'''
+FAULTS = r"""
 import builtins, errno, io, os, sys
 kind, target = sys.argv[1], os.path.abspath(sys.argv[2])
 del sys.argv[1:3]
@@ -67,7 +76,7 @@ elif kind == "enospc":
 from fewshot.cli import train_main
 
 train_main()
-'''
+"""
 
 
 def run(tmp_path: Path, *args: str, fault: tuple[str, Path] | None = None, full_error: bool = False):
@@ -85,8 +94,11 @@ def run(tmp_path: Path, *args: str, fault: tuple[str, Path] | None = None, full_
 def error_line(proc: subprocess.CompletedProcess) -> str:
     """The one line on stderr (progress bars and the CPU notice aside), after exit status 2 and no traceback."""
     text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", proc.stderr.replace("\r", "\n"))  # tqdm's cursor moves
-    lines = [ln for ln in text.splitlines()
-             if ln.strip() and "no CUDA device found" not in ln and "it/s" not in ln and "task/s" not in ln]
+    lines = [
+        ln
+        for ln in text.splitlines()
+        if ln.strip() and "no CUDA device found" not in ln and "it/s" not in ln and "task/s" not in ln
+    ]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert len(lines) == 1, proc.stderr[-3000:]

@@ -26,8 +26,16 @@ def test_groups_present():
 
 def test_contract_keys(compose_cfg):
     cfg = compose_cfg("train")
-    for key in ("episode.ways", "episode.shots", "episode.queries", "trainer.meta_batch_size",
-                "trainer.iterations", "eval.episodes", "seed", "data_root"):
+    for key in (
+        "episode.ways",
+        "episode.shots",
+        "episode.queries",
+        "trainer.meta_batch_size",
+        "trainer.iterations",
+        "eval.episodes",
+        "seed",
+        "data_root",
+    ):
         assert OmegaConf.select(cfg, key, throw_on_missing=True) is not None, key
     assert cfg.algo.name == "maml" and cfg.dataset.name == "omniglot" and cfg.device.name == "auto"
 
@@ -77,8 +85,18 @@ def test_every_simple_group_composes(compose_cfg, group):
         assert cfg[group] is not None
 
 
-@pytest.mark.parametrize("override", ["trainer.iteratons=5", "episode.way=3", "algo.inner_lrr=0.1", "dataset.splt=finn",
-                                      "backbone.hiden=3", "seed=abc", "episode.ways=five"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer.iteratons=5",
+        "episode.way=3",
+        "algo.inner_lrr=0.1",
+        "dataset.splt=finn",
+        "backbone.hiden=3",
+        "seed=abc",
+        "episode.ways=five",
+    ],
+)
 def test_typos_fail_at_compose_time(compose_cfg, override):
     with pytest.raises(ConfigCompositionException):
         compose_cfg("train", [override])
@@ -103,8 +121,14 @@ def test_train_finds_configs_from_any_folder(tmp_path):
     """The console script composes its packaged config tree from an unrelated working folder."""
     exe = Path(sys.executable).with_name("fewshot-train")
     env = {**os.environ, "FEWSHOT_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.run([str(exe), "dataset=synthetic", "device=cpu", "dry_run=true"], cwd=tmp_path,
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [str(exe), "dataset=synthetic", "device=cpu", "dry_run=true"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "maml_synthetic_5w1s" in proc.stdout
     assert (tmp_path / "outputs" / "maml_synthetic_5w1s").is_dir()

@@ -34,10 +34,26 @@ SPLITS = ("train", "val", "test")
 
 # CIFAR-100 coarse label names in index order (meta's coarse_label_names).
 COARSE_NAMES = [
-    "aquatic_mammals", "fish", "flowers", "food_containers", "fruit_and_vegetables", "household_electrical_devices",
-    "household_furniture", "insects", "large_carnivores", "large_man-made_outdoor_things", "large_natural_outdoor_scenes",
-    "large_omnivores_and_herbivores", "medium_mammals", "non-insect_invertebrates", "people", "reptiles", "small_mammals",
-    "trees", "vehicles_1", "vehicles_2",
+    "aquatic_mammals",
+    "fish",
+    "flowers",
+    "food_containers",
+    "fruit_and_vegetables",
+    "household_electrical_devices",
+    "household_furniture",
+    "insects",
+    "large_carnivores",
+    "large_man-made_outdoor_things",
+    "large_natural_outdoor_scenes",
+    "large_omnivores_and_herbivores",
+    "medium_mammals",
+    "non-insect_invertebrates",
+    "people",
+    "reptiles",
+    "small_mammals",
+    "trees",
+    "vehicles_1",
+    "vehicles_2",
 ]
 
 
@@ -157,7 +173,9 @@ def _make_mini_pickles(root: Path, classes: dict[str, list[str]], per: int, prot
         _dump_py3({"image_data": data, "class_dict": class_dict}, root / fname, protocol)
 
 
-def _make_cifar(root: Path, fine_names: list[str], coarse_of: dict[str, int], per_train: int = 5, per_test: int = 1, seed: int = 0) -> Path:
+def _make_cifar(
+    root: Path, fine_names: list[str], coarse_of: dict[str, int], per_train: int = 5, per_test: int = 1, seed: int = 0
+) -> Path:
     """cifar-100-python/{train,test,meta} as Python 2 cPickle wrote them: N x 3072 channel-first rows.
 
     Image j of class c (in file order, train then test) has R(0,0) = c and G(0,0) = j."""
@@ -188,7 +206,9 @@ def _make_cifar(root: Path, fine_names: list[str], coarse_of: dict[str, int], pe
 
 
 def _cifar_names(cifar_fs_dir: Path) -> tuple[list[str], dict[str, int]]:
-    """Fine names in CIFAR-100 label order (alphabetical) and each one's coarse index (all.txt lists 5 per superclass)."""
+    """Fine names in CIFAR-100 label order (alphabetical) and each one's coarse index.
+
+    all.txt lists 5 per superclass."""
     all_names = _lines(cifar_fs_dir / "all.txt")
     assert len(all_names) == 100
     return sorted(all_names), {n: i // 5 for i, n in enumerate(all_names)}
@@ -280,7 +300,14 @@ def _assert_banks(ds, counts: dict[str, int], per: int, size: int, channels: int
 
 
 def test_miniimagenet_pickle(mini_pickle_root, ravi_dir, ravi_classes, tmp_path):
-    ds = miniimagenet.load_miniimagenet(str(mini_pickle_root), str(tmp_path / "cache"), split_dir=str(ravi_dir), images_per_class=6, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4))
+    ds = miniimagenet.load_miniimagenet(
+        str(mini_pickle_root),
+        str(tmp_path / "cache"),
+        split_dir=str(ravi_dir),
+        images_per_class=6,
+        mean=(0.4, 0.5, 0.6),
+        std=(0.2, 0.3, 0.4),
+    )
     _assert_banks(ds, {"train": 64, "val": 16, "test": 20}, 6, 84)
     assert ds.name == "miniimagenet" and ds.channels == 3 and ds.image_size == 84
     assert ds.mean == (0.4, 0.5, 0.6) and ds.std == (0.2, 0.3, 0.4)
@@ -299,13 +326,17 @@ def test_miniimagenet_pickle(mini_pickle_root, ravi_dir, ravi_classes, tmp_path)
 def test_miniimagenet_pickle_protocols(tmp_path, ravi_dir, ravi_classes, protocol):
     """Pickles from other Python/numpy versions: protocol 2 (bytes via _codecs.encode), 5 (out-of-band buffers)."""
     _make_mini_pickles(tmp_path / "root", ravi_classes, per=2, protocol=protocol)
-    ds = miniimagenet.load_miniimagenet(str(tmp_path / "root"), str(tmp_path / "cache"), split_dir=str(ravi_dir), images_per_class=2)
+    ds = miniimagenet.load_miniimagenet(
+        str(tmp_path / "root"), str(tmp_path / "cache"), split_dir=str(ravi_dir), images_per_class=2
+    )
     _assert_banks(ds, {"train": 64, "val": 16, "test": 20}, 2, 84)
 
 
 def test_miniimagenet_cache_reused(mini_pickle_root, ravi_dir, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    first = miniimagenet.load_miniimagenet(str(mini_pickle_root), str(cache), split_dir=str(ravi_dir), images_per_class=6)
+    first = miniimagenet.load_miniimagenet(
+        str(mini_pickle_root), str(cache), split_dir=str(ravi_dir), images_per_class=6
+    )
     files = list(cache.glob("miniimagenet_pickle_*.pt"))
     assert len(files) == 1
 
@@ -314,18 +345,24 @@ def test_miniimagenet_cache_reused(mini_pickle_root, ravi_dir, tmp_path, monkeyp
 
     monkeypatch.setattr(miniimagenet, "_decode_pickles", boom)
     monkeypatch.setattr(miniimagenet, "restricted_load", boom)
-    second = miniimagenet.load_miniimagenet(str(mini_pickle_root), str(cache), split_dir=str(ravi_dir), images_per_class=6)
+    second = miniimagenet.load_miniimagenet(
+        str(mini_pickle_root), str(cache), split_dir=str(ravi_dir), images_per_class=6
+    )
     for s in SPLITS:
         assert torch.equal(first.split(s).images, second.split(s).images)
         assert first.split(s).class_names == second.split(s).class_names
     # another preprocessing gets its own cache file
     monkeypatch.undo()
-    miniimagenet.load_miniimagenet(str(mini_pickle_root), str(cache), split_dir=str(ravi_dir), images_per_class=6, image_size=42)
+    miniimagenet.load_miniimagenet(
+        str(mini_pickle_root), str(cache), split_dir=str(ravi_dir), images_per_class=6, image_size=42
+    )
     assert len(list(cache.glob("miniimagenet_pickle_*.pt"))) == 2
 
 
 def test_miniimagenet_pickle_resized(mini_pickle_root, ravi_dir, tmp_path):
-    ds = miniimagenet.load_miniimagenet(str(mini_pickle_root), str(tmp_path / "c"), split_dir=str(ravi_dir), images_per_class=6, image_size=42)
+    ds = miniimagenet.load_miniimagenet(
+        str(mini_pickle_root), str(tmp_path / "c"), split_dir=str(ravi_dir), images_per_class=6, image_size=42
+    )
     _assert_banks(ds, {"train": 64, "val": 16, "test": 20}, 6, 42)
 
 
@@ -340,7 +377,9 @@ def test_miniimagenet_classes_must_match_ravi(tmp_path, ravi_dir, ravi_classes):
     classes["val"][0], classes["test"][0] = classes["test"][0], classes["val"][0]
     _make_mini_pickles(tmp_path / "root", classes, per=1)
     with pytest.raises(DataError, match=r"val classes .* differ from the Ravi split file .*val\.csv"):
-        miniimagenet.load_miniimagenet(str(tmp_path / "root"), str(tmp_path / "c"), split_dir=str(ravi_dir), images_per_class=1)
+        miniimagenet.load_miniimagenet(
+            str(tmp_path / "root"), str(tmp_path / "c"), split_dir=str(ravi_dir), images_per_class=1
+        )
 
 
 def test_miniimagenet_splits_disjoint(tmp_path, ravi_classes):
@@ -351,7 +390,9 @@ def test_miniimagenet_splits_disjoint(tmp_path, ravi_classes):
         miniimagenet.load_miniimagenet(str(tmp_path / "root"), str(tmp_path / "c"), split_dir=None, images_per_class=1)
 
 
-def _make_mini_csv(root: Path, ravi_rows, per: int, csv_dir: Path, size=(100, 90)) -> dict[tuple[str, str], tuple[int, int, int]]:
+def _make_mini_csv(
+    root: Path, ravi_rows, per: int, csv_dir: Path, size=(100, 90)
+) -> dict[tuple[str, str], tuple[int, int, int]]:
     """The first `per` rows of each class of the real CSVs, and JPEGs of another size, one flat color each."""
     (root / "images").mkdir(parents=True, exist_ok=True)
     csv_dir.mkdir(parents=True, exist_ok=True)
@@ -379,26 +420,39 @@ def test_miniimagenet_csv(tmp_path, ravi_dir, ravi_rows, ravi_classes, where):
     """Ravi CSV rows + images/ of 100x90 JPEGs, resized to 84x84; CSVs in root/splits/ravi or next to images/."""
     root = tmp_path / "mini"
     colors = _make_mini_csv(root, ravi_rows, 3, root / where)
-    ds = miniimagenet.load_miniimagenet(str(root), str(tmp_path / "cache"), format="csv", split_dir=str(ravi_dir), images_per_class=3)
+    ds = miniimagenet.load_miniimagenet(
+        str(root), str(tmp_path / "cache"), format="csv", split_dir=str(ravi_dir), images_per_class=3
+    )
     _assert_banks(ds, {"train": 64, "val": 16, "test": 20}, 3, 84)
     for s in SPLITS:
         bank = ds.split(s)
         assert sorted(bank.class_names) == ravi_classes[s]
         first_file = next(f for f, label in ravi_rows[s] if label == bank.class_names[0])
         got = bank.images[0, 0].float().mean(dim=(1, 2))
-        assert torch.allclose(got, torch.tensor(colors[(s, first_file)], dtype=torch.float32), atol=3), (got, colors[(s, first_file)])
+        assert torch.allclose(got, torch.tensor(colors[(s, first_file)], dtype=torch.float32), atol=3), (
+            got,
+            colors[(s, first_file)],
+        )
 
 
 def test_miniimagenet_csv_cache_and_missing_image(tmp_path, ravi_dir, ravi_rows, monkeypatch):
     root = tmp_path / "mini"
     _make_mini_csv(root, ravi_rows, 1, root / "splits" / "ravi")
-    miniimagenet.load_miniimagenet(str(root), str(tmp_path / "cache"), format="csv", split_dir=str(ravi_dir), images_per_class=1)
-    monkeypatch.setattr(miniimagenet, "_decode_csv", lambda *a, **k: pytest.fail("decoded again instead of reading the cache"))
-    miniimagenet.load_miniimagenet(str(root), str(tmp_path / "cache"), format="csv", split_dir=str(ravi_dir), images_per_class=1)
+    miniimagenet.load_miniimagenet(
+        str(root), str(tmp_path / "cache"), format="csv", split_dir=str(ravi_dir), images_per_class=1
+    )
+    monkeypatch.setattr(
+        miniimagenet, "_decode_csv", lambda *a, **k: pytest.fail("decoded again instead of reading the cache")
+    )
+    miniimagenet.load_miniimagenet(
+        str(root), str(tmp_path / "cache"), format="csv", split_dir=str(ravi_dir), images_per_class=1
+    )
     victim = next((root / "images").iterdir())
     victim.unlink()
     with pytest.raises(DataError, match=r"1 of the 100 images .* missing from " + re.escape(str(root / "images"))):
-        miniimagenet.load_miniimagenet(str(root), str(tmp_path / "cache"), format="csv", split_dir=str(ravi_dir), images_per_class=1)
+        miniimagenet.load_miniimagenet(
+            str(root), str(tmp_path / "cache"), format="csv", split_dir=str(ravi_dir), images_per_class=1
+        )
 
 
 def test_miniimagenet_csv_must_match_real_split(tmp_path, ravi_dir, ravi_rows, ravi_classes):
@@ -410,7 +464,9 @@ def test_miniimagenet_csv_must_match_real_split(tmp_path, ravi_dir, ravi_rows, r
     root = tmp_path / "mini"
     _make_mini_csv(root, rows, 1, root)
     with pytest.raises(DataError, match=r"val classes .* differ from the Ravi split file .*val\.csv"):
-        miniimagenet.load_miniimagenet(str(root), str(tmp_path / "cache"), format="csv", split_dir=str(ravi_dir), images_per_class=1)
+        miniimagenet.load_miniimagenet(
+            str(root), str(tmp_path / "cache"), format="csv", split_dir=str(ravi_dir), images_per_class=1
+        )
 
 
 def test_miniimagenet_missing_message(tmp_path):
@@ -430,7 +486,14 @@ def test_miniimagenet_missing_message(tmp_path):
 
 
 def test_cifar_fs(cifar_root, cifar_fs_dir, tmp_path):
-    ds = cifar.load_cifar_fs(str(cifar_root), str(tmp_path / "cache"), str(cifar_fs_dir), images_per_class=6, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    ds = cifar.load_cifar_fs(
+        str(cifar_root),
+        str(tmp_path / "cache"),
+        str(cifar_fs_dir),
+        images_per_class=6,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+    )
     _assert_banks(ds, {"train": 64, "val": 16, "test": 20}, 6, 32)
     assert ds.name == "cifar_fs" and ds.mean == (0.5, 0.5, 0.5)
     fine, _ = _cifar_names(cifar_fs_dir)
@@ -450,14 +513,21 @@ def test_fc100(cifar_root, cifar_fs_dir, tmp_path):
     for s, supers in cifar.FC100_SUPERCLASSES.items():
         expected = {all_names[5 * c + k] for c in supers for k in range(5)}
         assert set(ds.split(s).class_names) == expected
-    assert set(ds.split("test").class_names) >= {"beaver", "bee", "fox", "baby"}  # aquatic mammals, insects, medium mammals, people
+    assert set(ds.split("test").class_names) >= {
+        "beaver",
+        "bee",
+        "fox",
+        "baby",
+    }  # aquatic mammals, insects, medium mammals, people
     assert sorted(c for v in cifar.FC100_SUPERCLASSES.values() for c in v) == list(range(20))
 
 
 def test_cifar_cache_shared_and_reused(cifar_root, cifar_fs_dir, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     a = cifar.load_fc100(str(cifar_root), str(cache), images_per_class=6)
-    monkeypatch.setattr(cifar, "_decode_cifar100", lambda *a, **k: pytest.fail("decoded again instead of reading the cache"))
+    monkeypatch.setattr(
+        cifar, "_decode_cifar100", lambda *a, **k: pytest.fail("decoded again instead of reading the cache")
+    )
     b = cifar.load_fc100(str(cifar_root), str(cache), images_per_class=6)
     cifar.load_cifar_fs(str(cifar_root), str(cache), str(cifar_fs_dir), images_per_class=6)  # same cache file
     assert len(list(cache.glob("cifar100_*.pt"))) == 1
@@ -535,7 +605,9 @@ def _check_tiered(ds, truth, size=84):
         assert tuple(bank.images.shape) == (len(t["names"]), t["min"], 3, size, size)
         if size == 84:
             # pixel (0, 0) = (class, rank in file order, 9): each class keeps its first `min` images, RGB, CHW
-            assert torch.equal(bank.images[:, :, 0, 0, 0].long(), torch.arange(bank.num_classes).view(-1, 1).expand(-1, t["min"]))
+            assert torch.equal(
+                bank.images[:, :, 0, 0, 0].long(), torch.arange(bank.num_classes).view(-1, 1).expand(-1, t["min"])
+            )
             assert torch.equal(bank.images[:, :, 1, 0, 0].long(), torch.arange(t["min"]).expand(bank.num_classes, -1))
             assert (bank.images[:, :, 2, 0, 0] == 9).all()
     names = [set(ds.split(s).class_names) for s in SPLITS]
@@ -545,7 +617,13 @@ def _check_tiered(ds, truth, size=84):
 def test_tiered_png_pickle(tmp_path, caplog):
     truth = _make_tiered(tmp_path / "tiered")
     caplog.set_level("INFO", logger="fewshot.data.tiered")
-    ds = tiered.load_tieredimagenet(str(tmp_path / "tiered"), str(tmp_path / "cache"), classes_per_split=[6, 3, 4], mean=(0.1, 0.2, 0.3), std=(1, 1, 1))
+    ds = tiered.load_tieredimagenet(
+        str(tmp_path / "tiered"),
+        str(tmp_path / "cache"),
+        classes_per_split=[6, 3, 4],
+        mean=(0.1, 0.2, 0.3),
+        std=(1, 1, 1),
+    )
     assert ds.name == "tieredimagenet" and ds.mean == (0.1, 0.2, 0.3)
     _check_tiered(ds, truth)
     assert "train: 6 classes with 4 to 6 images each; kept the first 4 of every class" in caplog.text
@@ -553,20 +631,36 @@ def test_tiered_png_pickle(tmp_path, caplog):
 
 def test_tiered_npz(tmp_path):
     truth = _make_tiered(tmp_path / "tiered", npz=True)
-    ds = tiered.load_tieredimagenet(str(tmp_path / "tiered"), str(tmp_path / "cache"), format="npz", classes_per_split=[6, 3, 4])
+    ds = tiered.load_tieredimagenet(
+        str(tmp_path / "tiered"), str(tmp_path / "cache"), format="npz", classes_per_split=[6, 3, 4]
+    )
     _check_tiered(ds, truth)
-    flipped = tiered.load_tieredimagenet(str(tmp_path / "tiered"), str(tmp_path / "cache"), format="npz", classes_per_split=[6, 3, 4], npz_channel_order="bgr")
+    flipped = tiered.load_tieredimagenet(
+        str(tmp_path / "tiered"),
+        str(tmp_path / "cache"),
+        format="npz",
+        classes_per_split=[6, 3, 4],
+        npz_channel_order="bgr",
+    )
     assert torch.equal(flipped.split("val").images, ds.split("val").images.flip(2))
 
 
 def test_tiered_cache_reused_and_counts_checked(tmp_path, monkeypatch):
     _make_tiered(tmp_path / "tiered")
-    first = tiered.load_tieredimagenet(str(tmp_path / "tiered"), str(tmp_path / "cache"), classes_per_split=[6, 3, 4], image_size=32)
-    monkeypatch.setattr(tiered, "_decode_split", lambda *a, **k: pytest.fail("decoded again instead of reading the cache"))
-    second = tiered.load_tieredimagenet(str(tmp_path / "tiered"), str(tmp_path / "cache"), classes_per_split=[6, 3, 4], image_size=32)
+    first = tiered.load_tieredimagenet(
+        str(tmp_path / "tiered"), str(tmp_path / "cache"), classes_per_split=[6, 3, 4], image_size=32
+    )
+    monkeypatch.setattr(
+        tiered, "_decode_split", lambda *a, **k: pytest.fail("decoded again instead of reading the cache")
+    )
+    second = tiered.load_tieredimagenet(
+        str(tmp_path / "tiered"), str(tmp_path / "cache"), classes_per_split=[6, 3, 4], image_size=32
+    )
     assert torch.equal(first.split("test").images, second.split("test").images)
     assert first.split("train").images.shape[-1] == 32
-    with pytest.raises(DataError, match=r"train split has 6 classes, expected 351"):  # the default counts, from the cache
+    with pytest.raises(
+        DataError, match=r"train split has 6 classes, expected 351"
+    ):  # the default counts, from the cache
         tiered.load_tieredimagenet(str(tmp_path / "tiered"), str(tmp_path / "cache"), image_size=32)
     monkeypatch.undo()
     with pytest.raises(DataError, match=r"train split has 6 classes, expected 351"):  # and before decoding
@@ -599,7 +693,12 @@ def test_restricted_unpickler_refuses_code(tmp_path):
             restricted_load(path, "test")
         assert not marker.exists()
     # globals that would let a pickle reach code indirectly are refused too
-    for module, name in (("builtins", "eval"), ("builtins", "getattr"), ("numpy", "load"), ("numpy.core.multiarray", "fromstring")):
+    for module, name in (
+        ("builtins", "eval"),
+        ("builtins", "getattr"),
+        ("numpy", "load"),
+        ("numpy.core.multiarray", "fromstring"),
+    ):
         path.write_bytes(b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"q\x00.")
         with pytest.raises(DataError, match="refusing"):
             restricted_load(path, "test")
@@ -610,7 +709,9 @@ def test_restricted_unpickler_refuses_code(tmp_path):
 
 def test_codecs_encode_limited_to_latin1(tmp_path):
     path = tmp_path / "codec.pkl"
-    path.write_bytes(b"\x80\x02c_codecs\nencode\nq\x00X\x03\x00\x00\x00abcq\x01X\x05\x00\x00\x00rot13q\x02\x86q\x03Rq\x04.")
+    path.write_bytes(
+        b"\x80\x02c_codecs\nencode\nq\x00X\x03\x00\x00\x00abcq\x01X\x05\x00\x00\x00rot13q\x02\x86q\x03Rq\x04."
+    )
     with pytest.raises(DataError, match="refusing"):
         restricted_load(path, "test")
 
@@ -645,9 +746,21 @@ def test_loaders_refuse_malicious_pickles(tmp_path, dataset):
 
 
 def test_miniimagenet_yaml_instantiates(compose_cfg, mini_pickle_root, ravi_dir, tmp_path):
-    cfg = compose_cfg("train", ["dataset=miniimagenet", f"dataset.root={mini_pickle_root}", f"cache_dir={tmp_path / 'cache'}",
-                                f"dataset.split_dir={ravi_dir}", "dataset.images_per_class=6"])
-    assert cfg.dataset.name == "miniimagenet" and cfg.dataset.format == "pickle" and cfg.dataset.cache_dir == str(tmp_path / "cache")
+    cfg = compose_cfg(
+        "train",
+        [
+            "dataset=miniimagenet",
+            f"dataset.root={mini_pickle_root}",
+            f"cache_dir={tmp_path / 'cache'}",
+            f"dataset.split_dir={ravi_dir}",
+            "dataset.images_per_class=6",
+        ],
+    )
+    assert (
+        cfg.dataset.name == "miniimagenet"
+        and cfg.dataset.format == "pickle"
+        and cfg.dataset.cache_dir == str(tmp_path / "cache")
+    )
     ds = instantiate(_plain(cfg.dataset), _convert_="all")
     _assert_banks(ds, {"train": 64, "val": 16, "test": 20}, 6, 84)
     assert ds.mean == pytest.approx((120.39586422 / 255, 115.59361427 / 255, 104.54012653 / 255))
@@ -666,7 +779,12 @@ def test_miniimagenet_yaml_defaults(compose_cfg, monkeypatch):
 
 @pytest.mark.parametrize("name", ["cifar_fs", "fc100"])
 def test_cifar_yaml_instantiates(compose_cfg, cifar_root, cifar_fs_dir, tmp_path, name):
-    overrides = [f"dataset={name}", f"dataset.root={cifar_root}", f"cache_dir={tmp_path / 'cache'}", "dataset.images_per_class=6"]
+    overrides = [
+        f"dataset={name}",
+        f"dataset.root={cifar_root}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "dataset.images_per_class=6",
+    ]
     if name == "cifar_fs":
         overrides.append(f"dataset.split_dir={cifar_fs_dir}")
     cfg = compose_cfg("train", overrides)
@@ -680,8 +798,15 @@ def test_cifar_yaml_instantiates(compose_cfg, cifar_root, cifar_fs_dir, tmp_path
 
 def test_tiered_yaml_instantiates(compose_cfg, tmp_path):
     truth = _make_tiered(tmp_path / "tiered")
-    cfg = compose_cfg("train", ["dataset=tieredimagenet", f"dataset.root={tmp_path / 'tiered'}", f"cache_dir={tmp_path / 'cache'}",
-                                "dataset.classes_per_split=[6,3,4]"])
+    cfg = compose_cfg(
+        "train",
+        [
+            "dataset=tieredimagenet",
+            f"dataset.root={tmp_path / 'tiered'}",
+            f"cache_dir={tmp_path / 'cache'}",
+            "dataset.classes_per_split=[6,3,4]",
+        ],
+    )
     ds = instantiate(_plain(cfg.dataset), _convert_="all")
     _check_tiered(ds, truth)
     assert ds.mean == pytest.approx((120.39586422 / 255, 115.59361427 / 255, 104.54012653 / 255))

@@ -30,7 +30,9 @@ def _png() -> bytes:
     return buf.getvalue()
 
 
-def _fake_zip(top: str, alphabets: list[str], chars: int = 2, drawings: int = 20, extra: dict[str, bytes] | None = None) -> bytes:
+def _fake_zip(
+    top: str, alphabets: list[str], chars: int = 2, drawings: int = 20, extra: dict[str, bytes] | None = None
+) -> bytes:
     """A zip in Omniglot's layout, top/<Alphabet>/characterNN/IIII_DD.png, far too small to pass the content check."""
     png, buf, cid = _png(), io.BytesIO(), 0
     with zipfile.ZipFile(buf, "w") as zf:
@@ -124,7 +126,9 @@ def test_download_success(server, fake_zips, fake_md5, tmp_path):
 
 def test_load_downloads_then_checks_content(server, fake_zips, fake_md5, tmp_path):
     root, cache = tmp_path / "omniglot", tmp_path / "cache"
-    with pytest.raises(DataError, match=r"hold 6 characters in 3 alphabets.*expected 1623 characters in 50 alphabets") as info:
+    with pytest.raises(
+        DataError, match=r"hold 6 characters in 3 alphabets.*expected 1623 characters in 50 alphabets"
+    ) as info:
         load_omniglot(str(root), str(cache), base_url=_serve_zips(server, fake_zips))
     assert "\n" not in str(info.value)
     assert sorted(p.name for p in root.iterdir()) == sorted(og.ZIP_NAMES)
@@ -137,7 +141,12 @@ def test_md5_mismatch_leaves_nothing(server, fake_zips, tmp_path):
         load_omniglot(str(root), str(tmp_path / "cache"), base_url=_serve_zips(server, fake_zips))
     msg = str(info.value)
     got = hashlib.md5(fake_zips["images_background.zip"]).hexdigest()
-    assert "md5" in msg and "images_background.zip" in msg and og.OFFICIAL_MD5["images_background.zip"] in msg and got in msg
+    assert (
+        "md5" in msg
+        and "images_background.zip" in msg
+        and og.OFFICIAL_MD5["images_background.zip"] in msg
+        and got in msg
+    )
     assert list(root.iterdir()) == []
 
 
@@ -251,7 +260,9 @@ def test_safe_extract_extracts_normal_zip(tmp_path, fake_zips):
 def test_loader_refuses_escaping_entries(fake_zips, tmp_path):
     root = tmp_path / "omniglot"
     root.mkdir()
-    (root / "images_background.zip").write_bytes(_fake_zip("images_background", ["Alpha"], extra={"../evil.txt": b"pwned"}))
+    (root / "images_background.zip").write_bytes(
+        _fake_zip("images_background", ["Alpha"], extra={"../evil.txt": b"pwned"})
+    )
     (root / "images_evaluation.zip").write_bytes(fake_zips["images_evaluation.zip"])
     with pytest.raises(DataError, match=r"'\.\./evil\.txt' that points outside"):
         load_omniglot(str(root), str(tmp_path / "cache"), download=False)
@@ -267,7 +278,9 @@ def test_vinyals_split_files_downloaded(server, omniglot_root, omniglot_cache_di
     splits_url = _closed_port_url()
     with pytest.raises(DataError) as info:
         load_omniglot(str(root), str(omniglot_cache_dir), split="vinyals", splits_url=splits_url)
-    assert str(root / "splits" / "vinyals" / "train.txt") in str(info.value) and f"{splits_url}/train.txt" in str(info.value)
+    assert str(root / "splits" / "vinyals" / "train.txt") in str(info.value) and f"{splits_url}/train.txt" in str(
+        info.value
+    )
 
     for name in og.VINYALS_FILES:
         server.routes[f"/splits/{name}"] = ((omniglot_root / "splits" / "vinyals" / name).read_bytes(), "full")

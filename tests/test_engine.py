@@ -17,9 +17,19 @@ from fewshot.checkpoint import load_checkpoint
 from fewshot.eval import run as eval_run
 from fewshot.train import run as train_run
 
-TINY = ["dataset=synthetic", "device=cpu", "backbone.hidden=16", "trainer.meta_batch_size=4", "trainer.iterations=6",
-        "trainer.val_every=3", "trainer.val_episodes=10", "trainer.checkpoint_every=3", "eval.episodes=20",
-        "eval.meta_batch_size=8", "episode.queries=3"]
+TINY = [
+    "dataset=synthetic",
+    "device=cpu",
+    "backbone.hidden=16",
+    "trainer.meta_batch_size=4",
+    "trainer.iterations=6",
+    "trainer.val_every=3",
+    "trainer.val_episodes=10",
+    "trainer.checkpoint_every=3",
+    "eval.episodes=20",
+    "eval.meta_batch_size=8",
+    "episode.queries=3",
+]
 
 
 @pytest.fixture
@@ -66,8 +76,12 @@ def test_eval_reproduces_training_test_number(tiny_run, compose_cfg, tmp_path):
     ecfg = compose_cfg("eval", [f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "device=cpu"])
     again = eval_run(ecfg, tmp_path / "eval")
     assert again["test"] == results["test"]
-    other = eval_run(compose_cfg("eval", [f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}",
-                                                            "device=cpu", "seed=5", "eval.episodes=10"]), tmp_path / "eval2")
+    other = eval_run(
+        compose_cfg(
+            "eval", [f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "device=cpu", "seed=5", "eval.episodes=10"]
+        ),
+        tmp_path / "eval2",
+    )
     assert other["test"]["episodes"] == 10 and other["seed"] == 5
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["test"] == results["test"]
 
@@ -84,12 +98,24 @@ def test_cli_train_then_eval(tmp_path):
     """The console scripts, as a user runs them: train writes a run folder, eval reproduces its number."""
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "FEWSHOT_CACHE_DIR": str(tmp_path / "cache")}
-    train = subprocess.run([str(bin_dir / "fewshot-train"), "algo=protonet", *TINY, "hydra.run.dir=run"],
-                           cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    train = subprocess.run(
+        [str(bin_dir / "fewshot-train"), "algo=protonet", *TINY, "hydra.run.dir=run"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert train.returncode == 0, train.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    ev = subprocess.run([str(bin_dir / "fewshot-eval"), "checkpoint=run/checkpoints/best.pt", "device=cpu", "hydra.run.dir=ev"],
-                        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    ev = subprocess.run(
+        [str(bin_dir / "fewshot-eval"), "checkpoint=run/checkpoints/best.pt", "device=cpu", "hydra.run.dir=ev"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["test"] == results["test"]
     assert "accuracy (%)" in ev.stdout
@@ -107,11 +133,21 @@ LEARNING = {"maml": 100, "protonet": 60, "matching": 60}
 @pytest.mark.parametrize("algo", sorted(LEARNING))
 def test_learns_omniglot_5way_1shot(compose_cfg, tmp_path, omniglot_root, omniglot_cache_dir, omniglot_28, algo):
     iters = LEARNING[algo]
-    cfg = compose_cfg("train", [
-        f"algo={algo}", "device=cpu", f"data_root={omniglot_root.parent}", f"cache_dir={omniglot_cache_dir}",
-        "trainer.meta_batch_size=8", f"trainer.iterations={iters}", f"trainer.val_every={iters}",
-        "trainer.val_episodes=20", "eval.episodes=100", "episode.queries=5",
-    ])
+    cfg = compose_cfg(
+        "train",
+        [
+            f"algo={algo}",
+            "device=cpu",
+            f"data_root={omniglot_root.parent}",
+            f"cache_dir={omniglot_cache_dir}",
+            "trainer.meta_batch_size=8",
+            f"trainer.iterations={iters}",
+            f"trainer.val_every={iters}",
+            "trainer.val_episodes=20",
+            "eval.episodes=100",
+            "episode.queries=5",
+        ],
+    )
     engine.seed_everything(cfg.seed)
     untrained = engine.build(cfg)
     sampler = engine.make_sampler(untrained, "test")
@@ -130,11 +166,21 @@ def test_learns_omniglot_5way_1shot(compose_cfg, tmp_path, omniglot_root, omnigl
 @pytest.mark.omniglot
 def test_matching_keeps_up_with_protonet(compose_cfg, tmp_path, omniglot_root, omniglot_cache_dir, omniglot_28):
     def train(*overrides: str) -> float:
-        cfg = compose_cfg("train", [
-            *overrides, "device=cpu", f"data_root={omniglot_root.parent}", f"cache_dir={omniglot_cache_dir}",
-            "trainer.meta_batch_size=8", "trainer.iterations=200", "trainer.val_every=200", "trainer.val_episodes=20",
-            "eval.episodes=300", "episode.queries=5",
-        ])
+        cfg = compose_cfg(
+            "train",
+            [
+                *overrides,
+                "device=cpu",
+                f"data_root={omniglot_root.parent}",
+                f"cache_dir={omniglot_cache_dir}",
+                "trainer.meta_batch_size=8",
+                "trainer.iterations=200",
+                "trainer.val_every=200",
+                "trainer.val_episodes=20",
+                "eval.episodes=300",
+                "episode.queries=5",
+            ],
+        )
         return train_run(cfg, tmp_path / "_".join(overrides))["test"]["acc_mean"]
 
     protonet = train("algo=protonet")
@@ -148,12 +194,29 @@ def test_matching_keeps_up_with_protonet(compose_cfg, tmp_path, omniglot_root, o
 @pytest.mark.omniglot
 def test_eval_lake_runs_benchmark(compose_cfg, tmp_path, omniglot_root, omniglot_cache_dir, omniglot_28):
     """fewshot-eval benchmark=lake_runs scores a checkpoint on Lake's 20 original 20-way one-shot runs."""
-    common = [f"data_root={omniglot_root.parent}", f"cache_dir={omniglot_cache_dir}", "device=cpu", "backbone.hidden=8",
-              "trainer.iterations=2", "trainer.val_every=2", "trainer.val_episodes=4", "eval.episodes=4",
-              "episode.queries=2", "trainer.meta_batch_size=2"]
+    common = [
+        f"data_root={omniglot_root.parent}",
+        f"cache_dir={omniglot_cache_dir}",
+        "device=cpu",
+        "backbone.hidden=8",
+        "trainer.iterations=2",
+        "trainer.val_every=2",
+        "trainer.val_episodes=4",
+        "eval.episodes=4",
+        "episode.queries=2",
+        "trainer.meta_batch_size=2",
+    ]
     train_run(compose_cfg("train", ["algo=protonet", *common]), tmp_path / "proto")
-    ecfg = compose_cfg("eval", [f"checkpoint={tmp_path / 'proto/checkpoints/best.pt'}", "benchmark=lake_runs", "device=cpu",
-                                f"data_root={omniglot_root.parent}", f"cache_dir={omniglot_cache_dir}"])
+    ecfg = compose_cfg(
+        "eval",
+        [
+            f"checkpoint={tmp_path / 'proto/checkpoints/best.pt'}",
+            "benchmark=lake_runs",
+            "device=cpu",
+            f"data_root={omniglot_root.parent}",
+            f"cache_dir={omniglot_cache_dir}",
+        ],
+    )
     results = eval_run(ecfg, tmp_path / "lake")
     lake = results["lake"]
     assert len(lake["error_per_run"]) == 20 and 0 <= lake["mean_error"] <= 100
@@ -162,13 +225,21 @@ def test_eval_lake_runs_benchmark(compose_cfg, tmp_path, omniglot_root, omniglot
 
     # A 5-way MAML head cannot answer a 20-way trial: refused with a clear message.
     train_run(compose_cfg("train", ["algo=maml", *common]), tmp_path / "maml")
-    ecfg = compose_cfg("eval", [f"checkpoint={tmp_path / 'maml/checkpoints/best.pt'}", "benchmark=lake_runs", "device=cpu",
-                                f"data_root={omniglot_root.parent}", f"cache_dir={omniglot_cache_dir}"])
+    ecfg = compose_cfg(
+        "eval",
+        [
+            f"checkpoint={tmp_path / 'maml/checkpoints/best.pt'}",
+            "benchmark=lake_runs",
+            "device=cpu",
+            f"data_root={omniglot_root.parent}",
+            f"cache_dir={omniglot_cache_dir}",
+        ],
+    )
     with pytest.raises(engine.ConfigError, match="5-way head"):
         eval_run(ecfg, tmp_path / "lake2")
 
 
-@pytest.mark.parametrize("schedule, factor", [("step", 0.5 ** 3), ("cosine", 0.0), ("linear", 0.0), ("constant", 1.0)])
+@pytest.mark.parametrize("schedule, factor", [("step", 0.5**3), ("cosine", 0.0), ("linear", 0.0), ("constant", 1.0)])
 def test_learning_rate_schedules(tiny_run, schedule, factor):
     # TINY trains 6 iterations; step halves every 2 of them here, cosine and linear end at 0.
     extra = ["schedule.step_size=2"] if schedule == "step" else []
@@ -201,5 +272,7 @@ def test_old_matching_checkpoint_rebuilds_with_the_plain_cosine():
     old = {"algo": {"_target_": "fewshot.algorithms.matching.MatchingNetworks", "name": "matching", "fce": False}}
     new = engine.upgrade_config(old)
     assert new["algo"]["similarity"] == "cosine" and new["schedule"]["name"] == "constant"
-    assert engine.upgrade_config({"algo": {"name": "matching", "similarity": "support_cosine"}})["algo"][
-        "similarity"] == "support_cosine"
+    assert (
+        engine.upgrade_config({"algo": {"name": "matching", "similarity": "support_cosine"}})["algo"]["similarity"]
+        == "support_cosine"
+    )

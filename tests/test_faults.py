@@ -21,11 +21,21 @@ from fewshot.train import run as train_run
 from test_engine import TINY
 from test_robustness import BIN, error_line, run_cli
 
-SMOKE = ["dataset=synthetic", "device=cpu", "backbone.hidden=8", "trainer.meta_batch_size=2", "trainer.val_episodes=4",
-         "eval.episodes=4", "episode.queries=2", "trainer.val_every=2", "trainer.checkpoint_every=2"]
+SMOKE = [
+    "dataset=synthetic",
+    "device=cpu",
+    "backbone.hidden=8",
+    "trainer.meta_batch_size=2",
+    "trainer.val_episodes=4",
+    "eval.episodes=4",
+    "episode.queries=2",
+    "trainer.val_every=2",
+    "trainer.checkpoint_every=2",
+]
 
 
 # ---- seeds ----------------------------------------------------------------------------------------
+
 
 def test_seeds_that_would_repeat_smaller_ones_are_refused(compose_cfg, tmp_path):
     engine.check_seed(engine.MAX_SEED)
@@ -44,10 +54,23 @@ def test_seed_too_large_is_one_line_on_the_command_line(tmp_path):
 def _results(tmp_path: Path, seed: int, acc: float, command: str) -> None:
     folder = tmp_path / f"s{seed}_{abs(hash(command)) % 1000}"
     folder.mkdir()
-    (folder / "results.json").write_text(json.dumps({
-        "name": "protonet_omniglot_5w1s", "algo": "protonet", "dataset": "omniglot", "backbone": "conv4_pool",
-        "ways": 5, "shots": 1, "queries": 15, "seed": seed, "iterations": 100, "command": command,
-        "test": {"episodes": 100, "acc_mean": acc, "acc_ci95": 0.01}}))
+    (folder / "results.json").write_text(
+        json.dumps(
+            {
+                "name": "protonet_omniglot_5w1s",
+                "algo": "protonet",
+                "dataset": "omniglot",
+                "backbone": "conv4_pool",
+                "ways": 5,
+                "shots": 1,
+                "queries": 15,
+                "seed": seed,
+                "iterations": 100,
+                "command": command,
+                "test": {"episodes": 100, "acc_mean": acc, "acc_ci95": 0.01},
+            }
+        )
+    )
 
 
 def test_table_refuses_to_pool_seeds_that_share_streams(tmp_path):
@@ -72,6 +95,7 @@ def test_table_refuses_to_pool_runs_that_differ_beyond_the_seed(tmp_path):
 
 
 # ---- numbers that would be wrong without a word -------------------------------------------------
+
 
 @pytest.mark.parametrize("value", ["-1", "0", "nan"])
 def test_grad_clip_must_be_a_positive_norm(compose_cfg, tmp_path, value):
@@ -108,6 +132,7 @@ def test_one_episode_has_no_interval(compose_cfg, tmp_path, key):
 
 # ---- one line where a traceback was ---------------------------------------------------------------
 
+
 def test_log_every_zero_is_one_line(compose_cfg, tmp_path):
     with pytest.raises(engine.ConfigError, match=r"trainer.log_every=0: must be a positive number"):
         train_run(compose_cfg("train", TINY + ["trainer.log_every=0"]), tmp_path)
@@ -123,17 +148,21 @@ def test_eval_unknown_split_and_incomplete_checkpoint(compose_cfg, tmp_path):
     state.pop("format")
     save_checkpoint(tmp_path / "cut.pt", state)
     with pytest.raises(CheckpointError, match=r"cut.pt is incomplete: it lacks config_source"):
-        eval_run(compose_cfg("eval", [f"checkpoint={tmp_path / 'cut.pt'}", "device=cpu"]),
-                                   tmp_path / "e2")
+        eval_run(compose_cfg("eval", [f"checkpoint={tmp_path / 'cut.pt'}", "device=cpu"]), tmp_path / "e2")
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["dataset=sinusoid", "episode.ways=1", "algo=protonet"], "algo=protonet classifies, but dataset=sinusoid is a "
-                                                              "regression task"),
-    (["experiment=maml_sinusoid_k10", "algo.loss=cross_entropy"], "algo.loss=cross_entropy on dataset=sinusoid"),
-    (["dataset=synthetic", "algo.loss=mse"], "algo.loss=mse on dataset=synthetic, a classification task"),
-    (["dataset=synthetic", "backbone=mlp_sinusoid"], "backbone=mlp_sinusoid is the sinusoid regressor"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["dataset=sinusoid", "episode.ways=1", "algo=protonet"],
+            "algo=protonet classifies, but dataset=sinusoid is a regression task",
+        ),
+        (["experiment=maml_sinusoid_k10", "algo.loss=cross_entropy"], "algo.loss=cross_entropy on dataset=sinusoid"),
+        (["dataset=synthetic", "algo.loss=mse"], "algo.loss=mse on dataset=synthetic, a classification task"),
+        (["dataset=synthetic", "backbone=mlp_sinusoid"], "backbone=mlp_sinusoid is the sinusoid regressor"),
+    ],
+)
 def test_incompatible_combinations_are_refused_before_building(compose_cfg, tmp_path, overrides, message):
     with pytest.raises(engine.ConfigError, match=message):
         engine.build(compose_cfg("train", overrides + ["device=cpu"]))
@@ -156,9 +185,11 @@ def test_maml_graph_estimate_warns_before_a_run_outgrows_memory(compose_cfg, mon
 
 # ---- signals ----------------------------------------------------------------------------------------
 
+
 def _popen(tmp_path: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "fewshot-train"), *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [str(BIN / "fewshot-train"), *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -203,15 +234,21 @@ def test_second_sigint_is_one_line_naming_the_last_checkpoint(tmp_path):
 
 def test_sigterm_while_preparing_data_says_nothing_was_trained(tmp_path):
     # Building the run (Omniglot's decoding, here a slowed dataset constructor) is interruptible at once.
-    (tmp_path / "slow.py").write_text("import time\nfrom fewshot.data.synthetic import load_synthetic\n"
-                     "def load(**kw):\n    time.sleep(60)\n    return load_synthetic(**kw)\n")
-    proc = subprocess.Popen([str(BIN / "fewshot-train"), *SMOKE, "trainer.iterations=2", "hydra.run.dir=run",
-                             "dataset._target_=slow.load"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    (tmp_path / "slow.py").write_text(
+        "import time\nfrom fewshot.data.synthetic import load_synthetic\n"
+        "def load(**kw):\n    time.sleep(60)\n    return load_synthetic(**kw)\n"
+    )
+    proc = subprocess.Popen(
+        [str(BIN / "fewshot-train"), *SMOKE, "trainer.iterations=2", "hydra.run.dir=run", "dataset._target_=slow.load"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
     _wait_for(tmp_path / "run" / ".hydra" / "config.yaml", proc)
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "SIGTERM while preparing the run: nothing was trained yet" in err
-

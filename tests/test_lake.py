@@ -61,7 +61,9 @@ def test_real_runs_layout(runs, lake_zip):
     assert runs[0].query_labels[:3].tolist() == [7, 8, 1]
     with zipfile.ZipFile(lake_zip) as zf:  # the key read back against the file itself, for every run
         for r in runs:
-            pairs = dict(line.split() for line in zf.read(f"{r.name}/class_labels.txt").decode().splitlines() if line.strip())
+            pairs = dict(
+                line.split() for line in zf.read(f"{r.name}/class_labels.txt").decode().splitlines() if line.strip()
+            )
             assert [r.support_files[k] for k in r.query_labels.tolist()] == [pairs[q] for q in r.query_files]
 
 
@@ -164,7 +166,9 @@ def test_episode_normalization_matches_sampler():
     torch.testing.assert_close(ep.query_x[1], (runs[1].query.float() / 255 - 0.3) / 0.2)
     # Bit-identical to what EpisodeSampler makes from the same uint8 images: every image it draws from a bank
     # holding run01's support and query drawings is exactly one of lake_episode's normalized images.
-    bank = SplitBank(images=torch.stack([runs[0].support, runs[0].query], dim=1), class_names=[str(i) for i in range(20)])
+    bank = SplitBank(
+        images=torch.stack([runs[0].support, runs[0].query], dim=1), class_names=[str(i) for i in range(20)]
+    )
     drawn = EpisodeSampler(bank, ways=20, shots=1, queries=1, mean=mean, std=std).sample(1)
     ours = torch.cat([ep.support_x[0], ep.query_x[0]])
     for x in torch.cat([drawn.support_x[0], drawn.query_x[0]]):

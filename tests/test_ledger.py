@@ -20,12 +20,23 @@ def test_results_md_is_regenerated_from_results(tmp_path, monkeypatch):
 
 
 def _result(**changes) -> dict:
-    base = {"name": "matching_omniglot_5w1s", "algo": "matching", "dataset": "omniglot", "backbone": "conv4_pool",
-            "ways": 5, "shots": 1, "queries": 5, "seed": 3, "iterations": 20000, "device": "cuda (X)",
-            "date": "2026-01-01T00:00:00Z", "train_seconds": 10.0,
-            "command": "fewshot-train experiment=matching_omniglot_5w1s seed=3 device=cuda",
-            "test": {"episodes": 1000, "acc_mean": 0.98, "acc_ci95": 0.002},
-            "paper": {"source": "Vinyals et al. 2016", "acc": 98.1, "ci95": None}}
+    base = {
+        "name": "matching_omniglot_5w1s",
+        "algo": "matching",
+        "dataset": "omniglot",
+        "backbone": "conv4_pool",
+        "ways": 5,
+        "shots": 1,
+        "queries": 5,
+        "seed": 3,
+        "iterations": 20000,
+        "device": "cuda (X)",
+        "date": "2026-01-01T00:00:00Z",
+        "train_seconds": 10.0,
+        "command": "fewshot-train experiment=matching_omniglot_5w1s seed=3 device=cuda",
+        "test": {"episodes": 1000, "acc_mean": 0.98, "acc_ci95": 0.002},
+        "paper": {"source": "Vinyals et al. 2016", "acc": 98.1, "ci95": None},
+    }
     out = copy.deepcopy(base)
     out.update(changes)
     return out
@@ -42,8 +53,11 @@ def test_full_reduced_and_modified_runs_are_told_apart():
 
 
 def test_ledger_sections(tmp_path):
-    runs = [_result(), _result(seed=4, test={"episodes": 1000, "acc_mean": 0.97, "acc_ci95": 0.002}),
-            _result(iterations=500, seed=5)]
+    runs = [
+        _result(),
+        _result(seed=4, test={"episodes": 1000, "acc_mean": 0.97, "acc_ci95": 0.002}),
+        _result(iterations=500, seed=5),
+    ]
     for i, r in enumerate(runs):
         (tmp_path / str(i)).mkdir()
         (tmp_path / str(i) / "results.json").write_text(json.dumps(r))

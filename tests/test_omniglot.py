@@ -59,12 +59,18 @@ def test_finn_split(omniglot_root, omniglot_cache_dir, omniglot_28):
     train, val, test = (ds.split(s) for s in ("train", "val", "test"))
     assert (train.num_classes, val.num_classes, test.num_classes) == (1100, 100, 423)
     assert train.rotate and val.rotate and test.rotate
-    assert not (set(train.class_names) & set(val.class_names) or set(train.class_names) & set(test.class_names) or set(val.class_names) & set(test.class_names))
+    assert not (
+        set(train.class_names) & set(val.class_names)
+        or set(train.class_names) & set(test.class_names)
+        or set(val.class_names) & set(test.class_names)
+    )
 
     # The documented recipe: sorted names, random.Random(seed).shuffle, then 1100 / 100 / 423.
     order = sorted(_all_names(ds))
     random.Random(1).shuffle(order)
-    assert train.class_names == order[:1100] and val.class_names == order[1100:1200] and test.class_names == order[1200:]
+    assert (
+        train.class_names == order[:1100] and val.class_names == order[1100:1200] and test.class_names == order[1200:]
+    )
 
     again = load_omniglot(str(omniglot_root), str(omniglot_cache_dir), split="finn", split_seed=1, download=False)
     for s in ("train", "val", "test"):
@@ -139,7 +145,9 @@ def test_preprocessing_matches_pillow_on_the_source_pngs(omniglot_root, omniglot
         found = None
         for zname in og.ZIP_NAMES:
             with zipfile.ZipFile(omniglot_root / zname) as zf:
-                entries = sorted(e for e in zf.namelist() if e.split("/")[1:3] == [alphabet, char] and e.endswith(".png"))
+                entries = sorted(
+                    e for e in zf.namelist() if e.split("/")[1:3] == [alphabet, char] and e.endswith(".png")
+                )
                 if entries:
                     found = zf.read(entries[di])
                     assert entries[di].endswith(f"_{di + 1:02d}.png")
@@ -157,7 +165,9 @@ def test_preprocessing_matches_pillow_on_the_source_pngs(omniglot_root, omniglot
 
 
 @pytest.mark.omniglot
-def test_image_size_change_and_stale_cache_rebuild(omniglot_root, omniglot_cache_dir, omniglot_28, tmp_path, monkeypatch):
+def test_image_size_change_and_stale_cache_rebuild(
+    omniglot_root, omniglot_cache_dir, omniglot_28, tmp_path, monkeypatch
+):
     # Work on a copy of the session cache: the decoder is faked here (a real decode costs ~10 s).
     cache28 = omniglot_cache_file(omniglot_root, omniglot_cache_dir, 28)
     (tmp_path / cache28.name).write_bytes(cache28.read_bytes())

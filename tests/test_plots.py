@@ -39,9 +39,18 @@ def assert_png(path: Path) -> None:
 def test_learning_curve_png(tmp_path):
     run = tmp_path / "run"
     write_metrics(run, curve())
-    (run / "results.json").write_text(json.dumps({
-        "name": "maml_omniglot_5w1s", "ways": 5, "shots": 1, "backbone": "conv4", "seed": 0,
-        "test": {"episodes": 600, "acc_mean": 0.8, "acc_ci95": 0.01}}))
+    (run / "results.json").write_text(
+        json.dumps(
+            {
+                "name": "maml_omniglot_5w1s",
+                "ways": 5,
+                "shots": 1,
+                "backbone": "conv4",
+                "seed": 0,
+                "test": {"episodes": 600, "acc_mean": 0.8, "acc_ci95": 0.01},
+            }
+        )
+    )
     out = plots.plot_learning_curve(run)
     assert out == run / "learning_curve.png"
     assert_png(out)
@@ -77,17 +86,34 @@ def test_bad_metrics_row_raises_value_error(tmp_path):
 
 
 def row(algo: str, dataset: str, ways: int, shots: int, acc: float, ci: float, paper, seeds=(0,)) -> Row:
-    return Row(name=f"{algo}_{dataset}_{ways}w{shots}s", algo=algo, dataset=dataset, dataset_split=None,
-               backbone="conv4", ways=ways, shots=shots, queries=15, iterations=100, meta_batch_size=32,
-               source="train", seeds=tuple(seeds), episodes=(600,) * len(seeds), acc_mean=acc, acc_ci95=ci,
-               paper_acc=paper[0], paper_ci95=paper[1])
+    return Row(
+        name=f"{algo}_{dataset}_{ways}w{shots}s",
+        algo=algo,
+        dataset=dataset,
+        dataset_split=None,
+        backbone="conv4",
+        ways=ways,
+        shots=shots,
+        queries=15,
+        iterations=100,
+        meta_batch_size=32,
+        source="train",
+        seeds=tuple(seeds),
+        episodes=(600,) * len(seeds),
+        acc_mean=acc,
+        acc_ci95=ci,
+        paper_acc=paper[0],
+        paper_ci95=paper[1],
+    )
 
 
 def test_table_bars_png(tmp_path):
-    rows = [row("maml", "omniglot", 5, 1, 98.2, 0.5, (98.7, 0.4), seeds=(0, 1, 2)),
-            row("protonet", "omniglot", 20, 5, 98.9, 0.2, (98.9, None)),
-            row("matching", "omniglot", 5, 1, 97.0, 0.4, (None, None)),
-            row("maml", "miniimagenet", 5, 1, 47.5, 1.8, (48.7, 1.84))]
+    rows = [
+        row("maml", "omniglot", 5, 1, 98.2, 0.5, (98.7, 0.4), seeds=(0, 1, 2)),
+        row("protonet", "omniglot", 20, 5, 98.9, 0.2, (98.9, None)),
+        row("matching", "omniglot", 5, 1, 97.0, 0.4, (None, None)),
+        row("maml", "miniimagenet", 5, 1, 47.5, 1.8, (48.7, 1.84)),
+    ]
     out = plots.plot_table_bars(rows, tmp_path / "charts" / "bars.png")
     assert out == tmp_path / "charts" / "bars.png"
     assert_png(out)
@@ -99,4 +125,7 @@ def test_importing_fewshot_table_does_not_import_matplotlib():
     import subprocess
 
     code = "import sys, fewshot.table, fewshot.plots; print('matplotlib' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )

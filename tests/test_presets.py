@@ -18,7 +18,9 @@ NAME = re.compile(r"^(?P<algo>[a-z_]+)_(?P<dataset>omniglot|miniimagenet)_(?P<wa
 def test_every_cell_of_the_issue_has_a_preset():
     cells = [f"{w}w{k}s" for w in (5, 20) for k in (1, 5)]
     expected = {f"{a}_omniglot_{c}" for a in ("maml", "fomaml", "matching", "matching_fce", "protonet") for c in cells}
-    expected |= {f"{a}_miniimagenet_5w{k}s" for a in ("maml", "fomaml", "matching", "matching_fce", "protonet") for k in (1, 5)}
+    expected |= {
+        f"{a}_miniimagenet_5w{k}s" for a in ("maml", "fomaml", "matching", "matching_fce", "protonet") for k in (1, 5)
+    }
     assert expected <= set(PRESETS)
 
 
@@ -39,7 +41,8 @@ def test_preset_protocol(compose_cfg, preset):
         if cfg.dataset.name == "omniglot":
             assert cfg.dataset.split == "finn"
             assert (cfg.algo.inner_steps, cfg.algo.inner_lr, cfg.trainer.meta_batch_size) == (
-                (1, 0.4, 32) if cfg.episode.ways == 5 else (5, 0.1, 16))
+                (1, 0.4, 32) if cfg.episode.ways == 5 else (5, 0.1, 16)
+            )
         else:
             assert (cfg.algo.inner_steps, cfg.algo.inner_lr, cfg.episode.queries) == (5, 0.01, 15)
             assert cfg.backbone.name == "conv4_pool" and cfg.backbone.hidden == 32
@@ -49,11 +52,21 @@ def test_preset_protocol(compose_cfg, preset):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_runs_one_smoke_iteration(compose_cfg, tmp_path, preset):
-    cfg = compose_cfg("train", [
-        f"experiment={preset}", "dataset=synthetic", "dataset.val_classes=20", "device=cpu",
-        "trainer.iterations=1", "trainer.meta_batch_size=2", "trainer.val_episodes=2", "eval.episodes=2",
-        "eval.meta_batch_size=2", "backbone.hidden=8",  # width is not part of the episode protocol
-    ])
+    cfg = compose_cfg(
+        "train",
+        [
+            f"experiment={preset}",
+            "dataset=synthetic",
+            "dataset.val_classes=20",
+            "device=cpu",
+            "trainer.iterations=1",
+            "trainer.meta_batch_size=2",
+            "trainer.val_episodes=2",
+            "eval.episodes=2",
+            "eval.meta_batch_size=2",
+            "backbone.hidden=8",  # width is not part of the episode protocol
+        ],
+    )
     results = train_run(cfg, tmp_path)
     ways, shots, queries = engine.episode_shape(cfg, "test")
     assert (results["ways"], results["shots"], results["queries"]) == (ways, shots, queries)  # the test cell

@@ -19,15 +19,33 @@ from fewshot.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fewshot.train import run as train_run
 
 BIN = Path(sys.executable).parent
-RUN = ["algo=maml", "dataset=synthetic", "device=cpu", "backbone.hidden=8", "trainer.meta_batch_size=4",
-       "trainer.iterations=24", "trainer.val_every=8", "trainer.val_episodes=8", "trainer.checkpoint_every=1",
-       "eval.episodes=16", "eval.meta_batch_size=8", "episode.queries=3", "seed=1"]
+RUN = [
+    "algo=maml",
+    "dataset=synthetic",
+    "device=cpu",
+    "backbone.hidden=8",
+    "trainer.meta_batch_size=4",
+    "trainer.iterations=24",
+    "trainer.val_every=8",
+    "trainer.val_episodes=8",
+    "trainer.checkpoint_every=1",
+    "eval.episodes=16",
+    "eval.meta_batch_size=8",
+    "episode.queries=3",
+    "seed=1",
+]
 
 
 def start(tmp: Path, run_dir: str, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "FEWSHOT_CACHE_DIR": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([str(BIN / "fewshot-train"), *RUN, f"hydra.run.dir={run_dir}", *extra], cwd=tmp, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [str(BIN / "fewshot-train"), *RUN, f"hydra.run.dir={run_dir}", *extra],
+        cwd=tmp,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen) -> tuple[int, str]:
@@ -51,7 +69,9 @@ def wait_for_iteration(run: Path, iteration: int, proc: subprocess.Popen) -> Non
 
 
 def final_state(run: Path) -> tuple[dict, dict]:
-    return load_checkpoint(run / "checkpoints" / "last.pt")["model"], json.loads((run / "results.json").read_text())["test"]
+    return load_checkpoint(run / "checkpoints" / "last.pt")["model"], json.loads((run / "results.json").read_text())[
+        "test"
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +229,15 @@ def test_device_cuda_without_cuda(tmp_path):
 
 
 def test_missing_data_and_no_network(tmp_path):
-    line = error_line(run_cli(tmp_path, "fewshot-train", f"data_root={tmp_path / 'nodata'}",
-                              "dataset.base_url=http://127.0.0.1:9", "dry_run=true"))
+    line = error_line(
+        run_cli(
+            tmp_path,
+            "fewshot-train",
+            f"data_root={tmp_path / 'nodata'}",
+            "dataset.base_url=http://127.0.0.1:9",
+            "dry_run=true",
+        )
+    )
     assert str(tmp_path / "nodata" / "omniglot") in line and "images_background.zip" in line
 
 
@@ -258,7 +285,9 @@ def test_sigterm_under_multirun_then_rerun_resumes(tmp_path, reference):
     proc.send_signal(signal.SIGTERM)
     code, out = finish(proc)
     assert code == 128 + signal.SIGTERM and "SIGTERM at iteration" in out
-    code, out = finish(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    code, out = finish(
+        subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    )
     assert code == 0, out[-3000:]
     assert "resuming" in out
     assert_same(job0, reference)  # job 0 is the reference run (seed 1) interrupted and resumed

@@ -21,8 +21,11 @@ from test_robustness import RUN, error_line, finish, run_cli, start, wait_for_it
 
 def snapshot(run: Path) -> dict[str, tuple[int, int]]:
     """(size, mtime) of the run's files, .hydra/ included (written only under the lock); Hydra's job log aside."""
-    return {str(p.relative_to(run)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(run.rglob("*"))
-            if p.is_file() and p.suffix != ".log"}
+    return {
+        str(p.relative_to(run)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(run.rglob("*"))
+        if p.is_file() and p.suffix != ".log"
+    }
 
 
 def test_second_run_on_a_busy_folder_stops_with_one_line_and_the_first_finishes(tmp_path):
@@ -34,8 +37,10 @@ def test_second_run_on_a_busy_folder_stops_with_one_line_and_the_first_finishes(
         second = run_cli(tmp_path, "fewshot-train", *RUN, "hydra.run.dir=run")
         assert second.returncode == 2
         line = error_line(second)
-        assert line == (f"fewshot-train: error: run folder {tmp_path / 'run'} is in use by another fewshot-train "
-                        f"(pid {first.pid}); wait for it or choose another hydra.run.dir"), line
+        assert line == (
+            f"fewshot-train: error: run folder {tmp_path / 'run'} is in use by another fewshot-train "
+            f"(pid {first.pid}); wait for it or choose another hydra.run.dir"
+        ), line
         assert snapshot(tmp_path / "run") == before  # refused before reading or writing anything of the run
     finally:
         first.send_signal(signal.SIGCONT)

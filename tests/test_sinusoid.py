@@ -122,7 +122,16 @@ def test_maml_mse_strategies_give_the_same_meta_gradient(first_order):
     grads = {}
     for strategy, chunk in (("loop", None), ("vmap", None), ("vmap", 2)):
         torch.manual_seed(0)
-        algo = MAML(mlp40, 1, inner_lr=0.01, inner_steps=2, loss="mse", first_order=first_order, strategy=strategy, chunk_size=chunk)
+        algo = MAML(
+            mlp40,
+            1,
+            inner_lr=0.01,
+            inner_steps=2,
+            loss="mse",
+            first_order=first_order,
+            strategy=strategy,
+            chunk_size=chunk,
+        )
         algo(episode, train=True).loss.backward()
         grads[(strategy, chunk)] = [p.grad for p in algo.parameters()]
         assert all(g.abs().max() > 0 for g in grads[(strategy, chunk)])
@@ -151,7 +160,9 @@ def test_maml_learns_to_adapt_and_beats_the_pretrained_baseline():
     step lost) is plain pretraining on the query points, so it cannot pass the margins below."""
     with one_thread():
         torch.manual_seed(0)
-        maml = meta_train(MAML(mlp40, 1, inner_lr=0.01, inner_steps=1, eval_inner_steps=10, loss="mse", strategy="vmap"), 300)
+        maml = meta_train(
+            MAML(mlp40, 1, inner_lr=0.01, inner_steps=1, eval_inner_steps=10, loss="mse", strategy="vmap"), 300
+        )
         torch.manual_seed(0)
         pretrained = meta_train(Pretrained(mlp40, 1, inner_lr=0.01, eval_inner_steps=10, strategy="vmap"), 300)
     print(f"MAML step MSE {maml[[0, 1, 10]].tolist()}, pretrained {pretrained[[0, 1, 10]].tolist()}")
@@ -183,11 +194,14 @@ def test_pretrained_trains_on_all_points_and_eval_leaves_the_weights_alone():
 # ---- configs, presets and the engine -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides", [
-    ["dataset=sinusoid", "backbone=mlp_sinusoid", "algo=maml", "algo.loss=mse", "episode.ways=1"],
-    ["dataset=sinusoid", "backbone=mlp_sinusoid", "algo=pretrain", "episode.ways=1"],
-    *[[f"experiment={p}"] for p in SINUSOID_PRESETS],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["dataset=sinusoid", "backbone=mlp_sinusoid", "algo=maml", "algo.loss=mse", "episode.ways=1"],
+        ["dataset=sinusoid", "backbone=mlp_sinusoid", "algo=pretrain", "episode.ways=1"],
+        *[[f"experiment={p}"] for p in SINUSOID_PRESETS],
+    ],
+)
 def test_configs_compose_and_build(compose_cfg, overrides):
     cfg = compose_cfg("train", overrides + ["device=cpu"])
     run = engine.build(cfg)
@@ -215,10 +229,18 @@ def test_every_sinusoid_preset_follows_the_paper(compose_cfg):
 
 @pytest.mark.parametrize("preset", SINUSOID_PRESETS)
 def test_sinusoid_preset_runs_one_smoke_iteration(compose_cfg, tmp_path, preset):
-    cfg = compose_cfg("train", [
-        f"experiment={preset}", "device=cpu", "trainer.iterations=1", "trainer.meta_batch_size=2",
-        "trainer.val_episodes=2", "eval.episodes=3", "eval.meta_batch_size=2",
-    ])
+    cfg = compose_cfg(
+        "train",
+        [
+            f"experiment={preset}",
+            "device=cpu",
+            "trainer.iterations=1",
+            "trainer.meta_batch_size=2",
+            "trainer.val_episodes=2",
+            "eval.episodes=3",
+            "eval.meta_batch_size=2",
+        ],
+    )
     results = train_run(cfg, tmp_path)
     test = results["test"]
     assert results["name"] == preset and results["ways"] == 1 and "acc_mean" not in test

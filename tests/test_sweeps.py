@@ -34,8 +34,9 @@ def test_launchers_compose(compose_cfg, override, target):
 
 
 def test_optuna_search_composes(compose_cfg):
-    cfg = compose_cfg("train", ["hparams_search=maml_omniglot_optuna", "experiment=maml_omniglot_5w1s"],
-                      return_hydra_config=True)
+    cfg = compose_cfg(
+        "train", ["hparams_search=maml_omniglot_optuna", "experiment=maml_omniglot_5w1s"], return_hydra_config=True
+    )
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
     assert set(sweeper.params) == {"algo.inner_lr", "trainer.meta_lr"}
@@ -45,9 +46,22 @@ def test_optuna_search_composes(compose_cfg):
 def test_joblib_multirun_two_seeds_pooled_in_table(tmp_path):
     env = {**os.environ, "FEWSHOT_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     sweep = tmp_path / "sweep"
-    cmd = [str(BIN / "fewshot-train"), "-m", "launcher=joblib", "algo=protonet", "dataset=synthetic", "device=cpu",
-           "backbone.hidden=16", "trainer=smoke", "trainer.iterations=6", "trainer.val_every=3", "eval.episodes=20",
-           "episode.queries=5", "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    cmd = [
+        str(BIN / "fewshot-train"),
+        "-m",
+        "launcher=joblib",
+        "algo=protonet",
+        "dataset=synthetic",
+        "device=cpu",
+        "backbone.hidden=16",
+        "trainer=smoke",
+        "trainer.iterations=6",
+        "trainer.val_every=3",
+        "eval.episodes=20",
+        "episode.queries=5",
+        "seed=0,1",
+        f"hydra.sweep.dir={sweep}",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.parent.name for p in sweep.rglob("results.json"))
@@ -57,8 +71,14 @@ def test_joblib_multirun_two_seeds_pooled_in_table(tmp_path):
     assert all((p.parent / "learning_curve.png").is_file() for p in sweep.rglob("results.json"))
 
     out_csv = tmp_path / "table.csv"
-    table = subprocess.run([str(BIN / "fewshot-table"), str(sweep), "--csv", str(out_csv)], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=300)
+    table = subprocess.run(
+        [str(BIN / "fewshot-table"), str(sweep), "--csv", str(out_csv)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert table.returncode == 0, table.stderr
     rows = list(csv.DictReader(open(out_csv)))
     assert len(rows) == 1 and int(rows[0]["n_seeds"]) == 2
@@ -69,8 +89,17 @@ def test_joblib_multirun_two_seeds_pooled_in_table(tmp_path):
 
 # ---- a sweep goes on past a failed job, and tells how to resume after a preemption (issue 11) -----------------
 
-FAST = ["dataset=synthetic", "device=cpu", "trainer=smoke", "backbone.hidden=8", "trainer.iterations=2",
-        "trainer.val_every=2", "trainer.val_episodes=4", "eval.episodes=4", "episode.queries=3"]
+FAST = [
+    "dataset=synthetic",
+    "device=cpu",
+    "trainer=smoke",
+    "backbone.hidden=8",
+    "trainer.iterations=2",
+    "trainer.val_every=2",
+    "trainer.val_episodes=4",
+    "eval.episodes=4",
+    "episode.queries=3",
+]
 
 
 def sweep_env(tmp_path: Path) -> dict:
@@ -86,14 +115,23 @@ def stderr_lines(stderr: str) -> list[str]:
 
 
 def run_sweep(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "fewshot-train"), "-m", *FAST, *args, "hydra.sweep.dir=sweep"], cwd=tmp_path,
-                          env=sweep_env(tmp_path), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(BIN / "fewshot-train"), "-m", *FAST, *args, "hydra.sweep.dir=sweep"],
+        cwd=tmp_path,
+        env=sweep_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("episode.ways=80", "episode.ways=80 exceeds the 64 classes of the train split"),  # fails in the job
-    ("episode.ways=five", "Value 'five' of type 'str' could not be converted to Integer"),  # fails to compose
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("episode.ways=80", "episode.ways=80 exceeds the 64 classes of the train split"),  # fails in the job
+        ("episode.ways=five", "Value 'five' of type 'str' could not be converted to Integer"),  # fails to compose
+    ],
+)
 def test_failed_job_is_one_line_and_the_sweep_goes_on(tmp_path, bad, message):
     proc = run_sweep(tmp_path, f"{bad.split('=')[0]}={bad.split('=')[1]},5")
     assert proc.returncode == 1, proc.stderr[-3000:]  # the sweep as a whole failed
@@ -104,8 +142,10 @@ def test_failed_job_is_one_line_and_the_sweep_goes_on(tmp_path, bad, message):
     assert message in failed[0]
     # job #1 ran anyway, under its own number
     assert (tmp_path / "sweep" / "1_maml_synthetic_5w1s_seed0" / "results.json").is_file()
-    assert lines[-2:] == [f"fewshot-train: 1 job of the sweep failed (listed in {Path('sweep', 'failed_jobs.txt')}):",
-                          f"fewshot-train:   #0 ({bad}): {failed[0].split(' failed: ', 1)[1]}"]
+    assert lines[-2:] == [
+        f"fewshot-train: 1 job of the sweep failed (listed in {Path('sweep', 'failed_jobs.txt')}):",
+        f"fewshot-train:   #0 ({bad}): {failed[0].split(' failed: ', 1)[1]}",
+    ]
     assert (tmp_path / "sweep" / "failed_jobs.txt").read_text().splitlines() == [lines[-1].split("   ", 1)[1]]
 
 
@@ -122,11 +162,28 @@ def test_sigterm_in_a_sweep_prints_the_command_that_resumes_it(tmp_path):
     from fewshot.checkpoint import CheckpointError, load_checkpoint
 
     env = sweep_env(tmp_path)
-    args = ["algo=maml", "dataset=synthetic", "device=cpu", "backbone.hidden=8", "trainer.meta_batch_size=4",
-            "trainer.iterations=16", "trainer.val_every=8", "trainer.val_episodes=4", "trainer.checkpoint_every=1",
-            "eval.episodes=4", "episode.queries=3", "seed=1,2"]
-    proc = subprocess.Popen([str(BIN / "fewshot-train"), "-m", *args, "hydra.sweep.dir=sweep"], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [
+        "algo=maml",
+        "dataset=synthetic",
+        "device=cpu",
+        "backbone.hidden=8",
+        "trainer.meta_batch_size=4",
+        "trainer.iterations=16",
+        "trainer.val_every=8",
+        "trainer.val_episodes=4",
+        "trainer.checkpoint_every=1",
+        "eval.episodes=4",
+        "episode.queries=3",
+        "seed=1,2",
+    ]
+    proc = subprocess.Popen(
+        [str(BIN / "fewshot-train"), "-m", *args, "hydra.sweep.dir=sweep"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     last = tmp_path / "sweep" / "0_maml_synthetic_5w1s_seed1" / "checkpoints" / "last.pt"
     deadline = time.time() + 120
     while True:  # job #0 is training
@@ -150,5 +207,7 @@ def test_sigterm_in_a_sweep_prints_the_command_that_resumes_it(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout + resumed.stderr  # job #0 went on from its checkpoint
     assert sorted(p.parent.name for p in (tmp_path / "sweep").rglob("results.json")) == [
-        "0_maml_synthetic_5w1s_seed1", "1_maml_synthetic_5w1s_seed2"]
+        "0_maml_synthetic_5w1s_seed1",
+        "1_maml_synthetic_5w1s_seed2",
+    ]
     assert not (tmp_path / "outputs").exists()  # no new sweep folder

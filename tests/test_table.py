@@ -14,16 +14,38 @@ from fewshot import table
 from fewshot.table import aggregate, collect, main, to_csv, to_markdown
 
 
-def write_run(folder: Path, *, algo: str = "maml", dataset: str = "omniglot", ways: int = 5, shots: int = 1,
-              seed: int = 0, acc: float = 0.987, ci: float = 0.004, episodes: int = 600, paper=(98.7, 0.4),
-              name: str | None = None, **extra) -> Path:
+def write_run(
+    folder: Path,
+    *,
+    algo: str = "maml",
+    dataset: str = "omniglot",
+    ways: int = 5,
+    shots: int = 1,
+    seed: int = 0,
+    acc: float = 0.987,
+    ci: float = 0.004,
+    episodes: int = 600,
+    paper=(98.7, 0.4),
+    name: str | None = None,
+    **extra,
+) -> Path:
     """A results.json shaped like engine.make_results writes it."""
     folder.mkdir(parents=True, exist_ok=True)
     results = {
-        "name": name or f"{algo}_{dataset}_{ways}w{shots}s", "algo": algo, "dataset": dataset,
-        "dataset_split": "finn" if dataset == "omniglot" else None, "backbone": "conv4", "ways": ways,
-        "shots": shots, "queries": 15, "seed": seed, "iterations": 60000, "meta_batch_size": 32,
-        "train_seconds": 123.4, "best_val": {"val_acc": 0.97, "iteration": 500}, "device": "cpu",
+        "name": name or f"{algo}_{dataset}_{ways}w{shots}s",
+        "algo": algo,
+        "dataset": dataset,
+        "dataset_split": "finn" if dataset == "omniglot" else None,
+        "backbone": "conv4",
+        "ways": ways,
+        "shots": shots,
+        "queries": 15,
+        "seed": seed,
+        "iterations": 60000,
+        "meta_batch_size": 32,
+        "train_seconds": 123.4,
+        "best_val": {"val_acc": 0.97, "iteration": 500},
+        "device": "cpu",
         "test": {"episodes": episodes, "acc_mean": acc, "acc_ci95": ci, "step_acc": [0.2, acc]},
         "paper": None if paper is None else {"source": "Finn et al. 2017, Table 1", "acc": paper[0], "ci95": paper[1]},
         **extra,
@@ -52,8 +74,13 @@ def test_single_seed_uses_the_runs_own_interval(tmp_path):
 def test_three_seeds_pool_across_seeds(tmp_path):
     # per-seed means 95, 97, 96 %: mean 96, sample sd 1.0, interval 1.96 * 1.0 / sqrt(3) = 1.1316
     for seed, acc in enumerate([0.95, 0.97, 0.96]):
-        write_run(tmp_path / "sweep" / f"{seed}_maml_omniglot_5w1s_seed{seed}", seed=seed, acc=acc, ci=0.004,
-                  paper=(98.7, None))
+        write_run(
+            tmp_path / "sweep" / f"{seed}_maml_omniglot_5w1s_seed{seed}",
+            seed=seed,
+            acc=acc,
+            ci=0.004,
+            paper=(98.7, None),
+        )
     row = only(aggregate(collect([tmp_path / "sweep"])))
     assert row.pooled and row.seeds == (0, 1, 2)
     assert row.acc_mean == pytest.approx(96.0)
@@ -73,18 +100,34 @@ def test_paper_missing_or_null_gives_no_diff(tmp_path):
 
 
 def test_rows_sorted_like_the_paper_tables(tmp_path):
-    cells = [("protonet", "omniglot", 5, 1), ("maml", "miniimagenet", 5, 1), ("maml", "omniglot", 20, 1),
-             ("aaa", "omniglot", 5, 1), ("matching", "omniglot", 5, 1), ("maml", "omniglot", 5, 5),
-             ("fomaml", "omniglot", 5, 1), ("maml", "omniglot", 5, 1), ("maml", "cub", 5, 1),
-             ("maml", "synthetic", 5, 1), ("maml", "omniglot", 20, 5)]
+    cells = [
+        ("protonet", "omniglot", 5, 1),
+        ("maml", "miniimagenet", 5, 1),
+        ("maml", "omniglot", 20, 1),
+        ("aaa", "omniglot", 5, 1),
+        ("matching", "omniglot", 5, 1),
+        ("maml", "omniglot", 5, 5),
+        ("fomaml", "omniglot", 5, 1),
+        ("maml", "omniglot", 5, 1),
+        ("maml", "cub", 5, 1),
+        ("maml", "synthetic", 5, 1),
+        ("maml", "omniglot", 20, 5),
+    ]
     for i, (algo, dataset, ways, shots) in enumerate(cells):
         write_run(tmp_path / f"r{i}", algo=algo, dataset=dataset, ways=ways, shots=shots)
     rows = aggregate(collect([tmp_path]))
     assert [(r.algo, r.dataset, r.ways, r.shots) for r in rows] == [
-        ("maml", "omniglot", 5, 1), ("maml", "omniglot", 5, 5), ("maml", "omniglot", 20, 1),
-        ("maml", "omniglot", 20, 5), ("fomaml", "omniglot", 5, 1), ("matching", "omniglot", 5, 1),
-        ("protonet", "omniglot", 5, 1), ("aaa", "omniglot", 5, 1), ("maml", "miniimagenet", 5, 1),
-        ("maml", "cub", 5, 1), ("maml", "synthetic", 5, 1),
+        ("maml", "omniglot", 5, 1),
+        ("maml", "omniglot", 5, 5),
+        ("maml", "omniglot", 20, 1),
+        ("maml", "omniglot", 20, 5),
+        ("fomaml", "omniglot", 5, 1),
+        ("matching", "omniglot", 5, 1),
+        ("protonet", "omniglot", 5, 1),
+        ("aaa", "omniglot", 5, 1),
+        ("maml", "miniimagenet", 5, 1),
+        ("maml", "cub", 5, 1),
+        ("maml", "synthetic", 5, 1),
     ]
 
 
@@ -96,7 +139,10 @@ def test_cells_keep_presets_and_settings_apart(tmp_path):
     write_run(tmp_path / "c", seed=1, acc=0.80, backbone="mlp")
     rows = aggregate(collect([tmp_path]))
     assert sorted((r.name, r.backbone, r.n_seeds) for r in rows) == [
-        ("maml_omniglot_5w1s", "conv4", 1), ("maml_omniglot_5w1s", "mlp", 1), ("maml_omniglot_5w1s_lr0.1", "conv4", 1)]
+        ("maml_omniglot_5w1s", "conv4", 1),
+        ("maml_omniglot_5w1s", "mlp", 1),
+        ("maml_omniglot_5w1s_lr0.1", "conv4", 1),
+    ]
     md = to_markdown(rows)
     assert md.startswith("| run | algo | dataset | setting | backbone |")
 
@@ -170,7 +216,9 @@ def test_csv_content(tmp_path, monkeypatch):
     assert main(["runs"]) == 0
     lines = list(csv.DictReader(open(tmp_path / "fewshot_table.csv")))  # the default place: the working folder
     assert [(r["algo"], r["n_seeds"], r["seeds"], r["interval"]) for r in lines] == [
-        ("maml", "3", "0;1;2", "seeds"), ("protonet", "1", "0", "episodes")]
+        ("maml", "3", "0;1;2", "seeds"),
+        ("protonet", "1", "0", "episodes"),
+    ]
     maml, proto = lines
     assert float(maml["acc_mean"]) == pytest.approx(96.0) and float(maml["acc_ci95"]) == pytest.approx(1.1316, abs=1e-4)
     assert float(maml["paper_acc"]) == 98.7 and float(maml["paper_ci95"]) == 0.4

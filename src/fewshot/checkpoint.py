@@ -14,8 +14,20 @@ from fewshot.errors import FewshotError
 
 FORMAT = "fewshot-checkpoint-v1"
 # What every reader of a checkpoint relies on (fewshot-eval, resume); "scheduler" came later and may be absent.
-REQUIRED_KEYS = ("algo", "backbone", "dataset", "model", "optimizer", "iteration", "best", "progress", "rng",
-                 "sampler", "config", "config_source")
+REQUIRED_KEYS = (
+    "algo",
+    "backbone",
+    "dataset",
+    "model",
+    "optimizer",
+    "iteration",
+    "best",
+    "progress",
+    "rng",
+    "sampler",
+    "config",
+    "config_source",
+)
 
 
 class CheckpointError(FewshotError):
@@ -47,8 +59,10 @@ def load_run_checkpoint(path: Path | str) -> dict[str, Any]:
     state = load_checkpoint(path)
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
-        raise CheckpointError(f"checkpoint {path} is incomplete: it lacks {', '.join(missing)}; "
-                              "use a best.pt or last.pt written by fewshot-train")
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete: it lacks {', '.join(missing)}; "
+            "use a best.pt or last.pt written by fewshot-train"
+        )
     return state
 
 

@@ -108,6 +108,7 @@ class EvalRunConfig:
 
 # ---- group schemas -------------------------------------------------------------------------------
 
+
 @dataclass
 class OmniglotConfig:
     _target_: str = "fewshot.data.omniglot.load_omniglot"
@@ -119,7 +120,9 @@ class OmniglotConfig:
     split_seed: int = 1
     download: bool = True
     base_url: str = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
-    splits_url: str = "https://raw.githubusercontent.com/jakesnell/prototypical-networks/master/data/omniglot/splits/vinyals"
+    splits_url: str = (
+        "https://raw.githubusercontent.com/jakesnell/prototypical-networks/master/data/omniglot/splits/vinyals"
+    )
 
 
 @dataclass

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from fewshot.atomic import atomic_write
-from fewshot.table import ALGO_ORDER
+from fewshot.cells import ALGO_ORDER
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from fewshot.table import Row
+    from fewshot.cells import Row
 
 METRIC_COLUMNS = ("iteration", "train_loss", "train_acc", "val_acc", "val_ci95")
 MSE_COLUMNS = ("iteration", "train_loss", "train_mse", "val_mse", "val_ci95")  # regression runs (sinusoid)
@@ -94,8 +94,14 @@ def _run_info(run_dir: Path) -> tuple[str, dict[str, Any]]:
         name = str(cfg.get("name", ""))
         if not name or "${" in name:  # saved unresolved: rebuild the default pattern
             name = f"{algo}_{dataset}_{episode['ways']}w{episode['shots']}s"
-        info = {"algo": algo, "dataset": dataset, "ways": episode["ways"], "shots": episode["shots"],
-                "backbone": (cfg.get("backbone") or {}).get("name"), "seed": cfg.get("seed")}
+        info = {
+            "algo": algo,
+            "dataset": dataset,
+            "ways": episode["ways"],
+            "shots": episode["shots"],
+            "backbone": (cfg.get("backbone") or {}).get("name"),
+            "seed": cfg.get("seed"),
+        }
         return _title(name, info), {}
     except Exception:  # no or unreadable Hydra folder: the folder name will do
         return run_dir.resolve().name, {}
@@ -147,17 +153,36 @@ def plot_learning_curve(run_dir: Path) -> Path:
 
     val = [scale * a for a in m[f"val_{key}"]]
     ci = [scale * c for c in m["val_ci95"]]
-    ax_val.fill_between(it, [v - c for v, c in zip(val, ci)], [v + c for v, c in zip(val, ci)],
-                        color="tab:green", alpha=0.2, lw=0, label="95% interval")
+    ax_val.fill_between(
+        it,
+        [v - c for v, c in zip(val, ci)],
+        [v + c for v, c in zip(val, ci)],
+        color="tab:green",
+        alpha=0.2,
+        lw=0,
+        label="95% interval",
+    )
     ax_val.plot(it, val, color="tab:green", marker=marker, ms=3, label=f"validation {label}")
     best = max(range(len(val)), key=lambda i: (-val[i] if mse else val[i], -i))  # the first best, as training keeps it
-    ax_val.plot([it[best]], [val[best]], marker="*", ms=13, color="tab:orange", ls="none",
-                label=f"best: {val[best]:.{4 if mse else 2}f}{unit} at {int(it[best])}")
+    ax_val.plot(
+        [it[best]],
+        [val[best]],
+        marker="*",
+        ms=13,
+        color="tab:orange",
+        ls="none",
+        label=f"best: {val[best]:.{4 if mse else 2}f}{unit} at {int(it[best])}",
+    )
     test = results.get("test") if isinstance(results.get("test"), dict) else None
     if test and isinstance(test.get(f"{key}_mean"), (int, float)):
-        ax_val.axhline(scale * test[f"{key}_mean"], color="0.3", ls="--", lw=1,
-                       label=f"test: {scale * test[f'{key}_mean']:.{4 if mse else 2}f} ± "
-                             f"{scale * test.get(f'{key}_ci95', 0):.{4 if mse else 2}f}{unit}")
+        ax_val.axhline(
+            scale * test[f"{key}_mean"],
+            color="0.3",
+            ls="--",
+            lw=1,
+            label=f"test: {scale * test[f'{key}_mean']:.{4 if mse else 2}f} ± "
+            f"{scale * test.get(f'{key}_ci95', 0):.{4 if mse else 2}f}{unit}",
+        )
     ax_val.set_xlabel("iteration")
     ax_val.set_ylabel(f"validation {label}" + (" (%)" if unit else ""))
     ax_val.set_title("validation", fontsize=10)
@@ -216,8 +241,18 @@ def plot_table_bars(rows: Sequence["Row"], out: Path) -> Path:
     any_paper = False
     for ax, group in zip(axes, groups):
         xs = list(range(len(group)))
-        ax.bar(xs, [r.acc_mean for r in group], width=width, color=[colors[r.algo] for r in group], alpha=0.85,
-               yerr=[r.acc_ci95 for r in group], ecolor="0.1", capsize=5, error_kw={"lw": 1.3}, zorder=2)
+        ax.bar(
+            xs,
+            [r.acc_mean for r in group],
+            width=width,
+            color=[colors[r.algo] for r in group],
+            alpha=0.85,
+            yerr=[r.acc_ci95 for r in group],
+            ecolor="0.1",
+            capsize=5,
+            error_kw={"lw": 1.3},
+            zorder=2,
+        )
         for x, r in zip(xs, group):
             if r.paper_acc is None:
                 continue
@@ -225,12 +260,22 @@ def plot_table_bars(rows: Sequence["Row"], out: Path) -> Path:
             left, right = x - width / 2 - 0.06, x + width / 2 + 0.06
             ax.hlines(r.paper_acc, left, right, color="black", lw=2.2, zorder=4)
             if r.paper_ci95:  # a grey band, so it never reads as (or hides) our error bar
-                ax.fill_between([left, right], r.paper_acc - r.paper_ci95, r.paper_acc + r.paper_ci95,
-                                color="black", alpha=0.18, lw=0, zorder=3)
+                ax.fill_between(
+                    [left, right],
+                    r.paper_acc - r.paper_ci95,
+                    r.paper_acc + r.paper_ci95,
+                    color="black",
+                    alpha=0.18,
+                    lw=0,
+                    zorder=3,
+                )
         ax.set_ylim(*_ylim(group))
         ax.set_xlim(-0.6, len(group) - 0.4)
-        ax.set_xticks(xs, [f"{r.algo}\n{r.ways}-way {r.shots}-shot" + (f"\n{r.n_seeds} seeds" if r.pooled else "")
-                           for r in group], fontsize=8.5)
+        ax.set_xticks(
+            xs,
+            [f"{r.algo}\n{r.ways}-way {r.shots}-shot" + (f"\n{r.n_seeds} seeds" if r.pooled else "") for r in group],
+            fontsize=8.5,
+        )
         ax.set_title(group[0].dataset, fontsize=11, fontweight="bold")
         ax.grid(axis="y", alpha=0.3, zorder=0)
     axes[0].set_ylabel("test accuracy (%)")
@@ -242,8 +287,11 @@ def plot_table_bars(rows: Sequence["Row"], out: Path) -> Path:
     handles.append(Line2D([], [], color="0.1", marker="|", ls="none", ms=12, mew=1.3, label="ours, 95% interval"))
     if any_paper:
         handles.append((Patch(color="black", alpha=0.18, lw=0), Line2D([], [], color="black", lw=2.2)))
-    labels = [h.get_label() for h in handles[:-1]] + ["paper (± its interval)"] if any_paper else \
-        [h.get_label() for h in handles]
+    labels = (
+        [h.get_label() for h in handles[:-1]] + ["paper (± its interval)"]
+        if any_paper
+        else [h.get_label() for h in handles]
+    )
     fig.legend(handles=handles, labels=labels, loc="outside right upper", fontsize=9, frameon=False)
     return _save(fig, Path(out))
 
@@ -251,7 +299,7 @@ def plot_table_bars(rows: Sequence["Row"], out: Path) -> Path:
 def main(argv: Optional[list[str]] = None) -> int:
     """python -m fewshot.plots RUN_DIR...: write each run folder's learning_curve.png; exit 2 on a bad folder."""
     status = 0
-    for run_dir in (sys.argv[1:] if argv is None else argv):
+    for run_dir in sys.argv[1:] if argv is None else argv:
         try:
             print(plot_learning_curve(Path(run_dir)))
         except (ValueError, OSError) as e:

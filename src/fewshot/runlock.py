@@ -44,8 +44,9 @@ def hold_run_folder(run_dir: Path | str, prog: str = "fewshot-train") -> Iterato
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunFolderInUse(f"run folder {run_dir} is in use by another {_holder(fd)}; "
-                                 "wait for it or choose another hydra.run.dir") from None
+            raise RunFolderInUse(
+                f"run folder {run_dir} is in use by another {_holder(fd)}; wait for it or choose another hydra.run.dir"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {prog}\n".encode(), 0)
         yield path

@@ -19,8 +19,18 @@ from typing import Any, Iterator, Optional
 from omegaconf import MISSING
 
 # Constructor arguments the engine supplies itself: never settings.
-SUPPLIED = {"self", "backbone", "ways", "in_channels", "image_size", "out_features", "params", "optimizer",
-            "last_epoch", "verbose"}
+SUPPLIED = {
+    "self",
+    "backbone",
+    "ways",
+    "in_channels",
+    "image_size",
+    "out_features",
+    "params",
+    "optimizer",
+    "last_epoch",
+    "verbose",
+}
 # What OmegaConf can type-check; anything else is kept as Any.
 PLAIN = (int, float, bool, str)
 
@@ -38,8 +48,10 @@ def _field_type(hint: Any) -> Any:
 def schema_for(target: type, name: str, partial: bool = False) -> type:
     """A dataclass with `_target_`, `name` and one typed field per constructor argument, defaulting as it does."""
     hints = typing.get_type_hints(target.__init__)
-    fields: list[tuple] = [("_target_", str, dataclasses.field(default=f"{target.__module__}.{target.__qualname__}")),
-                           ("name", str, dataclasses.field(default=MISSING))]
+    fields: list[tuple] = [
+        ("_target_", str, dataclasses.field(default=f"{target.__module__}.{target.__qualname__}")),
+        ("name", str, dataclasses.field(default=MISSING)),
+    ]
     if partial:
         fields.append(("_partial_", bool, dataclasses.field(default=True)))
     for param in inspect.signature(target.__init__).parameters.values():
@@ -62,8 +74,12 @@ def algorithm_schemas() -> Iterator[tuple[str, type]]:
     for info in pkgutil.iter_modules(package.__path__):
         module = importlib.import_module(f"{package.__name__}.{info.name}")
         for obj in vars(module).values():
-            if inspect.isclass(obj) and issubclass(obj, Algorithm) and obj is not Algorithm \
-                    and obj.__module__ == module.__name__:
+            if (
+                inspect.isclass(obj)
+                and issubclass(obj, Algorithm)
+                and obj is not Algorithm
+                and obj.__module__ == module.__name__
+            ):
                 yield info.name, schema_for(obj, info.name)
 
 
@@ -74,8 +90,12 @@ def backbone_schemas() -> Iterator[tuple[str, type]]:
     from fewshot.models import backbones
 
     for obj in vars(backbones).values():
-        if inspect.isclass(obj) and issubclass(obj, nn.Module) and obj.__module__ == backbones.__name__ \
-                and not obj.__name__.startswith("_"):
+        if (
+            inspect.isclass(obj)
+            and issubclass(obj, nn.Module)
+            and obj.__module__ == backbones.__name__
+            and not obj.__name__.startswith("_")
+        ):
             yield obj.__name__.lower(), schema_for(obj, obj.__name__.lower(), partial=True)
 
 
@@ -89,6 +109,7 @@ def torch_schemas() -> Iterator[tuple[str, str, type]]:
     lr = torch.optim.lr_scheduler
     for name, cls in (("step", lr.StepLR), ("cosine", lr.CosineAnnealingLR), ("linear", lr.LinearLR)):
         yield "schedule", name, schema_for(cls, name, partial=True)
-    constant = dataclasses.make_dataclass("ConstantSchedule", [("_target_", Optional[str], None),
-                                                                ("name", str, "constant")])
+    constant = dataclasses.make_dataclass(
+        "ConstantSchedule", [("_target_", Optional[str], None), ("name", str, "constant")]
+    )
     yield "schedule", "constant", constant

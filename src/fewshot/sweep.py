@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 
 Plugins.instance()  # first: its plugin scan re-executes basic_sweeper, which would orphan a subclass made before it
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # noqa: E402
-from omegaconf import DictConfig, read_write
+from omegaconf import DictConfig, read_write  # noqa: E402
 
 FAILED_JOBS = "failed_jobs.txt"
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -247,4 +247,3 @@ class _SkipUncomposable:
             run.append(overrides)
         flush()
         return results
-

@@ -40,8 +40,10 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, Any]:
             signals.immediate = "while preparing the run: nothing was trained yet; run the same command again"
             seed_everything(cfg.seed)  # before the build: the weights' initialisation draws from it
             built = build(cfg)
-            print(f"fewshot: {built.settings.name} on {built.device}, "
-                  f"{sum(p.numel() for p in built.algo.parameters()):,} parameters, run folder {run_dir}")
+            print(
+                f"fewshot: {built.settings.name} on {built.device}, "
+                f"{sum(p.numel() for p in built.algo.parameters()):,} parameters, run folder {run_dir}"
+            )
             if built.settings.dry_run:
                 print(OmegaConf.to_yaml(cfg))
                 return {}

@@ -28,83 +28,18 @@ statistics) are not supported by the functional inner loop.
 from __future__ import annotations
 
 import copy
-import functools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fewshot.algorithms.base import AlgoOutput, Algorithm, BackboneFactory, accuracy
+from fewshot.algorithms.functional import STRATEGIES, Weights, _StatelessCall, resolve_strategy  # noqa: F401
 from fewshot.data.base import Episode
 
-Weights = dict[str, torch.Tensor]
-STRATEGIES = ("auto", "vmap", "loop")
 # auto: from the task source's targets, MSE for real-valued ones (regression), cross-entropy for class labels.
 LOSSES = ("auto", "cross_entropy", "mse")
-
-# What "auto" runs on a CPU. On the 2-core development machine (torch 2.x, Omniglot Conv4-64, second
-# order, python scripts/bench_maml.py --device cpu --all-strategies) the threaded loop beat both
-# learn2learn's clone/adapt loop and vmap, whose grouped convolutions are slow on CPU.
-CPU_STRATEGY = "loop"
-
-
-def resolve_strategy(strategy: str, device: torch.device | str) -> str:
-    """The inner-loop strategy that "auto" stands for on `device`; other strategies pass through."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"MAML strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if strategy != "auto":
-        return strategy
-    return "vmap" if torch.device(device).type == "cuda" else CPU_STRATEGY
-
-
-def _batch_norm_from_batch(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """What bn(x) computes with batch statistics (no running statistics), from elementary ops."""
-    dims = [0, *range(2, x.dim())]
-    mean = x.mean(dims, keepdim=True)
-    var = x.var(dims, unbiased=False, keepdim=True)
-    y = (x - mean) * torch.rsqrt(var + bn.eps)
-    if bn.affine:
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        y = y * bn.weight.view(shape) + bn.bias.view(shape)
-    return y
-
-
-class _StatelessCall:
-    """net(x) with its parameters replaced by the tensors in `weights` (keyed by parameter name).
-
-    The (submodule, attribute) slot of every parameter is found once; a call swaps the given tensors into
-    those slots and back. Not thread-safe (nor is functional_call): each thread needs its own net.
-
-    decompose_batch_norm: run every BatchNorm that uses batch statistics as elementary ops instead of the
-    fused kernel. Needed for second-order MAML under vmap: with torch 2.x, differentiating through the
-    batched native_batch_norm backward gives wrong meta-gradients (off by ~1e-2 relative in float64; see
-    pytorch/functorch#534 and tests/test_algorithms.py), while the decomposition agrees with the loop."""
-
-    def __init__(self, net: nn.Module, decompose_batch_norm: bool = False) -> None:
-        self.net = net
-        self.slots = []
-        for name, _ in net.named_parameters():
-            module_path, _, attr = name.rpartition(".")
-            self.slots.append((name, net.get_submodule(module_path), attr))
-        self.batch_norms = [
-            m for m in net.modules() if decompose_batch_norm and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
-        ]
-
-    def __call__(self, weights: Weights, x: torch.Tensor) -> torch.Tensor:
-        originals = [module._parameters[attr] for _, module, attr in self.slots]
-        try:
-            for name, module, attr in self.slots:
-                module._parameters[attr] = weights[name]
-            for bn in self.batch_norms:  # an instance attribute shadows the class's forward
-                bn.forward = functools.partial(_batch_norm_from_batch, bn)
-            return self.net(x)
-        finally:
-            for (_, module, attr), original in zip(self.slots, originals):
-                module._parameters[attr] = original
-            for bn in self.batch_norms:
-                bn.__dict__.pop("forward", None)
 
 
 class MAML(Algorithm):
@@ -141,7 +76,9 @@ class MAML(Algorithm):
         if loss not in LOSSES:
             raise ValueError(f"MAML loss must be one of {LOSSES}, got {loss!r}")
         if inner_steps < 1 or eval_inner_steps < 0:
-            raise ValueError(f"MAML needs inner_steps >= 1 and eval_inner_steps >= 0, got {inner_steps}, {eval_inner_steps}")
+            raise ValueError(
+                f"MAML needs inner_steps >= 1 and eval_inner_steps >= 0, got {inner_steps}, {eval_inner_steps}"
+            )
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"MAML chunk_size must be a positive number of tasks or None, got {chunk_size}")
         self.net = backbone(out_features=ways)
@@ -155,7 +92,9 @@ class MAML(Algorithm):
         self.chunk_size = chunk_size
         self.loss = loss
 
-    def graph_bytes(self, image_shape: Sequence[int], support: int, query: int, tasks: int, device: torch.device) -> int:
+    def graph_bytes(
+        self, image_shape: Sequence[int], support: int, query: int, tasks: int, device: torch.device
+    ) -> int:
         """A rough upper estimate of one meta-training step's autograd graph, in bytes.
 
         Each inner step keeps the support pass's activations and, second order, its backward pass (the double
@@ -193,8 +132,9 @@ class MAML(Algorithm):
         """The per-task metric: query accuracy, or query MSE for regression."""
         return F.mse_loss(out, y) if self._regression(y) else accuracy(out, y)
 
-    def _output(self, y: torch.Tensor, loss: torch.Tensor, score: torch.Tensor,
-                steps: Optional[torch.Tensor] = None) -> AlgoOutput:
+    def _output(
+        self, y: torch.Tensor, loss: torch.Tensor, score: torch.Tensor, steps: Optional[torch.Tensor] = None
+    ) -> AlgoOutput:
         if self._regression(y):
             return AlgoOutput(loss=loss, mse=score, step_mse=steps)
         return AlgoOutput(loss=loss, acc=score, step_acc=steps)
@@ -208,7 +148,15 @@ class MAML(Algorithm):
 
     # ---- one task ------------------------------------------------------------------------------------
 
-    def _inner_step(self, call: _StatelessCall, weights: Weights, x: torch.Tensor, y: torch.Tensor, second_order: bool, functorch: bool) -> Weights:
+    def _inner_step(
+        self,
+        call: _StatelessCall,
+        weights: Weights,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        second_order: bool,
+        functorch: bool,
+    ) -> Weights:
         """One SGD step on the support loss. functorch: gradients by torch.func.grad (needed under vmap;
         the result stays differentiable for the outer graph, so first order detaches it) instead of
         torch.autograd.grad (create_graph only for second order)."""
@@ -221,7 +169,12 @@ class MAML(Algorithm):
             if not second_order:
                 grads = {k: g.detach() for k, g in grads.items()}
         else:
-            grads = dict(zip(weights, torch.autograd.grad(support_loss(weights), tuple(weights.values()), create_graph=second_order)))
+            grads = dict(
+                zip(
+                    weights,
+                    torch.autograd.grad(support_loss(weights), tuple(weights.values()), create_graph=second_order),
+                )
+            )
         return {k: torch.add(w, grads[k], alpha=-self.inner_lr) for k, w in weights.items()}
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: Optional[int] = None) -> Weights:
@@ -301,7 +254,9 @@ class MAML(Algorithm):
                     results[t] = out
         return results
 
-    def _tasks(self, weights: Weights, xs: Sequence[torch.Tensor], steps: int, meta: bool, strategy: str, workers: int = 1):
+    def _tasks(
+        self, weights: Weights, xs: Sequence[torch.Tensor], steps: int, meta: bool, strategy: str, workers: int = 1
+    ):
         """_task over the leading task dim of xs = (support_x, support_y, query_x, query_y), stacked:
         (losses (T,), accs (T,)) when meta, else (losses, accs, step_acc (T, steps+1))."""
         if strategy == "vmap":
@@ -314,18 +269,29 @@ class MAML(Algorithm):
             )(weights, *xs)
         results = self._parallel(
             lambda call, t: self._task(call, weights, *(x[t] for x in xs), steps=steps, meta=meta, functorch=False),
-            xs[0].shape[0], workers,
+            xs[0].shape[0],
+            workers,
         )
         return tuple(torch.stack(column) for column in zip(*results))
 
-    def _meta_gradient(self, names: Sequence[str], leaves: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], strategy: str, workers: int):
+    def _meta_gradient(
+        self,
+        names: Sequence[str],
+        leaves: Sequence[torch.Tensor],
+        xs: Sequence[torch.Tensor],
+        strategy: str,
+        workers: int,
+    ):
         """Mean meta-loss, per-task accuracy and the mean meta-gradient w.r.t. `leaves`, never holding
         more than one chunk's (or, threaded, one task per worker's) graph."""
         tasks = xs[0].shape[0]
         weights = dict(zip(names, leaves))
         if workers > 1:
+
             def one(call: _StatelessCall, t: int) -> tuple:
-                loss, acc = self._task(call, weights, *(x[t] for x in xs), steps=self.inner_steps, meta=True, functorch=False)
+                loss, acc = self._task(
+                    call, weights, *(x[t] for x in xs), steps=self.inner_steps, meta=True, functorch=False
+                )
                 return loss.detach(), acc, torch.autograd.grad(loss, leaves, allow_unused=True)
 
             parts = self._parallel(one, tasks, workers)
@@ -333,7 +299,7 @@ class MAML(Algorithm):
             chunk = self.chunk_size or tasks
             parts = []
             for lo in range(0, tasks, chunk):
-                losses, accs = self._tasks(weights, [x[lo:lo + chunk] for x in xs], self.inner_steps, True, strategy)
+                losses, accs = self._tasks(weights, [x[lo : lo + chunk] for x in xs], self.inner_steps, True, strategy)
                 total = losses.sum()
                 parts.append((total.detach(), accs, torch.autograd.grad(total, leaves, allow_unused=True)))
         grads = [torch.zeros_like(p) for p in leaves]
@@ -360,7 +326,9 @@ class MAML(Algorithm):
                 return self._output(episode.query_y, losses.mean(), accs, step_acc)
             names, params = zip(*self.net.named_parameters())
             if workers > 1 or (self.chunk_size is not None and self.chunk_size < tasks):
-                loss, acc = _MetaGradient.apply(lambda leaves: self._meta_gradient(names, leaves, xs, strategy, workers), *params)
+                loss, acc = _MetaGradient.apply(
+                    lambda leaves: self._meta_gradient(names, leaves, xs, strategy, workers), *params
+                )
             else:  # the whole meta-batch's graph; loss.backward() differentiates through it
                 losses, acc = self._tasks(dict(zip(names, params)), xs, self.inner_steps, True, strategy)
                 loss = losses.mean()

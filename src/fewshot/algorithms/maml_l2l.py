@@ -28,7 +28,9 @@ class MAMLL2L(Algorithm):
     ) -> None:
         super().__init__()
         if inner_steps < 1 or eval_inner_steps < 0:
-            raise ValueError(f"MAML needs inner_steps >= 1 and eval_inner_steps >= 0, got {inner_steps}, {eval_inner_steps}")
+            raise ValueError(
+                f"MAML needs inner_steps >= 1 and eval_inner_steps >= 0, got {inner_steps}, {eval_inner_steps}"
+            )
         self.net = backbone(out_features=ways)
         self.ways = ways
         self.fixed_ways = ways  # the classifier head has exactly `ways` outputs
@@ -51,7 +53,9 @@ class MAMLL2L(Algorithm):
         steps = self.inner_steps if train else self.eval_inner_steps
         losses, accs, step_accs = [], [], []
         with torch.enable_grad():
-            for support_x, support_y, query_x, query_y in zip(episode.support_x, episode.support_y, episode.query_x, episode.query_y):
+            for support_x, support_y, query_x, query_y in zip(
+                episode.support_x, episode.support_y, episode.query_x, episode.query_y
+            ):
                 learner = maml.clone()
                 per_step = []
                 for _ in range(steps):

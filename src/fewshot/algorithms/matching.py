@@ -119,8 +119,10 @@ class MatchingNetworks(Algorithm):
             self.query_lstm = AttentionLSTM(dim)
 
     def extra_repr(self) -> str:
-        return (f"ways={self.ways}, fce={self.fce}, fce_steps={self.fce_steps}, lstm_layers={self.lstm_layers}, "
-                f"similarity={self.similarity}, scale={self.log_scale.exp().item():.4g}, learn_scale={self.learn_scale}")
+        return (
+            f"ways={self.ways}, fce={self.fce}, fce_steps={self.fce_steps}, lstm_layers={self.lstm_layers}, "
+            f"similarity={self.similarity}, scale={self.log_scale.exp().item():.4g}, learn_scale={self.learn_scale}"
+        )
 
     def full_context(self, support: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """g(S) and f(queries, S) from the backbone embeddings (T, S, D), (T, Q, D)."""
@@ -136,8 +138,12 @@ class MatchingNetworks(Algorithm):
             query = F.normalize(query, dim=-1)
         return (query @ F.normalize(support, dim=-1).transpose(1, 2)) * self.log_scale.exp()
 
-    def probabilities(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, ways: Optional[int] = None) -> torch.Tensor:
-        """Embeddings (T, S, D), labels (T, S), (T, Q, D) -> P(y | query, S) as (T, Q, ways); ways defaults to the constructor's."""
+    def probabilities(
+        self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, ways: Optional[int] = None
+    ) -> torch.Tensor:
+        """Embeddings (T, S, D), labels (T, S), (T, Q, D) -> P(y | query, S) as (T, Q, ways).
+
+        ways defaults to the constructor's."""
         ways = ways or self.ways
         attention = self.similarities(support, query).softmax(-1)  # (T, Q, S)
         return attention @ one_hot(support_y, ways, attention.dtype)

@@ -41,12 +41,23 @@ class Pretrained(MAML):
         strategy: str = "auto",
         chunk_size: Optional[int] = None,
     ) -> None:
-        super().__init__(backbone, ways, inner_lr=inner_lr, inner_steps=1, eval_inner_steps=eval_inner_steps,
-                         first_order=True, strategy=strategy, chunk_size=chunk_size, loss=loss)
+        super().__init__(
+            backbone,
+            ways,
+            inner_lr=inner_lr,
+            inner_steps=1,
+            eval_inner_steps=eval_inner_steps,
+            first_order=True,
+            strategy=strategy,
+            chunk_size=chunk_size,
+            loss=loss,
+        )
         self._has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.net.modules())
 
     def extra_repr(self) -> str:
-        return f"ways={self.ways}, inner_lr={self.inner_lr}, eval_inner_steps={self.eval_inner_steps}, loss={self.loss!r}"
+        return (
+            f"ways={self.ways}, inner_lr={self.inner_lr}, eval_inner_steps={self.eval_inner_steps}, loss={self.loss!r}"
+        )
 
     def forward(self, episode: Episode, train: bool = True) -> AlgoOutput:
         if not train:  # fine-tune on the support set and score the queries, as MAML's test does

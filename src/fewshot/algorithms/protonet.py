@@ -41,7 +41,9 @@ class ProtoNet(Algorithm):
     def extra_repr(self) -> str:
         return f"ways={self.ways}"
 
-    def logits(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, ways: Optional[int] = None) -> torch.Tensor:
+    def logits(
+        self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, ways: Optional[int] = None
+    ) -> torch.Tensor:
         """Embeddings (T, S, D), labels (T, S), (T, Q, D) -> logits (T, Q, ways); ways defaults to the constructor's."""
         ways = ways or self.ways
         onehot = one_hot(support_y, ways, support.dtype)  # (T, S, ways)

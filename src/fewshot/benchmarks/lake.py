@@ -84,8 +84,9 @@ def _resolve(entry: str, prefix: str, run: str, files: set[str]) -> str | None:
     return None
 
 
-def _plan_run(zip_path: Path, zf: zipfile.ZipFile, files: set[str], prefix: str,
-              run: str) -> tuple[list[str], list[str], list[int]]:
+def _plan_run(
+    zip_path: Path, zf: zipfile.ZipFile, files: set[str], prefix: str, run: str
+) -> tuple[list[str], list[str], list[int]]:
     """(sorted training entries, sorted test entries, answer index per test entry) for one run, checked."""
     where = f"{zip_path}: {run}"
     folder = f"{prefix}{run}/"

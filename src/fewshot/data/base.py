@@ -32,8 +32,10 @@ class SplitBank:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 5:
-            raise ValueError(f"SplitBank.images must be uint8 (classes, per_class, C, H, W), "
-                             f"got {self.images.dtype} {tuple(self.images.shape)}")
+            raise ValueError(
+                f"SplitBank.images must be uint8 (classes, per_class, C, H, W), "
+                f"got {self.images.dtype} {tuple(self.images.shape)}"
+            )
         if len(self.class_names) != self.images.shape[0]:
             raise ValueError(f"{len(self.class_names)} class names for {self.images.shape[0]} classes")
 

@@ -109,8 +109,9 @@ def _decode_cifar100(folder: Path, image_size: int, images_per_class: int) -> di
     meta_path = folder / "meta"
     meta = restricted_load(meta_path, WHAT)
     fine_names = _names(get_key(meta, "fine_label_names", meta_path, WHAT), NUM_FINE, meta_path, "fine_label_names")
-    coarse_names = _names(get_key(meta, "coarse_label_names", meta_path, WHAT), NUM_COARSE, meta_path,
-                          "coarse_label_names")
+    coarse_names = _names(
+        get_key(meta, "coarse_label_names", meta_path, WHAT), NUM_COARSE, meta_path, "coarse_label_names"
+    )
 
     data = np.concatenate(datas)
     fine, coarse = np.concatenate(fines), np.concatenate(coarses)
@@ -151,7 +152,11 @@ def _decode_cifar100(folder: Path, image_size: int, images_per_class: int) -> di
 
 
 def load_cifar100(
-    root: str, cache_dir: str, image_size: int = 32, images_per_class: int = 600, url: Optional[str] = None,
+    root: str,
+    cache_dir: str,
+    image_size: int = 32,
+    images_per_class: int = 600,
+    url: Optional[str] = None,
     md5: Optional[str] = None,
 ) -> dict[str, Any]:
     """All CIFAR-100 classes, decoded once and cached: {'images': (100, per, 3, S, S) uint8 in fine-label order,
@@ -170,11 +175,19 @@ def load_cifar100(
     fp = fingerprint("cifar100", FORMAT_VERSION, params, files)
     shape = (NUM_FINE, images_per_class, 3, image_size, image_size)
     return cached(
-        Path(cache_dir).expanduser() / f"cifar100_{fp}.pt", fp, FORMAT_VERSION, WHAT,
-        valid=lambda d: (is_uint8_bank(d["images"], shape) and len(d["fine_names"]) == NUM_FINE
-                         and len(d["coarse_of_fine"]) == NUM_FINE and len(d["coarse_names"]) == NUM_COARSE),
+        Path(cache_dir).expanduser() / f"cifar100_{fp}.pt",
+        fp,
+        FORMAT_VERSION,
+        WHAT,
+        valid=lambda d: (
+            is_uint8_bank(d["images"], shape)
+            and len(d["fine_names"]) == NUM_FINE
+            and len(d["coarse_of_fine"]) == NUM_FINE
+            and len(d["coarse_names"]) == NUM_COARSE
+        ),
         decode=lambda: _decode_cifar100(folder, image_size, images_per_class),
-        describe=lambda d: f"{NUM_FINE * images_per_class} images", mmap=True,
+        describe=lambda d: f"{NUM_FINE * images_per_class} images",
+        mmap=True,
     )
 
 

@@ -42,12 +42,14 @@ class FewShotDataset:
     def sampler(self, split: str, ways: int, shots: int, queries: int, device, seed: int) -> EpisodeSampler:
         """The episode sampler for a split: the engine only calls this, so a dataset of another kind
         (MAML's sinusoid) provides its own sampler with the same sample(tasks) -> Episode call."""
-        return EpisodeSampler(self.split(split), ways, shots, queries, device=device, seed=seed,
-                              mean=self.mean, std=self.std, split=split)
+        return EpisodeSampler(
+            self.split(split), ways, shots, queries, device=device, seed=seed, mean=self.mean, std=self.std, split=split
+        )
 
 
-def check_normalization(mean: Sequence[float], std: Sequence[float], channels: int,
-                        what: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def check_normalization(
+    mean: Sequence[float], std: Sequence[float], channels: int, what: str
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     mean_t, std_t = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     if len(mean_t) != channels or len(std_t) != channels or any(s <= 0 for s in std_t):
         raise DataError(

@@ -142,8 +142,9 @@ def _image_stats(images_dir: Path, sources: dict[str, "OrderedDict[str, list[str
     return stats
 
 
-def _decode_csv(images_dir: Path, sources: dict[str, "OrderedDict[str, list[str]]"], image_size: int,
-                images_per_class: int) -> dict[str, dict]:
+def _decode_csv(
+    images_dir: Path, sources: dict[str, "OrderedDict[str, list[str]]"], image_size: int, images_per_class: int
+) -> dict[str, dict]:
     """Decode every listed image into (classes, per_class, 3, S, S) uint8 banks, resized with Lanczos."""
     out = {}
     for split in SPLITS:
@@ -216,8 +217,7 @@ def load_miniimagenet(
         csv_dir = csv_dir or find_split_dir(root_p, split_p)
         if csv_dir is None:
             raise DataError(
-                f"{WHAT} split files {', '.join(CSV_NAMES.values())} "
-                f"not found in {candidates}; put the Ravi CSVs there"
+                f"{WHAT} split files {', '.join(CSV_NAMES.values())} not found in {candidates}; put the Ravi CSVs there"
             )
         srcs = _csv_sources(root_p, csv_dir, images_per_class)
         stats = _image_stats(images_dir, srcs)
@@ -236,17 +236,27 @@ def load_miniimagenet(
         return f"{n} images, {format}"
 
     path = cache_p / f"miniimagenet_{format}_{fp}.pt"
-    payload = cached(path, fp, FORMAT_VERSION, WHAT, splits_payload_valid(3, image_size), decode_checked, describe,
-                     mmap=True)
+    payload = cached(
+        path, fp, FORMAT_VERSION, WHAT, splits_payload_valid(3, image_size), decode_checked, describe, mmap=True
+    )
 
     # The class lists are checked against the split files on every load (the cache does not depend on them).
     classes = {s: list(payload["splits"][s]["class_names"]) for s in SPLITS}
     ref_dir = find_split_dir(root_p, split_p) if format == "pickle" else split_p
-    if format == "csv" and (ref_dir is None or not all((ref_dir / n).is_file() for n in CSV_NAMES.values())
-                            or ref_dir.resolve() == csv_dir.resolve()):
+    if format == "csv" and (
+        ref_dir is None
+        or not all((ref_dir / n).is_file() for n in CSV_NAMES.values())
+        or ref_dir.resolve() == csv_dir.resolve()
+    ):
         ref_dir = None  # the CSVs used are the split files
     if format == "pickle" and ref_dir is None:
         log.warning("%s class lists not checked: no Ravi split CSVs in %s", WHAT, candidates)
     check_classes(classes, source_desc, split_classes(ref_dir) if ref_dir else None, ref_dir)
-    return FewShotDataset(name="miniimagenet", splits=banks_from_payload(payload), channels=3, image_size=image_size,
-                          mean=mean_t, std=std_t)
+    return FewShotDataset(
+        name="miniimagenet",
+        splits=banks_from_payload(payload),
+        channels=3,
+        image_size=image_size,
+        mean=mean_t,
+        std=std_t,
+    )

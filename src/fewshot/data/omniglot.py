@@ -39,7 +39,9 @@ OFFICIAL_MD5: dict[str, str] = {
     "images_evaluation.zip": "6b91aef0f799c5bb55b94e3f2daec811",
 }
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
-DEFAULT_SPLITS_URL = "https://raw.githubusercontent.com/jakesnell/prototypical-networks/master/data/omniglot/splits/vinyals"
+DEFAULT_SPLITS_URL = (
+    "https://raw.githubusercontent.com/jakesnell/prototypical-networks/master/data/omniglot/splits/vinyals"
+)
 SPLIT_NAMES: tuple[str, ...] = ("finn", "vinyals")
 VINYALS_FILES: tuple[str, ...] = ("train.txt", "val.txt", "test.txt")
 
@@ -57,8 +59,9 @@ _ROT_RE = re.compile(r"^(?P<char>[^/]+/character\d+)/rot(?P<deg>\d{3})$")
 # --------------------------------------------------------------------------------------------- download
 
 
-def download_omniglot(root: str | os.PathLike[str], base_url: str = DEFAULT_BASE_URL,
-                      timeout: float = 60.0) -> list[Path]:
+def download_omniglot(
+    root: str | os.PathLike[str], base_url: str = DEFAULT_BASE_URL, timeout: float = 60.0
+) -> list[Path]:
     """Download the Omniglot zips missing from root, each checked against OFFICIAL_MD5.
 
     Returns the paths of both zips. Raises DataError (md5 mismatch, network failure) leaving no partial file.
@@ -111,8 +114,9 @@ def decode_drawing(data: bytes, image_size: int) -> np.ndarray:
         return 255 - np.asarray(im, dtype=np.uint8)
 
 
-def _decode_images(zip_paths: Sequence[Path], members: Sequence[Sequence[tuple[int, str]]],
-                   image_size: int) -> torch.Tensor:
+def _decode_images(
+    zip_paths: Sequence[Path], members: Sequence[Sequence[tuple[int, str]]], image_size: int
+) -> torch.Tensor:
     """Decode every listed PNG into a (characters, drawings, 1, S, S) uint8 tensor, strokes 255 on 0 (tqdm progress)."""
     count, per = len(members), len(members[0])
     out = np.empty((count * per, image_size, image_size), dtype=np.uint8)
@@ -169,9 +173,13 @@ def load_omniglot_images(
         return {"image_size": image_size, "names": names, "images": _decode_images(zip_paths, members, image_size)}
 
     data = cached(
-        Path(cache_dir) / f"omniglot_{fp}.pt", fp, FORMAT_VERSION, "Omniglot",
+        Path(cache_dir) / f"omniglot_{fp}.pt",
+        fp,
+        FORMAT_VERSION,
+        "Omniglot",
         valid=lambda d: is_uint8_bank(d["images"], shape) and len(d["names"]) == NUM_CHARACTERS,
-        decode=decode, describe=lambda d: f"{d['images'].shape[0] * d['images'].shape[1]} images",
+        decode=decode,
+        describe=lambda d: f"{d['images'].shape[0] * d['images'].shape[1]} images",
     )
     return data["images"], list(data["names"])
 
@@ -217,8 +225,7 @@ def _vinyals_splits(images: torch.Tensor, names: list[str], folder: Path) -> dic
             m = _ROT_RE.match(line)
             if m is None or int(m["deg"]) % 90 or int(m["deg"]) >= 360:
                 raise DataError(
-                    f"{path}:{lineno}: {line!r} is not of the form "
-                    "Alphabet/characterNN/rotDDD (DDD in 000/090/180/270)"
+                    f"{path}:{lineno}: {line!r} is not of the form Alphabet/characterNN/rotDDD (DDD in 000/090/180/270)"
                 )
             if m["char"] not in index:
                 raise DataError(

@@ -76,8 +76,9 @@ def _diff(have: Sequence[str], want: Sequence[str]) -> str:
     return "; ".join(parts)
 
 
-def check_classes(classes: dict[str, list[str]], source: str, reference: Optional[dict[str, list[str]]],
-                  ref_dir: Optional[Path]) -> None:
+def check_classes(
+    classes: dict[str, list[str]], source: str, reference: Optional[dict[str, list[str]]], ref_dir: Optional[Path]
+) -> None:
     """64/16/20 distinct classes, no class in two splits, and (when given) the same classes as the split files."""
     seen: dict[str, str] = {}
     for split in SPLITS:

@@ -39,4 +39,5 @@ def load_synthetic(
         for name, (a, b) in bounds.items()
     }
     return FewShotDataset(
-        "synthetic", splits, channels=channels, image_size=image_size, mean=(0.0,) * channels, std=(1.0,) * channels)
+        "synthetic", splits, channels=channels, image_size=image_size, mean=(0.0,) * channels, std=(1.0,) * channels
+    )

@@ -111,8 +111,9 @@ def _png_bytes(item: Any, path: Path, i: int) -> bytes:
     )
 
 
-def _kept_indices(specific: np.ndarray, names: Sequence[str], path: Path,
-                  split: str) -> tuple[list[int], np.ndarray, dict[str, int]]:
+def _kept_indices(
+    specific: np.ndarray, names: Sequence[str], path: Path, split: str
+) -> tuple[list[int], np.ndarray, dict[str, int]]:
     """Classes present (sorted index), the first m image indices of each (class-major), and the count stats."""
     classes = sorted(set(specific.tolist()))
     if not classes:
@@ -125,8 +126,9 @@ def _kept_indices(specific: np.ndarray, names: Sequence[str], path: Path,
     return classes, kept, {"kept": m, "max": int(counts.max()), "dropped": int(counts.sum()) - m * len(classes)}
 
 
-def _decode_split(root: Path, split: str, format: str, image_size: int, channel_order: str,
-                  expected: Optional[int] = None) -> dict[str, Any]:
+def _decode_split(
+    root: Path, split: str, format: str, image_size: int, channel_order: str, expected: Optional[int] = None
+) -> dict[str, Any]:
     lpath = root / labels_file(split)
     ipath = root / image_file(split, format)
     specific, names, general, general_names = _read_labels(lpath)
@@ -238,8 +240,16 @@ def load_tieredimagenet(
         _check(splits, root_p, None)
         return {"image_size": image_size, "splits": splits}
 
-    payload = cached(path, fp, FORMAT_VERSION, WHAT, splits_payload_valid(3, image_size), decode,
-                     describe=lambda d: format, mmap=True)
+    payload = cached(
+        path,
+        fp,
+        FORMAT_VERSION,
+        WHAT,
+        splits_payload_valid(3, image_size),
+        decode,
+        describe=lambda d: format,
+        mmap=True,
+    )
     splits = payload["splits"]
     _check(splits, root_p, classes_per_split)
     for s in SPLITS:
@@ -247,10 +257,22 @@ def load_tieredimagenet(
         st = splits[s]["counts"]
         log.info(
             "%s %s: %d classes with %d to %d images each; kept the first %d of every class (dropped %d images)",
-            WHAT, s, n, st["kept"], st["max"], st["kept"], st["dropped"],
+            WHAT,
+            s,
+            n,
+            st["kept"],
+            st["max"],
+            st["kept"],
+            st["dropped"],
         )
-    return FewShotDataset(name="tieredimagenet", splits=banks_from_payload(payload), channels=3, image_size=image_size,
-                          mean=mean_t, std=std_t)
+    return FewShotDataset(
+        name="tieredimagenet",
+        splits=banks_from_payload(payload),
+        channels=3,
+        image_size=image_size,
+        mean=mean_t,
+        std=std_t,
+    )
 
 
 def _count_error(root: Path, split: str, have: int, want: int) -> DataError:

@@ -11,11 +11,35 @@
 Nothing here knows which algorithm runs: every algorithm answers algo(episode, train) -> AlgoOutput.
 """
 
-from fewshot.engine.builder import (MAX_SEED, REGRESSION_DATASETS, SPLIT_OFFSET, EvalRequest, Run, Settings, Shape,
-                                    _plain, build, build_from_checkpoint, check_compatible, check_config, check_seed,
-                                    episode_seed, episode_shape, make_sampler, seed_everything, warn_if_graph_too_big)
-from fewshot.engine.checkpoints import (RESUMABLE_CHANGES, check_same_run, checkpoint_state, find_resume_checkpoint,
-                                        save_last, truncate_metrics, upgrade_config)
+from fewshot.engine.builder import (
+    MAX_SEED,
+    REGRESSION_DATASETS,
+    SPLIT_OFFSET,
+    EvalRequest,
+    Run,
+    Settings,
+    Shape,
+    _plain,
+    build,
+    build_from_checkpoint,
+    check_compatible,
+    check_config,
+    check_seed,
+    episode_seed,
+    episode_shape,
+    make_sampler,
+    seed_everything,
+    warn_if_graph_too_big,
+)
+from fewshot.engine.checkpoints import (
+    RESUMABLE_CHANGES,
+    check_same_run,
+    checkpoint_state,
+    find_resume_checkpoint,
+    save_last,
+    truncate_metrics,
+    upgrade_config,
+)
 from fewshot.engine.evaluation import evaluate, lake_benchmark, test_checkpoint
 from fewshot.engine.loop import DIVERGED, meta_train
 from fewshot.engine.results import make_results, results_markdown, run_command, write_results
@@ -23,11 +47,43 @@ from fewshot.engine.signals import Interrupted, SignalGuard, stop_on_signals
 from fewshot.errors import ConfigError, FewshotError
 
 __all__ = [
-    "DIVERGED", "MAX_SEED", "REGRESSION_DATASETS", "RESUMABLE_CHANGES", "SPLIT_OFFSET", "ConfigError", "EvalRequest",
-    "FewshotError", "Interrupted", "Run", "Settings", "Shape", "SignalGuard", "_plain", "build",
-    "build_from_checkpoint", "check_compatible", "check_config", "check_same_run", "check_seed",
-    "checkpoint_state", "episode_seed", "episode_shape", "evaluate", "find_resume_checkpoint", "lake_benchmark",
-    "make_results", "make_sampler", "meta_train", "results_markdown", "run_command", "save_last",
-    "seed_everything", "stop_on_signals", "test_checkpoint", "truncate_metrics", "upgrade_config",
-    "warn_if_graph_too_big", "write_results",
+    "DIVERGED",
+    "MAX_SEED",
+    "REGRESSION_DATASETS",
+    "RESUMABLE_CHANGES",
+    "SPLIT_OFFSET",
+    "ConfigError",
+    "EvalRequest",
+    "FewshotError",
+    "Interrupted",
+    "Run",
+    "Settings",
+    "Shape",
+    "SignalGuard",
+    "_plain",
+    "build",
+    "build_from_checkpoint",
+    "check_compatible",
+    "check_config",
+    "check_same_run",
+    "check_seed",
+    "checkpoint_state",
+    "episode_seed",
+    "episode_shape",
+    "evaluate",
+    "find_resume_checkpoint",
+    "lake_benchmark",
+    "make_results",
+    "make_sampler",
+    "meta_train",
+    "results_markdown",
+    "run_command",
+    "save_last",
+    "seed_everything",
+    "stop_on_signals",
+    "test_checkpoint",
+    "truncate_metrics",
+    "upgrade_config",
+    "warn_if_graph_too_big",
+    "write_results",
 ]

@@ -33,8 +33,10 @@ MAX_SEED = (2**32 - 1 - max(SPLIT_OFFSET.values())) // 1000
 
 def check_seed(seed: object, key: str = "seed") -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise ConfigError(f"{key}={seed}: seeds are integers from 0 to {MAX_SEED:,}; larger ones would repeat the "
-                          "random streams of smaller ones (torch keeps 32 bits of a seed)")
+        raise ConfigError(
+            f"{key}={seed}: seeds are integers from 0 to {MAX_SEED:,}; larger ones would repeat the "
+            "random streams of smaller ones (torch keeps 32 bits of a seed)"
+        )
 
 
 def episode_seed(seed: int, split: str) -> int:
@@ -56,12 +58,18 @@ def _plain(node: DictConfig) -> DictConfig:
 def check_config(cfg: DictConfig) -> None:
     """Reject out-of-range numbers before any work, naming the setting."""
     positive = {
-        "episode.ways": cfg.episode.ways, "episode.shots": cfg.episode.shots, "episode.queries": cfg.episode.queries,
-        "trainer.meta_batch_size": cfg.trainer.meta_batch_size, "trainer.iterations": cfg.trainer.iterations,
-        "trainer.meta_lr": cfg.trainer.meta_lr, "trainer.val_every": cfg.trainer.val_every,
-        "trainer.val_episodes": cfg.trainer.val_episodes, "trainer.checkpoint_every": cfg.trainer.checkpoint_every,
+        "episode.ways": cfg.episode.ways,
+        "episode.shots": cfg.episode.shots,
+        "episode.queries": cfg.episode.queries,
+        "trainer.meta_batch_size": cfg.trainer.meta_batch_size,
+        "trainer.iterations": cfg.trainer.iterations,
+        "trainer.meta_lr": cfg.trainer.meta_lr,
+        "trainer.val_every": cfg.trainer.val_every,
+        "trainer.val_episodes": cfg.trainer.val_episodes,
+        "trainer.checkpoint_every": cfg.trainer.checkpoint_every,
         "trainer.log_every": cfg.trainer.log_every,
-        "eval.episodes": cfg.eval.episodes, "eval.meta_batch_size": cfg.eval.meta_batch_size,
+        "eval.episodes": cfg.eval.episodes,
+        "eval.meta_batch_size": cfg.eval.meta_batch_size,
     }
     for key in ("inner_lr", "inner_steps", "eval_inner_steps"):
         if key in cfg.algo:
@@ -141,17 +149,23 @@ def check_compatible(cfg: DictConfig) -> None:
     regression = cfg.dataset.name in REGRESSION_DATASETS
     loss = cfg.algo.get("loss")
     if regression and loss is None:
-        raise ConfigError(f"algo={cfg.algo.name} classifies, but dataset={cfg.dataset.name} is a regression task: use "
-                          "algo=maml algo.loss=mse or algo=pretrain (e.g. experiment=maml_sinusoid_k10)")
+        raise ConfigError(
+            f"algo={cfg.algo.name} classifies, but dataset={cfg.dataset.name} is a regression task: use "
+            "algo=maml algo.loss=mse or algo=pretrain (e.g. experiment=maml_sinusoid_k10)"
+        )
     if regression and loss == "cross_entropy":
-        raise ConfigError(f"algo.loss={loss} on dataset={cfg.dataset.name}, a regression task: set algo.loss=mse "
-                          "(or auto)")
+        raise ConfigError(
+            f"algo.loss={loss} on dataset={cfg.dataset.name}, a regression task: set algo.loss=mse (or auto)"
+        )
     if not regression and loss == "mse":
-        raise ConfigError(f"algo.loss=mse on dataset={cfg.dataset.name}, a classification task: "
-                          "set algo.loss=cross_entropy")
+        raise ConfigError(
+            f"algo.loss=mse on dataset={cfg.dataset.name}, a classification task: set algo.loss=cross_entropy"
+        )
     if not regression and cfg.backbone.name == "mlp_sinusoid":
-        raise ConfigError(f"backbone=mlp_sinusoid is the sinusoid regressor; dataset={cfg.dataset.name} needs an "
-                          "image backbone (conv4, conv4_pool or mlp)")
+        raise ConfigError(
+            f"backbone=mlp_sinusoid is the sinusoid regressor; dataset={cfg.dataset.name} needs an "
+            "image backbone (conv4, conv4_pool or mlp)"
+        )
 
 
 def _make(group: str, node: DictConfig, **kwargs: Any) -> Any:
@@ -178,28 +192,51 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
     algo: Algorithm = _make("algo", cfg.algo, backbone=backbone, ways=cfg.episode.ways)
     eval_ways = episode_shape(cfg, "test")[0]
     if algo.fixed_ways is not None and eval_ways != algo.fixed_ways:
-        raise ConfigError(f"eval.ways={eval_ways} but {cfg.algo.name}'s classifier head has {algo.fixed_ways} outputs; "
-                          "it tests with the ways it trained on: drop eval.ways")
+        raise ConfigError(
+            f"eval.ways={eval_ways} but {cfg.algo.name}'s classifier head has {algo.fixed_ways} outputs; "
+            "it tests with the ways it trained on: drop eval.ways"
+        )
     t = cfg.trainer
     settings = Settings(
-        name=cfg.name, seed=cfg.seed, iterations=t.iterations, meta_batch_size=t.meta_batch_size,
-        val_every=t.val_every, val_episodes=t.val_episodes, checkpoint_every=t.checkpoint_every,
-        log_every=t.log_every, grad_clip=t.grad_clip, test_episodes=cfg.eval.episodes,
-        eval_batch=cfg.eval.meta_batch_size, train=Shape(*episode_shape(cfg, "train")),
-        eval=Shape(*episode_shape(cfg, "test")), logger=cfg.get("logger"), resume=bool(cfg.get("resume")),
-        dry_run=bool(cfg.get("dry_run")))
+        name=cfg.name,
+        seed=cfg.seed,
+        iterations=t.iterations,
+        meta_batch_size=t.meta_batch_size,
+        val_every=t.val_every,
+        val_episodes=t.val_episodes,
+        checkpoint_every=t.checkpoint_every,
+        log_every=t.log_every,
+        grad_clip=t.grad_clip,
+        test_episodes=cfg.eval.episodes,
+        eval_batch=cfg.eval.meta_batch_size,
+        train=Shape(*episode_shape(cfg, "train")),
+        eval=Shape(*episode_shape(cfg, "test")),
+        logger=cfg.get("logger"),
+        resume=bool(cfg.get("resume")),
+        dry_run=bool(cfg.get("dry_run")),
+    )
     record = {
-        "algo": cfg.algo.name, "dataset": cfg.dataset.name, "dataset_split": cfg.dataset.get("split"),
-        "backbone": cfg.backbone.name, "schedule": cfg.schedule.name if "schedule" in cfg else "constant",
-        "optim": cfg.optim.name if "optim" in cfg else "adam", "data_root": cfg.get("data_root"),
+        "algo": cfg.algo.name,
+        "dataset": cfg.dataset.name,
+        "dataset_split": cfg.dataset.get("split"),
+        "backbone": cfg.backbone.name,
+        "schedule": cfg.schedule.name if "schedule" in cfg else "constant",
+        "optim": cfg.optim.name if "optim" in cfg else "adam",
+        "data_root": cfg.get("data_root"),
         "image_size": cfg.dataset.get("image_size"),
         "paper": OmegaConf.to_container(cfg.paper, resolve=True) if "paper" in cfg else None,
     }
-    return Run(device=device, dataset=dataset, algo=algo.to(device), settings=settings,
-               optimizer=functools.partial(make_optimizer, cfg.optim) if "optim" in cfg else None,
-               scheduler=functools.partial(make_scheduler, cfg.get("schedule")),
-               config=OmegaConf.to_container(cfg, resolve=True), config_source=OmegaConf.to_container(cfg, resolve=False),
-               record=record)
+    return Run(
+        device=device,
+        dataset=dataset,
+        algo=algo.to(device),
+        settings=settings,
+        optimizer=functools.partial(make_optimizer, cfg.optim) if "optim" in cfg else None,
+        scheduler=functools.partial(make_scheduler, cfg.get("schedule")),
+        config=OmegaConf.to_container(cfg, resolve=True),
+        config_source=OmegaConf.to_container(cfg, resolve=False),
+        record=record,
+    )
 
 
 def warn_if_graph_too_big(run: Run) -> None:
@@ -216,9 +253,12 @@ def warn_if_graph_too_big(run: Run) -> None:
     except Exception:  # an estimate must never stop a run
         return
     if need > have:
-        print(f"fewshot: warning: {run.record['algo']}'s training graph needs about {need / 2**30:.1f} GiB "
-              f"(algo.inner_steps={run.algo.inner_steps}), more than the {have / 2**30:.1f} GiB free on {run.device}; "
-              "set algo.chunk_size to fewer tasks or algo.first_order=true", file=sys.stderr)
+        print(
+            f"fewshot: warning: {run.record['algo']}'s training graph needs about {need / 2**30:.1f} GiB "
+            f"(algo.inner_steps={run.algo.inner_steps}), more than the {have / 2**30:.1f} GiB free on {run.device}; "
+            "set algo.chunk_size to fewer tasks or algo.first_order=true",
+            file=sys.stderr,
+        )
 
 
 def episode_shape(cfg: DictConfig, split: str) -> tuple[int, int, int]:
@@ -259,8 +299,10 @@ def build_from_checkpoint(cfg: DictConfig) -> tuple[Run, dict, EvalRequest]:
     for key in ("algo", "backbone"):
         want = cfg[key].name if cfg.get(key) is not None else None
         if want is not None and want != state.get(key):
-            raise CheckpointError(f"{cfg.checkpoint} holds a {key}={state.get(key)} model, not {key}={want}; "
-                                  f"pass a {want} checkpoint or drop the {key}= override")
+            raise CheckpointError(
+                f"{cfg.checkpoint} holds a {key}={state.get(key)} model, not {key}={want}; "
+                f"pass a {want} checkpoint or drop the {key}= override"
+            )
     run_cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), upgrade_config(state["config_source"]))
     # Where data lives and which device runs it belong to this machine, not the training one.
     run_cfg.data_root, run_cfg.cache_dir, run_cfg.device = cfg.data_root, cfg.cache_dir, cfg.device

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-
 from fewshot.atomic import atomic_write_text
 from fewshot.checkpoint import (
     CheckpointError,
@@ -19,8 +18,15 @@ from fewshot.data.sampler import EpisodeSampler
 from fewshot.engine.builder import Run
 
 
-def checkpoint_state(run: Run, optimizer, iteration: int, best: dict, sampler: EpisodeSampler,
-                     progress: Optional[dict] = None, scheduler=None) -> dict:
+def checkpoint_state(
+    run: Run,
+    optimizer,
+    iteration: int,
+    best: dict,
+    sampler: EpisodeSampler,
+    progress: Optional[dict] = None,
+    scheduler=None,
+) -> dict:
     """Everything needed to continue bit for bit: weights, optimizer, iteration, best metric, every RNG
     state, the sampler's generator, the partial logging window, and the config that built the run."""
     return {
@@ -68,9 +74,22 @@ def save_last(ckpt_dir: Path, state: dict) -> None:
 # evaluated, and how long it trains (training longer continues the same trajectory).
 # Validation tasks (eval.ways, eval.queries, trainer.val_episodes) may not change: they would put numbers of
 # another meaning in one metrics.csv column and pick best.pt across them. Test-only settings may.
-RESUMABLE_CHANGES = ("resume", "device.", "data_root", "cache_dir", "dataset.root", "dataset.cache_dir",
-                     "trainer.iterations", "trainer.log_every", "trainer.val_every", "trainer.checkpoint_every",
-                     "eval.episodes", "eval.meta_batch_size", "logger", "dry_run")
+RESUMABLE_CHANGES = (
+    "resume",
+    "device.",
+    "data_root",
+    "cache_dir",
+    "dataset.root",
+    "dataset.cache_dir",
+    "trainer.iterations",
+    "trainer.log_every",
+    "trainer.val_every",
+    "trainer.checkpoint_every",
+    "eval.episodes",
+    "eval.meta_batch_size",
+    "logger",
+    "dry_run",
+)
 
 
 def upgrade_config(config: dict) -> dict:
@@ -102,14 +121,22 @@ def check_same_run(state: dict, config: dict, path: Path) -> None:
     another experiment's weights would silently mix two runs."""
     old = _flatten(upgrade_config(state["config"]))
     new = _flatten(config)
-    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+    changed = [
+        k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)
+    ]
     if changed:
-        diffs = ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in changed[:4]) + (" ..." if len(changed) > 4 else "")
-        raise CheckpointError(f"{path} holds a run with other settings ({diffs}); use a new run folder "
-                              "(the default) or the run's own settings to resume it")
+        diffs = ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in changed[:4]) + (
+            " ..." if len(changed) > 4 else ""
+        )
+        raise CheckpointError(
+            f"{path} holds a run with other settings ({diffs}); use a new run folder "
+            "(the default) or the run's own settings to resume it"
+        )
     iterations = config["trainer"]["iterations"]
     if state["iteration"] > iterations:
-        raise CheckpointError(f"{path} is already at iteration {state['iteration']}, past trainer.iterations={iterations}")
+        raise CheckpointError(
+            f"{path} is already at iteration {state['iteration']}, past trainer.iterations={iterations}"
+        )
 
 
 def truncate_metrics(path: Path, iteration: int) -> None:
@@ -117,6 +144,11 @@ def truncate_metrics(path: Path, iteration: int) -> None:
     if not path.exists():
         return
     lines = path.read_text().splitlines()
-    kept = lines[:1] + [ln for ln in lines[1:] if ln.split(",")[0].isdigit() and int(ln.split(",")[0]) <= iteration
-                        and len(ln.split(",")) == len(lines[0].split(","))]
+    kept = lines[:1] + [
+        ln
+        for ln in lines[1:]
+        if ln.split(",")[0].isdigit()
+        and int(ln.split(",")[0]) <= iteration
+        and len(ln.split(",")) == len(lines[0].split(","))
+    ]
     atomic_write_text(path, "\n".join(kept) + "\n")

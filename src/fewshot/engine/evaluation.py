@@ -18,7 +18,9 @@ from fewshot.engine.results import make_results, write_results
 from fewshot.errors import ConfigError
 
 
-def evaluate(algo: Algorithm, sampler: EpisodeSampler, episodes: int, batch: int, seed: int, desc: str = "eval") -> dict[str, Any]:
+def evaluate(
+    algo: Algorithm, sampler: EpisodeSampler, episodes: int, batch: int, seed: int, desc: str = "eval"
+) -> dict[str, Any]:
     """The algorithm's per-task score over a fixed set of `episodes` tasks (the same tasks for the same seed).
 
     Returns the metric's name and, for accuracy (fractions in [0, 1]), acc_mean, acc_ci95 = 1.96 * std /
@@ -57,10 +59,13 @@ def test_checkpoint(run: Run, state: dict, request: EvalRequest, out_dir: Path) 
         return lake_benchmark(run, state, request, out_dir)
     t = run.settings
     sampler = make_sampler(run, request.split)
-    print(f"fewshot: {t.name} from {request.checkpoint} (iteration {state['iteration']}) on {run.device}, "
-          f"{t.test_episodes} {request.split} episodes, seed {t.seed}")
-    test = evaluate(run.algo, sampler, t.test_episodes, t.eval_batch, episode_seed(t.seed, request.split),
-                    desc=request.split)
+    print(
+        f"fewshot: {t.name} from {request.checkpoint} (iteration {state['iteration']}) on {run.device}, "
+        f"{t.test_episodes} {request.split} episodes, seed {t.seed}"
+    )
+    test = evaluate(
+        run.algo, sampler, t.test_episodes, t.eval_batch, episode_seed(t.seed, request.split), desc=request.split
+    )
     results = make_results(run, test, train_seconds=None, best=state["best"])
     results["checkpoint"] = str(Path(request.checkpoint).resolve())
     results["eval_split"] = request.split
@@ -74,23 +79,35 @@ def lake_benchmark(run: Run, state: dict, request: EvalRequest, out_dir: Path) -
     from fewshot.benchmarks.lake import lake_episode, lake_report, lake_zip_path, load_lake_runs
 
     if request.benchmark != "lake_runs":
-        raise ConfigError(f"benchmark={request.benchmark!r}: the only benchmark is lake_runs (or null for the test split)")
+        raise ConfigError(
+            f"benchmark={request.benchmark!r}: the only benchmark is lake_runs (or null for the test split)"
+        )
     if run.record["dataset"] != "omniglot":
-        raise ConfigError(f"benchmark=lake_runs needs an Omniglot model; {request.checkpoint} was trained on "
-                          f"{run.record['dataset']}")
+        raise ConfigError(
+            f"benchmark=lake_runs needs an Omniglot model; {request.checkpoint} was trained on {run.record['dataset']}"
+        )
     fixed = getattr(run.algo, "fixed_ways", None)
     if fixed is not None and fixed != 20:
-        raise ConfigError(f"benchmark=lake_runs is 20-way but this {run.record['algo']} model has a {fixed}-way head; "
-                          "evaluate a 20-way model (e.g. experiment=maml_omniglot_20w1s)")
+        raise ConfigError(
+            f"benchmark=lake_runs is 20-way but this {run.record['algo']} model has a {fixed}-way head; "
+            "evaluate a 20-way model (e.g. experiment=maml_omniglot_20w1s)"
+        )
     runs = load_lake_runs(lake_zip_path(run.record["data_root"]), image_size=run.record["image_size"])
     episode = lake_episode(runs, mean=run.dataset.mean, std=run.dataset.std, device=run.device)
     run.algo.eval()
     acc = run.algo(episode, train=False).acc.detach().cpu().tolist()  # (20,) one task per run
     report = lake_report(acc, runs)
-    results = make_results(run, {"episodes": len(runs), "metric": "acc", "acc_mean": report["mean_accuracy"],
-                                 "acc_ci95": None}, train_seconds=None, best=state["best"])
-    results.update(checkpoint=str(Path(request.checkpoint).resolve()), eval_split="lake_runs",
-                   lake={"error_per_run": report["error_per_run"], "mean_error": report["mean_error"]})
+    results = make_results(
+        run,
+        {"episodes": len(runs), "metric": "acc", "acc_mean": report["mean_accuracy"], "acc_ci95": None},
+        train_seconds=None,
+        best=state["best"],
+    )
+    results.update(
+        checkpoint=str(Path(request.checkpoint).resolve()),
+        eval_split="lake_runs",
+        lake={"error_per_run": report["error_per_run"], "mean_error": report["mean_error"]},
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(out_dir / "results.md", report["markdown"])

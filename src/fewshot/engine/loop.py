@@ -15,7 +15,13 @@ from tqdm.auto import tqdm
 
 from fewshot.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
 from fewshot.engine.builder import Run, episode_seed, make_sampler, warn_if_graph_too_big
-from fewshot.engine.checkpoints import check_same_run, checkpoint_state, find_resume_checkpoint, save_last, truncate_metrics
+from fewshot.engine.checkpoints import (
+    check_same_run,
+    checkpoint_state,
+    find_resume_checkpoint,
+    save_last,
+    truncate_metrics,
+)
 from fewshot.engine.evaluation import evaluate
 from fewshot.engine.results import append_csv, make_logger, make_results, plot_curve, write_results
 from fewshot.engine.signals import Interrupted, SignalGuard
@@ -51,7 +57,9 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
 
     state = find_resume_checkpoint(ckpt_dir)
     if state is None and t.resume:
-        raise CheckpointError(f"resume=true but {ckpt_dir} holds no last.pt; point hydra.run.dir at the run folder to resume")
+        raise CheckpointError(
+            f"resume=true but {ckpt_dir} holds no last.pt; point hydra.run.dir at the run folder to resume"
+        )
     if state is not None:
         check_same_run(state, run.config, ckpt_dir / "last.pt")
         algo.load_state_dict(state["model"])
@@ -71,8 +79,14 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
     algo.train()
 
     signals.immediate = None  # from here the first signal checkpoints at the end of its iteration
-    bar = tqdm(range(start, t.iterations + 1), initial=start - 1, total=t.iterations, desc="meta-train", unit="it",
-               dynamic_ncols=True)
+    bar = tqdm(
+        range(start, t.iterations + 1),
+        initial=start - 1,
+        total=t.iterations,
+        desc="meta-train",
+        unit="it",
+        dynamic_ncols=True,
+    )
     tic, tic_it = time.perf_counter(), start - 1  # training time and tasks/s since the last validation
     for it in bar:
         episode = train_sampler.sample(t.meta_batch_size)  # support_x (T, ways*shots, C, H, W)
@@ -82,8 +96,10 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
         # Checked before the step, so the weights stay the last good ones.
         if not math.isfinite(loss) or abs(loss) > DIVERGED * max(abs(first), 1.0):
             what = f"became {loss}" if not math.isfinite(loss) else f"reached {loss:.3g} (it started at {first:.3g})"
-            raise FewshotError(f"training loss {what} at iteration {it}: the run diverged and stopped; the last good "
-                               f"checkpoint is in {ckpt_dir}. Lower trainer.meta_lr or algo.inner_lr")
+            raise FewshotError(
+                f"training loss {what} at iteration {it}: the run diverged and stopped; the last good "
+                f"checkpoint is in {ckpt_dir}. Lower trainer.meta_lr or algo.inner_lr"
+            )
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if t.grad_clip:
@@ -98,19 +114,34 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
         progress["n"] += 1
         if it % t.log_every == 0 or it == t.iterations:
             rate = (it - tic_it) * t.meta_batch_size / max(time.perf_counter() - tic, 1e-9)
-            bar.set_postfix({"loss": f"{progress['loss'] / progress['n']:.3f}",
-                             progress["metric"]: f"{progress['acc'] / progress['n']:.3f}", "tasks/s": f"{rate:.0f}"})
+            bar.set_postfix(
+                {
+                    "loss": f"{progress['loss'] / progress['n']:.3f}",
+                    progress["metric"]: f"{progress['acc'] / progress['n']:.3f}",
+                    "tasks/s": f"{rate:.0f}",
+                }
+            )
 
         if it % t.val_every == 0 or it == t.iterations:
             progress["train_seconds"] += time.perf_counter() - tic
-            val = evaluate(algo, val_sampler, t.val_episodes, t.eval_batch, episode_seed(t.seed, "val"), desc="validate")
+            val = evaluate(
+                algo, val_sampler, t.val_episodes, t.eval_batch, episode_seed(t.seed, "val"), desc="validate"
+            )
             metric = METRICS[progress["metric"]]
             m = metric.name
             if not math.isfinite(val[f"{m}_mean"]):  # it could never become best.pt: say so now
-                raise FewshotError(f"validation {metric.label} is {val[f'{m}_mean']} at iteration {it}: the adapted "
-                                   f"model diverges; lower algo.inner_lr (or trainer.meta_lr)")
-            row = {"iteration": it, "train_loss": progress["loss"] / progress["n"], f"train_{m}": progress["acc"] / progress["n"],
-                   f"val_{m}": val[f"{m}_mean"], "val_ci95": val[f"{m}_ci95"], "train_seconds": round(progress["train_seconds"], 3)}
+                raise FewshotError(
+                    f"validation {metric.label} is {val[f'{m}_mean']} at iteration {it}: the adapted "
+                    f"model diverges; lower algo.inner_lr (or trainer.meta_lr)"
+                )
+            row = {
+                "iteration": it,
+                "train_loss": progress["loss"] / progress["n"],
+                f"train_{m}": progress["acc"] / progress["n"],
+                f"val_{m}": val[f"{m}_mean"],
+                "val_ci95": val[f"{m}_ci95"],
+                "train_seconds": round(progress["train_seconds"], 3),
+            }
             append_csv(metrics_path, row)
             if logger:
                 for key in ("train_loss", f"train_{m}", f"val_{m}"):
@@ -130,15 +161,20 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
         if signals:
             bar.close()
             name = signal.Signals(signals.received[0]).name
-            raise Interrupted(f"{name} at iteration {it}: checkpoint written to {ckpt_dir / 'last.pt'}; "
-                              f"resume with the same command and hydra.run.dir={run_dir}", signals.received[0])
+            raise Interrupted(
+                f"{name} at iteration {it}: checkpoint written to {ckpt_dir / 'last.pt'}; "
+                f"resume with the same command and hydra.run.dir={run_dir}",
+                signals.received[0],
+            )
     bar.close()
     if start <= t.iterations:
         progress["train_seconds"] += time.perf_counter() - tic
 
     # Test the best validation checkpoint, as the papers do. Nothing to save here: a signal stops at once.
-    signals.immediate = (f"during the test: training is complete ({ckpt_dir / 'best.pt'}); run the same command "
-                         f"with hydra.run.dir={run_dir} to test it again")
+    signals.immediate = (
+        f"during the test: training is complete ({ckpt_dir / 'best.pt'}); run the same command "
+        f"with hydra.run.dir={run_dir} to test it again"
+    )
     algo.load_state_dict(load_checkpoint(ckpt_dir / "best.pt")["model"])
     test_sampler = make_sampler(run, "test")
     test = evaluate(algo, test_sampler, t.test_episodes, t.eval_batch, episode_seed(t.seed, "test"), desc="test")

@@ -13,8 +13,8 @@ import torch
 
 from fewshot.atomic import atomic_write_text
 from fewshot.engine.builder import Run
-from fewshot.metrics import METRICS
 from fewshot.errors import ConfigError
+from fewshot.metrics import METRICS
 
 
 def make_logger(kind: Optional[str], run_dir: Path):
@@ -94,11 +94,12 @@ def results_markdown(results: dict) -> str:
         paper_s = f"{paper[m]:.2f}" + (f" ± {paper['ci95']:.2f}" if paper.get("ci95") is not None else "")
     shown = metric.show(test[f"{m}_mean"], test[f"{m}_ci95"]).rstrip("%")
     unit = f"{metric.label} (%)" if metric.percent else metric.label
+    paper_h = "paper (%)" if metric.percent else "paper"
     lines = [
-        f"| algo | dataset | backbone | ways | shots | queries | seed | test episodes | {unit} | paper{' (%)' if metric.percent else ''} |",
+        f"| algo | dataset | backbone | ways | shots | queries | seed | test episodes | {unit} | {paper_h} |",
         "|---|---|---|---|---|---|---|---|---|---|",
-        f"| {results['algo']} | {results['dataset']} | {results['backbone']} | {results['ways']} | {results['shots']} | "
-        f"{results['queries']} | {results['seed']} | {test['episodes']} | {shown} | {paper_s} |",
+        f"| {results['algo']} | {results['dataset']} | {results['backbone']} | {results['ways']} | "
+        f"{results['shots']} | {results['queries']} | {results['seed']} | {test['episodes']} | {shown} | {paper_s} |",
     ]
     if f"step_{m}" in test:
         steps = ", ".join(f"{i}: {metric.show(v, None).rstrip('%')}" for i, v in enumerate(test[f"step_{m}"]))

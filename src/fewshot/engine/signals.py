@@ -39,8 +39,9 @@ class SignalGuard:
         if self.immediate is not None:
             raise Interrupted(f"{name} {self.immediate}", signum)
         if self.received:
-            raise Interrupted(f"second {name}: stopped at once without a new checkpoint; {self.last_checkpoint}",
-                              signum)
+            raise Interrupted(
+                f"second {name}: stopped at once without a new checkpoint; {self.last_checkpoint}", signum
+            )
         self.received.append(signum)
 
 

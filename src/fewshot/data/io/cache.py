@@ -27,8 +27,9 @@ def is_uint8_bank(images: Any, shape: tuple) -> bool:
     return isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and tuple(images.shape) == tuple(shape)
 
 
-def read_cache(path: Path, fingerprint: str, version: int, what: str, valid: Callable[[dict], bool],
-               mmap: bool = False) -> Optional[dict[str, Any]]:
+def read_cache(
+    path: Path, fingerprint: str, version: int, what: str, valid: Callable[[dict], bool], mmap: bool = False
+) -> Optional[dict[str, Any]]:
     """The cached payload, or None (then the caller rebuilds it) when the file is missing, unreadable, for another
     fingerprint or format version, or when valid(payload) says its contents have the wrong shape."""
     for stale in remove_stale_temporaries(path.parent, "*.pt", older_than=STALE_TEMPORARY_SECONDS):
@@ -57,9 +58,16 @@ def write_cache(path: Path, payload: dict, what: str) -> None:
         ) from e
 
 
-def cached(path: Path, fingerprint: str, version: int, what: str, valid: Callable[[dict], bool],
-           decode: Callable[[], dict[str, Any]], describe: Callable[[dict[str, Any]], str],
-           mmap: bool = False) -> dict[str, Any]:
+def cached(
+    path: Path,
+    fingerprint: str,
+    version: int,
+    what: str,
+    valid: Callable[[dict], bool],
+    decode: Callable[[], dict[str, Any]],
+    describe: Callable[[dict[str, Any]], str],
+    mmap: bool = False,
+) -> dict[str, Any]:
     """The payload cached at path for this fingerprint and format version, else decode() saved there first.
 
     decode: the payload's contents (it raises DataError for bad sources, before anything is written); the

@@ -119,9 +119,7 @@ def download_all(items: Sequence[tuple[str, Path, str | None]], what: str, timeo
             _fetch(url, dest, md5, timeout)
         except _DownloadFailed as e:
             todo = "; ".join(f"{u} -> {d}" for u, d, _ in items[i:] if not d.exists())
-            raise DataError(
-                f"could not download {what} from {url} ({e}); put these files there by hand: {todo}"
-            ) from e
+            raise DataError(f"could not download {what} from {url} ({e}); put these files there by hand: {todo}") from e
 
 
 def _intact(path: Path, md5: str) -> bool:
@@ -131,8 +129,9 @@ def _intact(path: Path, md5: str) -> bool:
     return check_integrity(path, md5.lower())
 
 
-def ensure_files(required: Sequence[Path], root: Path, url: str | None, md5: str | None, what: str,
-                 hint: str = "") -> None:
+def ensure_files(
+    required: Sequence[Path], root: Path, url: str | None, md5: str | None, what: str, hint: str = ""
+) -> None:
     """Make sure every required file (or folder) exists, downloading url into root when some are missing and url is set.
 
     url: one file or an archive (.tar[.gz|.bz2|.xz], .tgz, .zip; extracted into root, entries checked).

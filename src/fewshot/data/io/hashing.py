@@ -38,8 +38,9 @@ def file_signature(path: Path) -> str:
     return f"{path.name}:{st.st_size}:{st.st_mtime_ns}:{h.hexdigest()}"
 
 
-def fingerprint(tag: str, version: int, params: Mapping[str, Any], files: Iterable[Path] = (),
-                extra: Iterable[str] = ()) -> str:
+def fingerprint(
+    tag: str, version: int, params: Mapping[str, Any], files: Iterable[Path] = (), extra: Iterable[str] = ()
+) -> str:
     """Hash of the source files' signatures, extra strings (e.g. stats of an image folder) and the preprocessing.
 
     16 hex digits: it names the cache file and is stored in it, so a cache is only read for the same sources."""

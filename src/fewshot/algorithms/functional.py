@@ -1,0 +1,77 @@
+"""The functional machinery under MAML's inner loop: adapted weights as plain dicts swapped into one net's
+parameter slots (no clones), BatchNorm from the batch's own statistics, and the choice of strategy per device.
+See fewshot.algorithms.maml for how the two strategies (vmap, loop) use it."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+Weights = dict[str, torch.Tensor]
+STRATEGIES = ("auto", "vmap", "loop")
+
+# What "auto" runs on a CPU. On the 2-core development machine (torch 2.x, Omniglot Conv4-64, second
+# order, python scripts/bench_maml.py --device cpu --all-strategies) the threaded loop beat both
+# learn2learn's clone/adapt loop and vmap, whose grouped convolutions are slow on CPU.
+CPU_STRATEGY = "loop"
+
+
+def resolve_strategy(strategy: str, device: torch.device | str) -> str:
+    """The inner-loop strategy that "auto" stands for on `device`; other strategies pass through."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"MAML strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy != "auto":
+        return strategy
+    return "vmap" if torch.device(device).type == "cuda" else CPU_STRATEGY
+
+
+def _batch_norm_from_batch(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """What bn(x) computes with batch statistics (no running statistics), from elementary ops."""
+    dims = [0, *range(2, x.dim())]
+    mean = x.mean(dims, keepdim=True)
+    var = x.var(dims, unbiased=False, keepdim=True)
+    y = (x - mean) * torch.rsqrt(var + bn.eps)
+    if bn.affine:
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    return y
+
+
+class _StatelessCall:
+    """net(x) with its parameters replaced by the tensors in `weights` (keyed by parameter name).
+
+    The (submodule, attribute) slot of every parameter is found once; a call swaps the given tensors into
+    those slots and back. Not thread-safe (nor is functional_call): each thread needs its own net.
+
+    decompose_batch_norm: run every BatchNorm that uses batch statistics as elementary ops instead of the
+    fused kernel. Needed for second-order MAML under vmap: with torch 2.x, differentiating through the
+    batched native_batch_norm backward gives wrong meta-gradients (off by ~1e-2 relative in float64; see
+    pytorch/functorch#534 and tests/test_algorithms.py), while the decomposition agrees with the loop."""
+
+    def __init__(self, net: nn.Module, decompose_batch_norm: bool = False) -> None:
+        self.net = net
+        self.slots = []
+        for name, _ in net.named_parameters():
+            module_path, _, attr = name.rpartition(".")
+            self.slots.append((name, net.get_submodule(module_path), attr))
+        self.batch_norms = [
+            m
+            for m in net.modules()
+            if decompose_batch_norm and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+        ]
+
+    def __call__(self, weights: Weights, x: torch.Tensor) -> torch.Tensor:
+        originals = [module._parameters[attr] for _, module, attr in self.slots]
+        try:
+            for name, module, attr in self.slots:
+                module._parameters[attr] = weights[name]
+            for bn in self.batch_norms:  # an instance attribute shadows the class's forward
+                bn.forward = functools.partial(_batch_norm_from_batch, bn)
+            return self.net(x)
+        finally:
+            for (_, module, attr), original in zip(self.slots, originals):
+                module._parameters[attr] = original
+            for bn in self.batch_norms:
+                bn.__dict__.pop("forward", None)

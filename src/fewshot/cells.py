@@ -1,0 +1,351 @@
+"""The cells behind fewshot-table and the ledger: results.json files collected, checked and pooled across seeds.
+
+A cell is the runs that differ only in their seed (see fewshot.table for how cells are keyed and pooled).
+Plain Python (no Hydra, no torch), so the commands that read results start fast."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+from fewshot.errors import FewshotError
+
+PROG = "fewshot-table"
+Z95 = 1.96  # normal 95% quantile, as in results.json's own per-run interval
+
+# Paper-table order: Omniglot before miniImageNet, others alphabetical after; the MAML paper's methods first.
+DATASET_ORDER = ("omniglot", "miniimagenet")
+ALGO_ORDER = ("maml", "fomaml", "matching", "protonet")
+
+Value = Union[int, str, None]
+
+# Command-line overrides that do not change what a run measures: the seed, where it runs and where files live.
+NEUTRAL_OVERRIDES = (
+    "experiment",
+    "seed",
+    "device",
+    "data_root",
+    "cache_dir",
+    "hydra.",
+    "logger",
+    "resume",
+    "trainer.log_every",
+    "trainer.checkpoint_every",
+    "eval.meta_batch_size",
+)
+
+
+class TableError(FewshotError):
+    """A path given to fewshot-table does not exist or holds no usable results.json."""
+
+
+def _warn_stderr(message: str) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+# ---- collect --------------------------------------------------------------------------------------
+
+
+def _find_results(path: Path) -> list[Path]:
+    """results.json files under `path` at any depth (a file is taken as it is); sorted, so output is stable."""
+    if path.is_file():
+        return [path]
+    found = []
+    # os.walk without followlinks: a symlink loop in an outputs/ tree cannot hang the command.
+    for folder, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if d not in ("checkpoints", ".hydra")]  # never hold results; can be large
+        if "results.json" in files:
+            found.append(Path(folder) / "results.json")
+    return sorted(found)
+
+
+def _check_results(data: Any) -> None:
+    """Raise ValueError naming the first thing a results.json lacks for the table."""
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    for key in ("name", "algo", "dataset", "backbone"):
+        if not isinstance(data.get(key), str):
+            raise ValueError(f'"{key}" is missing or not a string')
+    for key in ("ways", "shots", "queries", "seed"):
+        if not isinstance(data.get(key), int) or isinstance(data.get(key), bool):
+            raise ValueError(f'"{key}" is missing or not an integer')
+    test = data.get("test")
+    if not isinstance(test, dict):
+        raise ValueError('"test" is missing or not an object')
+    for key in ("acc_mean", "acc_ci95"):
+        v = test.get(key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise ValueError(f'"test.{key}" is missing or not a finite number')
+    if not isinstance(test.get("episodes"), int):
+        raise ValueError('"test.episodes" is missing or not an integer')
+    paper = data.get("paper")
+    if paper is not None and not isinstance(paper, dict):
+        raise ValueError('"paper" is not an object')
+
+
+def collect(
+    paths: Iterable[Union[str, Path]], include_eval: bool = False, warn: Callable[[str], None] = _warn_stderr
+) -> list[dict]:
+    """Read every results.json under `paths` (run folders, sweep folders, any depth, or results.json files).
+
+    Returns the parsed dicts, each with an added "_path" (the file it came from). A corrupt or incomplete file is
+    reported through `warn` and skipped. fewshot-eval results (a "checkpoint" key) are skipped unless
+    `include_eval`. Raises TableError when a path does not exist, or when nothing usable is found under a path."""
+    results: list[dict] = []
+    seen: set[Path] = set()
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise TableError(f"{path} does not exist")
+        files = _find_results(path)
+        if not files:
+            raise TableError(f"{path} holds no results.json (expected a run folder, a sweep folder or results.json)")
+        usable, skipped_eval = 0, 0
+        for file in files:
+            key = file.resolve()
+            if key in seen:  # the same run reached through two of the given paths
+                usable += 1
+                continue
+            seen.add(key)
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+                _check_results(data)
+            except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+                warn(f"skipping {file}: {e}")
+                continue
+            if "checkpoint" in data and not include_eval:
+                skipped_eval += 1
+                continue
+            results.append({**data, "_path": str(file)})
+            usable += 1
+        if not usable:
+            hint = f" ({skipped_eval} fewshot-eval results skipped; pass --include-eval)" if skipped_eval else ""
+            raise TableError(f"{path} holds no usable training results.json{hint}")
+    return results
+
+
+# ---- aggregate ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One cell of the table. Accuracies in percent; `acc_ci95` is across seeds when `pooled`."""
+
+    name: str
+    algo: str
+    dataset: str
+    dataset_split: Optional[str]
+    backbone: str
+    ways: int
+    shots: int
+    queries: Value
+    iterations: Value
+    meta_batch_size: Value
+    source: str  # "train" for training runs, "eval:<split>" for fewshot-eval results
+    seeds: tuple[int, ...]
+    episodes: tuple[int, ...]  # test episodes per seed, in seed order
+    acc_mean: float
+    acc_ci95: float
+    paper_acc: Optional[float] = None
+    paper_ci95: Optional[float] = None
+    paper_source: Optional[str] = None
+    files: tuple[str, ...] = ()
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def pooled(self) -> bool:
+        """True when the interval is across seeds rather than the one run's own."""
+        return self.n_seeds > 1
+
+    @property
+    def setting(self) -> str:
+        return f"{self.ways}-way {self.shots}-shot"
+
+    @property
+    def is_test(self) -> bool:
+        return self.source in ("train", "eval:test")
+
+    @property
+    def diff(self) -> Optional[float]:
+        """Ours − paper in points; None without a paper number or for numbers not on the test split."""
+        if self.paper_acc is None or not self.is_test:
+            return None
+        return self.acc_mean - self.paper_acc
+
+
+def _source(result: dict) -> str:
+    if "checkpoint" in result:
+        return f"eval:{result.get('eval_split', 'test')}"
+    return "train"
+
+
+# The recorded settings that make a cell (seed excluded), in Row field order.
+CELL_FIELDS = (
+    "name",
+    "algo",
+    "dataset",
+    "dataset_split",
+    "backbone",
+    "ways",
+    "shots",
+    "queries",
+    "iterations",
+    "meta_batch_size",
+    "source",
+)
+NAME_FIELDS = ("name", "dataset", "ways", "shots", "source")
+
+
+def _field(result: dict, field: str) -> Value:
+    return _source(result) if field == "source" else result.get(field)
+
+
+def _merge(values: list[Value]) -> Value:
+    """One value when the runs agree, else the distinct values joined by '/' (only under --by name)."""
+    distinct = list(dict.fromkeys(values))
+    return distinct[0] if len(distinct) == 1 else "/".join("–" if v is None else str(v) for v in distinct)
+
+
+def _paper(result: dict) -> tuple[Optional[float], Optional[float], Optional[str]]:
+    paper = result.get("paper") or {}
+    acc, ci = paper.get("acc"), paper.get("ci95")
+    return (
+        None if acc is None else float(acc),
+        None if ci is None or acc is None else float(ci),
+        paper.get("source") or None,
+    )
+
+
+def aggregate(results: Sequence[dict], by: str = "cell", warn: Callable[[str], None] = _warn_stderr) -> list[Row]:
+    """Group results into cells (see the module docstring for `by`) and pool each cell's seeds; sorted rows.
+
+    A seed found twice in one cell (a re-run into another folder) would count one experiment twice and shrink the
+    interval, so only the newest file (modification time) is kept, with a warning."""
+    if by not in ("cell", "name"):
+        raise ValueError(f"by must be 'cell' or 'name', not {by!r}")
+    key_fields = CELL_FIELDS if by == "cell" else NAME_FIELDS
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault(tuple(_field(r, f) for f in key_fields), []).append(r)
+
+    rows = []
+    for members in groups.values():
+        check_poolable(members)
+        by_seed: dict[int, dict] = {}
+        for r in sorted(members, key=lambda r: (_mtime(r), r.get("_path", ""))):
+            if r["seed"] in by_seed:
+                warn(
+                    f"seed {r['seed']} of {r['name']} appears twice ({by_seed[r['seed']].get('_path')} and "
+                    f"{r.get('_path')}); keeping the newer, {r.get('_path')}"
+                )
+            by_seed[r["seed"]] = r
+        runs = [by_seed[s] for s in sorted(by_seed)]
+        fields = {f: _merge([_field(r, f) for r in runs]) for f in CELL_FIELDS}
+        if by == "name":
+            mixed = [f for f in CELL_FIELDS if f not in key_fields and len({_field(r, f) for r in runs}) > 1]
+            if mixed:
+                warn(
+                    f"{fields['name']} ({fields['dataset']} {fields['ways']}-way {fields['shots']}-shot) pools runs "
+                    f"that differ in {', '.join(mixed)}"
+                )
+        papers = {_paper(r) for r in runs}
+        if len(papers) > 1:
+            warn(f"the runs of {fields['name']} quote different paper numbers; leaving the paper column empty")
+            paper: tuple = (None, None, None)
+        else:
+            paper = papers.pop()
+        means = [100.0 * r["test"]["acc_mean"] for r in runs]
+        if len(runs) == 1:
+            mean, ci = means[0], 100.0 * runs[0]["test"]["acc_ci95"]
+        else:
+            mean, ci = statistics.fmean(means), Z95 * statistics.stdev(means) / math.sqrt(len(means))
+        rows.append(
+            Row(
+                **fields,
+                seeds=tuple(r["seed"] for r in runs),
+                episodes=tuple(r["test"]["episodes"] for r in runs),
+                acc_mean=mean,
+                acc_ci95=ci,
+                paper_acc=paper[0],
+                paper_ci95=paper[1],
+                paper_source=paper[2],
+                files=tuple(r.get("_path", "") for r in runs),
+            )
+        )
+    return sorted(rows, key=sort_key)
+
+
+def _settings(command: Optional[str]) -> Optional[tuple[str, ...]]:
+    """The overrides of a recorded command that change what is measured (None when no command was recorded)."""
+    if command is None:
+        return None
+    return tuple(sorted(o for o in shlex.split(command)[1:] if not o.lstrip("+~").startswith(NEUTRAL_OVERRIDES)))
+
+
+def _streams(seed: int) -> tuple[int, ...]:
+    """The 32-bit seeds a run's random streams come from (torch's CPU generator keeps 32 bits): the global seed
+    and the three split streams, seed * 1000 + 0, 1, 2."""
+    return tuple((seed * 1000 + k) % 2**32 for k in range(3)) + (seed % 2**32,)
+
+
+def check_poolable(runs: Sequence[dict]) -> None:
+    """Refuse to pool runs that are not independent seeds of one experiment: two seeds that share random streams
+    (seed=2**40 repeats seed=0 exactly; pooled they give a zero interval) or runs whose commands differ beyond
+    the seed (say, one with algo.similarity=cosine filed under the same name)."""
+    owner: dict[tuple[int, int], int] = {}
+    for r in runs:
+        for stream in enumerate(_streams(r["seed"])):  # (which stream, its 32-bit seed): like with like
+            other = owner.setdefault(stream, r["seed"])
+            if other != r["seed"]:
+                raise TableError(
+                    f"{r['name']}: seeds {other} and {r['seed']} draw the same random streams, so their "
+                    f"runs are not independent; keep one of {r.get('_path')} and the other"
+                )
+    settings = {_settings(r.get("command")) for r in runs} - {None}
+    if len(settings) > 1:
+        shown = " vs ".join("[" + " ".join(s) + "]" for s in sorted(settings))
+        raise TableError(
+            f"{runs[0]['name']}: refusing to pool runs whose settings differ beyond the seed ({shown}); "
+            "give them different names (name=...) or separate folders"
+        )
+
+
+def _mtime(result: dict) -> float:
+    try:
+        return os.stat(result["_path"]).st_mtime
+    except (KeyError, OSError):
+        return 0.0
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())  # mini_imagenet, miniImageNet -> miniimagenet
+
+
+def sort_key(row: Row) -> tuple:
+    """Paper order: dataset (omniglot, miniimagenet, others alphabetical), algo (maml, fomaml, matching, protonet,
+    others alphabetical), ways, shots; the remaining fields only make the order total."""
+    d, a = _norm(row.dataset), row.algo.lower()
+    return (
+        (DATASET_ORDER.index(d) if d in DATASET_ORDER else len(DATASET_ORDER), d),
+        (ALGO_ORDER.index(a) if a in ALGO_ORDER else len(ALGO_ORDER), a),
+        row.ways,
+        row.shots,
+        row.name,
+        row.backbone,
+        str(row.dataset_split),
+        str(row.queries),
+        str(row.iterations),
+        str(row.meta_batch_size),
+        row.source,
+    )
