@@ -11,17 +11,7 @@ import sys
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-FAST = [
-    "dataset=synthetic",
-    "device=cpu",
-    "trainer=smoke",
-    "backbone.hidden=8",
-    "trainer.iterations=2",
-    "trainer.val_every=2",
-    "trainer.val_episodes=4",
-    "eval.episodes=4",
-    "episode.queries=3",
-]
+from test_sweeps import FAST  # noqa: E402  (the same fast run as the sweep tests)
 
 # fewshot-train with a fault injected in-process, for what a test running as root cannot provoke for real:
 #   erofs PATH: PATH lies on a read-only file system (creating or writing anything under it fails with EROFS)

@@ -137,18 +137,7 @@ def to_markdown(rows: Sequence[Row]) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
-CSV_COLUMNS = (
-    "name",
-    "algo",
-    "dataset",
-    "dataset_split",
-    "backbone",
-    "ways",
-    "shots",
-    "queries",
-    "iterations",
-    "meta_batch_size",
-    "source",
+CSV_COLUMNS = CELL_FIELDS + (
     "n_seeds",
     "seeds",
     "episodes",

@@ -168,6 +168,10 @@ def check_compatible(cfg: DictConfig) -> None:
         )
 
 
+def _plain_dict(node: Optional[DictConfig]) -> Optional[dict]:
+    return None if node is None else OmegaConf.to_container(node, resolve=True)
+
+
 def _make(group: str, node: DictConfig, **kwargs: Any) -> Any:
     """Instantiate a group's choice; a constructor's refusal (ValueError) becomes one line naming the group."""
     try:
@@ -231,8 +235,8 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
         dataset=dataset,
         algo=algo.to(device),
         settings=settings,
-        optimizer=functools.partial(make_optimizer, cfg.optim) if "optim" in cfg else None,
-        scheduler=functools.partial(make_scheduler, cfg.get("schedule")),
+        optimizer=functools.partial(make_optimizer, _plain_dict(cfg.optim)) if "optim" in cfg else None,
+        scheduler=functools.partial(make_scheduler, _plain_dict(cfg.get("schedule"))),
         config=OmegaConf.to_container(cfg, resolve=True),
         config_source=OmegaConf.to_container(cfg, resolve=False),
         record=record,
