@@ -256,3 +256,11 @@ def test_ways_check_applies_to_classification_only(compose_cfg):
         engine.build(compose_cfg("train", ["dataset=synthetic", "episode.ways=1", "device=cpu"]))
     with pytest.raises(FewshotError, match="episode.ways=0: must be a positive number"):
         engine.build(compose_cfg("train", ["experiment=maml_sinusoid_k5", "episode.ways=0", "device=cpu"]))
+
+
+def test_sinusoids_and_image_datasets_are_task_sources(compose_cfg):
+    from fewshot.data.dataset import TaskSource
+    from fewshot.engine import build
+
+    for overrides in (["dataset=sinusoid"], ["dataset=synthetic"]):
+        assert isinstance(build(compose_cfg("train", [*overrides, "device=cpu"])).dataset, TaskSource)

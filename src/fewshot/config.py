@@ -15,7 +15,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from fewshot.schemas import algorithm_schemas, backbone_schemas, torch_schemas
+from fewshot.schemas import algorithm_schemas, backbone_schemas, dataset_schemas, torch_schemas
 
 
 @dataclass
@@ -106,104 +106,6 @@ class EvalRunConfig:
     name: str = "eval"
 
 
-# ---- group schemas -------------------------------------------------------------------------------
-
-
-@dataclass
-class OmniglotConfig:
-    _target_: str = "fewshot.data.omniglot.load_omniglot"
-    name: str = "omniglot"
-    root: str = "${data_root}/omniglot"
-    cache_dir: str = "${cache_dir}"
-    image_size: int = 28
-    split: str = "finn"  # finn | vinyals
-    split_seed: int = 1
-    download: bool = True
-    base_url: str = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
-    splits_url: str = (
-        "https://raw.githubusercontent.com/jakesnell/prototypical-networks/master/data/omniglot/splits/vinyals"
-    )
-
-
-@dataclass
-class SyntheticConfig:
-    _target_: str = "fewshot.data.synthetic.load_synthetic"
-    name: str = "synthetic"
-    train_classes: int = 64
-    val_classes: int = 16
-    test_classes: int = 20
-    images_per_class: int = 20
-    image_size: int = 28
-    channels: int = 1
-    noise: float = 0.25
-    seed: int = 0
-
-
-@dataclass
-class SinusoidConfig:
-    _target_: str = "fewshot.data.sinusoid.load_sinusoid"
-    name: str = "sinusoid"
-    amplitude: list = field(default_factory=lambda: [0.1, 5.0])
-    phase: list = field(default_factory=lambda: [0.0, 3.141592653589793])
-    x_range: list = field(default_factory=lambda: [-5.0, 5.0])
-
-
-# Image datasets: mean/std have no schema default; each YAML in conf/dataset/ sets them and cites the source.
-@dataclass
-class ImageDatasetConfig:
-    """What every downloadable image dataset takes; subclasses set the target, folder and size."""
-
-    _target_: str = MISSING
-    name: str = MISSING
-    root: str = MISSING
-    cache_dir: str = "${cache_dir}"
-    format: str = "pickle"
-    image_size: int = 84
-    url: Optional[str] = None  # optional download with an md5 check
-    md5: Optional[str] = None
-    mean: list = MISSING
-    std: list = MISSING
-
-
-@dataclass
-class MiniImageNetConfig(ImageDatasetConfig):
-    _target_: str = "fewshot.data.miniimagenet.load_miniimagenet"
-    name: str = "miniimagenet"
-    root: str = "${data_root}/miniimagenet"
-    format: str = "pickle"  # pickle | csv
-    split_dir: Optional[str] = "${data_root}/miniimagenet/splits/ravi"
-    images_per_class: int = 600
-
-
-@dataclass
-class CifarFSConfig(ImageDatasetConfig):
-    _target_: str = "fewshot.data.cifar.load_cifar_fs"
-    name: str = "cifar_fs"
-    root: str = "${data_root}/cifar100"
-    split_dir: str = "${data_root}/cifar-fs/splits"
-    image_size: int = 32
-    images_per_class: int = 600
-
-
-@dataclass
-class FC100Config(ImageDatasetConfig):
-    _target_: str = "fewshot.data.cifar.load_fc100"
-    name: str = "fc100"
-    root: str = "${data_root}/cifar100"
-    image_size: int = 32
-    images_per_class: int = 600
-
-
-@dataclass
-class TieredImageNetConfig(ImageDatasetConfig):
-    _target_: str = "fewshot.data.tiered.load_tieredimagenet"
-    name: str = "tieredimagenet"
-    root: str = "${data_root}/tieredimagenet"
-    format: str = "pickle"  # pickle ({split}_images_png.pkl) | npz ({split}_images.npz)
-    classes_per_split: Optional[list] = field(default_factory=lambda: [351, 97, 160])  # null: no check
-    npz_channel_order: str = "rgb"  # rgb | bgr (npz written by cv2.imdecode hold BGR)
-
-
 # Keys that name a choice but are not constructor arguments.
 META_KEYS = ("name",)
 
@@ -213,13 +115,6 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalRunConfig)
     for group, name, node in (
-        ("dataset", "omniglot_schema", OmniglotConfig),
-        ("dataset", "synthetic_schema", SyntheticConfig),
-        ("dataset", "sinusoid_schema", SinusoidConfig),
-        ("dataset", "miniimagenet_schema", MiniImageNetConfig),
-        ("dataset", "cifar_fs_schema", CifarFSConfig),
-        ("dataset", "fc100_schema", FC100Config),
-        ("dataset", "tieredimagenet_schema", TieredImageNetConfig),
         ("device", "device_schema", DeviceConfig),
         ("trainer", "trainer_schema", TrainerConfig),
     ):
@@ -227,6 +122,8 @@ def register_configs() -> None:
     # Algorithms and backbones: schemas generated from their constructors (fewshot.schemas).
     for name, node in algorithm_schemas():
         cs.store(name=f"schema_algo_{name}", node=node)
+    for name, node in dataset_schemas():
+        cs.store(name=f"schema_dataset_{name}", node=node)
     for name, node in backbone_schemas():
         cs.store(name=f"schema_backbone_{name}", node=node)
     for group, name, node in torch_schemas():

@@ -1,8 +1,9 @@
 """Config schemas generated from constructor signatures: a constructor is the one home of its defaults.
 
 Every Algorithm subclass in a module of fewshot.algorithms is found and registered as `schema_algo_<module>`
-(e.g. conf/algo/maml.yaml starts from `/schema_algo_maml`), and every backbone class in fewshot.models.backbones
-as `schema_backbone_<class name, lower case>`: the YAML names its choice and sets only what differs from the
+(e.g. conf/algo/maml.yaml starts from `/schema_algo_maml`), every backbone class in fewshot.models.backbones
+as `schema_backbone_<class name, lower case>`, every loader marked @task_source in fewshot.data as
+`schema_dataset_<name>`: the YAML names its choice and sets only what differs from the
 constructor's defaults, and a misspelled key fails at compose time, since the schema is a typed dataclass.
 Adding an algorithm is one module and one YAML file; nothing is registered by hand.
 """
@@ -18,18 +19,13 @@ from typing import Any, Iterator, Optional
 
 from omegaconf import MISSING
 
-# Constructor arguments the engine supplies itself: never settings.
+# Constructor arguments the engine supplies itself, per kind: never settings.
 SUPPLIED = {
-    "self",
-    "backbone",
-    "ways",
-    "in_channels",
-    "image_size",
-    "out_features",
-    "params",
-    "optimizer",
-    "last_epoch",
-    "verbose",
+    "algo": {"backbone", "ways"},
+    "backbone": {"in_channels", "image_size", "out_features"},  # bound from the dataset and the algorithm
+    "optim": {"params"},
+    "schedule": {"optimizer", "last_epoch", "verbose"},
+    "dataset": set(),
 }
 # What OmegaConf can type-check; anything else is kept as Any.
 PLAIN = (int, float, bool, str)
@@ -45,25 +41,28 @@ def _field_type(hint: Any) -> Any:
     return Any
 
 
-def schema_for(target: type, name: str, partial: bool = False) -> type:
+def schema_for(target: Any, name: str, kind: str, partial: bool = False) -> type:
     """A dataclass with `_target_`, `name` and one typed field per constructor argument, defaulting as it does."""
-    hints = typing.get_type_hints(target.__init__)
+    function = target if inspect.isfunction(target) else target.__init__
+    hints = typing.get_type_hints(function)
     fields: list[tuple] = [
         ("_target_", str, dataclasses.field(default=f"{target.__module__}.{target.__qualname__}")),
         ("name", str, dataclasses.field(default=MISSING)),
     ]
     if partial:
         fields.append(("_partial_", bool, dataclasses.field(default=True)))
-    for param in inspect.signature(target.__init__).parameters.values():
-        if param.name in SUPPLIED or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+    for param in inspect.signature(function).parameters.values():
+        if param.name in SUPPLIED[kind] | {"self"} or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
-        kind = _field_type(hints.get(param.name, Any))
+        field_type = _field_type(hints.get(param.name, Any))
         default = MISSING if param.default is param.empty else param.default
         if isinstance(default, (list, tuple, dict)):
             fields.append((param.name, Any, dataclasses.field(default_factory=lambda d=default: list(d))))
         else:
-            fields.append((param.name, kind, dataclasses.field(default=default)))
-    return dataclasses.make_dataclass(f"{target.__name__}Schema", fields)
+            fields.append((param.name, field_type, dataclasses.field(default=default)))
+    # MAMLSchema, LoadOmniglotSchema: the class in error messages (Key 'inner_lrr' not in 'MAMLSchema').
+    title = target.__name__ if inspect.isclass(target) else target.__name__.title().replace("_", "")
+    return dataclasses.make_dataclass(f"{title}Schema", fields)
 
 
 def algorithm_schemas() -> Iterator[tuple[str, type]]:
@@ -80,7 +79,7 @@ def algorithm_schemas() -> Iterator[tuple[str, type]]:
                 and obj is not Algorithm
                 and obj.__module__ == module.__name__
             ):
-                yield info.name, schema_for(obj, info.name)
+                yield info.name, schema_for(obj, info.name, "algo")
 
 
 def backbone_schemas() -> Iterator[tuple[str, type]]:
@@ -96,7 +95,7 @@ def backbone_schemas() -> Iterator[tuple[str, type]]:
             and obj.__module__ == backbones.__name__
             and not obj.__name__.startswith("_")
         ):
-            yield obj.__name__.lower(), schema_for(obj, obj.__name__.lower(), partial=True)
+            yield obj.__name__.lower(), schema_for(obj, obj.__name__.lower(), "backbone", partial=True)
 
 
 def torch_schemas() -> Iterator[tuple[str, str, type]]:
@@ -105,11 +104,25 @@ def torch_schemas() -> Iterator[tuple[str, str, type]]:
     import torch
 
     for name, cls in (("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)):
-        yield "optim", name, schema_for(cls, name, partial=True)
+        yield "optim", name, schema_for(cls, name, "optim", partial=True)
     lr = torch.optim.lr_scheduler
     for name, cls in (("step", lr.StepLR), ("cosine", lr.CosineAnnealingLR), ("linear", lr.LinearLR)):
-        yield "schedule", name, schema_for(cls, name, partial=True)
+        yield "schedule", name, schema_for(cls, name, "schedule", partial=True)
     constant = dataclasses.make_dataclass(
         "ConstantSchedule", [("_target_", Optional[str], None), ("name", str, "constant")]
     )
     yield "schedule", "constant", constant
+
+
+def dataset_schemas() -> Iterator[tuple[str, type]]:
+    """(name, schema) for every loader marked @task_source in a module of fewshot.data: load_omniglot -> omniglot."""
+    import fewshot.data as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.ispkg:  # data/io: no loaders
+            continue
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for obj in vars(module).values():
+            if inspect.isfunction(obj) and getattr(obj, "task_source", False) and obj.__module__ == module.__name__:
+                name = obj.__name__.removeprefix("load_")
+                yield name, schema_for(obj, name, "dataset")

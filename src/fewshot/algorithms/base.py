@@ -17,24 +17,37 @@ BackboneFactory = Callable[..., nn.Module]
 
 @dataclass
 class AlgoOutput:
-    """Classification fills acc (and step_acc); regression (MAML's sinusoid) fills mse (and step_mse)."""
+    """What an algorithm returns for a meta-batch: the loss, a per-task score and its metric's name (see
+    fewshot.metrics: "acc" for classification, "mse" for regression), and optionally the score after each inner
+    step (MAML)."""
 
     loss: torch.Tensor  # scalar, mean over tasks; differentiable w.r.t. the meta-parameters in training
-    acc: Optional[torch.Tensor] = None  # (T,) query accuracy per task, detached, in [0, 1]
-    step_acc: Optional[torch.Tensor] = None  # (T, inner_steps + 1) query accuracy after each inner step (MAML)
-    mse: Optional[torch.Tensor] = None  # (T,) query mean squared error per task, detached
-    step_mse: Optional[torch.Tensor] = None  # (T, inner_steps + 1) query MSE before and after each inner step
-
-    @property
-    def metric(self) -> str:
-        """The name of the per-task metric this output carries: acc (higher is better) or mse (lower)."""
-        return "acc" if self.acc is not None else "mse"
+    score: torch.Tensor  # (T,) per-task query score, detached: accuracy in [0, 1], or MSE
+    metric: str = "acc"
+    step_score: Optional[torch.Tensor] = None  # (T, inner_steps + 1): before adaptation and after each step
 
     def per_task(self) -> torch.Tensor:
-        return self.acc if self.acc is not None else self.mse
+        return self.score
 
     def per_step(self) -> Optional[torch.Tensor]:
-        return self.step_acc if self.acc is not None else self.step_mse
+        return self.step_score
+
+    # Named views, for readers who know which metric they asked for (tests, benchmarks).
+    @property
+    def acc(self) -> Optional[torch.Tensor]:
+        return self.score if self.metric == "acc" else None
+
+    @property
+    def step_acc(self) -> Optional[torch.Tensor]:
+        return self.step_score if self.metric == "acc" else None
+
+    @property
+    def mse(self) -> Optional[torch.Tensor]:
+        return self.score if self.metric == "mse" else None
+
+    @property
+    def step_mse(self) -> Optional[torch.Tensor]:
+        return self.step_score if self.metric == "mse" else None
 
 
 class Algorithm(nn.Module):

@@ -5,6 +5,7 @@ See fewshot.algorithms.maml for how the two strategies (vmap, loop) use it."""
 from __future__ import annotations
 
 import functools
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -75,3 +76,40 @@ class _StatelessCall:
                 module._parameters[attr] = original
             for bn in self.batch_norms:
                 bn.__dict__.pop("forward", None)
+
+
+def activation_elements(net: nn.Module, image_shape: Sequence[int]) -> int:
+    """Elements of every leaf module's output for one image: what a forward pass keeps for backward."""
+    elements = 0
+
+    def count(module, inputs, output):
+        nonlocal elements
+        elements += output.numel() if isinstance(output, torch.Tensor) else 0
+
+    handles = [m.register_forward_hook(count) for m in net.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():  # two images: BatchNorm needs a batch; halved below
+            net(torch.zeros(2, *image_shape, device=next(net.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    return elements // 2
+
+
+class _MetaGradient(torch.autograd.Function):
+    """The mean meta-loss with its gradient computed in forward (by `run`, which frees each task graph as it
+    goes); backward hands out that gradient scaled by the incoming one. Like activation checkpointing,
+    forward re-enables autograd inside. Once differentiable, which is all meta-training needs."""
+
+    @staticmethod
+    def forward(ctx, run: Callable, *params: torch.Tensor):  # type: ignore[override]
+        leaves = tuple(p.detach().requires_grad_() for p in params)
+        with torch.enable_grad():
+            loss, acc, grads = run(leaves)
+        ctx.save_for_backward(*grads)
+        ctx.mark_non_differentiable(acc)
+        return loss, acc
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, grad_acc: Optional[torch.Tensor]):  # type: ignore[override]
+        return (None, *(grad_loss * g for g in ctx.saved_tensors))

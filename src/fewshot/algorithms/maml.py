@@ -35,7 +35,14 @@ import torch
 import torch.nn.functional as F
 
 from fewshot.algorithms.base import AlgoOutput, Algorithm, BackboneFactory, accuracy
-from fewshot.algorithms.functional import STRATEGIES, Weights, _StatelessCall, resolve_strategy  # noqa: F401
+from fewshot.algorithms.functional import (  # noqa: F401  (STRATEGIES: re-exported)
+    STRATEGIES,
+    Weights,
+    _MetaGradient,
+    _StatelessCall,
+    activation_elements,
+    resolve_strategy,
+)
 from fewshot.data.base import Episode
 
 # auto: from the task source's targets, MSE for real-valued ones (regression), cross-entropy for class labels.
@@ -100,21 +107,7 @@ class MAML(Algorithm):
         Each inner step keeps the support pass's activations and, second order, its backward pass (the double
         backward needs both); the query pass on the adapted weights adds its own. Tasks in flight: one per
         worker thread in the CPU loop, else chunk_size (or the whole meta-batch)."""
-        elements = 0
-
-        def count(module, inputs, output):
-            nonlocal elements
-            elements += output.numel() if isinstance(output, torch.Tensor) else 0
-
-        leaves = [m for m in self.net.modules() if not list(m.children())]
-        handles = [m.register_forward_hook(count) for m in leaves]
-        try:
-            with torch.no_grad():  # two images: BatchNorm needs a batch; halved below
-                self.net(torch.zeros(2, *image_shape, device=next(self.net.parameters()).device))
-        finally:
-            for h in handles:
-                h.remove()
-        per_image = elements // 2
+        per_image = activation_elements(self.net, image_shape)
         per_step = support * per_image * (1 if self.first_order else 2)
         per_task = self.inner_steps * per_step + 2 * query * per_image
         strategy = resolve_strategy(self.strategy, device)
@@ -135,9 +128,7 @@ class MAML(Algorithm):
     def _output(
         self, y: torch.Tensor, loss: torch.Tensor, score: torch.Tensor, steps: Optional[torch.Tensor] = None
     ) -> AlgoOutput:
-        if self._regression(y):
-            return AlgoOutput(loss=loss, mse=score, step_mse=steps)
-        return AlgoOutput(loss=loss, acc=score, step_acc=steps)
+        return AlgoOutput(loss=loss, score=score, metric="mse" if self._regression(y) else "acc", step_score=steps)
 
     def extra_repr(self) -> str:
         return (
@@ -333,22 +324,3 @@ class MAML(Algorithm):
                 losses, acc = self._tasks(dict(zip(names, params)), xs, self.inner_steps, True, strategy)
                 loss = losses.mean()
         return self._output(episode.query_y, loss, acc.detach())
-
-
-class _MetaGradient(torch.autograd.Function):
-    """The mean meta-loss with its gradient computed in forward (by `run`, which frees each task graph as it
-    goes); backward hands out that gradient scaled by the incoming one. Like activation checkpointing,
-    forward re-enables autograd inside. Once differentiable, which is all meta-training needs."""
-
-    @staticmethod
-    def forward(ctx, run: Callable, *params: torch.Tensor):  # type: ignore[override]
-        leaves = tuple(p.detach().requires_grad_() for p in params)
-        with torch.enable_grad():
-            loss, acc, grads = run(leaves)
-        ctx.save_for_backward(*grads)
-        ctx.mark_non_differentiable(acc)
-        return loss, acc
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor, grad_acc: Optional[torch.Tensor]):  # type: ignore[override]
-        return (None, *(grad_loss * g for g in ctx.saved_tensors))

@@ -74,5 +74,5 @@ class MAMLL2L(Algorithm):
                 step_accs.append(torch.stack(per_step))
         loss = torch.stack(losses).mean()
         if not train:
-            return AlgoOutput(loss=loss.detach(), acc=torch.stack(accs), step_acc=torch.stack(step_accs))
-        return AlgoOutput(loss=loss, acc=torch.stack(accs))
+            return AlgoOutput(loss=loss.detach(), score=torch.stack(accs), step_score=torch.stack(step_accs))
+        return AlgoOutput(loss=loss, score=torch.stack(accs))

@@ -155,4 +155,4 @@ class MatchingNetworks(Algorithm):
                 support, query = self.full_context(support, query)
             probs = self.probabilities(support, episode.support_y, query, episode.num_ways())  # (T, Q, ways)
             loss = F.nll_loss(probs.clamp_min(_EPS).log().flatten(0, 1), episode.query_y.flatten())
-        return AlgoOutput(loss=loss, acc=accuracy(probs.detach(), episode.query_y))
+        return AlgoOutput(loss=loss, score=accuracy(probs.detach(), episode.query_y))

@@ -71,6 +71,6 @@ class Pretrained(MAML):
             out = self.net(x.flatten(0, 1)).view(tasks, n, -1)
         if self._regression(y):
             per_task = (out - y.view(tasks, n, -1)).pow(2).flatten(1).mean(1)  # (T,)
-            return AlgoOutput(loss=per_task.mean(), mse=per_task.detach())
+            return AlgoOutput(loss=per_task.mean(), score=per_task.detach(), metric="mse")
         per_point = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(tasks, n)
-        return AlgoOutput(loss=per_point.mean(), acc=accuracy(out.detach(), y))
+        return AlgoOutput(loss=per_point.mean(), score=accuracy(out.detach(), y))

@@ -57,4 +57,4 @@ class ProtoNet(Algorithm):
             support, query = embed_tasks(self.net, episode.support_x, episode.query_x)
             logits = self.logits(support, episode.support_y, query, episode.num_ways())  # (T, Q, ways)
             loss = F.cross_entropy(logits.flatten(0, 1), episode.query_y.flatten())
-        return AlgoOutput(loss=loss, acc=accuracy(logits.detach(), episode.query_y))
+        return AlgoOutput(loss=loss, score=accuracy(logits.detach(), episode.query_y))

@@ -31,10 +31,10 @@ import torch
 
 from fewshot.data.base import DataError, Episode
 from fewshot.data.io.archives import check_zip_members, open_zip
-from fewshot.data.omniglot import decode_drawing
+from fewshot.data.omniglot import DEFAULT_BASE_URL, decode_drawing
 
 LAKE_ZIP_NAME = "all_runs.zip"
-LAKE_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/one-shot-classification/all_runs.zip"
+LAKE_URL = f"{DEFAULT_BASE_URL}/one-shot-classification/all_runs.zip"
 NUM_RUNS = 20
 NUM_TRIALS = 20  # test drawings per run
 NUM_WAYS = 20  # training drawings (classes) per run

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fewshot.data.base import DataError, SplitBank
-from fewshot.data.dataset import SPLITS, FewShotDataset, check_image_size, check_normalization
+from fewshot.data.dataset import SPLITS, FewShotDataset, check_image_size, check_normalization, task_source
 from fewshot.data.io.cache import cached, is_uint8_bank
 from fewshot.data.io.decode import resize_banks, to_bank
 from fewshot.data.io.download import ensure_files
@@ -223,6 +223,7 @@ def _check_format(format: str, what: str) -> None:
         raise DataError(f"unknown {what} format {format!r}; choose one of {', '.join(FORMATS)}")
 
 
+@task_source
 def load_cifar_fs(
     root: str,
     cache_dir: str,
@@ -274,6 +275,7 @@ def fc100_classes(fine_names: Sequence[str], coarse_of_fine: Sequence[int]) -> d
     return {s: [n for n, c in zip(fine_names, coarse_of_fine) if c in FC100_SUPERCLASSES[s]] for s in SPLITS}
 
 
+@task_source
 def load_fc100(
     root: str,
     cache_dir: str,

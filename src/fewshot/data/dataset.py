@@ -7,13 +7,29 @@ It sits above the sampler (base <- sampler <- dataset), so no module of fewshot.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 from fewshot.data.base import DataError, SplitBank
 from fewshot.data.io.cache import is_uint8_bank
 from fewshot.data.sampler import EpisodeSampler, check_episode_fits
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+@runtime_checkable
+class TaskSource(Protocol):
+    """What the engine asks of a `dataset` choice: tasks of a split, drawn on a device. Image datasets are
+    FewShotDataset banks; generated task distributions (MAML's sinusoids, fewshot.data.sinusoid) draw their own.
+
+    channels, image_size: the input a backbone is built for (one number, for the sinusoids: 1 x 1 x 1)."""
+
+    name: str
+    channels: int
+    image_size: int
+
+    def check_episode(self, split: str, ways: int, shots: int, queries: int) -> None: ...
+
+    def sampler(self, split: str, ways: int, shots: int, queries: int, device: Any, seed: int) -> Any: ...
 
 
 @dataclass
@@ -78,3 +94,10 @@ def splits_payload_valid(channels: int, image_size: int) -> Callable[[dict], boo
 def banks_from_payload(payload: Mapping[str, Any]) -> dict[str, SplitBank]:
     splits = payload["splits"]
     return {s: SplitBank(images=splits[s]["images"], class_names=list(splits[s]["class_names"])) for s in SPLITS}
+
+
+def task_source(loader: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a dataset module's loader as a choice of the `dataset` config group: its signature becomes the schema
+    `schema_dataset_<name without load_>` (fewshot.schemas), so its defaults live only in the signature."""
+    loader.task_source = True  # type: ignore[attr-defined]
+    return loader

@@ -32,6 +32,7 @@ from fewshot.data.dataset import (
     check_image_size,
     check_normalization,
     splits_payload_valid,
+    task_source,
 )
 from fewshot.data.io.cache import cached
 from fewshot.data.io.decode import corrupt, decode_image, fill_parallel, resize_banks, to_bank
@@ -167,6 +168,7 @@ def _decode_csv(
 # --------------------------------------------------------------------------------------------- loader
 
 
+@task_source
 def load_miniimagenet(
     root: str,
     cache_dir: str,

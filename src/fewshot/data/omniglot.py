@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from fewshot.data.base import DataError, SplitBank
-from fewshot.data.dataset import FewShotDataset
+from fewshot.data.dataset import FewShotDataset, task_source
 from fewshot.data.io.archives import check_zip_members, open_zip
 from fewshot.data.io.cache import cached, is_uint8_bank
 from fewshot.data.io.decode import fill_parallel
@@ -247,6 +247,7 @@ def _vinyals_splits(images: torch.Tensor, names: list[str], folder: Path) -> dic
     return splits
 
 
+@task_source
 def load_omniglot(
     root: str,
     cache_dir: str,

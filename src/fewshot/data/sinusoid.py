@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from fewshot.data.base import DataError, Episode
+from fewshot.data.dataset import task_source
 
 
 def _interval(name: str, value: Sequence[float]) -> tuple[float, float]:
@@ -76,7 +77,8 @@ class SinusoidSampler:
 
 @dataclass
 class SinusoidTasks:
-    """The sinusoid task distribution; what the engine asks of a dataset (see FewShotDataset)."""
+    """The sinusoid task distribution: a TaskSource (fewshot.data.dataset) of regression tasks with real-valued
+    targets, so MAML's loss and the reported metric are the MSE; the input is one number (1 x 1 x 1)."""
 
     amplitude: tuple[float, float] = (0.1, 5.0)
     phase: tuple[float, float] = (0.0, math.pi)
@@ -106,6 +108,7 @@ class SinusoidTasks:
         return SinusoidSampler(shots, queries, self.amplitude, self.phase, self.x_range, device=device, seed=seed)
 
 
+@task_source
 def load_sinusoid(
     amplitude: Sequence[float] = (0.1, 5.0),
     phase: Sequence[float] = (0.0, math.pi),

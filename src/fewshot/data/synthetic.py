@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from fewshot.data.base import SplitBank
-from fewshot.data.dataset import FewShotDataset
+from fewshot.data.dataset import FewShotDataset, task_source
 
 
+@task_source
 def load_synthetic(
     train_classes: int = 64,
     val_classes: int = 16,

@@ -34,6 +34,7 @@ from fewshot.data.dataset import (
     check_image_size,
     check_normalization,
     splits_payload_valid,
+    task_source,
 )
 from fewshot.data.io.cache import cached
 from fewshot.data.io.decode import corrupt, decode_image, fill_parallel, resize_banks, to_bank
@@ -194,6 +195,7 @@ def _decode_split(
 # --------------------------------------------------------------------------------------------- loader
 
 
+@task_source
 def load_tieredimagenet(
     root: str,
     cache_dir: str,
