@@ -7,8 +7,9 @@ from __future__ import annotations
 import math
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +28,54 @@ from fewshot.engine.results import append_csv, make_logger, make_results, plot_c
 from fewshot.engine.signals import Interrupted, SignalGuard
 from fewshot.errors import FewshotError
 from fewshot.metrics import METRICS
+
+
+@dataclass
+class Progress:
+    """The loop's running state besides weights and optimizer: sums since the last validation (for metrics.csv and
+    the progress bar), the training time with validation excluded, the first loss (divergence is measured against
+    it) and the metric's name. Checkpoints hold it as a dict; `acc` is the score's key there, as it always was."""
+
+    loss: float = 0.0
+    score: float = 0.0
+    n: int = 0
+    train_seconds: float = 0.0
+    metric: str = "acc"
+    first_loss: Optional[float] = None
+
+    def add(self, loss: float, score: float, metric: str) -> None:
+        self.loss, self.score, self.n, self.metric = self.loss + loss, self.score + score, self.n + 1, metric
+        if self.first_loss is None:
+            self.first_loss = loss
+
+    def window(self) -> tuple[float, float]:
+        """Mean loss and score since the last validation."""
+        return self.loss / self.n, self.score / self.n
+
+    def reset_window(self) -> None:
+        self.loss, self.score, self.n = 0.0, 0.0, 0
+
+    def state_dict(self, extra_seconds: float = 0.0) -> dict:
+        state = {
+            "loss": self.loss,
+            "acc": self.score,
+            "n": self.n,
+            "metric": self.metric,
+            "train_seconds": self.train_seconds + extra_seconds,
+        }
+        return state if self.first_loss is None else {**state, "first_loss": self.first_loss}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Progress":
+        return cls(
+            loss=state["loss"],
+            score=state["acc"],
+            n=state["n"],
+            train_seconds=state["train_seconds"],
+            metric=state.get("metric", "acc"),
+            first_loss=state.get("first_loss"),
+        )
+
 
 # A training loss this many times its first value (or more than this, for a first loss below 1) means the run
 # has diverged: it will not come back, and an infinite loss may take long to appear (meta_lr=1e9 reached 1.7e19).
@@ -49,11 +98,11 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
     metrics_path = run_dir / "metrics.csv"
     best = {"val_score": -math.inf, "iteration": 0}  # val_score: Metric.score, higher is better
     # Running sums since the last validation, and the time spent training (validation excluded).
-    progress = {"loss": 0.0, "acc": 0.0, "n": 0, "train_seconds": 0.0, "metric": "acc"}
+    progress = Progress()
     start = 1
 
-    def state_at(it: int, progress: dict) -> dict:
-        return checkpoint_state(run, optimizer, it, best, train_sampler, progress, scheduler)
+    def state_at(it: int, extra_seconds: float = 0.0) -> dict:
+        return checkpoint_state(run, optimizer, it, best, train_sampler, progress.state_dict(extra_seconds), scheduler)
 
     state = find_resume_checkpoint(ckpt_dir)
     if state is None and t.resume:
@@ -68,7 +117,7 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
             scheduler.load_state_dict(state.get("scheduler") or scheduler.state_dict())
         train_sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
-        best, progress, start = state["best"], state["progress"], state["iteration"] + 1
+        best, progress, start = state["best"], Progress.from_state(state["progress"]), state["iteration"] + 1
         truncate_metrics(metrics_path, state["iteration"])
         signals.last_checkpoint = f"the last checkpoint is {ckpt_dir / 'last.pt'} (iteration {state['iteration']})"
         if start > t.iterations:
@@ -92,7 +141,7 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
         episode = train_sampler.sample(t.meta_batch_size)  # support_x (T, ways*shots, C, H, W)
         out = algo(episode, train=True)
         loss = out.loss.item()
-        first = progress.setdefault("first_loss", loss)
+        first = loss if progress.first_loss is None else progress.first_loss
         # Checked before the step, so the weights stay the last good ones.
         if not math.isfinite(loss) or abs(loss) > DIVERGED * max(abs(first), 1.0):
             what = f"became {loss}" if not math.isfinite(loss) else f"reached {loss:.3g} (it started at {first:.3g})"
@@ -108,26 +157,23 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
         if scheduler is not None:
             scheduler.step()
 
-        progress["loss"] += loss
-        progress["metric"] = out.metric
-        progress["acc"] += out.per_task().mean().item()
-        progress["n"] += 1
+        progress.add(loss, out.per_task().mean().item(), out.metric)
         if it % t.log_every == 0 or it == t.iterations:
             rate = (it - tic_it) * t.meta_batch_size / max(time.perf_counter() - tic, 1e-9)
             bar.set_postfix(
                 {
-                    "loss": f"{progress['loss'] / progress['n']:.3f}",
-                    progress["metric"]: f"{progress['acc'] / progress['n']:.3f}",
+                    "loss": f"{progress.window()[0]:.3f}",
+                    progress.metric: f"{progress.window()[1]:.3f}",
                     "tasks/s": f"{rate:.0f}",
                 }
             )
 
         if it % t.val_every == 0 or it == t.iterations:
-            progress["train_seconds"] += time.perf_counter() - tic
+            progress.train_seconds += time.perf_counter() - tic
             val = evaluate(
                 algo, val_sampler, t.val_episodes, t.eval_batch, episode_seed(t.seed, "val"), desc="validate"
             )
-            metric = METRICS[progress["metric"]]
+            metric = METRICS[progress.metric]
             m = metric.name
             if not math.isfinite(val[f"{m}_mean"]):  # it could never become best.pt: say so now
                 raise FewshotError(
@@ -136,27 +182,26 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
                 )
             row = {
                 "iteration": it,
-                "train_loss": progress["loss"] / progress["n"],
-                f"train_{m}": progress["acc"] / progress["n"],
+                "train_loss": progress.window()[0],
+                f"train_{m}": progress.window()[1],
                 f"val_{m}": val[f"{m}_mean"],
                 "val_ci95": val[f"{m}_ci95"],
-                "train_seconds": round(progress["train_seconds"], 3),
+                "train_seconds": round(progress.train_seconds, 3),
             }
             append_csv(metrics_path, row)
             if logger:
                 for key in ("train_loss", f"train_{m}", f"val_{m}"):
                     logger.add_scalar(key, row[key], it)
-            progress.update(loss=0.0, acc=0.0, n=0)
+            progress.reset_window()
             if metric.score(val[f"{m}_mean"]) > best["val_score"]:
                 best = {"val_score": metric.score(val[f"{m}_mean"]), f"val_{m}": val[f"{m}_mean"], "iteration": it}
-                save_checkpoint(ckpt_dir / "best.pt", state_at(it, progress))
+                save_checkpoint(ckpt_dir / "best.pt", state_at(it))
             shown = metric.show(val[f"{m}_mean"], val[f"{m}_ci95"])
             tqdm.write(f"iteration {it}: val {m} {shown} (best at iteration {best['iteration']})")
             tic, tic_it = time.perf_counter(), it
         if it % t.checkpoint_every == 0 or it == t.iterations or signals:
             # Time is banked only at validations; a checkpoint between them records it too.
-            snapshot = dict(progress, train_seconds=progress["train_seconds"] + time.perf_counter() - tic)
-            save_last(ckpt_dir, state_at(it, snapshot))
+            save_last(ckpt_dir, state_at(it, extra_seconds=time.perf_counter() - tic))
             signals.last_checkpoint = f"the last checkpoint is {ckpt_dir / 'last.pt'} (iteration {it})"
         if signals:
             bar.close()
@@ -168,7 +213,7 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
             )
     bar.close()
     if start <= t.iterations:
-        progress["train_seconds"] += time.perf_counter() - tic
+        progress.train_seconds += time.perf_counter() - tic
 
     # Test the best validation checkpoint, as the papers do. Nothing to save here: a signal stops at once.
     signals.immediate = (
@@ -178,10 +223,10 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
     algo.load_state_dict(load_checkpoint(ckpt_dir / "best.pt")["model"])
     test_sampler = make_sampler(run, "test")
     test = evaluate(algo, test_sampler, t.test_episodes, t.eval_batch, episode_seed(t.seed, "test"), desc="test")
-    results = make_results(run, test, train_seconds=progress["train_seconds"], best=best)
+    results = make_results(run, test, train_seconds=progress.train_seconds, best=best)
     write_results(run_dir, results)
     if logger:
-        m = METRICS[progress["metric"]].name
+        m = METRICS[progress.metric].name
         logger.add_scalar(f"test_{m}", test[f"{m}_mean"], t.iterations)
         logger.close()
     plot_curve(run_dir)
