@@ -47,10 +47,11 @@ def _conf_root() -> Path:
 
 
 def load_presets(conf: Optional[Path] = None) -> dict[str, Preset]:
-    """conf/experiment/*.yaml by name; iterations and episodes fall back to the trainer and train defaults."""
+    """conf/experiment/*.yaml by name; iterations and episodes fall back to fewshot.config's defaults."""
     conf = conf or _conf_root()
-    trainer = OmegaConf.load(conf / "trainer" / "default.yaml")
-    train = OmegaConf.load(conf / "train.yaml")
+    from fewshot.config import EvalConfig, TrainerConfig  # the defaults a preset does not override
+
+    iterations, episodes = TrainerConfig().iterations, EvalConfig().episodes
     presets = {}
     for path in sorted((conf / "experiment").glob("*.yaml")):
         node = OmegaConf.load(path)
@@ -62,8 +63,8 @@ def load_presets(conf: Optional[Path] = None) -> dict[str, Preset]:
         presets[node.get("name", path.stem)] = Preset(
             name=node.get("name", path.stem),
             dataset=dataset,
-            iterations=int(OmegaConf.select(node, "trainer.iterations", default=trainer.iterations)),
-            episodes=int(OmegaConf.select(node, "eval.episodes", default=train.eval.episodes)),
+            iterations=int(OmegaConf.select(node, "trainer.iterations", default=iterations)),
+            episodes=int(OmegaConf.select(node, "eval.episodes", default=episodes)),
             paper_acc=paper.get("acc"),
             paper_source=paper.get("source", ""),
         )
