@@ -194,11 +194,12 @@ def aggregate(results: Sequence[dict], by: str = "cell", warn: Callable[[str], N
     return sorted(rows, key=sort_key)
 
 
-def _settings(command: Optional[str]) -> Optional[tuple[str, ...]]:
-    """The overrides of a recorded command that change what is measured (None when no command was recorded)."""
+def measured_overrides(command: Optional[str]) -> Optional[tuple[str, ...]]:
+    """The overrides of a recorded command that change what is measured, in command order (None when no command
+    was recorded): everything but the seed, the device, paths and logging (NEUTRAL_OVERRIDES)."""
     if command is None:
         return None
-    return tuple(sorted(o for o in shlex.split(command)[1:] if not o.lstrip("+~").startswith(NEUTRAL_OVERRIDES)))
+    return tuple(o for o in shlex.split(command)[1:] if not o.lstrip("+~").startswith(NEUTRAL_OVERRIDES))
 
 
 def _streams(seed: int) -> tuple[int, ...]:
@@ -220,7 +221,7 @@ def check_poolable(runs: Sequence[dict]) -> None:
                     f"{r['name']}: seeds {other} and {r['seed']} draw the same random streams, so their "
                     f"runs are not independent; keep one of {r.get('_path')} and the other"
                 )
-    settings = {_settings(r.get("command")) for r in runs} - {None}
+    settings = {tuple(sorted(s)) for s in map(measured_overrides, (r.get("command") for r in runs)) if s is not None}
     if len(settings) > 1:
         shown = " vs ".join("[" + " ".join(s) + "]" for s in sorted(settings))
         raise TableError(

@@ -4,7 +4,6 @@ failed sweep jobs counted (fewshot.sweep)."""
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any, Callable
 
@@ -16,24 +15,6 @@ from fewshot.errors import FewshotError
 
 register_configs()
 CONFIG_PATH = "pkg://fewshot.conf"  # the config tree ships as a package: found from any working folder
-
-
-def _report(prog: str, error: BaseException) -> None:
-    """One line on stderr and a non-zero exit (2, or 128+signal after a preemption); the traceback
-    only with HYDRA_FULL_ERROR=1. In a multirun sweep a failed job is reported and recorded, and the sweep
-    goes on with the next job (sweep.FewshotCallback lists the failures at the end); a preemption stops it."""
-    if sweep.full_error():
-        raise error
-    if isinstance(error, InstantiationException) and isinstance(error.__cause__, (FewshotError, OSError)):
-        error = error.__cause__  # our own message, without Hydra's "Error in call to target ..." wrapper
-    message = sweep.describe_os_error(error) if isinstance(error, OSError) else one_line(str(error))
-    if sweep.in_multirun():
-        if hasattr(error, "exit_code"):  # a preemption (engine.Interrupted, 128+signal) stops the whole sweep
-            message = sweep.resume_hint(message)
-        elif sweep.job_failed(prog, message):
-            return
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    sys.exit(getattr(error, "exit_code", 2))
 
 
 def one_line(message: str) -> str:
@@ -72,7 +53,7 @@ def _precheck(prog: str, config_name: str) -> None:
         with initialize_config_module(config_module="fewshot.conf", version_base="1.3"):
             compose(config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if sweep.full_error():
             return  # let Hydra report it in full
         cause = f"\n{e.__cause__}" if e.__cause__ is not None and str(e.__cause__) not in str(e) else ""
         print(f"{prog}: error: {one_line(str(e) + cause)}", file=sys.stderr)
@@ -88,8 +69,21 @@ HANDLED = (FewshotError, InstantiationException, OSError)  # OSError: a full dis
 
 
 def report(prog: str, error: BaseException) -> None:
-    """report(), for a failed Hydra job: one line, or the job recorded as failed in a sweep that goes on."""
-    _report(prog, error)
+    """One line on stderr and a non-zero exit (2, or 128+signal after a preemption); the traceback
+    only with HYDRA_FULL_ERROR=1. In a multirun sweep a failed job is reported and recorded, and the sweep
+    goes on with the next job (sweep.FewshotCallback lists the failures at the end); a preemption stops it."""
+    if sweep.full_error():
+        raise error
+    if isinstance(error, InstantiationException) and isinstance(error.__cause__, (FewshotError, OSError)):
+        error = error.__cause__  # our own message, without Hydra's "Error in call to target ..." wrapper
+    message = sweep.describe_os_error(error) if isinstance(error, OSError) else one_line(str(error))
+    if sweep.in_multirun():
+        if hasattr(error, "exit_code"):  # a preemption (engine.Interrupted, 128+signal) stops the whole sweep
+            message = sweep.resume_hint(message)
+        elif sweep.job_failed(prog, message):
+            return
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(getattr(error, "exit_code", 2))
 
 
 def main(prog: str, config_name: str, job: Callable[[], Any]) -> None:

@@ -27,7 +27,7 @@ def run(cfg: DictConfig, out_dir: Path | str) -> dict[str, Any]:
     """Test the checkpoint `cfg.checkpoint`; returns results.json's content. With the training run's seed and
     episodes it reproduces the training run's test number exactly."""
     out_dir = Path(out_dir)
-    with hold_run_folder(out_dir, "fewshot-eval"):  # two evaluations into one folder would overwrite each other
+    with hold_run_folder(out_dir, PROG):  # two evaluations into one folder would overwrite each other
         write_hydra_files(out_dir, cfg)
         built, state, request = build_from_checkpoint(cfg)
         return test_checkpoint(built, state, request, out_dir)

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from fewshot.cells import NEUTRAL_OVERRIDES, Row, aggregate
+from fewshot.cells import Row, aggregate, measured_overrides
 
 # Why a preset may have no full-budget row yet, by dataset; anything else simply has not been run.
 PENDING = {
@@ -89,12 +89,8 @@ def differences(result: dict, preset: Preset) -> list[str]:
         diffs.append(f"{result['test']['episodes']} of {preset.episodes} test episodes")
     if result.get("command") is None:
         diffs.append("command not recorded")
-    changed = [
-        o
-        for o in _overrides(result.get("command"))
-        if not o.lstrip("+~").startswith(NEUTRAL_OVERRIDES)
-        and not o.startswith(("trainer.iterations=", "eval.episodes="))
-    ]
+    budget = ("trainer.iterations=", "eval.episodes=")  # already said above, as a budget
+    changed = [o for o in measured_overrides(result.get("command")) or () if not o.startswith(budget)]
     if changed:
         diffs.append("overrides " + " ".join(changed))
     return diffs

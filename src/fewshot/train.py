@@ -30,8 +30,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, Any]:
     """Meta-train, validate and checkpoint, then test the best checkpoint; returns results.json's content
     ({} for dry_run=true). The run owns its folder throughout: a second run on it stops with one line."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with hold_run_folder(run_dir, "fewshot-train"):
+    with hold_run_folder(run_dir, PROG):  # creates the folder
         # Locked: no other live run writes here, so our files' temporaries are a killed writer's leftovers.
         remove_stale_temporaries(run_dir / "checkpoints")
         remove_stale_temporaries(run_dir, "metrics.csv", "results.json", "results.md")

@@ -111,17 +111,17 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
     check_config(cfg)
     check_compatible(cfg)
     device = device or resolve_device(cfg.device.name)
+    train_shape, eval_shape = Shape(*episode_shape(cfg, "train")), Shape(*episode_shape(cfg, "test"))
     dataset: TaskSource = _make("dataset", cfg.dataset)
-    for split in ("train", "val", "test"):
-        dataset.check_episode(split, *episode_shape(cfg, split))
+    for split, shape in (("train", train_shape), ("val", eval_shape), ("test", eval_shape)):
+        dataset.check_episode(split, *shape)
     backbone = functools.partial(
         _make("backbone", cfg.backbone), in_channels=dataset.channels, image_size=dataset.image_size
     )
     algo: Algorithm = _make("algo", cfg.algo, backbone=backbone, ways=cfg.episode.ways)
-    eval_ways = episode_shape(cfg, "test")[0]
-    if algo.fixed_ways is not None and eval_ways != algo.fixed_ways:
+    if algo.fixed_ways is not None and eval_shape.ways != algo.fixed_ways:
         raise ConfigError(
-            f"eval.ways={eval_ways} but {cfg.algo.name}'s classifier head has {algo.fixed_ways} outputs; "
+            f"eval.ways={eval_shape.ways} but {cfg.algo.name}'s classifier head has {algo.fixed_ways} outputs; "
             "it tests with the ways it trained on: drop eval.ways"
         )
     t = cfg.trainer
@@ -137,8 +137,8 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
         grad_clip=t.grad_clip,
         test_episodes=cfg.eval.episodes,
         eval_batch=cfg.eval.meta_batch_size,
-        train=Shape(*episode_shape(cfg, "train")),
-        eval=Shape(*episode_shape(cfg, "test")),
+        train=train_shape,
+        eval=eval_shape,
         logger=cfg.get("logger"),
         resume=bool(cfg.get("resume")),
         dry_run=bool(cfg.get("dry_run")),
@@ -148,8 +148,8 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
         "dataset": cfg.dataset.name,
         "dataset_split": cfg.dataset.get("split"),
         "backbone": cfg.backbone.name,
-        "schedule": cfg.schedule.name if "schedule" in cfg else "constant",
-        "optim": cfg.optim.name if "optim" in cfg else "adam",
+        "schedule": cfg.schedule.name,
+        "optim": cfg.optim.name,
         "data_root": cfg.get("data_root"),
         "image_size": cfg.dataset.get("image_size"),
         "paper": OmegaConf.to_container(cfg.paper, resolve=True) if "paper" in cfg else None,
@@ -159,8 +159,8 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
         dataset=dataset,
         algo=algo.to(device),
         settings=settings,
-        optimizer=functools.partial(make_optimizer, _plain_dict(cfg.optim)) if "optim" in cfg else None,
-        scheduler=functools.partial(make_scheduler, _plain_dict(cfg.get("schedule"))),
+        optimizer=functools.partial(make_optimizer, _plain_dict(cfg.optim)),
+        scheduler=functools.partial(make_scheduler, _plain_dict(cfg.schedule)),
         config=OmegaConf.to_container(cfg, resolve=True),
         config_source=OmegaConf.to_container(cfg, resolve=False),
         record=record,

@@ -45,8 +45,6 @@ class Progress:
 
     def add(self, loss: float, score: float, metric: str) -> None:
         self.loss, self.score, self.n, self.metric = self.loss + loss, self.score + score, self.n + 1, metric
-        if self.first_loss is None:
-            self.first_loss = loss
 
     def window(self) -> tuple[float, float]:
         """Mean loss and score since the last validation."""
@@ -141,7 +139,9 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
         episode = train_sampler.sample(t.meta_batch_size)  # support_x (T, ways*shots, C, H, W)
         out = algo(episode, train=True)
         loss = out.loss.item()
-        first = loss if progress.first_loss is None else progress.first_loss
+        if progress.first_loss is None:
+            progress.first_loss = loss
+        first = progress.first_loss
         # Checked before the step, so the weights stay the last good ones.
         if not math.isfinite(loss) or abs(loss) > DIVERGED * max(abs(first), 1.0):
             what = f"became {loss}" if not math.isfinite(loss) else f"reached {loss:.3g} (it started at {first:.3g})"
