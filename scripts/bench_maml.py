@@ -6,10 +6,18 @@ forward over the meta-batch, loss.backward() and an Adam step (with cuda synchro
 the MAML paper's Omniglot ones, second order, Conv4 (64 filters, 28x28, 15 queries per class):
 5-way 1-shot (32 tasks, 1 inner step, inner_lr 0.4) and 20-way 1-shot (16 tasks, 5 inner steps, inner_lr 0.1).
 
+With --graph (the default on CUDA) it also times fewshot's training step with trainer.cuda_graph=on
+(fewshot.engine.steps.GraphStep: the same MAML step on static tensors, captured once as a CUDA graph and replayed;
+its sampler copies the same tasks into the static inputs each iteration). Ours and the graph are timed over
+--block meta-iterations per measurement (default 10 on CUDA), as the training loop runs them without a host
+synchronisation in between; learn2learn one at a time (it is host-bound).
+
 Prints one JSON object per setting (and, with --all-strategies, per strategy of ours), then a summary line
-{"summary": ..., "speedup": {setting: l2l ms / ours ms}} for the strategy that "auto" picks.
+{"summary": ..., "speedup": {setting: l2l ms / ours ms}, "graph_speedup": {setting: l2l ms / graph ms}} for the
+strategy that "auto" picks.
 
     python scripts/bench_maml.py --device cpu [--iters 3] [--warmup 1] [--all-strategies]
+    python scripts/bench_maml.py --device cuda            # eager vs graph vs learn2learn
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ import torch
 from fewshot.algorithms.maml import MAML, resolve_strategy
 from fewshot.algorithms.maml_l2l import MAMLL2L
 from fewshot.data.base import Episode
+from fewshot.engine.loop import Progress
+from fewshot.engine.steps import GraphStep
 from fewshot.models.backbones import Conv4
 
 SETTINGS = {
@@ -51,19 +61,53 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def meta_step(algo: torch.nn.Module, episode: Episode, device: torch.device) -> Callable[[], float]:
-    """A closure running one meta-iteration (forward, backward, Adam step) and returning its ms."""
+def meta_step(algo: torch.nn.Module, episode: Episode, device: torch.device, block: int = 1) -> Callable[[], float]:
+    """A closure running `block` meta-iterations (forward, backward, Adam step) and returning ms per iteration."""
     optimizer = torch.optim.Adam(algo.parameters(), lr=1e-3)
 
     def step() -> float:
         sync(device)
         start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        out = algo(episode, train=True)
-        out.loss.backward()
-        optimizer.step()
+        for _ in range(block):
+            optimizer.zero_grad(set_to_none=True)
+            out = algo(episode, train=True)
+            out.loss.backward()
+            optimizer.step()
         sync(device)
-        return (time.perf_counter() - start) * 1e3
+        return (time.perf_counter() - start) * 1e3 / block
+
+    return step
+
+
+class FixedTasks:
+    """A sampler that gives the same tasks every time, copied into the graph's static inputs."""
+
+    def __init__(self, episode: Episode) -> None:
+        self.episode = episode
+
+    def sample(self, tasks: int, out: Episode | None = None) -> Episode:
+        if out is None:
+            return Episode(*(t.clone() for t in self.episode.tensors()), ways=self.episode.ways)
+        for mine, theirs in zip(out.tensors(), self.episode.tensors()):
+            mine.copy_(theirs)
+        return out
+
+
+def graph_step(algo: torch.nn.Module, episode: Episode, device: torch.device, block: int) -> Callable[[], float]:
+    """fewshot's trainer.cuda_graph=on step (Adam 1e-3, capturable), `block` iterations per measurement."""
+    optimizer = torch.optim.Adam(algo.parameters(), lr=1e-3)
+    stepper = GraphStep(algo, FixedTasks(episode), optimizer, None, episode.tasks, None, Progress(), "bench")
+    calls = 0
+
+    def step() -> float:
+        nonlocal calls
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(block):
+            calls += 1
+            stepper(calls)
+        sync(device)
+        return (time.perf_counter() - start) * 1e3 / block
 
     return step
 
@@ -104,9 +148,13 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--all-strategies", action="store_true", help="also time the strategy auto does not pick")
     parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None, help="time the CUDA graph")
+    parser.add_argument("--block", type=int, default=None, help="iterations per measurement (ours, graph)")
     args = parser.parse_args()
     device = torch.device(args.device)
     cpu = device.type == "cpu"
+    graph = args.graph if args.graph is not None else not cpu
+    block = args.block or (1 if cpu else 10)
     iters = args.iters if args.iters is not None else (3 if cpu else 20)
     warmup = args.warmup if args.warmup is not None else (1 if cpu else 5)
     device_name = (
@@ -117,7 +165,7 @@ def main() -> None:
     auto = resolve_strategy("auto", device)
     strategies = [auto] + ([s for s in ("loop", "vmap") if s != auto] if args.all_strategies else [])
 
-    speedups = {}
+    speedups, graph_speedups = {}, {}
     for name in args.settings:
         s = SETTINGS[name]
         backbone = functools.partial(Conv4, in_channels=1, image_size=28, hidden=args.hidden)
@@ -128,7 +176,12 @@ def main() -> None:
         for strategy in strategies:
             algos[strategy] = MAML(backbone, strategy=strategy, **common).to(device)
             algos[strategy].load_state_dict(algos["l2l"].state_dict())  # the same initial weights
-        timings = time_interleaved({k: meta_step(a, episode, device) for k, a in algos.items()}, device, iters, warmup)
+        closures = {k: meta_step(a, episode, device, 1 if k == "l2l" else block) for k, a in algos.items()}
+        if graph:
+            algos["graph"] = MAML(backbone, strategy=auto, **common).to(device)
+            algos["graph"].load_state_dict(algos["l2l"].state_dict())
+            closures["graph"] = graph_step(algos["graph"], episode, device, block)
+        timings = time_interleaved(closures, device, iters, warmup)
         l2l = timings["l2l"]
         for strategy in strategies:
             ours = timings[strategy]
@@ -152,6 +205,16 @@ def main() -> None:
             if device.type == "cuda":
                 record["peak_mem_mib_ours"] = round(ours["peak_mem_mib"], 1)
                 record["peak_mem_mib_l2l"] = round(l2l["peak_mem_mib"], 1)
+            if graph and strategy == auto:
+                g = timings["graph"]
+                record["ms_per_iter_graph"] = round(g["ms_median"], 2)
+                record["graph_speedup"] = round(l2l["ms_median"] / g["ms_median"], 3)
+                record["graph_vs_eager"] = round(ours["ms_median"] / g["ms_median"], 3)
+                record["ms_all_graph"] = g["ms_all"]
+                if device.type == "cuda":
+                    record["peak_mem_mib_graph"] = round(g["peak_mem_mib"], 1)
+                graph_speedups[name] = record["graph_speedup"]
+            record["block"] = block
             print(json.dumps(record), flush=True)
             if strategy == auto:
                 speedups[name] = round(speedup, 3)
@@ -162,6 +225,7 @@ def main() -> None:
                 "device": device_name,
                 "strategy": auto,
                 "speedup": speedups,
+                **({"graph_speedup": graph_speedups} if graph else {}),
             }
         )
     )

@@ -35,6 +35,9 @@ class TrainerConfig:
     checkpoint_every: int = 500  # write checkpoints/last.pt every N iterations
     log_every: int = 10  # refresh the progress bar's loss/accuracy every N iterations
     grad_clip: Optional[float] = None
+    # off | on | auto: replay each meta-iteration as one CUDA graph (fewshot.engine.steps.GraphStep). auto: on CUDA
+    # with an optimizer that can be captured (adam, adamw). Off by default until measured on a GPU.
+    cuda_graph: str = "off"
 
 
 @dataclass

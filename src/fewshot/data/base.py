@@ -69,7 +69,9 @@ class Episode:
     def num_ways(self) -> int:
         return self.ways if self.ways is not None else int(self.support_y.max()) + 1
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.support_x, self.support_y, self.query_x, self.query_y
+
     def to(self, device: torch.device | str) -> "Episode":
-        tensors = (self.support_x, self.support_y, self.query_x, self.query_y)
-        moved = (t.to(device, non_blocking=True) for t in tensors)
+        moved = (t.to(device, non_blocking=True) for t in self.tensors())
         return Episode(*moved, ways=self.ways)

@@ -76,7 +76,9 @@ class EpisodeSampler:
     def _rand(self, *shape: int) -> torch.Tensor:
         return torch.rand(shape, generator=self.generator, device=self.device)
 
-    def sample(self, tasks: int) -> Episode:
+    def sample(self, tasks: int, out: Optional[Episode] = None) -> Episode:
+        """T tasks; with `out` (an Episode of this shape, e.g. a CUDA graph's static input) the images are
+        written into its tensors instead of new ones, from the same draw: the generator advances alike."""
         ways, shots, queries = self.ways, self.shots, self.queries
         rotations, classes, per_class = self.images.shape[:3]
         # Random subsets via argsort of uniform noise: one kernel for all tasks, no Python loop.
@@ -86,8 +88,11 @@ class EpisodeSampler:
             rot = (self._rand(tasks, ways, 1) * 4).long().clamp_(max=3)  # (T, ways, 1)
         else:
             rot = torch.zeros_like(cls)
-        support_x = self._gather(rot, cls, idx[:, :, :shots])  # (T, ways*shots, C, H, W)
-        query_x = self._gather(rot, cls, idx[:, :, shots : shots + queries])  # (T, ways*queries, C, H, W)
+        into_s, into_q = (None, None) if out is None else (out.support_x, out.query_x)
+        support_x = self._gather(rot, cls, idx[:, :, :shots], into_s)  # (T, ways*shots, C, H, W)
+        query_x = self._gather(rot, cls, idx[:, :, shots : shots + queries], into_q)  # (T, ways*queries, C, H, W)
+        if out is not None:
+            return out  # its labels are this sampler's fixed ones already
         return Episode(
             support_x=support_x,
             support_y=self._support_y.expand(tasks, -1),
@@ -96,8 +101,15 @@ class EpisodeSampler:
             ways=ways,
         )
 
-    def _gather(self, rot: torch.Tensor, cls: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def _gather(
+        self, rot: torch.Tensor, cls: torch.Tensor, idx: torch.Tensor, out: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         x = self.images[rot, cls, idx]  # (T, ways, n, C, H, W) uint8, contiguous
+        if out is not None:
+            if out.shape != (x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:]):
+                raise ValueError(f"sample(out=...) holds {tuple(out.shape)} images, this draw {tuple(x.shape)}")
+            torch.addcmul(self._shift, x, self._scale, out=out.view(x.shape))
+            return out
         x = torch.addcmul(self._shift, x, self._scale)  # float32, normalized
         return x.view(x.shape[0], -1, *x.shape[3:])
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -65,8 +65,14 @@ class SinusoidSampler:
         self.last_amplitude, self.last_phase = amplitude.view(-1), phase.view(-1)
         return episode, self.last_amplitude, self.last_phase
 
-    def sample(self, tasks: int) -> Episode:
-        return self.sample_with_params(tasks)[0]
+    def sample(self, tasks: int, out: Optional[Episode] = None) -> Episode:
+        """T tasks; with `out`, copied into its tensors (a CUDA graph's static input), from the same draw."""
+        episode = self.sample_with_params(tasks)[0]
+        if out is None:
+            return episode
+        for mine, theirs in zip(out.tensors(), episode.tensors()):
+            mine.copy_(theirs)
+        return out
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

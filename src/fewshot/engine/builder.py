@@ -68,6 +68,7 @@ class Settings:
     checkpoint_every: int
     log_every: int
     grad_clip: Optional[float]
+    cuda_graph: str  # off | on | auto (fewshot.engine.steps)
     test_episodes: int
     eval_batch: int  # tasks per forward pass at validation and test (memory, not results)
     train: Shape
@@ -135,6 +136,7 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
         checkpoint_every=t.checkpoint_every,
         log_every=t.log_every,
         grad_clip=t.grad_clip,
+        cuda_graph={"true": "on", "false": "off"}.get(str(t.cuda_graph).lower(), str(t.cuda_graph).lower()),
         test_episodes=cfg.eval.episodes,
         eval_batch=cfg.eval.meta_batch_size,
         train=train_shape,

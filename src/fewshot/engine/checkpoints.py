@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from fewshot.atomic import atomic_write_text
 from fewshot.checkpoint import (
     CheckpointError,
@@ -34,7 +36,7 @@ def checkpoint_state(
         "backbone": run.record["backbone"],
         "dataset": run.record["dataset"],
         "model": run.algo.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state(optimizer),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "iteration": iteration,
         "best": dict(best),
@@ -44,6 +46,21 @@ def checkpoint_state(
         "config": run.config,
         "config_source": run.config_source,
     }
+
+
+def optimizer_state(optimizer) -> dict:
+    """optimizer.state_dict() in its portable form: a CUDA-graph step's capturable Adam keeps its step counters
+    on the GPU, which a plain (eager or CPU) optimizer refuses; the plain form holds them on the CPU, as Adam
+    itself does, and fewshot.engine.steps.GraphStep moves them back."""
+    state = optimizer.state_dict()
+    state["state"] = {k: dict(v) for k, v in state["state"].items()}  # state_dict() shares the live entries
+    for group in state["param_groups"]:
+        if group.get("capturable"):
+            group["capturable"] = False
+    for entry in state["state"].values():
+        if torch.is_tensor(entry.get("step")):
+            entry["step"] = entry["step"].to("cpu", torch.float32)
+    return state
 
 
 def find_resume_checkpoint(ckpt_dir: Path) -> Optional[dict]:
@@ -82,6 +99,7 @@ RESUMABLE_CHANGES = (
     "dataset.root",
     "dataset.cache_dir",
     "trainer.iterations",
+    "trainer.cuda_graph",  # the same step, replayed as a graph or not
     "trainer.log_every",
     "trainer.val_every",
     "trainer.checkpoint_every",

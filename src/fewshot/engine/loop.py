@@ -26,6 +26,7 @@ from fewshot.engine.checkpoints import (
 from fewshot.engine.evaluation import evaluate
 from fewshot.engine.results import append_csv, make_logger, make_results, plot_curve, write_results
 from fewshot.engine.signals import Interrupted, SignalGuard
+from fewshot.engine.steps import DIVERGED, make_step  # noqa: F401  (DIVERGED: re-exported)
 from fewshot.errors import FewshotError
 from fewshot.metrics import METRICS
 
@@ -43,20 +44,21 @@ class Progress:
     metric: str = "acc"
     first_loss: Optional[float] = None
 
-    def add(self, loss: float, score: float, metric: str) -> None:
+    def add(self, loss: torch.Tensor | float, score: torch.Tensor | float, metric: str) -> None:
+        """Device tensors stay on the device (no host synchronisation per iteration) until window() reads them."""
         self.loss, self.score, self.n, self.metric = self.loss + loss, self.score + score, self.n + 1, metric
 
     def window(self) -> tuple[float, float]:
         """Mean loss and score since the last validation."""
-        return self.loss / self.n, self.score / self.n
+        return float(self.loss) / self.n, float(self.score) / self.n
 
     def reset_window(self) -> None:
         self.loss, self.score, self.n = 0.0, 0.0, 0
 
     def state_dict(self, extra_seconds: float = 0.0) -> dict:
         state = {
-            "loss": self.loss,
-            "acc": self.score,
+            "loss": float(self.loss),
+            "acc": float(self.score),
             "n": self.n,
             "metric": self.metric,
             "train_seconds": self.train_seconds + extra_seconds,
@@ -73,11 +75,6 @@ class Progress:
             metric=state.get("metric", "acc"),
             first_loss=state.get("first_loss"),
         )
-
-
-# A training loss this many times its first value (or more than this, for a first loss below 1) means the run
-# has diverged: it will not come back, and an infinite loss may take long to appear (meta_lr=1e9 reached 1.7e19).
-DIVERGED = 100.0
 
 
 def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
@@ -135,30 +132,15 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
         dynamic_ncols=True,
     )
     tic, tic_it = time.perf_counter(), start - 1  # training time and tasks/s since the last validation
+    step = make_step(
+        t.cuda_graph, run.device, algo, train_sampler, optimizer, scheduler, t.meta_batch_size, t.grad_clip,
+        progress, ckpt_dir,
+    )  # fmt: skip
     for it in bar:
-        episode = train_sampler.sample(t.meta_batch_size)  # support_x (T, ways*shots, C, H, W)
-        out = algo(episode, train=True)
-        loss = out.loss.item()
-        if progress.first_loss is None:
-            progress.first_loss = loss
-        first = progress.first_loss
-        # Checked before the step, so the weights stay the last good ones.
-        if not math.isfinite(loss) or abs(loss) > DIVERGED * max(abs(first), 1.0):
-            what = f"became {loss}" if not math.isfinite(loss) else f"reached {loss:.3g} (it started at {first:.3g})"
-            raise FewshotError(
-                f"training loss {what} at iteration {it}: the run diverged and stopped; the last good "
-                f"checkpoint is in {ckpt_dir}. Lower trainer.meta_lr or algo.inner_lr"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        if t.grad_clip:
-            torch.nn.utils.clip_grad_norm_(algo.parameters(), t.grad_clip)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-
-        progress.add(loss, out.per_task().mean().item(), out.metric)
+        loss, score = step(it)  # on the device: read only at logging, validation and checkpoints
+        progress.add(loss, score, step.metric)
         if it % t.log_every == 0 or it == t.iterations:
+            step.check()
             rate = (it - tic_it) * t.meta_batch_size / max(time.perf_counter() - tic, 1e-9)
             bar.set_postfix(
                 {
@@ -169,6 +151,7 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
             )
 
         if it % t.val_every == 0 or it == t.iterations:
+            step.check()
             progress.train_seconds += time.perf_counter() - tic
             val = evaluate(
                 algo, val_sampler, t.val_episodes, t.eval_batch, episode_seed(t.seed, "val"), desc="validate"
@@ -200,6 +183,7 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
             tqdm.write(f"iteration {it}: val {m} {shown} (best at iteration {best['iteration']})")
             tic, tic_it = time.perf_counter(), it
         if it % t.checkpoint_every == 0 or it == t.iterations or signals:
+            step.check()  # never save weights past a divergence
             # Time is banked only at validations; a checkpoint between them records it too.
             save_last(ckpt_dir, state_at(it, extra_seconds=time.perf_counter() - tic))
             signals.last_checkpoint = f"the last checkpoint is {ckpt_dir / 'last.pt'} (iteration {it})"

@@ -1,0 +1,189 @@
+"""The CUDA-graph step (trainer.cuda_graph): the static-buffer iteration computes exactly the eager one.
+
+On a CPU GraphStep runs its static-buffer code eagerly (capture needs CUDA); the CUDA tests capture for real and
+are skipped without a GPU. What a graph would change besides launches (where the inputs live, where loss and
+accuracy are summed, when divergence is noticed, the optimizer's state form) is all exercised here."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from fewshot import engine
+from fewshot.checkpoint import load_checkpoint
+from fewshot.data.base import SplitBank
+from fewshot.data.sampler import EpisodeSampler
+from fewshot.data.sinusoid import SinusoidSampler
+from fewshot.engine import loop, steps
+from fewshot.engine.builder import build, make_sampler
+from fewshot.engine.checkpoints import optimizer_state
+from fewshot.engine.loop import Progress
+from fewshot.train import run as train_run
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the graph is captured there)")
+
+TINY = [
+    "dataset=synthetic",
+    "backbone.hidden=16",
+    "trainer.meta_batch_size=4",
+    "trainer.iterations=6",
+    "trainer.val_every=3",
+    "trainer.val_episodes=10",
+    "trainer.checkpoint_every=3",
+    "eval.episodes=20",
+    "eval.meta_batch_size=8",
+    "episode.queries=3",
+]
+
+
+def test_in_place_fill_equals_the_allocating_draw():
+    bank = SplitBank(torch.randint(0, 256, (12, 20, 1, 6, 6), dtype=torch.uint8), [str(i) for i in range(12)], True)
+    sampler = EpisodeSampler(bank, ways=5, shots=2, queries=3, seed=7, mean=(0.2,), std=(0.5,))
+    drawn = [sampler.sample(4) for _ in range(3)]
+    sampler.generator.manual_seed(7)
+    static = sampler.sample(4)
+    buffers = (static.support_x.data_ptr(), static.query_x.data_ptr())
+    for want in drawn[1:]:
+        got = sampler.sample(4, out=static)
+        assert got is static and (got.support_x.data_ptr(), got.query_x.data_ptr()) == buffers
+        for a, b in zip(got.tensors(), want.tensors()):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="holds"):
+        sampler.sample(3, out=static)
+
+
+def test_sinusoid_fill_equals_its_draw():
+    kwargs = dict(shots=5, queries=7, amplitude=(0.1, 5.0), phase=(0.0, 3.14), x_range=(-5.0, 5.0), seed=3)
+    a, b = SinusoidSampler(**kwargs), SinusoidSampler(**kwargs)
+    static = b.sample(4)
+    a.sample(4)
+    want, got = a.sample(4), b.sample(4, out=static)
+    assert got is static and all(torch.equal(x, y) for x, y in zip(got.tensors(), want.tensors()))
+
+
+def _stepper(cfg, kind, tmp_path):
+    torch.manual_seed(0)
+    run = build(cfg)
+    progress = Progress()
+    optimizer = run.optimizer(run.algo.parameters())
+    scheduler = run.scheduler(optimizer)
+    t = run.settings
+    args = (run.algo, make_sampler(run, "train"), optimizer, scheduler, t.meta_batch_size, t.grad_clip, progress)
+    if kind == "eager":
+        return run, optimizer, steps.EagerStep(*args, tmp_path)
+    return run, optimizer, steps.GraphStep(*args, tmp_path, capture=kind == "graph")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["algo=maml", "algo.inner_steps=2", "trainer.grad_clip=0.5"],
+        ["algo=protonet", "schedule=step", "schedule.step_size=2", "optim=adamw"],
+        ["algo=matching"],
+    ],
+    ids=["maml-clipped", "protonet-scheduled", "matching"],
+)
+def test_static_buffer_step_is_the_eager_step(compose_cfg, tmp_path, overrides):
+    """Eight iterations (past the warm-up, where a GPU would start replaying): the same losses, scores, weights
+    and optimizer state, bit for bit."""
+    cfg = compose_cfg("train", [*TINY, "device=cpu", *overrides])
+    (run_a, opt_a, eager), (run_b, opt_b, static) = (_stepper(cfg, k, tmp_path) for k in ("eager", "static"))
+    for it in range(1, 9):
+        (la, sa), (lb, sb) = eager(it), static(it)
+        assert torch.equal(la, lb) and torch.equal(sa, sb), it
+    for (name, a), b in zip(run_a.algo.state_dict().items(), run_b.algo.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert opt_a.param_groups[0]["lr"] == opt_b.param_groups[0]["lr"]
+    sa, sb = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+    assert all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
+    assert eager.progress.first_loss == static.progress.first_loss
+
+
+@cuda
+@pytest.mark.parametrize("overrides", [["algo=maml"], ["algo=protonet", "schedule=step", "schedule.step_size=2"]])
+def test_captured_graph_is_the_eager_step_on_cuda(compose_cfg, tmp_path, overrides):
+    """Captured for real: the replayed iterations track the eager ones (capturable Adam rounds its bias
+    corrections on the device, so the weights agree to float32 rounding, not bit for bit)."""
+    cfg = compose_cfg("train", [*TINY, "device=cuda", *overrides])
+    (run_a, _, eager), (run_b, opt_b, graph) = (_stepper(cfg, k, tmp_path) for k in ("eager", "graph"))
+    for it in range(1, 11):
+        (la, _), (lb, _) = eager(it), graph(it)
+        torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
+    assert graph.graph is not None, "the step was never captured"
+    for (name, a), b in zip(run_a.algo.state_dict().items(), run_b.algo.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    state = optimizer_state(opt_b)  # portable: CPU step counters, not capturable
+    assert all(v["step"].device.type == "cpu" for v in state["state"].values())
+    assert all(v["step"].device.type == "cuda" for v in opt_b.state.values()), "the live state was changed"
+
+
+def test_divergence_is_recorded_on_the_device_and_raised_at_the_next_check(compose_cfg, tmp_path):
+    """The eager step stops before the diverged update; the graph step records the same iteration and loss on the
+    device and raises the same message at the loop's next check (the loop checks before it saves anything)."""
+    cfg = compose_cfg("train", [*TINY, "device=cpu", "algo=maml", "trainer.meta_lr=1e9"])  # the head explodes
+    eager = _stepper(cfg, "eager", tmp_path)[2]
+    with pytest.raises(engine.FewshotError, match=r"the run diverged and stopped") as eager_error:
+        for it in range(1, 41):
+            eager(it)
+    step = _stepper(cfg, "static", tmp_path)[2]
+    for it in range(1, 41):
+        step(it)  # no host read of the loss after the first iteration: nothing raised yet
+    with pytest.raises(engine.FewshotError) as graph_error:
+        step.check()
+    assert str(graph_error.value) == str(eager_error.value)
+    print(graph_error.value)
+
+
+def test_cuda_graph_setting_is_checked(compose_cfg, tmp_path):
+    with pytest.raises(engine.ConfigError, match=r"trainer.cuda_graph=sometimes: choose off, on or auto"):
+        train_run(compose_cfg("train", [*TINY, "device=cpu", "trainer.cuda_graph=sometimes"]), tmp_path / "a")
+    with pytest.raises(engine.FewshotError, match=r"trainer.cuda_graph=on needs device=cuda"):
+        train_run(compose_cfg("train", [*TINY, "device=cpu", "trainer.cuda_graph=on"]), tmp_path / "b")
+    # auto on a CPU is the eager step, with the eager run's results
+    auto = train_run(compose_cfg("train", [*TINY, "device=cpu", "trainer.cuda_graph=auto"]), tmp_path / "c")
+    off = train_run(compose_cfg("train", [*TINY, "device=cpu"]), tmp_path / "d")
+    assert auto["test"]["acc_mean"] == off["test"]["acc_mean"]
+
+
+class _StopAt(steps.GraphStep):
+    """The static-buffer step that sends this process SIGTERM during iteration `stop`."""
+
+    stop = 4
+
+    def __call__(self, it):
+        if it == self.stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().__call__(it)
+
+
+def test_graph_step_resumes_and_stops_on_signals_bit_for_bit(compose_cfg, tmp_path, monkeypatch):
+    """SIGTERM with the static-buffer step checkpoints at the end of its iteration; resuming it (with the eager
+    step, since the checkpoint's optimizer state is portable) ends where an uninterrupted eager run ends."""
+    common = [*TINY, "device=cpu", "algo=protonet", "schedule=step", "schedule.step_size=2"]
+    train_run(compose_cfg("train", common), tmp_path / "straight")
+
+    def static_step(mode, device, *args, **kwargs):
+        return _StopAt(*args, capture=False, **kwargs)
+
+    monkeypatch.setattr(loop, "make_step", static_step)
+    with pytest.raises(engine.Interrupted, match=r"SIGTERM at iteration 4"):
+        train_run(compose_cfg("train", common), tmp_path / "split")
+    monkeypatch.undo()
+    train_run(compose_cfg("train", common), tmp_path / "split")
+    a, b = (load_checkpoint(tmp_path / d / "checkpoints" / "last.pt") for d in ("straight", "split"))
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_optimizer_state_leaves_the_live_optimizer_alone():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.Adam([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    live = opt.state[p]["step"]
+    state = optimizer_state(opt)
+    assert opt.state[p]["step"] is live and state["param_groups"][0]["capturable"] is False
