@@ -1,41 +1,64 @@
 #!/usr/bin/env bash
-# One prepared GPU check (about 5 minutes on an H100/H200), printing JSON lines:
-#   1. scripts/bench_maml.py --device cuda: our MAML vs learn2learn's, same process, ms/iter, ratio, peak memory;
-#   2. scripts/bench_sampler.py --device cuda: episode sampler vs learn2learn's TaskDataset;
-#   3. a timed MAML Omniglot 5-way 1-shot run (experiment=maml_omniglot_5w1s) for ITERATIONS meta-iterations
-#      (default 3000), then its 600-task test: ms per meta-iteration, extrapolated to the paper's 60,000.
+# One prepared GPU check, printing JSON lines (under 6 minutes on an H100 without FULL=1):
+#   1. the CUDA tests of the graph step (tests/test_steps.py: captured graph vs eager step);
+#   2. scripts/bench_maml.py --device cuda: learn2learn vs our eager step vs our CUDA-graph step (trainer.cuda_graph=on),
+#      same process, same tasks: ms per meta-iteration, speedups, peak memory;
+#   3. a timed maml_omniglot_5w1s run with trainer.cuda_graph=on: ITERATIONS meta-iterations (default 3000), its
+#      test, and the ms per meta-iteration projected to the paper's 60,000. FULL=1: the whole preset (60,000
+#      iterations, 600 test tasks); a run stopped by its time limit (RUN_LIMIT seconds, SIGTERM) checkpoints and the
+#      same command resumes it (the run folder is $OUT/maml_omniglot_5w1s, or RUN_DIR).
 #
 # Prepare on the CPU machine, in the project's root (see ../shared/docs/gpu.md):
-#   ../shared/tools/device-wheels.sh                         # hydra, learn2learn, ... as Python 3.12 wheels in .whl/
-#   mkdir -p .devdata/omniglot && cp ../shared/data/omniglot/*.zip .devdata/omniglot/
-# then run on the device, carrying [".whl", ".devdata"]:   bash scripts/bench_gpu.sh
-set -euo pipefail
+#   ../shared/tools/device-wheels.sh                                  # hydra, learn2learn, ... wheels in .whl/
+#   .venv/bin/pip wheel --no-deps --no-build-isolation -w .whl . && rm -rf build    # fewshot itself
+#   mkdir -p .devdata/omniglot && cp -r ../shared/data/omniglot/* .devdata/omniglot/
+# then run on the device, carrying [".whl", ".devdata"]:   bash scripts/bench_gpu.sh   (FULL=1 ... for the cell)
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/bench_gpu}
+FULL=${FULL:-0}
 ITERATIONS=${ITERATIONS:-3000}
+RUN_LIMIT=${RUN_LIMIT:-560}
+RUN_DIR=${RUN_DIR:-$OUT/maml_omniglot_5w1s}
+SKIP_BENCH=${SKIP_BENCH:-0}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export FEWSHOT_DATA_ROOT=${FEWSHOT_DATA_ROOT:-$PWD/.devdata}
 export FEWSHOT_CACHE_DIR=${FEWSHOT_CACHE_DIR:-/tmp/fewshot-cache}
-if ! python3 -c "import hydra, learn2learn" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD/src
+if ! python3 -c "import hydra, learn2learn, fewshot.engine.steps" 2>/dev/null; then
+  rm -rf /tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 scripts/bench_maml.py --device cuda 2>&1 | tee "$OUT/bench_maml.jsonl"
-python3 scripts/bench_sampler.py --device cuda --seconds 3 2>&1 | grep '^{' | tee "$OUT/bench_sampler.jsonl"
+if [ "$SKIP_BENCH" != 1 ]; then
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_steps.py -k cuda 2>&1 | tail -5 | tee "$OUT/tests.txt"
+  timeout 240 python3 scripts/bench_maml.py --device cuda --iters 10 --warmup 3 2>&1 | grep '^{' | tee "$OUT/bench_maml.jsonl"
+fi
+if [ "$FULL" = 1 ]; then
+  budget=()
+else
+  budget=("trainer.iterations=$ITERATIONS" trainer.val_every=1000 trainer.checkpoint_every=1000)
+fi
 start=$(date +%s.%N)
-python3 -m fewshot.train experiment=maml_omniglot_5w1s device=cuda "trainer.iterations=$ITERATIONS" \
-  trainer.val_every=1000 trainer.checkpoint_every=1000 "hydra.run.dir=$OUT/maml_omniglot_5w1s" 2>&1 \
-  | tr '\r' '\n' | grep -v '^meta-train\|^validate\|^test' | tee "$OUT/train.log"
+timeout -s TERM -k 30 "$RUN_LIMIT" python3 -m fewshot.train experiment=maml_omniglot_5w1s device=cuda seed=1 \
+  trainer.cuda_graph=on "${budget[@]}" "hydra.run.dir=$RUN_DIR" 2>&1 \
+  | tr '\r' '\n' | grep -v '^meta-train\|^validate\|^test' | tee -a "$OUT/train.log" | tail -20
 end=$(date +%s.%N)
-python3 - "$OUT" "$ITERATIONS" "$start" "$end" <<'PY'
-import json, sys
-out, iters, start, end = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-r = json.load(open(f"{out}/maml_omniglot_5w1s/results.json"))
+python3 - "$RUN_DIR" "$start" "$end" <<'PY'
+import json, os, sys
+run, start, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+path = f"{run}/results.json"
+if not os.path.exists(path):
+    print(json.dumps({"run": "maml_omniglot_5w1s", "finished": False, "wall_seconds_this_call": round(end - start, 1)}))
+    sys.exit(0)
+r = json.load(open(path))
+iters = r["iterations"]
 ms = 1000 * r["train_seconds"] / iters
-print(json.dumps({"run": "maml_omniglot_5w1s", "device": r["device"], "iterations": iters, "train_ms_per_iter": round(ms, 2),
-                  "projected_60k_minutes": round(ms * 60000 / 1000 / 60, 1), "wall_seconds": round(end - start, 1),
+print(json.dumps({"run": "maml_omniglot_5w1s", "finished": True, "device": r.get("device"), "iterations": iters,
+                  "train_seconds": round(r["train_seconds"], 1), "train_ms_per_iter": round(ms, 2),
+                  "projected_60k_minutes": round(ms * 60000 / 1000 / 60, 1),
+                  "wall_seconds_this_call": round(end - start, 1),
                   "test_acc": round(100 * r["test"]["acc_mean"], 2), "test_ci95": round(100 * r["test"]["acc_ci95"], 2),
                   "test_episodes": r["test"]["episodes"]}))
 PY

@@ -36,6 +36,7 @@ NEUTRAL_OVERRIDES = (
     "resume",
     "trainer.log_every",
     "trainer.checkpoint_every",
+    "trainer.cuda_graph",  # the same step, replayed as one CUDA graph or launched op by op
     "eval.meta_batch_size",
 )
 
