@@ -6,6 +6,7 @@ accuracy are summed, when divergence is noticed, the optimizer's state form) is 
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 
@@ -104,20 +105,34 @@ def test_static_buffer_step_is_the_eager_step(compose_cfg, tmp_path, overrides):
 
 @cuda
 @pytest.mark.parametrize("overrides", [["algo=maml"], ["algo=protonet", "schedule=step", "schedule.step_size=2"]])
-def test_captured_graph_is_the_eager_step_on_cuda(compose_cfg, tmp_path, overrides):
-    """Captured for real: the replayed iterations track the eager ones (capturable Adam rounds its bias
-    corrections on the device, so the weights agree to float32 rounding, not bit for bit)."""
+def test_captured_graph_replays_the_eager_update_on_cuda(compose_cfg, tmp_path, overrides):
+    """Captured for real: one replay computes, from the same weights, optimizer state and static inputs, the loss,
+    gradients and Adam update that the eager code computes. (Two CUDA runs are not compared iteration by iteration:
+    cuDNN's backward kernels are not bitwise deterministic, and Adam's first steps, lr * g / |g|, turn that noise in
+    near-zero gradients into lr-sized differences.)"""
     cfg = compose_cfg("train", [*TINY, "device=cuda", *overrides])
-    (run_a, _, eager), (run_b, opt_b, graph) = (_stepper(cfg, k, tmp_path) for k in ("eager", "graph"))
-    for it in range(1, 11):
-        (la, _), (lb, _) = eager(it), graph(it)
-        torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
+    run, optimizer, graph = _stepper(cfg, "graph", tmp_path)
+    for it in range(1, steps.WARMUP + 3):
+        graph(it)
     assert graph.graph is not None, "the step was never captured"
-    for (name, a), b in zip(run_a.algo.state_dict().items(), run_b.algo.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
-    state = optimizer_state(opt_b)  # portable: CPU step counters, not capturable
+    algo = run.algo
+    reference = copy.deepcopy(algo)
+    state = optimizer_state(optimizer)  # portable: CPU step counters, not capturable
     assert all(v["step"].device.type == "cpu" for v in state["state"].values())
-    assert all(v["step"].device.type == "cuda" for v in opt_b.state.values()), "the live state was changed"
+    assert all(v["step"].device.type == "cuda" for v in optimizer.state.values()), "the live state was changed"
+    loss, _ = graph(steps.WARMUP + 3)  # a replay, on the next tasks drawn into graph.static
+
+    ref_optimizer = run.optimizer(reference.parameters())
+    ref_optimizer.load_state_dict(state)
+    out = reference(graph.static, train=True)
+    torch.testing.assert_close(loss, out.loss.detach(), rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    for (name, p), q in zip(algo.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-6, msg=name)
+        q.grad.copy_(p.grad)  # the update from the very same gradient, so only the optimizer is compared
+    ref_optimizer.step()
+    for (name, p), q in zip(algo.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_divergence_is_recorded_on_the_device_and_raised_at_the_next_check(compose_cfg, tmp_path):
