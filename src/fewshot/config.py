@@ -36,8 +36,9 @@ class TrainerConfig:
     log_every: int = 10  # refresh the progress bar's loss/accuracy every N iterations
     grad_clip: Optional[float] = None
     # off | on | auto: replay each meta-iteration as one CUDA graph (fewshot.engine.steps.GraphStep). auto: on CUDA
-    # with an optimizer that can be captured (adam, adamw). Off by default until measured on a GPU.
-    cuda_graph: str = "off"
+    # with an optimizer that can be captured (adam, adamw), eager elsewhere or when capture fails. Measured on an
+    # H100: MAML Omniglot 5-way 1-shot 25.3 -> 4.7 ms per meta-iteration (scripts/bench_gpu.sh).
+    cuda_graph: str = "auto"
 
 
 @dataclass

@@ -59,7 +59,7 @@ def check_config(cfg: DictConfig) -> None:
     clip = cfg.trainer.grad_clip
     if clip is not None and not (math.isfinite(clip) and clip > 0):  # a negative norm would flip the gradient
         raise ConfigError(f"trainer.grad_clip={clip}: must be a positive gradient norm, or null for no clipping")
-    graph = str(cfg.trainer.get("cuda_graph", "off")).lower()
+    graph = str(cfg.trainer.get("cuda_graph", "auto")).lower()
     if graph not in ("off", "on", "auto", "true", "false"):
         raise ConfigError(f"trainer.cuda_graph={cfg.trainer.cuda_graph}: choose off, on or auto")
     for key, value in (("eval.episodes", cfg.eval.episodes), ("trainer.val_episodes", cfg.trainer.val_episodes)):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -34,7 +34,6 @@ DIVERGED = 100.0
 # Eager iterations on the static tensors before capture: cuDNN/cuBLAS pick their kernels and workspaces, and the
 # optimizer creates its state, outside the graph (as torch.cuda.graphs' documentation asks).
 WARMUP = 3
-MODES = ("off", "on", "auto")
 
 
 def divergence_limit(first: float) -> float:
@@ -237,6 +236,3 @@ def make_step(mode: str, device: torch.device, *args, **kwargs) -> EagerStep:
             raise FewshotError(f"trainer.cuda_graph=on: {e}") from e
         print(f"fewshot: trainer.cuda_graph=auto: {e}; running eagerly", file=sys.stderr)
         return EagerStep(*args, **kwargs)
-
-
-StepFactory = Callable[..., EagerStep]
