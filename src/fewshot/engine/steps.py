@@ -110,6 +110,7 @@ class GraphStep(EagerStep):
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.outputs: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self.calls = 0
+        self.pool_bytes = 0
         # Divergence, recorded on the device: the iteration counter, the limit, the first bad iteration and loss.
         zeros = dict(device=self.device)
         self._it = torch.zeros((), dtype=torch.int64, **zeros)
@@ -167,6 +168,7 @@ class GraphStep(EagerStep):
         # The graph reads the learning rate from device tensors; the schedule keeps working on plain floats.
         floats = [g["lr"] for g in self.optimizer.param_groups]
         graph = torch.cuda.CUDAGraph()
+        reserved = torch.cuda.memory_reserved(self.device)
         try:
             for group, lr in zip(self.optimizer.param_groups, self._lr):
                 group["lr"] = lr
@@ -176,6 +178,8 @@ class GraphStep(EagerStep):
             for group, lr in zip(self.optimizer.param_groups, floats):
                 group["lr"] = lr
         self.graph = graph
+        # The graph's private memory pool (its intermediate tensors, kept between replays), for memory reports.
+        self.pool_bytes = torch.cuda.memory_reserved(self.device) - reserved
 
     def __call__(self, it: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and mean score of iteration `it`, on the device; valid until the next call (a replay overwrites
