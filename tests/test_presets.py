@@ -12,7 +12,11 @@ from fewshot.train import run as train_run
 
 # The sinusoid regression presets (<algo>_sinusoid_k<K>) have their own protocol and smoke test: tests/test_sinusoid.py.
 PRESETS = [p for p in group_choices("experiment") if "_sinusoid_" not in p]
-NAME = re.compile(r"^(?P<algo>[a-z_]+)_(?P<dataset>omniglot|miniimagenet)_(?P<ways>\d+)w(?P<shots>\d+)s$")
+# An optional benchmark between the dataset and the cell: siamese_omniglot_lake_20w1s (read on Lake's 20 runs).
+# Or <W>way: the sequence tasks of MANN and its LSTM baseline (mann_omniglot_5way: 10 instances per class, no shots).
+NAME = re.compile(
+    r"^(?P<algo>[a-z_]+)_(?P<dataset>omniglot|miniimagenet)_(?:lake_)?(?P<ways>\d+)(?:w(?P<shots>\d+)s|way)$"
+)
 
 
 def test_every_cell_of_the_issue_has_a_preset():
@@ -32,7 +36,12 @@ def test_preset_protocol(compose_cfg, preset):
     assert cfg.name == preset
     assert cfg.algo.name == m["algo"] and cfg.dataset.name == m["dataset"]
     # The test episodes are the cell's shape (ProtoNets train with more ways than they test).
-    assert (cfg.eval.ways or cfg.episode.ways) == int(m["ways"]) and cfg.episode.shots == int(m["shots"])
+    assert (cfg.eval.ways or cfg.episode.ways) == int(m["ways"])
+    if m["shots"] is not None:
+        assert cfg.episode.shots == int(m["shots"])
+    else:  # Santoro et al.'s sequences: 10 instances per class, 20x20 images
+        assert cfg.algo.name in ("mann", "lstm_baseline") and cfg.episode.shots + cfg.episode.queries == 10
+        assert cfg.dataset.image_size == 20 and cfg.algo.memory == (cfg.algo.name == "mann")
     assert cfg.paper.source, "each preset names its source"
     if cfg.algo.name in ("maml", "fomaml"):
         assert cfg.algo.first_order == (cfg.algo.name == "fomaml")

@@ -18,13 +18,15 @@ BackboneFactory = Callable[..., nn.Module]
 @dataclass
 class AlgoOutput:
     """What an algorithm returns for a meta-batch: the loss, a per-task score and its metric's name (see
-    fewshot.metrics: "acc" for classification, "mse" for regression), and optionally the score after each inner
-    step (MAML)."""
+    fewshot.metrics: "acc" for classification, "mse" for regression), and optionally a per-task score along a
+    second axis, named by step_kind: "step" (MAML: before adaptation and after each inner step; results.json's
+    step_acc) or "instance" (MANN: at the 1st, 2nd, ... instance of each class in a sequence; instance_acc)."""
 
     loss: torch.Tensor  # scalar, mean over tasks; differentiable w.r.t. the meta-parameters in training
     score: torch.Tensor  # (T,) per-task query score, detached: accuracy in [0, 1], or MSE
     metric: str = "acc"
     step_score: Optional[torch.Tensor] = None  # (T, inner_steps + 1): before adaptation and after each step
+    step_kind: str = "step"  # what step_score's axis is: "step" or "instance" (results.json: <kind>_<metric>)
 
     def per_task(self) -> torch.Tensor:
         return self.score

@@ -25,20 +25,21 @@ def evaluate(
 
     Returns the metric's name and, for accuracy (fractions in [0, 1]), acc_mean, acc_ci95 = 1.96 * std /
     sqrt(episodes) and, for algorithms that report it, step_acc: the mean before adaptation and after each inner
-    step; another metric (MSE) the same way under its own name."""
+    step (instance_acc for a score per instance of each class: MANN); another metric (MSE) the same way under its
+    own name."""
     was_training = algo.training
     algo.eval()
-    values, steps, metric = [], [], "acc"  # the name the algorithm reports (fewshot.metrics)
+    values, steps, metric, kind = [], [], "acc", "step"  # the names the algorithm reports (fewshot.metrics)
     with tqdm(total=episodes, desc=desc, unit="task", leave=False, dynamic_ncols=True) as bar:
         for episode in fixed_episodes(sampler, episodes, batch, seed):
             out = algo(episode, train=False)
-            metric = out.metric
-            values.append(out.per_task().detach().cpu())
+            metric, kind = out.metric, out.step_kind
+            values.append(out.per_task().detach())  # kept on the device: one host transfer at the end
             if out.per_step() is not None:
-                steps.append(out.per_step().detach().cpu())
+                steps.append(out.per_step().detach())
             bar.update(episode.tasks)
     algo.train(was_training)
-    value = torch.cat(values).double()  # (episodes,)
+    value = torch.cat(values).double().cpu()  # (episodes,)
     std = value.std(unbiased=True).item() if episodes > 1 else 0.0
     result: dict[str, Any] = {
         "episodes": episodes,
@@ -47,7 +48,7 @@ def evaluate(
         f"{metric}_ci95": 1.96 * std / math.sqrt(episodes),
     }
     if steps:
-        result[f"step_{metric}"] = torch.cat(steps).double().mean(0).tolist()
+        result[f"{kind}_{metric}"] = torch.cat(steps).double().mean(0).cpu().tolist()
     return result
 
 

@@ -83,8 +83,8 @@ def run_command() -> Optional[str]:
 
 
 def results_markdown(results: dict) -> str:
-    """results.md: one table row (with the paper's number where the preset quotes one) and the score after each
-    inner step for the algorithms that adapt."""
+    """results.md: one table row (with the paper's number where the preset quotes one), the score after each
+    inner step for the algorithms that adapt, and a per-instance table for sequence models (MANN)."""
     test = results["test"]
     metric = METRICS[test.get("metric", "acc")]
     m = metric.name
@@ -104,6 +104,16 @@ def results_markdown(results: dict) -> str:
     if f"step_{m}" in test:
         steps = ", ".join(f"{i}: {metric.show(v, None).rstrip('%')}" for i, v in enumerate(test[f"step_{m}"]))
         lines += ["", f"{unit[0].upper() + unit[1:]} after each inner step: {steps}"]
+    if f"instance_{m}" in test:  # MANN's sequences: the score at the k-th instance of each class, as Santoro et al.
+        values = test[f"instance_{m}"]
+        lines += [
+            "",
+            f"{unit[0].upper() + unit[1:]} at the k-th instance of each class:",
+            "",
+            f"| instance | {' | '.join(str(k) for k in range(1, len(values) + 1))} |",
+            "|---" * (len(values) + 1) + "|",
+            f"| {unit} | {' | '.join(metric.show(v, None).rstrip('%') for v in values)} |",
+        ]
     return "\n".join(lines) + "\n"
 
 

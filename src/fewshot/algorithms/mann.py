@@ -1,0 +1,201 @@
+"""Memory-Augmented Neural Network (Santoro, Bartunov, Botvinick, Wierstra, Lillicrap, ICML 2016).
+
+The paper: an episode is a sequence. The images of a few classes (5 classes x 10 instances, 20x20 Omniglot) are
+shown one per time step in random order, each with the one-hot label of the *previous* step, so the label of an
+image is revealed only after the network has answered for it; labels are shuffled per episode, so the class-label
+binding must be held in memory, not in the weights. An LSTM controller (200 units) reads an external memory
+(128 slots x 40) with 4 heads, by a softmax over the cosine similarities between each head's key k_t and the slots,
+and writes with Least Recently Used Access (LRUA):
+
+    usage         w_u(t)  = gamma * w_u(t-1) + w_r(t) + w_w(t)                           (gamma = 0.95)
+    write weights w_w(t)  = sigmoid(alpha) * w_r(t-1) + (1 - sigmoid(alpha)) * w_lu(t-1)
+    memory        M_t(i)  = M_{t-1}(i) + w_w(t)(i) k_t, the least-used slot zeroed first
+    read          r_t     = sum_i w_r(t)(i) M_t(i),  w_r(t) = softmax_i cos(k_t, M_t(i))
+
+and answers from the controller's output and the read vectors. The baseline of the paper's Table 1 is the same
+LSTM without the memory (`memory=False`, conf/algo/lstm_baseline.yaml). The paper reports the accuracy at the
+1st, 2nd, ..., 10th instance of each class: AlgoOutput.step_score holds it per task (step_kind "instance"), and
+fewshot writes it to results.json as `instance_acc` (index 0 = the 1st instance).
+
+Where fewshot differs, and why:
+- The episode comes from fewshot's sampler (episode.shots + episode.queries = instances per class: the presets use
+  1 + 9); forward() joins its support and query images into one sequence in random order. In training the order
+  comes from the global torch RNG (seeded and checkpointed by the engine). At validation and test it is the order
+  of a hash of each image's ink pattern: a random order that is the same on every call, so the fixed
+  validation/test tasks score the same every time, and that depends on the task's images only (a generator
+  reseeded per call would give the j-th task of every meta-batch the same order, and the same label sequence).
+- The paper's w_lu marks the n least-used slots (n = number of reads) for every head, and zeroes the least-used
+  one. Here head h writes to the h-th least-used slot, and those slots are zeroed: the heads never write into the
+  same fresh slot, and with one head it is the paper's rule exactly.
+- The controller's input is [image, previous label, previous reads] and the output layer sees [h_t, reads], as in
+  the NTM-style controllers this work builds on; keys pass through tanh, which keeps memory contents bounded.
+- AlgoOutput.score, which validation selects on, is the accuracy over instances >= 2: the 1st instance of a class
+  comes before its label was ever shown, so it can only be guessed (at best by excluding labels already seen) and
+  only dilutes the measure of what the memory does.
+- The paper reads raw pixels, and so does this module: the configured backbone is not used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot.algorithms.base import AlgoOutput, Algorithm, BackboneFactory
+from fewshot.data.base import Episode
+
+_HASH_PRIME = 2**31 - 1  # eval order: ink pattern hashed mod a prime (sums stay far below 2**63)
+
+
+# ---- LRUA memory access (batched over tasks: memory (T, N, W), heads (T, H, .)) ---------------------------------
+
+
+def least_used(usage: torch.Tensor, heads: int) -> torch.Tensor:
+    """usage (T, N) -> (T, heads, N): head h one-hot on the h-th least-used slot."""
+    return F.one_hot(usage.topk(heads, dim=-1, largest=False).indices, usage.shape[-1]).to(usage.dtype)
+
+
+def lrua_write(
+    memory: torch.Tensor, usage: torch.Tensor, read_prev: torch.Tensor, keys: torch.Tensor, alpha: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LRUA write from the previous step's usage (T, N) and read weights (T, H, N), keys (T, H, W) and the
+    gates' logits alpha (T, H): the heads' least-used slots are zeroed, then each key is added with its weights
+    w_w = sigmoid(alpha) w_r(t-1) + (1 - sigmoid(alpha)) w_lu(t-1). Returns the memory and w_w (T, H, N)."""
+    lu = least_used(usage, keys.shape[1])  # (T, H, N)
+    memory = memory * (1 - lu.sum(1)).unsqueeze(-1)  # slots are distinct, so the sum is a 0/1 mask
+    gate = alpha.sigmoid().unsqueeze(-1)  # (T, H, 1)
+    write = gate * read_prev + (1 - gate) * lu
+    return memory + write.transpose(1, 2) @ keys, write
+
+
+def cosine_read(memory: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read weights softmax_i cos(k, M(i)) (T, H, N) and read vectors (T, H, W); an all-zero slot has cosine 0."""
+    weights = (F.normalize(keys, dim=-1) @ F.normalize(memory, dim=-1).transpose(1, 2)).softmax(-1)
+    return weights, weights @ memory
+
+
+def update_usage(usage: torch.Tensor, read: torch.Tensor, write: torch.Tensor, gamma: float) -> torch.Tensor:
+    """w_u(t) = gamma w_u(t-1) + w_r(t) + w_w(t), the heads' weights summed: (T, N)."""
+    return gamma * usage + read.sum(1) + write.sum(1)
+
+
+# ---- the episode as a sequence ------------------------------------------------------------------------------------
+
+
+def eval_order(x: torch.Tensor) -> torch.Tensor:
+    """(T, L, D) images -> (T, L) a fixed random order: argsort of a hash of each image's ink (its pixels above the
+    image's minimum, an exact comparison), so it depends on the images only, not on the batch or the device."""
+    ink = (x > x.amin(-1, keepdim=True)).long()
+    weights = torch.randint(0, _HASH_PRIME, (x.shape[-1],), generator=torch.Generator().manual_seed(0))
+    return ((ink * weights.to(x.device)).sum(-1) % _HASH_PRIME).argsort(dim=-1, stable=True)
+
+
+def make_sequence(
+    episode: Episode, order: torch.Tensor, ways: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The episode's support and query images as one sequence per task, in `order` (T, L).
+
+    Returns the flattened images x (T, L, D), their labels y (T, L), the previous step's one-hot label
+    (T, L, ways; zeros at the first step) and each step's instance index (T, L): 0 for the 1st image of its class
+    in the sequence, 1 for the 2nd, ..."""
+    x = torch.cat([episode.support_x, episode.query_x], 1).flatten(2)
+    y = torch.cat([episode.support_y, episode.query_y], 1)
+    x = x.gather(1, order.unsqueeze(-1).expand_as(x))
+    y = y.gather(1, order)
+    onehot = F.one_hot(y, ways).to(x.dtype)
+    previous = torch.cat([torch.zeros_like(onehot[:, :1]), onehot[:, :-1]], 1)
+    instance = (onehot.cumsum(1) * onehot).sum(-1).long() - 1
+    return x, y, previous, instance
+
+
+class MANN(Algorithm):
+    """LSTM controller + LRUA memory over a sequence episode; memory=False gives the paper's LSTM baseline.
+
+    controller: LSTM units. slots x width: the memory. read_heads: heads (each reads and writes).
+    gamma: usage decay.
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneFactory,
+        ways: int,
+        memory: bool = True,
+        controller: int = 200,
+        slots: int = 128,
+        width: int = 40,
+        read_heads: int = 4,
+        gamma: float = 0.95,
+    ) -> None:
+        super().__init__()
+        for key, value in (("controller", controller), ("slots", slots), ("width", width), ("read_heads", read_heads)):
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"MANN {key}={value}: must be a positive integer")
+        if memory and read_heads > slots:
+            raise ValueError(f"MANN read_heads={read_heads} exceeds slots={slots}: each head writes its own slot")
+        if not 0 <= gamma <= 1:
+            raise ValueError(f"MANN gamma={gamma}: the usage decay must lie in [0, 1]")
+        kw = getattr(backbone, "keywords", None) or {}
+        if "in_channels" not in kw or "image_size" not in kw:
+            raise ValueError("MANN reads raw pixels: its backbone factory must bind in_channels and image_size")
+        self.pixels = kw["in_channels"] * kw["image_size"] ** 2
+        self.ways = self.fixed_ways = ways  # the label input and the output are `ways` wide
+        self.memory, self.slots, self.width, self.heads, self.gamma = bool(memory), slots, width, read_heads, gamma
+        reads = read_heads * width if self.memory else 0
+        self.cell = nn.LSTMCell(self.pixels + ways + reads, controller)
+        if self.memory:
+            self.interface = nn.Linear(controller, read_heads * (width + 1))  # keys and write gates alpha
+        self.out = nn.Linear(controller + reads, ways)
+
+    def extra_repr(self) -> str:
+        memory = f"slots={self.slots}, width={self.width}, read_heads={self.heads}, gamma={self.gamma}"
+        return f"ways={self.ways}, memory={self.memory}" + (f", {memory}" if self.memory else "")
+
+    def logits(self, x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """Images (T, L, D) and previous labels (T, L, ways) -> logits (T, L, ways), one step at a time."""
+        tasks, length = x.shape[:2]
+        h = x.new_zeros(tasks, self.cell.hidden_size)
+        c = torch.zeros_like(h)
+        if self.memory:
+            mem = x.new_zeros(tasks, self.slots, self.width)
+            # A tiny ramp breaks the first steps' ties, so the fresh slots are 0, 1, 2, ... on every device.
+            usage = torch.arange(self.slots, dtype=x.dtype, device=x.device).expand(tasks, -1) * 1e-6
+            read_w = x.new_zeros(tasks, self.heads, self.slots)
+            reads = x.new_zeros(tasks, self.heads * self.width)
+        outputs = []
+        for t in range(length):
+            if not self.memory:
+                h, c = self.cell(torch.cat([x[:, t], previous[:, t]], -1), (h, c))
+                outputs.append(self.out(h))
+                continue
+            h, c = self.cell(torch.cat([x[:, t], previous[:, t], reads], -1), (h, c))
+            interface = self.interface(h).view(tasks, self.heads, self.width + 1)
+            keys, alpha = interface[..., :-1].tanh(), interface[..., -1]
+            mem, write_w = lrua_write(mem, usage, read_w, keys, alpha)
+            read_w, read = cosine_read(mem, keys)
+            usage = update_usage(usage, read_w, write_w, self.gamma)
+            reads = read.flatten(1)
+            outputs.append(self.out(torch.cat([h, reads], -1)))
+        return torch.stack(outputs, 1)
+
+    def forward(self, episode: Episode, train: bool = True) -> AlgoOutput:
+        if episode.num_ways() != self.ways:
+            raise ValueError(f"MANN was built for {self.ways} ways, the episode has {episode.num_ways()}")
+        with contextlib.nullcontext() if train else torch.no_grad():
+            tasks, length = episode.tasks, episode.support_x.shape[1] + episode.query_x.shape[1]
+            images = torch.cat([episode.support_x, episode.query_x], 1).flatten(2)
+            if train:
+                order = torch.rand(tasks, length, device=images.device).argsort(-1)
+            else:
+                order = eval_order(images)
+            x, y, previous, instance = make_sequence(episode, order, self.ways)
+            logits = self.logits(x, previous)  # (T, L, ways)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        correct = (logits.detach().argmax(-1) == y).to(x.dtype)  # (T, L)
+        instances = length // self.ways
+        per_instance = correct.new_zeros(tasks, instances).scatter_add_(1, instance, correct)
+        counts = correct.new_zeros(tasks, instances).scatter_add_(1, instance, torch.ones_like(correct))
+        later = instance >= 1
+        score = (correct * later).sum(1) / later.sum(1).clamp_min(1)
+        return AlgoOutput(loss=loss, score=score, step_score=per_instance / counts.clamp_min(1), step_kind="instance")
