@@ -60,7 +60,8 @@ def test_every_algo_instantiates(compose_cfg, algo):
 @pytest.mark.parametrize("backbone", group_choices("backbone"))
 def test_every_backbone_instantiates(compose_cfg, backbone):
     cfg = compose_cfg("train", [f"backbone={backbone}"])
-    size = 84 if cfg.backbone.get("max_pool") else 28
+    # Koch et al.'s siamese tower needs the paper's 105x105 drawings (valid 10x10, 7x7 and 4x4 convolutions).
+    size = 105 if cfg.backbone.name == "koch" else 84 if cfg.backbone.get("max_pool") else 28
     net = instantiate(_plain(cfg.backbone), _convert_="all")(in_channels=3, image_size=size, out_features=5)
     assert net(__import__("torch").zeros(2, 3, size, size)).shape == (2, 5)
 

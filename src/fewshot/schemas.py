@@ -1,7 +1,7 @@
 """Config schemas generated from constructor signatures: a constructor is the one home of its defaults.
 
 Every Algorithm subclass in a module of fewshot.algorithms is found and registered as `schema_algo_<module>`
-(e.g. conf/algo/maml.yaml starts from `/schema_algo_maml`), every backbone class in fewshot.models.backbones
+(e.g. conf/algo/maml.yaml starts from `/schema_algo_maml`), every backbone class in a module of fewshot.models
 as `schema_backbone_<class name, lower case>`, every loader marked @task_source in fewshot.data as
 `schema_dataset_<name>`: the YAML names its choice and sets only what differs from the
 constructor's defaults, and a misspelled key fails at compose time, since the schema is a typed dataclass.
@@ -83,19 +83,22 @@ def algorithm_schemas() -> Iterator[tuple[str, type]]:
 
 
 def backbone_schemas() -> Iterator[tuple[str, type]]:
-    """(class name in lower case, schema) for every nn.Module class defined in fewshot.models.backbones."""
+    """(class name in lower case, schema) for every public nn.Module class defined in a module of fewshot.models
+    (backbones.py, koch.py, ...)."""
     from torch import nn
 
-    from fewshot.models import backbones
+    import fewshot.models as package
 
-    for obj in vars(backbones).values():
-        if (
-            inspect.isclass(obj)
-            and issubclass(obj, nn.Module)
-            and obj.__module__ == backbones.__name__
-            and not obj.__name__.startswith("_")
-        ):
-            yield obj.__name__.lower(), schema_for(obj, obj.__name__.lower(), "backbone", partial=True)
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for obj in vars(module).values():
+            if (
+                inspect.isclass(obj)
+                and issubclass(obj, nn.Module)
+                and obj.__module__ == module.__name__
+                and not obj.__name__.startswith("_")
+            ):
+                yield obj.__name__.lower(), schema_for(obj, obj.__name__.lower(), "backbone", partial=True)
 
 
 def torch_schemas() -> Iterator[tuple[str, str, type]]:
