@@ -276,3 +276,21 @@ def test_old_matching_checkpoint_rebuilds_with_the_plain_cosine():
         engine.upgrade_config({"algo": {"name": "matching", "similarity": "support_cosine"}})["algo"]["similarity"]
         == "support_cosine"
     )
+
+
+@pytest.mark.parametrize(
+    "algo",
+    [["algo=siamese"], ["algo=mann", "algo.slots=16"], ["algo=lstm_baseline"], ["algo=meta_lstm", "algo.updates=2"]],
+    ids=lambda a: a[0],
+)
+def test_resume_is_bit_for_bit_for_every_family(compose_cfg, tmp_path, algo):
+    """Training 3 iterations, then resuming to 6, ends with the uninterrupted run's weights and test score: the
+    algorithms that draw their own randomness (siamese distortions, MANN's sequence order) draw it from the RNG
+    states that checkpoints keep."""
+    straight = train_run(compose_cfg("train", TINY + algo), tmp_path / "straight")
+    train_run(compose_cfg("train", [*TINY, *algo, "trainer.iterations=3"]), tmp_path / "split")
+    split = train_run(compose_cfg("train", TINY + algo), tmp_path / "split")
+    a, b = (load_checkpoint(tmp_path / d / "checkpoints" / "last.pt") for d in ("straight", "split"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert straight["test"] == split["test"]

@@ -50,11 +50,12 @@ def affine_params(
     """(n, 7) random distortions [theta (degrees), rho_x, rho_y, s_x, s_y, t_x, t_y (pixels)], each component
     uniform in its range (theta in +-rotation, rho in +-shear, s in 1 +- scale, t in +-shift) with probability p
     and the identity's value (0, 0, 0, 1, 1, 0, 0) otherwise."""
-    half = torch.tensor([rotation, shear, shear, scale, scale, shift, shift], device=device)
-    identity = torch.tensor([0.0, 0, 0, 1, 1, 0, 0], device=device)
+    # Column by column with Python scalars: no host-to-device copy, so a CUDA graph can capture the draw.
+    half = (rotation, shear, shear, scale, scale, shift, shift)
+    identity = (0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0)
     u = torch.rand(n, 7, generator=generator, device=device) * 2 - 1
     on = torch.rand(n, 7, generator=generator, device=device) < p
-    return identity + torch.where(on, u * half, torch.zeros_like(u))
+    return torch.stack([torch.where(on[:, j], u[:, j] * half[j], 0.0) + identity[j] for j in range(7)], -1)
 
 
 def affine_theta(params: torch.Tensor, size: int) -> torch.Tensor:
@@ -68,7 +69,10 @@ def affine_theta(params: torch.Tensor, size: int) -> torch.Tensor:
     rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
     shear = torch.stack([torch.stack([one, rx], -1), torch.stack([ry, one], -1)], -2)
     scaling = torch.diag_embed(torch.stack([sx, sy], -1))
-    inverse = torch.linalg.inv(rot @ shear @ scaling)  # (n, 2, 2)
+    m = rot @ shear @ scaling  # (n, 2, 2)
+    a, b, c, d = m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1]
+    # The 2x2 inverse in closed form: torch.linalg.inv checks for singular matrices on the host (a device sync).
+    inverse = torch.stack([torch.stack([d, -b], -1), torch.stack([-c, a], -1)], -2) / (a * d - b * c)[:, None, None]
     t = torch.stack([tx, ty], -1).unsqueeze(-1) * (2 / size)  # (n, 2, 1)
     return torch.cat([inverse, -inverse @ t], -1)
 
