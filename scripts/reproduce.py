@@ -28,6 +28,9 @@ TABLES = {
     "matching-miniimagenet": [f"{a}_miniimagenet_5w{k}s" for a in ("matching", "matching_fce") for k in (1, 5)],
     "protonet-omniglot": [f"protonet_omniglot_{c}" for c in CELLS],
     "protonet-miniimagenet": [f"protonet_miniimagenet_5w{k}s" for k in (1, 5)],
+    "siamese-omniglot": [f"siamese_omniglot_{c}" for c in CELLS] + ["siamese_omniglot_lake_20w1s"],
+    "mann-omniglot": ["mann_omniglot_5way", "lstm_baseline_omniglot_5way"],
+    "meta-lstm": [f"meta_lstm_{d}_5w{k}s" for d in ("omniglot", "miniimagenet") for k in (1, 5)],
 }
 
 

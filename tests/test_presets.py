@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +27,9 @@ def test_every_cell_of_the_issue_has_a_preset():
     expected |= {
         f"{a}_miniimagenet_5w{k}s" for a in ("maml", "fomaml", "matching", "matching_fce", "protonet") for k in (1, 5)
     }
+    expected |= {f"siamese_omniglot_{c}" for c in cells} | {"siamese_omniglot_lake_20w1s"}
+    expected |= {"mann_omniglot_5way", "lstm_baseline_omniglot_5way"}
+    expected |= {f"meta_lstm_{d}_5w{k}s" for d in ("omniglot", "miniimagenet") for k in (1, 5)}
     assert expected <= set(PRESETS)
 
 
@@ -82,3 +87,11 @@ def test_preset_runs_one_smoke_iteration(compose_cfg, tmp_path, preset):
     assert results["train_episode"]["ways"] == cfg.episode.ways
     assert results["test"]["episodes"] == 2 and 0 <= results["test"]["acc_mean"] <= 1
     assert (tmp_path / "results.json").is_file()
+
+
+def test_reproduce_tables_name_existing_presets():
+    spec = importlib.util.spec_from_file_location("reproduce", Path(__file__).parents[1] / "scripts" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    missing = {p for presets in module.TABLES.values() for p in presets} - set(PRESETS)
+    assert not missing, f"scripts/reproduce.py names presets that do not exist: {sorted(missing)}"
