@@ -6,7 +6,9 @@
 #   3. a timed maml_omniglot_5w1s run with trainer.cuda_graph=on: ITERATIONS meta-iterations (default 3000), its
 #      test, and the ms per meta-iteration projected to the paper's 60,000. FULL=1: the whole preset (60,000
 #      iterations, 600 test tasks); a run stopped by its time limit (RUN_LIMIT seconds, SIGTERM) checkpoints and the
-#      same command resumes it (the run folder is $OUT/maml_omniglot_5w1s, or RUN_DIR).
+#      same command resumes it (the run folder is $OUT/maml_omniglot_5w1s, or RUN_DIR). EVAL_GRAPH=1: its
+#      validation and test as CUDA graphs too (eval.cuda_graph=true);
+#   4. once the run has finished: fewshot-eval of its best.pt with eval.cuda_graph false and true, timed (JSON).
 #
 # Prepare on the CPU machine, in the project's root (see ../shared/docs/gpu.md):
 #   ../shared/tools/device-wheels.sh                                  # hydra, learn2learn, ... wheels in .whl/
@@ -42,7 +44,8 @@ else
 fi
 start=$(date +%s.%N)
 timeout -s TERM -k 30 "$RUN_LIMIT" python3 -m fewshot.train experiment=maml_omniglot_5w1s device=cuda seed=1 \
-  trainer.cuda_graph=on "${budget[@]}" "hydra.run.dir=$RUN_DIR" 2>&1 \
+  trainer.cuda_graph=on "eval.cuda_graph=$([ "${EVAL_GRAPH:-0}" = 1 ] && echo true || echo false)" \
+  "${budget[@]}" "hydra.run.dir=$RUN_DIR" 2>&1 \
   | tr '\r' '\n' | grep -v '^meta-train\|^validate\|^test' | tee -a "$OUT/train.log" | tail -20
 end=$(date +%s.%N)
 python3 - "$RUN_DIR" "$start" "$end" <<'PY'
@@ -62,3 +65,17 @@ print(json.dumps({"run": "maml_omniglot_5w1s", "finished": True, "device": r.get
                   "test_acc": round(100 * r["test"]["acc_mean"], 2), "test_ci95": round(100 * r["test"]["acc_ci95"], 2),
                   "test_episodes": r["test"]["episodes"]}))
 PY
+if [ -f "$RUN_DIR/checkpoints/best.pt" ] && [ -f "$RUN_DIR/results.json" ]; then
+  for graph in false true false true; do
+    s=$(date +%s.%N)
+    timeout 120 python3 -m fewshot.eval "checkpoint=$RUN_DIR/checkpoints/best.pt" device=cuda "eval.cuda_graph=$graph" \
+      "hydra.run.dir=$OUT/eval_$graph" >/dev/null 2>"$OUT/eval_$graph.err"
+    python3 - "$OUT/eval_$graph/results.json" "$graph" "$s" "$(date +%s.%N)" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(json.dumps({"fewshot_eval": "maml_omniglot_5w1s best.pt", "eval_cuda_graph": sys.argv[2] == "true",
+                  "episodes": r["test"]["episodes"], "test_acc": round(100 * r["test"]["acc_mean"], 3),
+                  "wall_seconds": round(float(sys.argv[4]) - float(sys.argv[3]), 1)}))
+PY
+  done
+fi

@@ -38,6 +38,7 @@ NEUTRAL_OVERRIDES = (
     "trainer.checkpoint_every",
     "trainer.cuda_graph",  # the same step, replayed as one CUDA graph or launched op by op
     "eval.meta_batch_size",
+    "eval.cuda_graph",
 )
 
 

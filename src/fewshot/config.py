@@ -49,6 +49,9 @@ class EvalConfig:
     # MAML's code tests with K queries per class). null: the same as episode.*
     ways: Optional[int] = None
     queries: Optional[int] = None
+    # Replay validation and test batches as CUDA graphs (fewshot.engine.graphs.EvalGraphs), on CUDA only. Off until
+    # it has been measured on a GPU.
+    cuda_graph: bool = False
 
 
 @dataclass
@@ -90,6 +93,7 @@ class TrainConfig:
 class EvalOverrides:
     episodes: Optional[int] = None  # null: the training run's eval.episodes
     meta_batch_size: Optional[int] = None
+    cuda_graph: Optional[bool] = None  # null: the training run's eval.cuda_graph
 
 
 @dataclass

@@ -120,6 +120,15 @@ class EpisodeSampler:
         self.generator.set_state(state["generator"])
 
 
+def batch_sizes(episodes: int, batch: int):
+    """The meta-batch sizes that cover exactly `episodes` tasks in batches of at most `batch`."""
+    done = 0
+    while done < episodes:
+        n = min(batch, episodes - done)
+        yield n
+        done += n
+
+
 def fixed_episodes(sampler: EpisodeSampler, episodes: int, batch: int, seed: Optional[int] = None):
     """Yield Episodes covering exactly `episodes` tasks in meta-batches of at most `batch`.
 
@@ -127,8 +136,5 @@ def fixed_episodes(sampler: EpisodeSampler, episodes: int, batch: int, seed: Opt
     validation and test sets)."""
     if seed is not None:
         sampler.generator.manual_seed(seed)
-    done = 0
-    while done < episodes:
-        n = min(batch, episodes - done)
+    for n in batch_sizes(episodes, batch):
         yield sampler.sample(n)
-        done += n

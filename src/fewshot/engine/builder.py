@@ -71,6 +71,7 @@ class Settings:
     cuda_graph: str  # off | on | auto (fewshot.engine.steps)
     test_episodes: int
     eval_batch: int  # tasks per forward pass at validation and test (memory, not results)
+    eval_graph: bool  # replay validation/test batches as CUDA graphs (eval.cuda_graph)
     train: Shape
     eval: Shape  # validation and test tasks
     logger: Optional[str] = None
@@ -139,6 +140,7 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
         cuda_graph={"true": "on", "false": "off"}.get(str(t.cuda_graph).lower(), str(t.cuda_graph).lower()),
         test_episodes=cfg.eval.episodes,
         eval_batch=cfg.eval.meta_batch_size,
+        eval_graph=bool(cfg.eval.get("cuda_graph", False)),
         train=train_shape,
         eval=eval_shape,
         logger=cfg.get("logger"),
@@ -242,5 +244,7 @@ def build_from_checkpoint(cfg: DictConfig) -> tuple[Run, dict, EvalRequest]:
         run_cfg.eval.episodes = cfg.eval.episodes
     if cfg.eval.meta_batch_size is not None:
         run_cfg.eval.meta_batch_size = cfg.eval.meta_batch_size
+    if cfg.eval.get("cuda_graph") is not None:
+        run_cfg.eval.cuda_graph = cfg.eval.cuda_graph
     request = EvalRequest(checkpoint=str(cfg.checkpoint), split=cfg.split, benchmark=cfg.get("benchmark"))
     return build(run_cfg), state, request

@@ -105,6 +105,7 @@ RESUMABLE_CHANGES = (
     "trainer.checkpoint_every",
     "eval.episodes",
     "eval.meta_batch_size",
+    "eval.cuda_graph",
     "logger",
     "dry_run",
 )

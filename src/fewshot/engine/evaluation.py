@@ -5,39 +5,47 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from fewshot.algorithms.base import Algorithm
 from fewshot.atomic import atomic_write_text
-from fewshot.data.sampler import EpisodeSampler, fixed_episodes
+from fewshot.data.sampler import EpisodeSampler, batch_sizes
 from fewshot.engine.builder import EvalRequest, Run, episode_seed, make_sampler
+from fewshot.engine.graphs import EvalGraphs
 from fewshot.engine.results import make_results, write_results
 from fewshot.errors import ConfigError
 
 
 def evaluate(
-    algo: Algorithm, sampler: EpisodeSampler, episodes: int, batch: int, seed: int, desc: str = "eval"
+    algo: Algorithm,
+    sampler: EpisodeSampler,
+    episodes: int,
+    batch: int,
+    seed: int,
+    desc: str = "eval",
+    graphs: Optional[EvalGraphs] = None,
 ) -> dict[str, Any]:
     """The algorithm's per-task score over a fixed set of `episodes` tasks (the same tasks for the same seed).
 
     Returns the metric's name and, for accuracy (fractions in [0, 1]), acc_mean, acc_ci95 = 1.96 * std /
     sqrt(episodes) and, for algorithms that report it, step_acc: the mean before adaptation and after each inner
     step (instance_acc for a score per instance of each class: MANN); another metric (MSE) the same way under its
-    own name."""
+    own name. graphs: replay the batches as CUDA graphs (eval.cuda_graph; the same tasks, the same code)."""
     was_training = algo.training
     algo.eval()
     values, steps, metric, kind = [], [], "acc", "step"  # the names the algorithm reports (fewshot.metrics)
     with tqdm(total=episodes, desc=desc, unit="task", leave=False, dynamic_ncols=True) as bar:
-        for episode in fixed_episodes(sampler, episodes, batch, seed):
-            out = algo(episode, train=False)
+        sampler.generator.manual_seed(seed)
+        for n in batch_sizes(episodes, batch):
+            out = algo(sampler.sample(n), train=False) if graphs is None else graphs(sampler, n)
             metric, kind = out.metric, out.step_kind
             values.append(out.per_task().detach())  # kept on the device: one host transfer at the end
             if out.per_step() is not None:
                 steps.append(out.per_step().detach())
-            bar.update(episode.tasks)
+            bar.update(n)
     algo.train(was_training)
     value = torch.cat(values).double().cpu()  # (episodes,)
     std = value.std(unbiased=True).item() if episodes > 1 else 0.0
@@ -50,6 +58,11 @@ def evaluate(
     if steps:
         result[f"{kind}_{metric}"] = torch.cat(steps).double().mean(0).cpu().tolist()
     return result
+
+
+def eval_graphs(run: Run) -> Optional[EvalGraphs]:
+    """The run's validation/test graphs when eval.cuda_graph asks for them and the run is on CUDA."""
+    return EvalGraphs(run.algo) if run.settings.eval_graph and run.device.type == "cuda" else None
 
 
 def test_checkpoint(run: Run, state: dict, request: EvalRequest, out_dir: Path) -> dict[str, Any]:
@@ -65,8 +78,9 @@ def test_checkpoint(run: Run, state: dict, request: EvalRequest, out_dir: Path) 
         f"{t.test_episodes} {request.split} episodes, seed {t.seed}"
     )
     test = evaluate(
-        run.algo, sampler, t.test_episodes, t.eval_batch, episode_seed(t.seed, request.split), desc=request.split
-    )
+        run.algo, sampler, t.test_episodes, t.eval_batch, episode_seed(t.seed, request.split), request.split,
+        eval_graphs(run),
+    )  # fmt: skip
     results = make_results(run, test, train_seconds=None, best=state["best"])
     results["checkpoint"] = str(Path(request.checkpoint).resolve())
     results["eval_split"] = request.split

@@ -23,7 +23,7 @@ from fewshot.engine.checkpoints import (
     save_last,
     truncate_metrics,
 )
-from fewshot.engine.evaluation import evaluate
+from fewshot.engine.evaluation import eval_graphs, evaluate
 from fewshot.engine.results import append_csv, make_logger, make_results, plot_curve, write_results
 from fewshot.engine.signals import Interrupted, SignalGuard
 from fewshot.engine.steps import DIVERGED, make_step  # noqa: F401  (DIVERGED: re-exported)
@@ -132,6 +132,7 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
         dynamic_ncols=True,
     )
     tic, tic_it = time.perf_counter(), start - 1  # training time and tasks/s since the last validation
+    graphs = eval_graphs(run)
     step = make_step(
         t.cuda_graph, run.device, algo, train_sampler, optimizer, scheduler, t.meta_batch_size, t.grad_clip,
         progress, ckpt_dir,
@@ -154,7 +155,7 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
             step.check()
             progress.train_seconds += time.perf_counter() - tic
             val = evaluate(
-                algo, val_sampler, t.val_episodes, t.eval_batch, episode_seed(t.seed, "val"), desc="validate"
+                algo, val_sampler, t.val_episodes, t.eval_batch, episode_seed(t.seed, "val"), "validate", graphs
             )
             metric = METRICS[progress.metric]
             m = metric.name
@@ -206,7 +207,7 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
     )
     algo.load_state_dict(load_checkpoint(ckpt_dir / "best.pt")["model"])
     test_sampler = make_sampler(run, "test")
-    test = evaluate(algo, test_sampler, t.test_episodes, t.eval_batch, episode_seed(t.seed, "test"), desc="test")
+    test = evaluate(algo, test_sampler, t.test_episodes, t.eval_batch, episode_seed(t.seed, "test"), "test", graphs)
     results = make_results(run, test, train_seconds=progress.train_seconds, best=best)
     write_results(run_dir, results)
     if logger:

@@ -26,6 +26,7 @@ import torch
 
 from fewshot.algorithms.base import Algorithm
 from fewshot.data.base import Episode
+from fewshot.engine.graphs import capture, on_side_stream, one_line
 from fewshot.errors import FewshotError
 
 # A training loss this many times its first value (or more than this, for a first loss below 1) means the run
@@ -155,31 +156,18 @@ class GraphStep(EagerStep):
             self.sampler.sample(self.tasks, out=self.static)
 
     def _eager(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.capture:
-            return self._body()
-        side = torch.cuda.Stream(self.device)  # warm-up off the default stream, as graph capture wants
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            result = self._body()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        return result
+        return on_side_stream(self._body, self.device) if self.capture else self._body()
 
     def _capture(self) -> None:
         # The graph reads the learning rate from device tensors; the schedule keeps working on plain floats.
         floats = [g["lr"] for g in self.optimizer.param_groups]
-        graph = torch.cuda.CUDAGraph()
-        reserved = torch.cuda.memory_reserved(self.device)
         try:
             for group, lr in zip(self.optimizer.param_groups, self._lr):
                 group["lr"] = lr
-            with torch.cuda.graph(graph):
-                self.outputs = self._body()
+            self.graph, self.outputs, self.pool_bytes = capture(self._body, self.device)
         finally:
             for group, lr in zip(self.optimizer.param_groups, floats):
                 group["lr"] = lr
-        self.graph = graph
-        # The graph's private memory pool (its intermediate tensors, kept between replays), for memory reports.
-        self.pool_bytes = torch.cuda.memory_reserved(self.device) - reserved
 
     def __call__(self, it: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and mean score of iteration `it`, on the device; valid until the next call (a replay overwrites
@@ -219,11 +207,6 @@ class GraphStep(EagerStep):
 
 class CaptureUnsupported(FewshotError):
     """This run's step cannot be captured as a CUDA graph; the message says why."""
-
-
-def one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 def make_step(mode: str, device: torch.device, *args, **kwargs) -> EagerStep:

@@ -1,0 +1,91 @@
+"""CUDA graph capture, shared by the training step (fewshot.engine.steps.GraphStep) and evaluation (EvalGraphs).
+
+Capture records a function's kernels once; a replay relaunches them all in one call, reading and writing the same
+tensors. Inputs are therefore drawn into static tensors (`sampler.sample(n, out=static)`), weights are updated in
+place, and outputs are read (or copied) before the next replay overwrites them.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional, TypeVar
+
+import torch
+
+from fewshot.algorithms.base import AlgoOutput, Algorithm
+from fewshot.data.base import Episode
+
+T = TypeVar("T")
+
+
+def on_side_stream(fn: Callable[[], T], device: torch.device) -> T:
+    """fn() on a fresh side stream, ordered after and before the current stream's work: warm-up before a capture
+    runs there, as torch.cuda.graphs asks."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        result = fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    return result
+
+
+def capture(fn: Callable[[], T], device: torch.device) -> tuple[torch.cuda.CUDAGraph, T, int]:
+    """fn's kernels captured as one CUDA graph (not run): the graph, fn's outputs (overwritten by every replay) and
+    the bytes of the graph's private memory pool (its intermediate tensors, kept between replays)."""
+    graph = torch.cuda.CUDAGraph()
+    reserved = torch.cuda.memory_reserved(device)
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs, torch.cuda.memory_reserved(device) - reserved
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+class EvalGraphs:
+    """Validation and test meta-batches (eval.cuda_graph): per batch shape, the first batch runs eagerly (the
+    warm-up) and is captured; later batches of that shape are drawn into its static tensors and replayed, with the
+    weights read in place, so one capture serves every validation of a run. A ragged last batch is a shape of its
+    own. capture=False, or a device other than CUDA: the same static-tensor code, eagerly (what the CPU tests
+    compare with the plain loop). A capture that fails prints one line and evaluation goes on eagerly."""
+
+    def __init__(self, algo: Algorithm, capture: bool = True) -> None:
+        self.algo = algo
+        self.device = next(algo.parameters()).device
+        self.capture = capture and self.device.type == "cuda"
+        self.entries: dict[tuple, tuple[Episode, Optional[torch.cuda.CUDAGraph], Optional[AlgoOutput]]] = {}
+
+    def __call__(self, sampler, tasks: int) -> AlgoOutput:
+        """algo(sampler.sample(tasks), train=False), the same draw and the same result, replayed when it can be."""
+        key = (tasks, getattr(sampler, "ways", None), sampler.shots, sampler.queries)
+        if key not in self.entries:
+            static = sampler.sample(tasks)
+            out, self.entries[key] = self._first(static)
+            return out
+        static, graph, outputs = self.entries[key]
+        sampler.sample(tasks, out=static)
+        if graph is None:
+            return self.algo(static, train=False)
+        graph.replay()
+        steps = None if outputs.step_score is None else outputs.step_score.clone()  # the next replay overwrites
+        return AlgoOutput(outputs.loss.clone(), outputs.score.clone(), outputs.metric, steps, outputs.step_kind)
+
+    def _first(self, static: Episode) -> tuple[AlgoOutput, tuple]:
+        """The first batch of a shape, eagerly, then (on CUDA) its capture."""
+
+        def run() -> AlgoOutput:
+            return self.algo(static, train=False)
+
+        if not self.capture:
+            return run(), (static, None, None)
+        out = on_side_stream(run, self.device)
+        try:
+            graph, outputs, _ = capture(run, self.device)
+        except Exception as e:  # an op that cannot be captured (a host sync): evaluation goes on eagerly
+            self.capture = False
+            torch.cuda.synchronize(self.device)
+            print(f"fewshot: eval.cuda_graph: capture failed ({one_line(e)}); evaluating eagerly", file=sys.stderr)
+            return out, (static, None, None)
+        return out, (static, graph, outputs)
