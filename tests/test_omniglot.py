@@ -82,6 +82,19 @@ def test_finn_split(omniglot_root, omniglot_cache_dir, omniglot_28):
 
 
 @pytest.mark.omniglot
+def test_background_split_is_kochs(omniglot_root, omniglot_cache_dir, omniglot_28):
+    """split=background: the 30 background alphabets train, the 20 evaluation alphabets (those of Lake's one-shot
+    runs) are split 10 / 10 between validation and test, whole alphabets, no rotations."""
+    ds = load_omniglot(str(omniglot_root), str(omniglot_cache_dir), split="background", download=False)
+    banks = [ds.split(s) for s in ("train", "val", "test")]
+    alphabets = [{n.split("/")[0] for n in b.class_names} for b in banks]
+    assert [b.num_classes for b in banks] == [964, 307, 352] and [len(a) for a in alphabets] == [30, 10, 10]
+    assert not (alphabets[0] & alphabets[1] or alphabets[0] & alphabets[2] or alphabets[1] & alphabets[2])
+    assert {"Latin", "Greek", "Korean"} <= alphabets[0] and not any(b.rotate for b in banks)
+    assert alphabets[1] | alphabets[2] == {n.split("/")[0] for n in _all_names(ds)} - alphabets[0]
+
+
+@pytest.mark.omniglot
 def test_vinyals_split_and_rotations(omniglot_root, omniglot_cache_dir, omniglot_28):
     ds = load_omniglot(str(omniglot_root), str(omniglot_cache_dir), split="vinyals", download=False)
     train, val, test = (ds.split(s) for s in ("train", "val", "test"))

@@ -260,7 +260,7 @@ def test_siamese_presets():
 def test_siamese_preset_protocol(compose_cfg, preset):
     cfg = compose_cfg("train", [f"experiment={preset}"])
     assert cfg.name == preset and cfg.algo.name == "siamese" and cfg.algo.augment
-    assert cfg.dataset.split == "vinyals" and cfg.paper.acc is not None
+    assert cfg.dataset.split == ("background" if "lake" in preset else "vinyals") and cfg.paper.acc is not None
     if "lake" in preset:
         assert (cfg.backbone.name, cfg.dataset.image_size, cfg.episode.ways, cfg.episode.shots) == ("koch", 105, 20, 1)
         assert cfg.paper.acc == 92.0 and "lake_runs" in cfg.paper.source

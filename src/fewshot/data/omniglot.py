@@ -1,4 +1,4 @@
-"""Omniglot (Lake et al., 2015): its zips' layout, its drawings' decoding, and its splits (Finn or Vinyals).
+"""Omniglot (Lake et al., 2015): its zips' layout, its drawings' decoding, and its splits (Finn, Vinyals, Koch's).
 
 The two zips are read in place (no extraction). All 32,460 drawings are decoded once into a single
 uint8 tensor cached in ``cache_dir``; later loads only hash the zips and read that file. Downloading,
@@ -42,7 +42,7 @@ DEFAULT_BASE_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/maste
 DEFAULT_SPLITS_URL = (
     "https://raw.githubusercontent.com/jakesnell/prototypical-networks/master/data/omniglot/splits/vinyals"
 )
-SPLIT_NAMES: tuple[str, ...] = ("finn", "vinyals")
+SPLIT_NAMES: tuple[str, ...] = ("finn", "vinyals", "background")
 VINYALS_FILES: tuple[str, ...] = ("train.txt", "val.txt", "test.txt")
 
 NUM_CHARACTERS = 1623
@@ -200,6 +200,24 @@ def _finn_splits(images: torch.Tensor, names: list[str], seed: int) -> dict[str,
     return splits
 
 
+def _background_splits(images: torch.Tensor, names: list[str], background: set[str]) -> dict[str, SplitBank]:
+    """Koch et al.'s protocol: train on the 30 alphabets of images_background (964 characters), validate on 10 of
+    the 20 alphabets of images_evaluation (the first 10 in sorted order) and test on the other 10; no rotations."""
+    evaluation = sorted({n.split("/")[0] for n in names} - background)
+    groups = {"train": background, "val": set(evaluation[:10]), "test": set(evaluation[10:])}
+    splits = {}
+    for split, alphabets in groups.items():
+        chosen = [i for i, n in enumerate(names) if n.split("/")[0] in alphabets]
+        idx = torch.tensor(chosen, dtype=torch.long)
+        splits[split] = SplitBank(images=images[idx], class_names=[names[i] for i in chosen], rotate=False)
+    return splits
+
+
+def _alphabets(zip_path: Path) -> set[str]:
+    with open_zip(zip_path) as zf:
+        return {PurePosixPath(e).parts[1] for e in zf.namelist() if len(PurePosixPath(e).parts) == 4}
+
+
 def _ensure_vinyals_files(root: Path, splits_url: str, download: bool, timeout: float) -> Path:
     folder = root / "splits" / "vinyals"
     missing = [n for n in VINYALS_FILES if not (folder / n).exists()]
@@ -265,8 +283,10 @@ def load_omniglot(
     cache_dir: writable folder for the decoded cache (one file per zip content and image_size).
     image_size: S; drawings are resized from 105x105 with Lanczos and inverted (strokes 255, background 0).
     split: "finn" (1623 sorted characters shuffled with split_seed: 1100/100/423, a random rotation per class
-        per task drawn by the sampler) or "vinyals" (root/splits/vinyals/*.txt, each character rotation its own
-        class: 4112/688/1692 classes, no further rotation).
+        per task drawn by the sampler), "vinyals" (root/splits/vinyals/*.txt, each character rotation its own
+        class: 4112/688/1692 classes, no further rotation) or "background" (Koch et al.: the 30 background
+        alphabets' 964 characters for training, 10 evaluation alphabets for validation and the other 10 for test,
+        no rotation; Lake's one-shot runs come from the evaluation alphabets only).
     """
     if split not in SPLIT_NAMES:
         raise DataError(f"unknown Omniglot split {split!r}; choose one of {', '.join(SPLIT_NAMES)}")
@@ -287,6 +307,8 @@ def load_omniglot(
     images, names = load_omniglot_images(root_p, Path(cache_dir).expanduser(), image_size)
     if split == "finn":
         splits = _finn_splits(images, names, split_seed)
+    elif split == "background":
+        splits = _background_splits(images, names, _alphabets(root_p / ZIP_NAMES[0]))
     else:
         assert vinyals_folder is not None
         splits = _vinyals_splits(images, names, vinyals_folder)
