@@ -25,21 +25,12 @@ from fewshot.engine.evaluation import evaluate
 from fewshot.engine.graphs import EvalGraphs
 from fewshot.engine.loop import Progress
 from fewshot.train import run as train_run
+from test_engine import TINY as ENGINE_TINY
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the graph is captured there)")
 
-TINY = [
-    "dataset=synthetic",
-    "backbone.hidden=16",
-    "trainer.meta_batch_size=4",
-    "trainer.iterations=6",
-    "trainer.val_every=3",
-    "trainer.val_episodes=10",
-    "trainer.checkpoint_every=3",
-    "eval.episodes=20",
-    "eval.meta_batch_size=8",
-    "episode.queries=3",
-]
+# test_engine's tiny synthetic runs, on the device each test names.
+TINY = [o for o in ENGINE_TINY if not o.startswith("device=")]
 
 
 def test_in_place_fill_equals_the_allocating_draw():

@@ -38,6 +38,7 @@ Where fewshot differs, and why:
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -88,8 +89,13 @@ def eval_order(x: torch.Tensor) -> torch.Tensor:
     """(T, L, D) images -> (T, L) a fixed random order: argsort of a hash of each image's ink (its pixels above the
     image's minimum, an exact comparison), so it depends on the images only, not on the batch or the device."""
     ink = (x > x.amin(-1, keepdim=True)).long()
-    weights = torch.randint(0, _HASH_PRIME, (x.shape[-1],), generator=torch.Generator().manual_seed(0))
-    return ((ink * weights.to(x.device)).sum(-1) % _HASH_PRIME).argsort(dim=-1, stable=True)
+    return ((ink * _hash_weights(x.shape[-1], x.device)).sum(-1) % _HASH_PRIME).argsort(dim=-1, stable=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_weights(pixels: int, device: torch.device) -> torch.Tensor:
+    """eval_order's fixed random weight per pixel (seed 0), drawn once per image size and device."""
+    return torch.randint(0, _HASH_PRIME, (pixels,), generator=torch.Generator().manual_seed(0)).to(device)
 
 
 def make_sequence(

@@ -41,10 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot.algorithms.base import AlgoOutput, Algorithm, BackboneFactory, accuracy
-from fewshot.algorithms.functional import _StatelessCall
+from fewshot.algorithms.functional import STRATEGIES, _StatelessCall, resolve_strategy
 from fewshot.data.base import Episode
-
-STRATEGIES = ("auto", "vmap", "loop")
 
 
 def preprocess(x: torch.Tensor, p: float = 10.0) -> torch.Tensor:
@@ -141,9 +139,7 @@ class MetaLSTM(Algorithm):
         return out
 
     def _resolve(self, device: torch.device) -> str:
-        if self.strategy != "auto":
-            return self.strategy
-        return "vmap" if device.type == "cuda" else "loop"
+        return resolve_strategy(self.strategy, device)
 
     def _learner_call(self, call: _StatelessCall, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return call(self.unflatten(flat), x)

@@ -72,6 +72,12 @@ class Episode:
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.support_x, self.support_y, self.query_x, self.query_y
 
+    def copy_(self, other: "Episode") -> "Episode":
+        """other's tensors copied into this episode's (a CUDA graph's static inputs); returns self."""
+        for mine, theirs in zip(self.tensors(), other.tensors()):
+            mine.copy_(theirs)
+        return self
+
     def to(self, device: torch.device | str) -> "Episode":
         moved = (t.to(device, non_blocking=True) for t in self.tensors())
         return Episode(*moved, ways=self.ways)

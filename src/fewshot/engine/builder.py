@@ -26,6 +26,7 @@ from fewshot.engine.checks import (  # noqa: F401  (re-exported: the build step'
     check_compatible,
     check_config,
     check_seed,
+    cuda_graph_mode,
     episode_seed,
 )
 from fewshot.errors import ConfigError, FewshotError
@@ -137,7 +138,7 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
         checkpoint_every=t.checkpoint_every,
         log_every=t.log_every,
         grad_clip=t.grad_clip,
-        cuda_graph={"true": "on", "false": "off"}.get(str(t.cuda_graph).lower(), str(t.cuda_graph).lower()),
+        cuda_graph=cuda_graph_mode(t.cuda_graph),
         test_episodes=cfg.eval.episodes,
         eval_batch=cfg.eval.meta_batch_size,
         eval_graph=bool(cfg.eval.get("cuda_graph", False)),

@@ -59,13 +59,19 @@ def check_config(cfg: DictConfig) -> None:
     clip = cfg.trainer.grad_clip
     if clip is not None and not (math.isfinite(clip) and clip > 0):  # a negative norm would flip the gradient
         raise ConfigError(f"trainer.grad_clip={clip}: must be a positive gradient norm, or null for no clipping")
-    graph = str(cfg.trainer.get("cuda_graph", "auto")).lower()
-    if graph not in ("off", "on", "auto", "true", "false"):
-        raise ConfigError(f"trainer.cuda_graph={cfg.trainer.cuda_graph}: choose off, on or auto")
+    cuda_graph_mode(cfg.trainer.get("cuda_graph", "auto"))
     for key, value in (("eval.episodes", cfg.eval.episodes), ("trainer.val_episodes", cfg.trainer.val_episodes)):
         if value < 2:
             raise ConfigError(f"{key}={value}: at least 2 episodes, since a 95% interval from one episode is undefined")
     check_seed(cfg.seed)
+
+
+def cuda_graph_mode(value: object) -> str:
+    """trainer.cuda_graph as off, on or auto (true and false, as YAML may write them, mean on and off)."""
+    mode = {"true": "on", "false": "off"}.get(str(value).lower(), str(value).lower())
+    if mode not in ("off", "on", "auto"):
+        raise ConfigError(f"trainer.cuda_graph={value}: choose off, on or auto")
+    return mode
 
 
 # Datasets whose tasks are regression (a real-valued target): only an algorithm with algo.loss=mse fits them.

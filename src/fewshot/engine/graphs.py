@@ -39,9 +39,18 @@ def capture(fn: Callable[[], T], device: torch.device) -> tuple[torch.cuda.CUDAG
     return graph, outputs, torch.cuda.memory_reserved(device) - reserved
 
 
-def one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
+def try_capture(
+    fn: Callable[[], T], device: torch.device, setting: str
+) -> Optional[tuple[torch.cuda.CUDAGraph, T, int]]:
+    """capture(fn), or None when an op cannot be captured (a host sync): then one line says so, and the caller goes
+    on eagerly."""
+    try:
+        return capture(fn, device)
+    except Exception as e:
+        torch.cuda.synchronize(device)
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"fewshot: {setting}: capture failed ({type(e).__name__}: {first}); running eagerly", file=sys.stderr)
+        return None
 
 
 class EvalGraphs:
@@ -81,11 +90,8 @@ class EvalGraphs:
         if not self.capture:
             return run(), (static, None, None)
         out = on_side_stream(run, self.device)
-        try:
-            graph, outputs, _ = capture(run, self.device)
-        except Exception as e:  # an op that cannot be captured (a host sync): evaluation goes on eagerly
+        captured = try_capture(run, self.device, "eval.cuda_graph")
+        if captured is None:
             self.capture = False
-            torch.cuda.synchronize(self.device)
-            print(f"fewshot: eval.cuda_graph: capture failed ({one_line(e)}); evaluating eagerly", file=sys.stderr)
             return out, (static, None, None)
-        return out, (static, graph, outputs)
+        return out, (static, captured[0], captured[1])

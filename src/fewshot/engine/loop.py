@@ -140,19 +140,20 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
     for it in bar:
         loss, score = step(it)  # on the device: read only at logging, validation and checkpoints
         progress.add(loss, score, step.metric)
-        if it % t.log_every == 0 or it == t.iterations:
-            step.check()
+        last = it == t.iterations
+        log, validate = it % t.log_every == 0 or last, it % t.val_every == 0 or last
+        checkpoint = it % t.checkpoint_every == 0 or last
+        checked = log or validate or checkpoint
+        if checked:
+            step.check()  # a divergence recorded on the device stops the run before anything is shown or saved
+        if log:
             rate = (it - tic_it) * t.meta_batch_size / max(time.perf_counter() - tic, 1e-9)
+            window_loss, window_score = progress.window()
             bar.set_postfix(
-                {
-                    "loss": f"{progress.window()[0]:.3f}",
-                    progress.metric: f"{progress.window()[1]:.3f}",
-                    "tasks/s": f"{rate:.0f}",
-                }
+                {"loss": f"{window_loss:.3f}", progress.metric: f"{window_score:.3f}", "tasks/s": f"{rate:.0f}"}
             )
 
-        if it % t.val_every == 0 or it == t.iterations:
-            step.check()
+        if validate:
             progress.train_seconds += time.perf_counter() - tic
             val = evaluate(
                 algo, val_sampler, t.val_episodes, t.eval_batch, episode_seed(t.seed, "val"), "validate", graphs
@@ -164,10 +165,11 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
                     f"validation {metric.label} is {val[f'{m}_mean']} at iteration {it}: the adapted "
                     f"model diverges; lower algo.inner_lr (or trainer.meta_lr)"
                 )
+            train_loss, train_score = progress.window()
             row = {
                 "iteration": it,
-                "train_loss": progress.window()[0],
-                f"train_{m}": progress.window()[1],
+                "train_loss": train_loss,
+                f"train_{m}": train_score,
                 f"val_{m}": val[f"{m}_mean"],
                 "val_ci95": val[f"{m}_ci95"],
                 "train_seconds": round(progress.train_seconds, 3),
@@ -183,8 +185,9 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
             shown = metric.show(val[f"{m}_mean"], val[f"{m}_ci95"])
             tqdm.write(f"iteration {it}: val {m} {shown} (best at iteration {best['iteration']})")
             tic, tic_it = time.perf_counter(), it
-        if it % t.checkpoint_every == 0 or it == t.iterations or signals:
-            step.check()  # never save weights past a divergence
+        if checkpoint or signals:  # a signal may come during validation: checkpoint at the end of its iteration
+            if not checked:
+                step.check()
             # Time is banked only at validations; a checkpoint between them records it too.
             save_last(ckpt_dir, state_at(it, extra_seconds=time.perf_counter() - tic))
             signals.last_checkpoint = f"the last checkpoint is {ckpt_dir / 'last.pt'} (iteration {it})"

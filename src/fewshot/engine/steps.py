@@ -26,7 +26,7 @@ import torch
 
 from fewshot.algorithms.base import Algorithm
 from fewshot.data.base import Episode
-from fewshot.engine.graphs import capture, on_side_stream, one_line
+from fewshot.engine.graphs import on_side_stream, try_capture
 from fewshot.errors import FewshotError
 
 # A training loss this many times its first value (or more than this, for a first loss below 1) means the run
@@ -159,15 +159,20 @@ class GraphStep(EagerStep):
         return on_side_stream(self._body, self.device) if self.capture else self._body()
 
     def _capture(self) -> None:
+        """Capture the step, or (when it cannot be) go on eagerly for the rest of the run."""
         # The graph reads the learning rate from device tensors; the schedule keeps working on plain floats.
         floats = [g["lr"] for g in self.optimizer.param_groups]
         try:
             for group, lr in zip(self.optimizer.param_groups, self._lr):
                 group["lr"] = lr
-            self.graph, self.outputs, self.pool_bytes = capture(self._body, self.device)
+            captured = try_capture(self._body, self.device, "trainer.cuda_graph")
         finally:
             for group, lr in zip(self.optimizer.param_groups, floats):
                 group["lr"] = lr
+        if captured is None:
+            self.capture = False
+        else:
+            self.graph, self.outputs, self.pool_bytes = captured
 
     def __call__(self, it: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and mean score of iteration `it`, on the device; valid until the next call (a replay overwrites
@@ -179,12 +184,7 @@ class GraphStep(EagerStep):
         self.calls += 1
         self._draw()
         if self.graph is None and self.capture and self.calls > WARMUP:
-            try:
-                self._capture()
-            except Exception as e:  # an op that cannot be captured (a host sync): this run goes on eagerly
-                self.capture, self.graph = False, None
-                torch.cuda.synchronize(self.device)
-                print(f"fewshot: trainer.cuda_graph: capture failed ({one_line(e)}); running eagerly", file=sys.stderr)
+            self._capture()
         if self.graph is not None:
             self.graph.replay()
             loss, score = self.outputs
