@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU check, printing JSON lines (under 6 minutes on an H100 without FULL=1):
-#   1. the CUDA tests of the graph step (tests/test_steps.py: captured graph vs eager step);
+#   1. the CUDA tests (-k cuda: captured graph vs eager step, vmap's meta-gradient vs learn2learn's on CUDA);
 #   2. scripts/bench_maml.py --device cuda: learn2learn vs our eager step vs our CUDA-graph step (trainer.cuda_graph=on),
-#      same process, same tasks: ms per meta-iteration, speedups, peak memory;
+#      same process, same tasks: ms per meta-iteration, speedups, peak memory; at 1 and 15 queries per class, with
+#      the graph step's variants (--variants), kernel profiles (--profile) and cuDNN's benchmark mode;
 #   3. a timed maml_omniglot_5w1s run with trainer.cuda_graph=on: ITERATIONS meta-iterations (default 3000), its
 #      test, and the ms per meta-iteration projected to the paper's 60,000. FULL=1: the whole preset (60,000
 #      iterations, 600 test tasks); a run stopped by its time limit (RUN_LIMIT seconds, SIGTERM) checkpoints and the
@@ -34,8 +35,18 @@ if ! python3 -c "import hydra, learn2learn, fewshot.engine.steps" 2>/dev/null; t
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 if [ "$SKIP_BENCH" != 1 ]; then
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_steps.py -k cuda 2>&1 | tail -5 | tee "$OUT/tests.txt"
-  timeout 240 python3 scripts/bench_maml.py --device cuda --iters 10 --warmup 3 2>&1 | grep '^{' | tee "$OUT/bench_maml.jsonl"
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_steps.py tests/test_algorithms.py -k cuda 2>&1 \
+    | tail -5 | tee "$OUT/tests.txt"
+  # 1 query per class (the presets: MAML's own code draws queries = shots) and 15 (the bench); the graph
+  # step's variants, kernel profiles at 1 query; cuDNN's benchmark mode in processes of its own.
+  for q in 1 15; do
+    extra=(--variants); [ "$q" = 1 ] && extra+=(--profile)
+    timeout 150 python3 scripts/bench_maml.py --device cuda --queries "$q" --iters 10 --warmup 3 --block 5 \
+      "${extra[@]}" >"$OUT/bench_maml_q$q.log" 2>&1; grep '^{' "$OUT/bench_maml_q$q.log"
+    timeout 90 python3 scripts/bench_maml.py --device cuda --queries "$q" --iters 5 --warmup 2 --block 5 \
+      --cudnn-benchmark >"$OUT/bench_maml_q${q}_cudnn_benchmark.log" 2>&1
+    grep '^{' "$OUT/bench_maml_q${q}_cudnn_benchmark.log"
+  done
 fi
 if [ "$FULL" = 1 ]; then
   budget=()

@@ -12,17 +12,28 @@ its sampler copies the same tasks into the static inputs each iteration). Ours a
 --block meta-iterations per measurement (default 10 on CUDA), as the training loop runs them without a host
 synchronisation in between; learn2learn one at a time (it is host-bound).
 
+--queries overrides the 15 query images per class (MAML's own code, and fewshot's presets, draw 1 = shots).
+--variants also times the graph step of other versions of the same step, each on its own copy of the weights:
+"before" (BatchNorm as the six-pass textbook decomposition in every pass, fewshot's step until the fused form),
+"channels_last" (parameters and inputs in channels_last memory format) and "bf16_query" (the query pass under
+bf16 autocast; the support passes, inner gradients and losses in fp32). --cudnn-benchmark sets
+torch.backends.cudnn.benchmark for the whole process (cuDNN caches the algorithm it first picks per shape, so a
+process cannot time both; run it twice). --profile prints the CUDA kernels of one eager and one graphed
+iteration (count, summed kernel time, the costliest kernels).
+
 Prints one JSON object per setting (and, with --all-strategies, per strategy of ours), then a summary line
 {"summary": ..., "speedup": {setting: l2l ms / ours ms}, "graph_speedup": {setting: l2l ms / graph ms}} for the
 strategy that "auto" picks.
 
     python scripts/bench_maml.py --device cpu [--iters 3] [--warmup 1] [--all-strategies]
     python scripts/bench_maml.py --device cuda            # eager vs graph vs learn2learn
+    python scripts/bench_maml.py --device cuda --queries 1 --variants --profile
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import platform
@@ -32,6 +43,8 @@ from typing import Callable
 
 import torch
 
+from fewshot.algorithms import functional
+from fewshot.algorithms.functional import _StatelessCall
 from fewshot.algorithms.maml import MAML, resolve_strategy
 from fewshot.algorithms.maml_l2l import MAMLL2L
 from fewshot.data.base import Episode
@@ -107,7 +120,102 @@ def graph_step(algo: torch.nn.Module, episode: Episode, device: torch.device, bl
         sync(device)
         return (time.perf_counter() - start) * 1e3 / block
 
+    step.stepper = stepper  # type: ignore[attr-defined]
     return step
+
+
+def _textbook_batch_norm(bn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """BatchNorm from batch statistics as fewshot decomposed it before: (x - mean) / std * weight + bias."""
+    dims = [0, *range(2, x.dim())]
+    mean = x.mean(dims, keepdim=True)
+    var = x.var(dims, unbiased=False, keepdim=True)
+    y = (x - mean) * torch.rsqrt(var + bn.eps)
+    if bn.affine:
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    return y
+
+
+class _Bf16Query(_StatelessCall):
+    """A stateless call that runs the passes with native BatchNorm (the query pass) under bf16 autocast."""
+
+    def __call__(self, weights, x):
+        if self.batch_norms:  # a support pass (decomposed BatchNorm): fp32, as the inner gradients
+            return super().__call__(weights, x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return super().__call__(weights, x).float()
+
+
+@contextlib.contextmanager
+def _patched(obj, name: str, value):
+    before = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, before)
+
+
+def variant_context(name: str, algo: MAML):
+    """The context every call of variant `name`'s closure runs in (it matters while the graph is traced)."""
+    import fewshot.algorithms.maml as maml_module
+
+    if name == "before":
+        algo.native_query_batch_norm = False
+        return _patched(functional, "_batch_norm_from_batch", _textbook_batch_norm)
+    if name == "bf16_query":
+        return _patched(maml_module, "_StatelessCall", _Bf16Query)
+    return contextlib.nullcontext()
+
+
+VARIANTS = ("before", "channels_last", "bf16_query")
+
+
+def variant_step(name: str, algo: MAML, episode: Episode, device: torch.device, block: int) -> Callable[[], float]:
+    if name == "channels_last":  # episode tensors are (T, N, C, H, W): channels last within each image
+        algo.to(memory_format=torch.channels_last)
+        episode = Episode(
+            *(t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3) if t.dim() == 5 else t
+              for t in episode.tensors()),
+            ways=episode.ways,
+        )  # fmt: skip
+    inner = graph_step(algo, episode, device, block)
+
+    def step() -> float:
+        with variant_context(name, algo):
+            return inner()
+
+    step.stepper = inner.stepper  # type: ignore[attr-defined]
+    return step
+
+
+def profile_kernels(fn: Callable[[], float], device: torch.device, iterations: int) -> dict:
+    """CUDA kernels that `fn` (running `iterations` meta-iterations) launches: per iteration, the count, the
+    summed kernel time, and the ten costliest kernels by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall = fn()
+        sync(device)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name[:90], []).append(e.time_range.elapsed_us())
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:10]
+    return {
+        "kernels_per_iter": round(len(kernels) / iterations, 1),
+        "kernel_ms_per_iter": round(sum(sum(v) for v in by_name.values()) / 1e3 / iterations, 3),
+        "wall_ms_per_iter": round(wall, 3),
+        "top": [
+            {
+                "kernel": k,
+                "calls_per_iter": round(len(v) / iterations, 1),
+                "ms_per_iter": round(sum(v) / 1e3 / iterations, 3),
+            }
+            for k, v in top
+        ],  # fmt: skip
+    }
 
 
 def time_interleaved(
@@ -148,6 +256,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None, help="time the CUDA graph")
     parser.add_argument("--block", type=int, default=None, help="iterations per measurement (ours, graph)")
+    parser.add_argument("--queries", type=int, default=None, help="query images per class (default 15)")
+    parser.add_argument("--variants", action="store_true", help="also time other versions of the graph step")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    parser.add_argument("--profile", action="store_true", help="print the CUDA kernels of eager and graph steps")
     args = parser.parse_args()
     device = torch.device(args.device)
     cpu = device.type == "cpu"
@@ -161,11 +273,13 @@ def main() -> None:
         else f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
     )
     auto = resolve_strategy("auto", device)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    variants = list(VARIANTS) if args.variants and graph else []
     strategies = [auto] + ([s for s in ("loop", "vmap") if s != auto] if args.all_strategies else [])
 
     speedups, graph_speedups = {}, {}
     for name in args.settings:
-        s = SETTINGS[name]
+        s = dict(SETTINGS[name], **({"queries": args.queries} if args.queries else {}))
         backbone = functools.partial(Conv4, in_channels=1, image_size=28, hidden=args.hidden)
         episode = random_episode(s["ways"], s["shots"], s["queries"], s["tasks"], device, seed=0)
         common = dict(ways=s["ways"], inner_lr=s["inner_lr"], inner_steps=s["inner_steps"], first_order=False)
@@ -179,6 +293,10 @@ def main() -> None:
             algos["graph"] = MAML(backbone, strategy=auto, **common).to(device)
             algos["graph"].load_state_dict(algos["l2l"].state_dict())
             closures["graph"] = graph_step(algos["graph"], episode, device, block)
+            for v in variants:
+                algos[v] = MAML(backbone, strategy=auto, **common).to(device)
+                algos[v].load_state_dict(algos["l2l"].state_dict())
+                closures[v] = variant_step(v, algos[v], episode, device, block)
         timings = time_interleaved(closures, device, iters, warmup)
         l2l = timings["l2l"]
         for strategy in strategies:
@@ -214,7 +332,18 @@ def main() -> None:
                     record["peak_mem_mib_graph"] = round(g["peak_mem_mib"] + pool, 1)
                     record["graph_pool_mib"] = round(pool, 1)
                 graph_speedups[name] = record["graph_speedup"]
+                for v in variants:
+                    record[f"ms_per_iter_graph_{v}"] = round(timings[v]["ms_median"], 2)
+                    record[f"graph_vs_{v}"] = round(timings[v]["ms_median"] / g["ms_median"], 3)
+                    record[f"peak_mem_mib_graph_{v}"] = round(
+                        timings[v]["peak_mem_mib"] + closures[v].stepper.pool_bytes / 2**20, 1
+                    )
+                if args.profile and device.type == "cuda":
+                    for k in (strategy, "graph"):
+                        profile = profile_kernels(closures[k], device, block)
+                        print(json.dumps({"setting": name, "profile": k, **profile}), flush=True)
             record["block"] = block
+            record["cudnn_benchmark"] = args.cudnn_benchmark
             print(json.dumps(record), flush=True)
             if strategy == auto:
                 speedups[name] = round(speedup, 3)

@@ -259,6 +259,26 @@ def test_meta_gradient_matches_learn2learn(first_order, steps, strategy, threads
     assert_grads_close(g_ours, g_theirs, rtol=rtol, atol=atol)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuDNN's BatchNorm and grouped convs)")
+@pytest.mark.parametrize("steps", [1, 3], ids=["1-step", "3-steps"])
+@pytest.mark.parametrize(
+    "dtype,rtol,atol", [(torch.float32, 1e-3, 1e-4), (torch.float64, 1e-9, 1e-11)], ids=["float32", "float64"]
+)
+def test_vmap_meta_gradient_matches_learn2learn_on_cuda(steps, dtype, rtol, atol):
+    # On CUDA vmap batches cuDNN's kernels (the query pass's BatchNorm among them), which the CPU tests never run.
+    torch.manual_seed(0)
+    kw = dict(inner_lr=0.4, inner_steps=steps)
+    theirs = MAMLL2L(conv4(), WAYS, **kw).to("cuda", dtype)
+    ours = MAML(conv4(), WAYS, strategy="vmap", **kw).to("cuda", dtype)
+    ours.load_state_dict(theirs.state_dict())
+    episode = random_episode(tasks=4, dtype=dtype, seed=1).to("cuda")
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # TF32 convs round differently per algorithm
+        loss_ours, g_ours = meta_grads(ours, episode)
+        loss_theirs, g_theirs = meta_grads(theirs, episode)
+    torch.testing.assert_close(loss_ours, loss_theirs, rtol=rtol, atol=atol)
+    assert_grads_close(g_ours, g_theirs, rtol=rtol, atol=atol)
+
+
 def test_mlp_backbone_meta_gradient_matches_learn2learn():
     # BatchNorm1d under vmap takes the same decomposed path as BatchNorm2d
     backbone = functools.partial(MLP, in_channels=1, image_size=28, sizes=(32, 16))

@@ -29,15 +29,20 @@ def resolve_strategy(strategy: str, device: torch.device | str) -> str:
 
 
 def _batch_norm_from_batch(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """What bn(x) computes with batch statistics (no running statistics), from elementary ops."""
+    """What bn(x) computes with batch statistics (no running statistics), from elementary ops.
+
+    Two passes over x, as few as the fused kernel: one for mean and variance (var_mean), one for x * scale + shift
+    with the per-channel scale and shift folded first (tiny tensors). A second-order MAML step differentiates
+    this twice under vmap, and its step is bound by the number and size of kernels over the activations, so the
+    textbook (x - mean) / std * weight + bias (six passes, each again in both backward passes) costs more."""
     dims = [0, *range(2, x.dim())]
-    mean = x.mean(dims, keepdim=True)
-    var = x.var(dims, unbiased=False, keepdim=True)
-    y = (x - mean) * torch.rsqrt(var + bn.eps)
+    var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
+    scale = torch.rsqrt(var + bn.eps)
     if bn.affine:
         shape = [1, -1] + [1] * (x.dim() - 2)
-        y = y * bn.weight.view(shape) + bn.bias.view(shape)
-    return y
+        scale = scale * bn.weight.view(shape)
+        return torch.addcmul(bn.bias.view(shape) - mean * scale, x, scale)
+    return torch.addcmul(-mean * scale, x, scale)
 
 
 class _StatelessCall:

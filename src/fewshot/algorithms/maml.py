@@ -99,6 +99,10 @@ class MAML(Algorithm):
         self.chunk_size = chunk_size
         self.loss = loss
 
+    # vmap, second order: the query pass runs BatchNorm's fused kernel (False: the decomposition, as the support
+    # passes; scripts/bench_maml.py --variants times both).
+    native_query_batch_norm = True
+
     def graph_bytes(
         self, image_shape: Sequence[int], support: int, query: int, tasks: int, device: torch.device
     ) -> int:
@@ -190,8 +194,9 @@ class MAML(Algorithm):
         steps: int,
         meta: bool,
         functorch: bool,
+        query_call: Optional[_StatelessCall] = None,
     ) -> tuple[torch.Tensor, ...]:
-        """Adapt to one task and score its query set.
+        """Adapt to one task and score its query set (the query passes through query_call, default call).
 
         meta=True (meta-training): returns (loss, acc); the loss keeps the graph to `weights`.
         meta=False (test): `weights` come in detached, query passes run without a graph, and the result
@@ -201,10 +206,10 @@ class MAML(Algorithm):
         for _ in range(steps):
             if not meta:
                 with torch.no_grad():
-                    step_acc.append(self._score(call(weights, query_x), query_y))
+                    step_acc.append(self._score((query_call or call)(weights, query_x), query_y))
             weights = self._inner_step(call, weights, support_x, support_y, second_order, functorch)
         with torch.no_grad() if not meta else torch.enable_grad():
-            logits = call(weights, query_x)
+            logits = (query_call or call)(weights, query_x)
             loss = self._loss(logits, query_y)
         acc = self._score(logits.detach(), query_y)
         if meta:
@@ -251,9 +256,13 @@ class MAML(Algorithm):
         """_task over the leading task dim of xs = (support_x, support_y, query_x, query_y), stacked:
         (losses (T,), accs (T,)) when meta, else (losses, accs, step_acc (T, steps+1))."""
         if strategy == "vmap":
-            call = _StatelessCall(self.net, decompose_batch_norm=meta and not self.first_order)
+            second_order = meta and not self.first_order
+            call = _StatelessCall(self.net, decompose_batch_norm=second_order)
+            # The query pass is differentiated once (by loss.backward()), which the fused BatchNorm kernel gets
+            # right under vmap; only the support passes, differentiated twice, need the decomposition.
+            query = _StatelessCall(self.net) if second_order and self.native_query_batch_norm else call
             return torch.func.vmap(
-                lambda w, *task: self._task(call, w, *task, steps=steps, meta=meta, functorch=True),
+                lambda w, *task: self._task(call, w, *task, steps=steps, meta=meta, functorch=True, query_call=query),
                 in_dims=(None, 0, 0, 0, 0),
                 chunk_size=None if meta else self.chunk_size,  # meta-training chunks are taken in forward()
                 randomness="error",
