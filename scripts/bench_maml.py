@@ -107,7 +107,9 @@ class FixedTasks:
 def graph_step(algo: torch.nn.Module, episode: Episode, device: torch.device, block: int) -> Callable[[], float]:
     """fewshot's trainer.cuda_graph=on step (Adam 1e-3, capturable), `block` iterations per measurement."""
     optimizer = torch.optim.Adam(algo.parameters(), lr=1e-3)
+    mode = torch.backends.cudnn.benchmark
     stepper = GraphStep(algo, FixedTasks(episode), optimizer, None, episode.tasks, None, Progress(), "bench")
+    torch.backends.cudnn.benchmark = mode  # GraphStep turns it on; here the process's --cudnn-benchmark rules
     calls = 0
 
     def step() -> float:
@@ -222,10 +224,19 @@ def time_interleaved(
     steps: dict[str, Callable[[], float]], device: torch.device, iters: int, warmup: int
 ) -> dict[str, dict]:
     """Median ms per meta-iteration of each closure, timed in turns (A B C, B C A, ...) so that a busy
-    machine slows all of them alike; peak CUDA memory per closure when on CUDA."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
+    machine slows all of them alike; peak CUDA memory per closure when on CUDA. A variant (a closure whose name is
+    in VARIANTS) that raises in its warm-up is left out and reported as {"error": ...}."""
+    failed = {}
+    for name, step in list(steps.items()):
+        try:
+            for _ in range(warmup):
+                step()
+        except Exception as e:
+            if name not in VARIANTS:
+                raise
+            failed[name] = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"}
+            del steps[name]
+            sync(device)
     names = list(steps)
     times: dict[str, list[float]] = {name: [] for name in names}
     peaks: dict[str, float] = {name: 0.0 for name in names}
@@ -236,7 +247,7 @@ def time_interleaved(
             times[name].append(steps[name]())
             if device.type == "cuda":
                 peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) / 2**20)
-    return {
+    return failed | {
         name: {"ms_median": statistics.median(t), "ms_all": [round(x, 1) for x in t], "peak_mem_mib": peaks[name]}
         for name, t in times.items()
     }
@@ -333,6 +344,9 @@ def main() -> None:
                     record["graph_pool_mib"] = round(pool, 1)
                 graph_speedups[name] = record["graph_speedup"]
                 for v in variants:
+                    if "error" in timings[v]:
+                        record[f"graph_{v}_error"] = timings[v]["error"]
+                        continue
                     record[f"ms_per_iter_graph_{v}"] = round(timings[v]["ms_median"], 2)
                     record[f"graph_vs_{v}"] = round(timings[v]["ms_median"] / g["ms_median"], 3)
                     record[f"peak_mem_mib_graph_{v}"] = round(

@@ -33,6 +33,8 @@ def capture(fn: Callable[[], T], device: torch.device) -> tuple[torch.cuda.CUDAG
     """fn's kernels captured as one CUDA graph (not run): the graph, fn's outputs (overwritten by every replay) and
     the bytes of the graph's private memory pool (its intermediate tensors, kept between replays)."""
     graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()  # as torch.cuda.graph does on entry: measured from here, the growth is the graph's pool
     reserved = torch.cuda.memory_reserved(device)
     with torch.cuda.graph(graph):
         outputs = fn()
@@ -64,6 +66,8 @@ class EvalGraphs:
         self.algo = algo
         self.device = next(algo.parameters()).device
         self.capture = capture and self.device.type == "cuda"
+        if self.capture:  # static shapes: cuDNN's fastest algorithm per shape, timed once in the eager first batch
+            torch.backends.cudnn.benchmark = True
         self.entries: dict[tuple, tuple[Episode, Optional[torch.cuda.CUDAGraph], Optional[AlgoOutput]]] = {}
 
     def __call__(self, sampler, tasks: int) -> AlgoOutput:

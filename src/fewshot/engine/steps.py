@@ -121,6 +121,8 @@ class GraphStep(EagerStep):
         self._lr: list[torch.Tensor] = []
         if self.capture:
             self._make_capturable()
+            # Static shapes: cuDNN times its algorithms once per shape (in the warm-up) and keeps the fastest.
+            torch.backends.cudnn.benchmark = True
 
     def _make_capturable(self) -> None:
         groups = self.optimizer.param_groups
