@@ -195,6 +195,10 @@ def test_optimizer_state_leaves_the_live_optimizer_alone():
     live = opt.state[p]["step"]
     state = optimizer_state(opt)
     assert opt.state[p]["step"] is live and state["param_groups"][0]["capturable"] is False
+    # a snapshot: the next step (a graph replay updates the same tensors in place) leaves it as it was
+    before = {k: v.clone() for k, v in state["state"][0].items()}
+    opt.step()
+    assert all(torch.equal(state["state"][0][k], before[k]) for k in before)
 
 
 @pytest.mark.parametrize(

@@ -49,11 +49,14 @@ def checkpoint_state(
 
 
 def optimizer_state(optimizer) -> dict:
-    """optimizer.state_dict() in its portable form: a CUDA-graph step's capturable Adam keeps its step counters
-    on the GPU, which a plain (eager or CPU) optimizer refuses; the plain form holds them on the CPU, as Adam
-    itself does, and fewshot.engine.steps.GraphStep moves them back."""
+    """optimizer.state_dict() in its portable form, as a snapshot: a CUDA-graph step's capturable Adam keeps its
+    step counters on the GPU, which a plain (eager or CPU) optimizer refuses; the plain form holds them on the CPU,
+    as Adam itself does, and fewshot.engine.steps.GraphStep moves them back."""
     state = optimizer.state_dict()
-    state["state"] = {k: dict(v) for k, v in state["state"].items()}  # state_dict() shares the live entries
+    # A snapshot: state_dict() shares the live tensors, which a CUDA graph's next replay updates in place.
+    state["state"] = {
+        k: {n: t.clone() if torch.is_tensor(t) else t for n, t in v.items()} for k, v in state["state"].items()
+    }
     for group in state["param_groups"]:
         if group.get("capturable"):
             group["capturable"] = False
