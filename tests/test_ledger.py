@@ -68,3 +68,19 @@ def test_ledger_sections(tmp_path):
     assert "500 of 20,000 iterations" in reduced and "| 5 |" in reduced
     assert "matching_omniglot_5w1s |" not in pending and "| protonet_omniglot_5w1s |" in pending
     assert "miniImageNet images are not on the machines" in pending
+
+
+def test_a_rerun_of_a_seed_replaces_it_and_is_kept_apart(tmp_path):
+    # the recorded date decides, not the file's time: a fresh clone gives every file the same time
+    runs = {
+        "b_old": _result(test={"episodes": 1000, "acc_mean": 0.95, "acc_ci95": 0.002}),
+        "a_new": _result(date="2026-02-01T00:00:00Z", train_seconds=7.0),
+    }
+    for name, r in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(r))
+    text = ledger_markdown(collect([tmp_path]), load_presets(), "runs")
+    full, rest = text.split("## Reduced budget or modified")
+    replaced = rest.split("## Replaced by a later run of the same seed")[1].split("## Not yet run")[0]
+    assert "| 98.00 ± 0.20 |" in full and "| 7 |" in full and "95.00" not in full
+    assert "| 95.00 ± 0.20 |" in replaced and "| 10 |" in replaced

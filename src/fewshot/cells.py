@@ -137,6 +137,23 @@ def _paper(result: dict) -> tuple[Optional[float], Optional[float], Optional[str
     )
 
 
+def newest_per_seed(runs: Sequence[dict], warn: Callable[[str], None] = _warn_stderr) -> tuple[list[dict], list[dict]]:
+    """(kept, replaced): per seed the newest run, by its recorded date, then its file's time, then its path (a
+    fresh clone gives every file the same time, so the date decides what a checkout shows); the others, with a
+    warning each."""
+    by_seed: dict[int, dict] = {}
+    replaced = []
+    for r in sorted(runs, key=lambda r: (r.get("date") or "", _mtime(r), r.get("_path", ""))):
+        if r["seed"] in by_seed:
+            warn(
+                f"seed {r['seed']} of {r['name']} appears twice ({by_seed[r['seed']].get('_path')} and "
+                f"{r.get('_path')}); keeping the newer, {r.get('_path')}"
+            )
+            replaced.append(by_seed[r["seed"]])
+        by_seed[r["seed"]] = r
+    return [by_seed[s] for s in sorted(by_seed)], replaced
+
+
 def aggregate(results: Sequence[dict], by: str = "cell", warn: Callable[[str], None] = _warn_stderr) -> list[Row]:
     """Group results into cells (see the module docstring for `by`) and pool each cell's seeds; sorted rows.
 
@@ -152,15 +169,7 @@ def aggregate(results: Sequence[dict], by: str = "cell", warn: Callable[[str], N
     rows = []
     for members in groups.values():
         check_poolable(members)
-        by_seed: dict[int, dict] = {}
-        for r in sorted(members, key=lambda r: (_mtime(r), r.get("_path", ""))):
-            if r["seed"] in by_seed:
-                warn(
-                    f"seed {r['seed']} of {r['name']} appears twice ({by_seed[r['seed']].get('_path')} and "
-                    f"{r.get('_path')}); keeping the newer, {r.get('_path')}"
-                )
-            by_seed[r["seed"]] = r
-        runs = [by_seed[s] for s in sorted(by_seed)]
+        runs, _ = newest_per_seed(members, warn)
         fields = {f: _merge([_field(r, f) for r in runs]) for f in CELL_FIELDS}
         if by == "name":
             mixed = [f for f in CELL_FIELDS if f not in key_fields and len({_field(r, f) for r in runs}) > 1]

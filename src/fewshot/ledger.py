@@ -7,6 +7,7 @@ Made only from real runs' results.json files, never typed by hand. Three parts:
   beyond the seed, the device and where files live), one row per preset, seeds pooled as fewshot-table does.
 - Reduced or modified: every other run filed under a preset's name, with what differs. Not comparable with the
   paper; kept apart so that nobody mistakes them for the cell.
+- Replaced: a run of a seed that a later run of the same cell and seed replaced (newest by recorded date).
 - Not yet run: presets without a full-budget row, with the reason.
 
 Plain Python like fewshot-table: the presets are read as YAML files, without composing them through Hydra.
@@ -22,7 +23,7 @@ from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from fewshot.cells import Row, aggregate, measured_overrides
+from fewshot.cells import Row, aggregate, measured_overrides, newest_per_seed
 
 # Why a preset may have no full-budget row yet, by dataset; anything else simply has not been run.
 PENDING = {
@@ -162,11 +163,17 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
         else:
             full.setdefault(r["name"], []).append(r)
 
+    earlier: list[tuple[Row, str]] = []  # runs of a seed that a later run of the same cell replaced
+
     def rows(groups: dict, extra: bool) -> list[str]:
         lines = []
         for key, runs in groups.items():
-            (row,) = aggregate(runs, by="name", warn=lambda m: None)
-            lines.append((row, _row_line(row, runs, key[1] if extra else None)))
+            kept, replaced = newest_per_seed(runs, warn=lambda m: None)
+            (row,) = aggregate(kept, by="name", warn=lambda m: None)
+            lines.append((row, _row_line(row, kept, key[1] if extra else None)))
+            for r in replaced:
+                (old,) = aggregate([r], by="name", warn=lambda m: None)
+                earlier.append((old, _row_line(old, [r], key[1] if extra else "–")))
         return [line for _, line in sorted(lines, key=lambda pair: pair[0].name)]
 
     out = [
@@ -191,6 +198,17 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
         "",
     ]
     out += _table(HEADER[:2] + ["differs by"] + HEADER[2:], rows(other, extra=True)) if other else ["(none)"]
+    if earlier:
+        out += [
+            "",
+            "## Replaced by a later run of the same seed",
+            "",
+            "Kept for the record, pooled nowhere: a later run of the same cell and seed stands in the tables above.",
+            "",
+        ]
+        out += _table(
+            HEADER[:2] + ["differs by"] + HEADER[2:], [line for _, line in sorted(earlier, key=lambda p: p[0].name)]
+        )
     out += ["", "## Not yet run at full budget", "", "| preset | paper (%) | source | reason |", "|---|---|---|---|"]
     for name, p in sorted(presets.items()):
         if name not in full:
