@@ -15,8 +15,9 @@ synchronisation in between; learn2learn one at a time (it is host-bound).
 --queries overrides the 15 query images per class (MAML's own code, and fewshot's presets, draw 1 = shots).
 --variants also times the graph step of other versions of the same step, each on its own copy of the weights:
 "before" (BatchNorm as the six-pass textbook decomposition in every pass, fewshot's step until the fused form),
-"channels_last" (parameters and inputs in channels_last memory format) and "bf16_query" (the query pass under
-bf16 autocast; the support passes, inner gradients and losses in fp32). --cudnn-benchmark sets
+"channels_last" (parameters and inputs in channels_last memory format), "bf16_query" (the query pass under
+bf16 autocast; the support passes, inner gradients and losses in fp32) and "matmul_conv" (MAML.conv_as_matmul:
+convolutions as unfold + matmul instead of cuDNN's grouped convolutions). --cudnn-benchmark sets
 torch.backends.cudnn.benchmark for the whole process (cuDNN caches the algorithm it first picks per shape, so a
 process cannot time both; run it twice). --profile prints the CUDA kernels of one eager and one graphed
 iteration (count, summed kernel time, the costliest kernels).
@@ -167,10 +168,12 @@ def variant_context(name: str, algo: MAML):
         return _patched(functional, "_batch_norm_from_batch", _textbook_batch_norm)
     if name == "bf16_query":
         return _patched(maml_module, "_StatelessCall", _Bf16Query)
+    if name == "matmul_conv":
+        algo.conv_as_matmul = True
     return contextlib.nullcontext()
 
 
-VARIANTS = ("before", "channels_last", "bf16_query")
+VARIANTS = ("before", "channels_last", "bf16_query", "matmul_conv")
 
 
 def variant_step(name: str, algo: MAML, episode: Episode, device: torch.device, block: int) -> Callable[[], float]:

@@ -259,20 +259,41 @@ def test_meta_gradient_matches_learn2learn(first_order, steps, strategy, threads
     assert_grads_close(g_ours, g_theirs, rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
+@pytest.mark.parametrize("steps", [1, 3], ids=["1-step", "3-steps"])
+def test_convolutions_as_matmuls_match_learn2learn(first_order, steps):
+    # MAML.conv_as_matmul: unfold + matmul in place of the (grouped) convolutions, to every derivative order
+    torch.manual_seed(0)
+    kw = dict(inner_lr=0.4, inner_steps=steps, first_order=first_order, eval_inner_steps=2)
+    theirs = MAMLL2L(conv4(), WAYS, **kw).double()
+    ours = MAML(conv4(), WAYS, strategy="vmap", **kw).double()
+    ours.conv_as_matmul = True
+    ours.load_state_dict(theirs.state_dict())
+    episode = random_episode(tasks=3, dtype=torch.float64, seed=1)
+    loss_ours, g_ours = meta_grads(ours, episode)
+    loss_theirs, g_theirs = meta_grads(theirs, episode)
+    torch.testing.assert_close(loss_ours, loss_theirs, rtol=1e-12, atol=0)
+    assert_grads_close(g_ours, g_theirs, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(ours(episode, train=False).step_score, theirs(episode, train=False).step_score)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuDNN's BatchNorm and grouped convs)")
+@pytest.mark.parametrize("conv_as_matmul", [False, True], ids=["cudnn-conv", "matmul-conv"])
 @pytest.mark.parametrize("steps", [1, 3], ids=["1-step", "3-steps"])
 @pytest.mark.parametrize(
     "dtype,rtol,atol", [(torch.float32, 1e-3, 1e-4), (torch.float64, 1e-9, 1e-11)], ids=["float32", "float64"]
 )
-def test_vmap_meta_gradient_matches_learn2learn_on_cuda(steps, dtype, rtol, atol):
+def test_vmap_meta_gradient_matches_learn2learn_on_cuda(steps, dtype, rtol, atol, conv_as_matmul):
     # On CUDA vmap batches cuDNN's kernels (the query pass's BatchNorm among them), which the CPU tests never run.
     torch.manual_seed(0)
     kw = dict(inner_lr=0.4, inner_steps=steps)
     theirs = MAMLL2L(conv4(), WAYS, **kw).to("cuda", dtype)
     ours = MAML(conv4(), WAYS, strategy="vmap", **kw).to("cuda", dtype)
+    ours.conv_as_matmul = conv_as_matmul
     ours.load_state_dict(theirs.state_dict())
     episode = random_episode(tasks=4, dtype=dtype, seed=1).to("cuda")
-    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # TF32 convs round differently per algorithm
+    # TF32 rounds differently per algorithm; matmuls run in full fp32 unless asked (torch's default)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         loss_ours, g_ours = meta_grads(ours, episode)
         loss_theirs, g_theirs = meta_grads(theirs, episode)
     torch.testing.assert_close(loss_ours, loss_theirs, rtol=rtol, atol=atol)

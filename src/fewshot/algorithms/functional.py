@@ -8,6 +8,7 @@ import functools
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 Weights = dict[str, torch.Tensor]
@@ -45,6 +46,22 @@ def _batch_norm_from_batch(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor)
     return torch.addcmul(-mean * scale, x, scale)
 
 
+def _conv2d_as_matmul(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) as im2col (unfold) and one matmul. Under vmap with per-task weights this is a batched matmul where
+    cuDNN would run a grouped convolution, whose backward kernels are slow at MAML's shapes (scripts/bench_maml.py
+    --profile); its derivatives are matmuls and fold/unfold again, to any order."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    height = (x.shape[-2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    width = (x.shape[-1] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    out = (conv.weight.flatten(1) @ cols).unflatten(-1, (height, width))  # (O, C*kh*kw) @ (N, C*kh*kw, L)
+    return out if conv.bias is None else out + conv.bias.view(-1, 1, 1)
+
+
+def _matmul_convertible(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+
+
 class _StatelessCall:
     """net(x) with its parameters replaced by the tensors in `weights` (keyed by parameter name).
 
@@ -54,9 +71,11 @@ class _StatelessCall:
     decompose_batch_norm: run every BatchNorm that uses batch statistics as elementary ops instead of the
     fused kernel. Needed for second-order MAML under vmap: with torch 2.x, differentiating through the
     batched native_batch_norm backward gives wrong meta-gradients (off by ~1e-2 relative in float64; see
-    pytorch/functorch#534 and tests/test_algorithms.py), while the decomposition agrees with the loop."""
+    pytorch/functorch#534 and tests/test_algorithms.py), while the decomposition agrees with the loop.
 
-    def __init__(self, net: nn.Module, decompose_batch_norm: bool = False) -> None:
+    conv_as_matmul: run every plain Conv2d as unfold + matmul (_conv2d_as_matmul) instead of cuDNN."""
+
+    def __init__(self, net: nn.Module, decompose_batch_norm: bool = False, conv_as_matmul: bool = False) -> None:
         self.net = net
         self.slots = []
         for name, _ in net.named_parameters():
@@ -67,20 +86,25 @@ class _StatelessCall:
             for m in net.modules()
             if decompose_batch_norm and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
         ]
+        convs = [m for m in net.modules() if conv_as_matmul and _matmul_convertible(m)]
+        # Modules whose forward the call replaces: an instance attribute shadows the class's forward.
+        self.forwards = [(bn, _batch_norm_from_batch) for bn in self.batch_norms] + [
+            (conv, _conv2d_as_matmul) for conv in convs
+        ]
 
     def __call__(self, weights: Weights, x: torch.Tensor) -> torch.Tensor:
         originals = [module._parameters[attr] for _, module, attr in self.slots]
         try:
             for name, module, attr in self.slots:
                 module._parameters[attr] = weights[name]
-            for bn in self.batch_norms:  # an instance attribute shadows the class's forward
-                bn.forward = functools.partial(_batch_norm_from_batch, bn)
+            for module, forward in self.forwards:
+                module.forward = functools.partial(forward, module)
             return self.net(x)
         finally:
             for (_, module, attr), original in zip(self.slots, originals):
                 module._parameters[attr] = original
-            for bn in self.batch_norms:
-                bn.__dict__.pop("forward", None)
+            for module, _ in self.forwards:
+                module.__dict__.pop("forward", None)
 
 
 def activation_elements(net: nn.Module, image_shape: Sequence[int]) -> int:

@@ -102,6 +102,9 @@ class MAML(Algorithm):
     # vmap, second order: the query pass runs BatchNorm's fused kernel (False: the decomposition, as the support
     # passes; scripts/bench_maml.py --variants times both).
     native_query_batch_norm = True
+    # vmap: convolutions as unfold + matmul (functional._conv2d_as_matmul) instead of cuDNN's grouped convolutions.
+    # Off: not yet measured on a GPU (scripts/bench_maml.py --variants times it as "matmul_conv").
+    conv_as_matmul = False
 
     def graph_bytes(
         self, image_shape: Sequence[int], support: int, query: int, tasks: int, device: torch.device
@@ -257,10 +260,12 @@ class MAML(Algorithm):
         (losses (T,), accs (T,)) when meta, else (losses, accs, step_acc (T, steps+1))."""
         if strategy == "vmap":
             second_order = meta and not self.first_order
-            call = _StatelessCall(self.net, decompose_batch_norm=second_order)
+            matmul = self.conv_as_matmul
+            call = _StatelessCall(self.net, decompose_batch_norm=second_order, conv_as_matmul=matmul)
             # The query pass is differentiated once (by loss.backward()), which the fused BatchNorm kernel gets
             # right under vmap; only the support passes, differentiated twice, need the decomposition.
-            query = _StatelessCall(self.net) if second_order and self.native_query_batch_norm else call
+            native = second_order and self.native_query_batch_norm
+            query = _StatelessCall(self.net, conv_as_matmul=matmul) if native else call
             return torch.func.vmap(
                 lambda w, *task: self._task(call, w, *task, steps=steps, meta=meta, functorch=True, query_call=query),
                 in_dims=(None, 0, 0, 0, 0),
