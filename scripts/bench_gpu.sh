@@ -8,7 +8,7 @@
 #      per class (the presets: MAML's own code draws queries = shots) and 15 (the issue's bench), with the graph
 #      step's variants (--variants) and kernel profiles (--profile at 1 query), under cuDNN's benchmark mode (as
 #      the graph step runs), then at 1 query without it (cuDNN keeps the first algorithm it picks per shape, so a
-#      process times one mode); every line in $OUT/bench.jsonl, the logs in $OUT/bench.log;
+#      process times one mode); the logs in $OUT/bench.log;
 #   run: a timed maml_omniglot_5w1s run with trainer.cuda_graph=on: ITERATIONS meta-iterations (default 3000), its
 #      test, and the ms per meta-iteration projected to the paper's 60,000. FULL=1: the whole preset (60,000
 #      iterations, 600 test tasks); a run stopped by its time limit (RUN_LIMIT seconds, SIGTERM) checkpoints and the
@@ -21,8 +21,9 @@
 #   .venv/bin/pip wheel --no-deps --no-build-isolation -w .whl . && rm -rf build    # fewshot itself
 #   mkdir -p .devdata/omniglot && cp -r ../shared/data/omniglot/* .devdata/omniglot/
 # then run on the device, carrying [".whl", ".devdata"]:   bash scripts/bench_gpu.sh   (FULL=1 ... for the cell)
-# At most 8 files come back from $OUT: tests.txt, bench.jsonl, bench.log, train.log, results.json, metrics.csv,
-# overrides.yaml.
+# Every JSON line (bench, run, fewshot-eval, each step's wall seconds) is also appended to $OUT/bench.jsonl, which
+# comes back when the call is cut. At most 8 files come back from $OUT: tests.txt, bench.jsonl, bench.log,
+# train.log, results.json, metrics.csv, overrides.yaml.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/bench_gpu}
@@ -71,7 +72,7 @@ run() {
     | tr '\r' '\n' | grep -v '^meta-train\|^validate\|^test' | tee -a "$OUT/train.log" | tail -20
   end=$(date +%s.%N)
   for f in results.json metrics.csv .hydra/overrides.yaml; do [ -f "$RUN_DIR/$f" ] && cp "$RUN_DIR/$f" "$OUT/"; done
-  python3 - "$RUN_DIR" "$start" "$end" <<'PY'
+  python3 - "$RUN_DIR" "$start" "$end" <<'PY' | tee -a "$OUT/bench.jsonl"
 import json, os, sys
 run, start, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 path = f"{run}/results.json"
@@ -94,7 +95,7 @@ PY
     s=$(date +%s.%N)
     timeout 120 python3 -m fewshot.eval "checkpoint=$RUN_DIR/checkpoints/best.pt" device=cuda "eval.cuda_graph=$graph" \
       "hydra.run.dir=/tmp/fewshot_eval_$graph" >/dev/null 2>"/tmp/fewshot_eval_$graph.err"
-    python3 - "/tmp/fewshot_eval_$graph/results.json" "$graph" "$s" "$(date +%s.%N)" <<'PY'
+    python3 - "/tmp/fewshot_eval_$graph/results.json" "$graph" "$s" "$(date +%s.%N)" <<'PY' | tee -a "$OUT/bench.jsonl"
 import json, sys
 r = json.load(open(sys.argv[1]))
 print(json.dumps({"fewshot_eval": "maml_omniglot_5w1s best.pt", "eval_cuda_graph": sys.argv[2] == "true",
@@ -104,4 +105,8 @@ PY
   done
 }
 
-for step in $STEPS; do "$step"; done
+for step in $STEPS; do  # each step's wall time in bench.jsonl too: what is printed here is lost if the call is cut
+  s=$(date +%s)
+  "$step"
+  echo "{\"step\": \"$step\", \"wall_seconds\": $(($(date +%s) - s))}" | tee -a "$OUT/bench.jsonl"
+done
