@@ -77,16 +77,25 @@ def _stepper(cfg, kind, tmp_path):
         ["algo=maml", "algo.inner_steps=2", "trainer.grad_clip=0.5"],
         ["algo=protonet", "schedule=step", "schedule.step_size=2", "optim=adamw"],
         ["algo=matching"],
+        ["algo=matching_fce"],
+        ["algo=fomaml"],
+        ["algo=siamese"],
+        ["algo=mann", "algo.slots=16"],
+        ["algo=lstm_baseline"],
+        ["algo=meta_lstm"],
     ],
-    ids=["maml-clipped", "protonet-scheduled", "matching"],
+    ids=lambda o: o[0].removeprefix("algo=") + ("-clipped" if "grad_clip" in str(o) else ""),
 )
 def test_static_buffer_step_is_the_eager_step(compose_cfg, tmp_path, overrides):
     """Eight iterations (past the warm-up, where a GPU would start replaying): the same losses, scores, weights
-    and optimizer state, bit for bit."""
+    and optimizer state, bit for bit, for every family. The two run one after the other from the same seed, so
+    the algorithms that draw their own randomness (siamese distortions, MANN's order) draw the same."""
     cfg = compose_cfg("train", [*TINY, "device=cpu", *overrides])
-    (run_a, opt_a, eager), (run_b, opt_b, static) = (_stepper(cfg, k, tmp_path) for k in ("eager", "static"))
-    for it in range(1, 9):
-        (la, sa), (lb, sb) = eager(it), static(it)
+    run_a, opt_a, eager = _stepper(cfg, "eager", tmp_path)
+    want = [eager(it) for it in range(1, 9)]
+    run_b, opt_b, static = _stepper(cfg, "static", tmp_path)  # reseeds
+    for it, (la, sa) in enumerate(want, 1):
+        lb, sb = static(it)
         assert torch.equal(la, lb) and torch.equal(sa, sb), it
     for (name, a), b in zip(run_a.algo.state_dict().items(), run_b.algo.state_dict().values()):
         assert torch.equal(a, b), name
@@ -203,14 +212,21 @@ def test_optimizer_state_leaves_the_live_optimizer_alone():
 
 @pytest.mark.parametrize(
     "overrides",
-    [["algo=maml", "eval.meta_batch_size=6"], ["algo=mann", "algo.slots=16", "eval.meta_batch_size=6"]],
-    ids=["maml-steps", "mann-instances"],
+    [
+        ["algo=maml"],
+        ["algo=mann", "algo.slots=16"],
+        ["algo=protonet"],
+        ["algo=matching_fce"],
+        ["algo=siamese"],
+        ["algo=meta_lstm"],
+    ],
+    ids=["maml-steps", "mann-instances", "protonet", "matching_fce", "siamese", "meta_lstm-steps"],
 )
 def test_eval_graphs_static_path_is_the_plain_evaluation(compose_cfg, overrides):
     """Validation/test through EvalGraphs' static tensors (eagerly, as on a CPU) gives exactly the plain loop's
     numbers, per-step (or per-instance) scores included, with a ragged last batch (20 tasks in batches of 6), twice
     in a row (the second call reuses the static tensors, as every validation after the first does)."""
-    cfg = compose_cfg("train", [*TINY, "device=cpu", *overrides])
+    cfg = compose_cfg("train", [*TINY, "device=cpu", "eval.meta_batch_size=6", *overrides])
     torch.manual_seed(0)
     run = build(cfg)
     plain = evaluate(run.algo, make_sampler(run, "val"), 20, 6, seed=5)
