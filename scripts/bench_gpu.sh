@@ -4,7 +4,7 @@
 #   tests: the CUDA tests (-k cuda: captured graph vs eager step, vmap's meta-gradient vs learn2learn's on CUDA),
 #      whole output in $OUT/tests.txt;
 #   bench: scripts/bench_maml.py --device cuda: learn2learn vs our eager step vs our CUDA-graph step
-#      (trainer.cuda_graph=on), same process, same tasks: ms per meta-iteration, speedups, peak memory; at 1 query
+#      (trainer.cuda_graph=on), same process, same tasks: ms per meta-iteration, speedups, step memory; at 1 query
 #      per class (the presets: MAML's own code draws queries = shots) and 15 (the bench), with the graph
 #      step's variants (--variants) and kernel profiles (--profile at 1 query), under cuDNN's benchmark mode (as
 #      the graph step runs), then at 1 query without it (cuDNN keeps the first algorithm it picks per shape, so a
@@ -84,6 +84,7 @@ iters = r["iterations"]
 ms = 1000 * r["train_seconds"] / iters
 print(json.dumps({"run": "maml_omniglot_5w1s", "finished": True, "device": r.get("device"), "iterations": iters,
                   "train_seconds": round(r["train_seconds"], 1), "train_ms_per_iter": round(ms, 2),
+                  "val_seconds": r.get("val_seconds"), "test_seconds": r.get("test_seconds"),
                   "projected_60k_minutes": round(ms * 60000 / 1000 / 60, 1),
                   "wall_seconds_this_call": round(end - start, 1),
                   "test_acc": round(100 * r["test"]["acc_mean"], 2), "test_ci95": round(100 * r["test"]["acc_ci95"], 2),
@@ -100,6 +101,7 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 print(json.dumps({"fewshot_eval": "maml_omniglot_5w1s best.pt", "eval_cuda_graph": sys.argv[2] == "true",
                   "episodes": r["test"]["episodes"], "test_acc": round(100 * r["test"]["acc_mean"], 3),
+                  "test_seconds": r.get("test_seconds"),
                   "wall_seconds": round(float(sys.argv[4]) - float(sys.argv[3]), 1)}))
 PY
   done

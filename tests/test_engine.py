@@ -52,6 +52,7 @@ def test_run_folder_contents(tiny_run, algo):
     assert on_disk == json.loads(json.dumps(results))
     for key in ("algo", "dataset", "backbone", "ways", "shots", "queries", "seed", "iterations", "train_seconds"):
         assert key in on_disk, key
+    assert on_disk["val_seconds"] > 0 and on_disk["test_seconds"] > 0  # kept apart from train_seconds
     test = on_disk["test"]
     assert test["episodes"] == 20 and 0.0 <= test["acc_mean"] <= 1.0 and test["acc_ci95"] >= 0.0
     assert on_disk["algo"] == algo and on_disk["ways"] == 5 and on_disk["queries"] == 3
@@ -83,6 +84,7 @@ def test_eval_reproduces_training_test_number(tiny_run, compose_cfg, tmp_path):
         tmp_path / "eval2",
     )
     assert other["test"]["episodes"] == 10 and other["seed"] == 5
+    assert other["test_seconds"] > 0 and other["train_seconds"] is None and other["val_seconds"] is None
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["test"] == results["test"]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -77,11 +78,12 @@ def test_checkpoint(run: Run, state: dict, request: EvalRequest, out_dir: Path) 
         f"fewshot: {t.name} from {request.checkpoint} (iteration {state['iteration']}) on {run.device}, "
         f"{t.test_episodes} {request.split} episodes, seed {t.seed}"
     )
+    tic = time.perf_counter()
     test = evaluate(
         run.algo, sampler, t.test_episodes, t.eval_batch, episode_seed(t.seed, request.split), request.split,
         eval_graphs(run),
     )  # fmt: skip
-    results = make_results(run, test, train_seconds=None, best=state["best"])
+    results = make_results(run, test, None, state["best"], test_seconds=time.perf_counter() - tic)
     results["checkpoint"] = str(Path(request.checkpoint).resolve())
     results["eval_split"] = request.split
     write_results(out_dir, results)

@@ -43,6 +43,7 @@ class Progress:
     train_seconds: float = 0.0
     metric: str = "acc"
     first_loss: Optional[float] = None
+    val_seconds: float = 0.0  # validation's time, kept apart from train_seconds
 
     def add(self, loss: torch.Tensor | float, score: torch.Tensor | float, metric: str) -> None:
         """Device tensors stay on the device (no host synchronisation per iteration) until window() reads them."""
@@ -62,6 +63,7 @@ class Progress:
             "n": self.n,
             "metric": self.metric,
             "train_seconds": self.train_seconds + extra_seconds,
+            "val_seconds": self.val_seconds,
         }
         return state if self.first_loss is None else {**state, "first_loss": self.first_loss}
 
@@ -74,6 +76,7 @@ class Progress:
             train_seconds=state["train_seconds"],
             metric=state.get("metric", "acc"),
             first_loss=state.get("first_loss"),
+            val_seconds=state.get("val_seconds", 0.0),
         )
 
 
@@ -155,9 +158,11 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
 
         if validate:
             progress.train_seconds += time.perf_counter() - tic
+            tic = time.perf_counter()
             val = evaluate(
                 algo, val_sampler, t.val_episodes, t.eval_batch, episode_seed(t.seed, "val"), "validate", graphs
             )
+            progress.val_seconds += time.perf_counter() - tic
             metric = METRICS[progress.metric]
             m = metric.name
             if not math.isfinite(val[f"{m}_mean"]):  # it could never become best.pt: say so now
@@ -210,8 +215,16 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
     )
     algo.load_state_dict(load_checkpoint(ckpt_dir / "best.pt")["model"])
     test_sampler = make_sampler(run, "test")
+    tic = time.perf_counter()
     test = evaluate(algo, test_sampler, t.test_episodes, t.eval_batch, episode_seed(t.seed, "test"), "test", graphs)
-    results = make_results(run, test, train_seconds=progress.train_seconds, best=best)
+    results = make_results(
+        run,
+        test,
+        progress.train_seconds,
+        best,
+        val_seconds=progress.val_seconds,
+        test_seconds=time.perf_counter() - tic,
+    )
     write_results(run_dir, results)
     if logger:
         m = METRICS[progress.metric].name

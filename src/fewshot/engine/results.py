@@ -41,9 +41,17 @@ def plot_curve(run_dir: Path) -> None:
         print(f"fewshot: warning: learning-curve plot failed: {e}", file=sys.stderr)
 
 
-def make_results(run: Run, test: dict, train_seconds: Optional[float], best: dict) -> dict[str, Any]:
+def make_results(
+    run: Run,
+    test: dict,
+    train_seconds: Optional[float],
+    best: dict,
+    val_seconds: Optional[float] = None,
+    test_seconds: Optional[float] = None,
+) -> dict[str, Any]:
     """results.json: the run's cell (test tasks: ways/shots/queries are the paper cell's; training tasks may differ,
-    ProtoNets train 60-way), its budget, where and when it ran, the command that gives it again, and the test."""
+    ProtoNets train 60-way), its budget, where and when it ran, the command that gives it again, and the test.
+    train_seconds excludes validation (val_seconds) and the test (test_seconds)."""
     t, device = run.settings, run.device
     return {
         "name": t.name,
@@ -59,6 +67,8 @@ def make_results(run: Run, test: dict, train_seconds: Optional[float], best: dic
         "iterations": t.iterations,
         "meta_batch_size": t.meta_batch_size,
         "train_seconds": None if train_seconds is None else round(train_seconds, 3),
+        "val_seconds": None if val_seconds is None else round(val_seconds, 3),
+        "test_seconds": None if test_seconds is None else round(test_seconds, 3),
         "best_val": best,
         "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
         "optim": run.record["optim"],
