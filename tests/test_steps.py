@@ -236,6 +236,19 @@ def test_eval_graphs_static_path_is_the_plain_evaluation(compose_cfg, overrides)
     assert len(graphs.entries) == 2  # batches of 6 and the last one of 2
 
 
+@pytest.mark.parametrize("experiment", ["maml_sinusoid_k5", "pretrain_sinusoid_k5"])
+def test_eval_graphs_static_path_on_the_sinusoids(compose_cfg, experiment):
+    """The regression samplers (MSE, no classes) fill the static tensors too."""
+    cfg = compose_cfg("train", [f"experiment={experiment}", "device=cpu", "eval.meta_batch_size=6"])
+    torch.manual_seed(0)
+    run = build(cfg)
+    plain = evaluate(run.algo, make_sampler(run, "val"), 20, 6, seed=5)
+    graphs = EvalGraphs(run.algo, capture=False)
+    for _ in range(2):
+        assert evaluate(run.algo, make_sampler(run, "val"), 20, 6, seed=5, graphs=graphs) == plain
+    assert plain["metric"] == "mse" and len(graphs.entries) == 2
+
+
 @cuda
 def test_eval_graphs_replay_on_cuda(compose_cfg):
     """Captured for real (MAML, 10 inner steps at test): replayed batches score what the eager loop scores."""
