@@ -4,7 +4,9 @@ See fewshot.algorithms.maml for how the two strategies (vmap, loop) use it."""
 
 from __future__ import annotations
 
+import copy
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -105,6 +107,41 @@ class _StatelessCall:
                 module._parameters[attr] = original
             for module, _ in self.forwards:
                 module.__dict__.pop("forward", None)
+
+
+def loop_workers(strategy: str, device: torch.device, tasks: int) -> int:
+    """Worker threads for the loop: one per intra-op CPU thread (at most one per task), 1 elsewhere."""
+    if strategy != "loop" or device.type != "cpu":
+        return 1
+    return max(1, min(torch.get_num_threads(), tasks))
+
+
+def parallel_tasks(
+    net: nn.Module, fn: Callable[["_StatelessCall", int], tuple], tasks: int, workers: int
+) -> list[tuple]:
+    """[fn(call, t) for t in range(tasks)], spread over `workers` threads with one intra-op thread each;
+    every worker calls its own copy of the net (the swap in _StatelessCall mutates the module)."""
+    if workers <= 1:
+        call = _StatelessCall(net)
+        return [fn(call, t) for t in range(tasks)]
+    threads = torch.get_num_threads()
+
+    def work(part: Sequence[int]) -> list[tuple]:
+        torch.set_num_threads(1)  # this thread's OpenMP/MKL setting; restored below
+        try:
+            call = _StatelessCall(copy.deepcopy(net))
+            with torch.enable_grad():
+                return [fn(call, t) for t in part]
+        finally:
+            torch.set_num_threads(threads)
+
+    parts = [range(i, tasks, workers) for i in range(workers)]
+    results: list = [None] * tasks
+    with ThreadPoolExecutor(workers, thread_name_prefix="maml") as pool:
+        for part, outputs in zip(parts, pool.map(work, parts)):
+            for t, out in zip(part, outputs):
+                results[t] = out
+    return results
 
 
 def activation_elements(net: nn.Module, image_shape: Sequence[int]) -> int:

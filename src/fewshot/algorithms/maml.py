@@ -27,9 +27,7 @@ statistics) are not supported by the functional inner loop.
 
 from __future__ import annotations
 
-import copy
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +39,8 @@ from fewshot.algorithms.functional import (  # noqa: F401  (STRATEGIES: re-expor
     _MetaGradient,
     _StatelessCall,
     activation_elements,
+    loop_workers,
+    parallel_tasks,
     resolve_strategy,
 )
 from fewshot.data.base import Episode
@@ -118,7 +118,7 @@ class MAML(Algorithm):
         per_step = support * per_image * (1 if self.first_order else 2)
         per_task = self.inner_steps * per_step + 2 * query * per_image
         strategy = resolve_strategy(self.strategy, device)
-        workers = self._workers(strategy, torch.device(device), tasks)
+        workers = loop_workers(strategy, torch.device(device), tasks)
         in_flight = workers if workers > 1 else min(tasks, self.chunk_size or tasks)
         return 4 * per_task * in_flight  # float32
 
@@ -222,37 +222,6 @@ class MAML(Algorithm):
 
     # ---- many tasks ----------------------------------------------------------------------------------
 
-    def _workers(self, strategy: str, device: torch.device, tasks: int) -> int:
-        """Worker threads for the loop: one per intra-op CPU thread (at most one per task), 1 elsewhere."""
-        if strategy != "loop" or device.type != "cpu":
-            return 1
-        return max(1, min(torch.get_num_threads(), tasks))
-
-    def _parallel(self, fn: Callable[[_StatelessCall, int], tuple], tasks: int, workers: int) -> list[tuple]:
-        """[fn(call, t) for t in range(tasks)], spread over `workers` threads with one intra-op thread each;
-        every worker calls its own copy of the net (the swap in _StatelessCall mutates the module)."""
-        if workers <= 1:
-            call = _StatelessCall(self.net)
-            return [fn(call, t) for t in range(tasks)]
-        threads = torch.get_num_threads()
-
-        def work(part: Sequence[int]) -> list[tuple]:
-            torch.set_num_threads(1)  # this thread's OpenMP/MKL setting; restored below
-            try:
-                call = _StatelessCall(copy.deepcopy(self.net))
-                with torch.enable_grad():
-                    return [fn(call, t) for t in part]
-            finally:
-                torch.set_num_threads(threads)
-
-        parts = [range(i, tasks, workers) for i in range(workers)]
-        results: list = [None] * tasks
-        with ThreadPoolExecutor(workers, thread_name_prefix="maml") as pool:
-            for part, outputs in zip(parts, pool.map(work, parts)):
-                for t, out in zip(part, outputs):
-                    results[t] = out
-        return results
-
     def _tasks(
         self, weights: Weights, xs: Sequence[torch.Tensor], steps: int, meta: bool, strategy: str, workers: int = 1
     ):
@@ -272,7 +241,8 @@ class MAML(Algorithm):
                 chunk_size=None if meta else self.chunk_size,  # meta-training chunks are taken in forward()
                 randomness="error",
             )(weights, *xs)
-        results = self._parallel(
+        results = parallel_tasks(
+            self.net,
             lambda call, t: self._task(call, weights, *(x[t] for x in xs), steps=steps, meta=meta, functorch=False),
             xs[0].shape[0],
             workers,
@@ -299,7 +269,7 @@ class MAML(Algorithm):
                 )
                 return loss.detach(), acc, torch.autograd.grad(loss, leaves, allow_unused=True)
 
-            parts = self._parallel(one, tasks, workers)
+            parts = parallel_tasks(self.net, one, tasks, workers)
         else:
             chunk = self.chunk_size or tasks
             parts = []
@@ -323,7 +293,7 @@ class MAML(Algorithm):
         strategy = resolve_strategy(self.strategy, device)
         xs = (episode.support_x, episode.support_y, episode.query_x, episode.query_y)
         tasks = episode.tasks
-        workers = self._workers(strategy, device, tasks)
+        workers = loop_workers(strategy, device, tasks)
         with torch.enable_grad():  # the inner loop differentiates, also when a caller evaluates under no_grad
             if not train:
                 weights = {k: p.detach().requires_grad_() for k, p in self.net.named_parameters()}
