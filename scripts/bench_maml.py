@@ -177,6 +177,7 @@ VARIANTS = ("before", "channels_last", "bf16_query", "matmul_conv")
 
 
 def variant_step(name: str, algo: MAML, episode: Episode, device: torch.device, block: int) -> Callable[[], float]:
+    """The graph step of variant `name` ("graph": fewshot's own)."""
     if name == "channels_last":  # episode tensors are (T, N, C, H, W): channels last within each image
         algo.to(memory_format=torch.channels_last)
         episode = Episode(
@@ -185,6 +186,8 @@ def variant_step(name: str, algo: MAML, episode: Episode, device: torch.device, 
             ways=episode.ways,
         )  # fmt: skip
     inner = graph_step(algo, episode, device, block)
+    if name == "graph":
+        return inner
 
     def step() -> float:
         with variant_context(name, algo):
@@ -307,14 +310,10 @@ def main() -> None:
             algos[strategy] = MAML(backbone, strategy=strategy, **common).to(device)
             algos[strategy].load_state_dict(algos["l2l"].state_dict())  # the same initial weights
         closures = {k: meta_step(a, episode, device, 1 if k == "l2l" else block) for k, a in algos.items()}
-        if graph:
-            algos["graph"] = MAML(backbone, strategy=auto, **common).to(device)
-            algos["graph"].load_state_dict(algos["l2l"].state_dict())
-            closures["graph"] = graph_step(algos["graph"], episode, device, block)
-            for v in variants:
-                algos[v] = MAML(backbone, strategy=auto, **common).to(device)
-                algos[v].load_state_dict(algos["l2l"].state_dict())
-                closures[v] = variant_step(v, algos[v], episode, device, block)
+        for v in ["graph", *variants] if graph else []:  # each on its own copy of the same initial weights
+            algos[v] = MAML(backbone, strategy=auto, **common).to(device)
+            algos[v].load_state_dict(algos["l2l"].state_dict())
+            closures[v] = variant_step(v, algos[v], episode, device, block)
         timings = time_interleaved(closures, device, iters, warmup)
         l2l = timings["l2l"]
         for strategy in strategies:
@@ -345,10 +344,13 @@ def main() -> None:
                 record["graph_speedup"] = round(l2l["ms_median"] / g["ms_median"], 3)
                 record["graph_vs_eager"] = round(ours["ms_median"] / g["ms_median"], 3)
                 record["ms_all_graph"] = g["ms_all"]
-                if device.type == "cuda":  # what a replay allocates (little) + the graph's private pool
-                    pool = closures["graph"].stepper.pool_bytes / 2**20
-                    record["step_mem_mib_graph"] = round(g["step_mem_mib"] + pool, 1)
-                    record["graph_pool_mib"] = round(pool, 1)
+
+                def graph_mem(v: str) -> float:  # what a replay allocates (little) + the graph's private pool
+                    return round(timings[v]["step_mem_mib"] + closures[v].stepper.pool_bytes / 2**20, 1)
+
+                if device.type == "cuda":
+                    record["step_mem_mib_graph"] = graph_mem("graph")
+                    record["graph_pool_mib"] = round(closures["graph"].stepper.pool_bytes / 2**20, 1)
                 graph_speedups[name] = record["graph_speedup"]
                 for v in variants:
                     if "error" in timings[v]:
@@ -356,9 +358,7 @@ def main() -> None:
                         continue
                     record[f"ms_per_iter_graph_{v}"] = round(timings[v]["ms_median"], 2)
                     record[f"graph_vs_{v}"] = round(timings[v]["ms_median"] / g["ms_median"], 3)
-                    record[f"step_mem_mib_graph_{v}"] = round(
-                        timings[v]["step_mem_mib"] + closures[v].stepper.pool_bytes / 2**20, 1
-                    )
+                    record[f"step_mem_mib_graph_{v}"] = graph_mem(v)
                 if args.profile and device.type == "cuda":
                     for k in (strategy, "graph"):
                         profile = profile_kernels(closures[k], device, block)

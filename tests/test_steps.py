@@ -210,6 +210,18 @@ def test_optimizer_state_leaves_the_live_optimizer_alone():
     assert all(torch.equal(state["state"][0][k], before[k]) for k in before)
 
 
+def _static_and_plain_evaluation(cfg) -> tuple[dict, EvalGraphs]:
+    """The plain evaluation of 20 validation tasks in batches of 6, after asserting that EvalGraphs' static path
+    (eagerly, as on a CPU) gives exactly its numbers twice in a row; and those graphs."""
+    torch.manual_seed(0)
+    run = build(cfg)
+    plain = evaluate(run.algo, make_sampler(run, "val"), 20, 6, seed=5)
+    graphs = EvalGraphs(run.algo, capture=False)
+    for _ in range(2):
+        assert evaluate(run.algo, make_sampler(run, "val"), 20, 6, seed=5, graphs=graphs) == plain
+    return plain, graphs
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -226,26 +238,18 @@ def test_eval_graphs_static_path_is_the_plain_evaluation(compose_cfg, overrides)
     """Validation/test through EvalGraphs' static tensors (eagerly, as on a CPU) gives exactly the plain loop's
     numbers, per-step (or per-instance) scores included, with a ragged last batch (20 tasks in batches of 6), twice
     in a row (the second call reuses the static tensors, as every validation after the first does)."""
-    cfg = compose_cfg("train", [*TINY, "device=cpu", "eval.meta_batch_size=6", *overrides])
-    torch.manual_seed(0)
-    run = build(cfg)
-    plain = evaluate(run.algo, make_sampler(run, "val"), 20, 6, seed=5)
-    graphs = EvalGraphs(run.algo, capture=False)
-    for _ in range(2):
-        assert evaluate(run.algo, make_sampler(run, "val"), 20, 6, seed=5, graphs=graphs) == plain
+    plain, graphs = _static_and_plain_evaluation(
+        compose_cfg("train", [*TINY, "device=cpu", "eval.meta_batch_size=6", *overrides])
+    )
     assert len(graphs.entries) == 2  # batches of 6 and the last one of 2
 
 
 @pytest.mark.parametrize("experiment", ["maml_sinusoid_k5", "pretrain_sinusoid_k5"])
 def test_eval_graphs_static_path_on_the_sinusoids(compose_cfg, experiment):
     """The regression samplers (MSE, no classes) fill the static tensors too."""
-    cfg = compose_cfg("train", [f"experiment={experiment}", "device=cpu", "eval.meta_batch_size=6"])
-    torch.manual_seed(0)
-    run = build(cfg)
-    plain = evaluate(run.algo, make_sampler(run, "val"), 20, 6, seed=5)
-    graphs = EvalGraphs(run.algo, capture=False)
-    for _ in range(2):
-        assert evaluate(run.algo, make_sampler(run, "val"), 20, 6, seed=5, graphs=graphs) == plain
+    plain, graphs = _static_and_plain_evaluation(
+        compose_cfg("train", [f"experiment={experiment}", "device=cpu", "eval.meta_batch_size=6"])
+    )
     assert plain["metric"] == "mse" and len(graphs.entries) == 2
 
 

@@ -205,14 +205,15 @@ class MAML(Algorithm):
         meta=False (test): `weights` come in detached, query passes run without a graph, and the result
         is (loss, acc, step_acc) with the query accuracy before adaptation and after every inner step."""
         second_order = meta and not self.first_order
+        query_call = query_call or call
         step_acc = []
         for _ in range(steps):
             if not meta:
                 with torch.no_grad():
-                    step_acc.append(self._score((query_call or call)(weights, query_x), query_y))
+                    step_acc.append(self._score(query_call(weights, query_x), query_y))
             weights = self._inner_step(call, weights, support_x, support_y, second_order, functorch)
         with torch.no_grad() if not meta else torch.enable_grad():
-            logits = (query_call or call)(weights, query_x)
+            logits = query_call(weights, query_x)
             loss = self._loss(logits, query_y)
         acc = self._score(logits.detach(), query_y)
         if meta:

@@ -18,6 +18,12 @@ from fewshot.data.base import Episode
 T = TypeVar("T")
 
 
+def static_shapes() -> None:
+    """What graph capture implies for cuDNN: every shape is fixed, so its benchmark mode times the algorithms once
+    per shape (in the eager warm-up before a capture) and keeps the fastest."""
+    torch.backends.cudnn.benchmark = True
+
+
 def on_side_stream(fn: Callable[[], T], device: torch.device) -> T:
     """fn() on a fresh side stream, ordered after and before the current stream's work: warm-up before a capture
     runs there, as torch.cuda.graphs asks."""
@@ -66,8 +72,8 @@ class EvalGraphs:
         self.algo = algo
         self.device = next(algo.parameters()).device
         self.capture = capture and self.device.type == "cuda"
-        if self.capture:  # static shapes: cuDNN's fastest algorithm per shape, timed once in the eager first batch
-            torch.backends.cudnn.benchmark = True
+        if self.capture:
+            static_shapes()
         self.entries: dict[tuple, tuple[Episode, Optional[torch.cuda.CUDAGraph], Optional[AlgoOutput]]] = {}
 
     def __call__(self, sampler, tasks: int) -> AlgoOutput:

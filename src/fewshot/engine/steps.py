@@ -26,7 +26,7 @@ import torch
 
 from fewshot.algorithms.base import Algorithm
 from fewshot.data.base import Episode
-from fewshot.engine.graphs import on_side_stream, try_capture
+from fewshot.engine.graphs import on_side_stream, static_shapes, try_capture
 from fewshot.errors import FewshotError
 
 # A training loss this many times its first value (or more than this, for a first loss below 1) means the run
@@ -121,8 +121,7 @@ class GraphStep(EagerStep):
         self._lr: list[torch.Tensor] = []
         if self.capture:
             self._make_capturable()
-            # Static shapes: cuDNN times its algorithms once per shape (in the warm-up) and keeps the fastest.
-            torch.backends.cudnn.benchmark = True
+            static_shapes()
 
     def _make_capturable(self) -> None:
         groups = self.optimizer.param_groups
