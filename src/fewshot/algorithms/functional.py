@@ -127,20 +127,22 @@ def parallel_tasks(
     threads = torch.get_num_threads()
 
     def work(part: Sequence[int]) -> list[tuple]:
-        torch.set_num_threads(1)  # this thread's OpenMP/MKL setting; restored below
-        try:
-            call = _StatelessCall(copy.deepcopy(net))
-            with torch.enable_grad():
-                return [fn(call, t) for t in part]
-        finally:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(1)
+        call = _StatelessCall(copy.deepcopy(net))
+        with torch.enable_grad():
+            return [fn(call, t) for t in part]
 
     parts = [range(i, tasks, workers) for i in range(workers)]
     results: list = [None] * tasks
-    with ThreadPoolExecutor(workers, thread_name_prefix="maml") as pool:
-        for part, outputs in zip(parts, pool.map(work, parts)):
-            for t, out in zip(part, outputs):
-                results[t] = out
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="maml") as pool:
+            for part, outputs in zip(parts, pool.map(work, parts)):
+                for t, out in zip(part, outputs):
+                    results[t] = out
+    finally:
+        # Restored once every worker is done: torch's thread count is partly process-wide, and a worker that
+        # restored it while another still ran changed that one's reductions (results then varied in the last bit).
+        torch.set_num_threads(threads)
     return results
 
 
