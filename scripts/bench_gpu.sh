@@ -51,7 +51,7 @@ tests() {
 
 bench_one() {  # bench_maml.py arguments; its JSON lines to stdout and bench.jsonl, everything to bench.log
   echo "== bench_maml.py $*" >>"$OUT/bench.log"
-  timeout 150 python3 scripts/bench_maml.py --device cuda --iters 10 --warmup 3 --block 5 "$@" 2>&1 \
+  timeout 180 python3 scripts/bench_maml.py --device cuda --iters 10 --warmup 3 --block 5 "$@" 2>&1 \
     | tee -a "$OUT/bench.log" | grep '^{' | tee -a "$OUT/bench.jsonl"
 }
 

@@ -13,14 +13,20 @@ its sampler copies the same tasks into the static inputs each iteration). Ours a
 synchronisation in between; learn2learn one at a time (it is host-bound).
 
 --queries overrides the 15 query images per class (MAML's own code, and fewshot's presets, draw 1 = shots).
---variants also times the graph step of other versions of the same step, each on its own copy of the weights:
-"before" (BatchNorm as the six-pass textbook decomposition in every pass, fewshot's step until the fused form),
-"channels_last" (parameters and inputs in channels_last memory format), "bf16_query" (the query pass under
-bf16 autocast; the support passes, inner gradients and losses in fp32) and "matmul_conv" (MAML.conv_as_matmul:
-convolutions as unfold + matmul instead of cuDNN's grouped convolutions). --cudnn-benchmark sets
-torch.backends.cudnn.benchmark for the whole process (cuDNN caches the algorithm it first picks per shape, so a
-process cannot time both; run it twice). --profile prints the CUDA kernels of one eager and one graphed
-iteration (count, summed kernel time, the costliest kernels).
+--variants also times the graph step of other versions of the same vmap step, each on its own copy of the
+weights: "before" (BatchNorm as the six-pass textbook decomposition in every pass, fewshot's step until the fused
+form), "bf16_query" (the query pass under bf16 autocast; the support passes, inner gradients and losses in fp32),
+"batched_matmul" and "batched_split" (MAML.batched_conv: the convolutions with per-task weights that are
+differentiated twice as unfold + batched matmul, or cuDNN with a matmul weight gradient, instead of torch's
+grouped-convolution double backward, which runs one convolution per task), "bn_function" (MAML.support_batch_norm:
+the support passes' BatchNorm with its backward written out, which keeps less for the double backward) and
+"bn_function_split" (both). (channels_last was measured failing under vmap on an H100: "NYI: querying
+is_contiguous inside of vmap".) --cudnn-benchmark sets torch.backends.cudnn.benchmark for the whole process (cuDNN
+caches the algorithm it first picks per shape, so a process cannot time both; run it twice). --profile prints the
+CUDA kernels of one eager and one graphed iteration of each (count, summed kernel time, the costliest kernels).
+--memory (CPU) prints the memory each closure allocates at its peak within one meta-iteration, from the
+profiler's allocation events: what the autograd graph keeps, as on a GPU minus cuDNN's workspaces (on CUDA every
+record carries the allocator's step memory anyway). On a CPU the variants run the same static-buffer step eagerly.
 
 Prints one JSON object per setting (and, with --all-strategies, per strategy of ours), then a summary line
 {"summary": ..., "speedup": {setting: l2l ms / ours ms}, "graph_speedup": {setting: l2l ms / graph ms}} for the
@@ -29,6 +35,8 @@ strategy that "auto" picks.
     python scripts/bench_maml.py --device cpu [--iters 3] [--warmup 1] [--all-strategies]
     python scripts/bench_maml.py --device cuda            # eager vs graph vs learn2learn
     python scripts/bench_maml.py --device cuda --queries 1 --variants --profile
+    python scripts/bench_maml.py --device cpu --graph --variants --memory --all-strategies --settings omniglot_20w1s \
+        --queries 1 --iters 1 --warmup 1
 """
 
 from __future__ import annotations
@@ -168,23 +176,23 @@ def variant_context(name: str, algo: MAML):
         return _patched(functional, "_batch_norm_from_batch", _textbook_batch_norm)
     if name == "bf16_query":
         return _patched(maml_module, "_StatelessCall", _Bf16Query)
-    if name == "matmul_conv":
-        algo.conv_as_matmul = True
     return contextlib.nullcontext()
 
 
-VARIANTS = ("before", "channels_last", "bf16_query", "matmul_conv")
+# Variants set on the algorithm: MAML.batched_conv, MAML.support_batch_norm.
+FORMS = {
+    "batched_matmul": ("matmul", "decomposed"),
+    "batched_split": ("split", "decomposed"),
+    "bn_function": ("cudnn", "function"),
+    "bn_function_split": ("split", "function"),
+}
+VARIANTS = ("before", "bf16_query", *FORMS)
 
 
 def variant_step(name: str, algo: MAML, episode: Episode, device: torch.device, block: int) -> Callable[[], float]:
     """The graph step of variant `name` ("graph": fewshot's own)."""
-    if name == "channels_last":  # episode tensors are (T, N, C, H, W): channels last within each image
-        algo.to(memory_format=torch.channels_last)
-        episode = Episode(
-            *(t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3) if t.dim() == 5 else t
-              for t in episode.tensors()),
-            ways=episode.ways,
-        )  # fmt: skip
+    if name in FORMS:
+        algo.batched_conv, algo.support_batch_norm = FORMS[name]
     inner = graph_step(algo, episode, device, block)
     if name == "graph":
         return inner
@@ -224,6 +232,33 @@ def profile_kernels(fn: Callable[[], float], device: torch.device, iterations: i
             for k, v in top
         ],  # fmt: skip
     }
+
+
+def cpu_step_memory(fn: Callable[[], float]) -> float:
+    """MiB that one call of `fn` allocates at its peak beyond what was allocated before it (CPU tensors), from the
+    profiler's allocation events in time order."""
+    import json as json_module
+    import os
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json_module.load(f)["traceEvents"]
+    finally:
+        os.remove(path)
+    allocations = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    current = peak = 0
+    for e in allocations:
+        current += e["args"]["Bytes"]
+        peak = max(peak, current)
+    return peak / 2**20
 
 
 def time_interleaved(
@@ -281,6 +316,7 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true", help="also time other versions of the graph step")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     parser.add_argument("--profile", action="store_true", help="print the CUDA kernels of eager and graph steps")
+    parser.add_argument("--memory", action="store_true", help="on a CPU: each step's peak allocation (profiler)")
     args = parser.parse_args()
     device = torch.device(args.device)
     cpu = device.type == "cpu"
@@ -311,10 +347,16 @@ def main() -> None:
             algos[strategy].load_state_dict(algos["l2l"].state_dict())  # the same initial weights
         closures = {k: meta_step(a, episode, device, 1 if k == "l2l" else block) for k, a in algos.items()}
         for v in ["graph", *variants] if graph else []:  # each on its own copy of the same initial weights
-            algos[v] = MAML(backbone, strategy=auto, **common).to(device)
+            algos[v] = MAML(backbone, strategy=auto if v == "graph" else "vmap", **common).to(device)
             algos[v].load_state_dict(algos["l2l"].state_dict())
             closures[v] = variant_step(v, algos[v], episode, device, block)
         timings = time_interleaved(closures, device, iters, warmup)
+        if args.memory and cpu:
+            for k in timings:
+                if "error" not in timings[k]:
+                    # the profiler sees this thread only, not the threaded loop's workers: no figure for the loop
+                    threaded = isinstance(algos[k], MAML) and resolve_strategy(algos[k].strategy, device) == "loop"
+                    timings[k]["step_mem_mib"] = None if threaded else cpu_step_memory(closures[k])
         l2l = timings["l2l"]
         for strategy in strategies:
             ours = timings[strategy]
@@ -335,8 +377,8 @@ def main() -> None:
                 "ms_all_ours": ours["ms_all"],
                 "ms_all_l2l": l2l["ms_all"],
             }
-            if device.type == "cuda":
-                record["step_mem_mib_ours"] = round(ours["step_mem_mib"], 1)
+            if device.type == "cuda" or args.memory:
+                record["step_mem_mib_ours"] = ours["step_mem_mib"] and round(ours["step_mem_mib"], 1)
                 record["step_mem_mib_l2l"] = round(l2l["step_mem_mib"], 1)
             if graph and strategy == auto:
                 g = timings["graph"]
@@ -345,10 +387,12 @@ def main() -> None:
                 record["graph_vs_eager"] = round(ours["ms_median"] / g["ms_median"], 3)
                 record["ms_all_graph"] = g["ms_all"]
 
-                def graph_mem(v: str) -> float:  # what a replay allocates (little) + the graph's private pool
+                def graph_mem(v: str) -> float | None:  # what a replay allocates (little) + the graph's private pool
+                    if timings[v]["step_mem_mib"] is None:
+                        return None
                     return round(timings[v]["step_mem_mib"] + closures[v].stepper.pool_bytes / 2**20, 1)
 
-                if device.type == "cuda":
+                if device.type == "cuda" or args.memory:
                     record["step_mem_mib_graph"] = graph_mem("graph")
                     record["graph_pool_mib"] = round(closures["graph"].stepper.pool_bytes / 2**20, 1)
                 graph_speedups[name] = record["graph_speedup"]
@@ -358,9 +402,10 @@ def main() -> None:
                         continue
                     record[f"ms_per_iter_graph_{v}"] = round(timings[v]["ms_median"], 2)
                     record[f"graph_vs_{v}"] = round(timings[v]["ms_median"] / g["ms_median"], 3)
-                    record[f"step_mem_mib_graph_{v}"] = graph_mem(v)
+                    if device.type == "cuda" or args.memory:
+                        record[f"step_mem_mib_graph_{v}"] = graph_mem(v)
                 if args.profile and device.type == "cuda":
-                    for k in (strategy, "graph"):
+                    for k in (strategy, "graph", *(v for v in variants if "error" not in timings[v])):
                         profile = profile_kernels(closures[k], device, block)
                         print(json.dumps({"setting": name, "profile": k, **profile}), flush=True)
             record["block"] = block

@@ -5,6 +5,7 @@ Networks and ProtoNet against hand computations, and a short real learning run f
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from fewshot.algorithms.functional import CONV_FORMS
 from fewshot.algorithms.maml import MAML, resolve_strategy
 from fewshot.algorithms.maml_l2l import MAMLL2L
 from fewshot.algorithms.matching import MatchingNetworks
@@ -259,15 +261,22 @@ def test_meta_gradient_matches_learn2learn(first_order, steps, strategy, threads
     assert_grads_close(g_ours, g_theirs, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
-@pytest.mark.parametrize("steps", [1, 3], ids=["1-step", "3-steps"])
-def test_convolutions_as_matmuls_match_learn2learn(first_order, steps):
-    # MAML.conv_as_matmul: unfold + matmul in place of the (grouped) convolutions, to every derivative order
+# The second-order vmap step's alternative forms (MAML.batched_conv, MAML.support_batch_norm): (conv, BatchNorm).
+FORMS = [("matmul", "decomposed"), ("split", "decomposed"), ("cudnn", "function"), ("split", "function")]
+
+
+def with_forms(algo: MAML, forms: tuple[str, str]) -> MAML:
+    algo.batched_conv, algo.support_batch_norm = forms
+    return algo
+
+
+@pytest.mark.parametrize("forms", FORMS, ids=["-".join(f) for f in FORMS])
+@pytest.mark.parametrize("steps", [2, 3], ids=["2-steps", "3-steps"])  # the batched convs run after the first step
+def test_vmap_step_forms_match_learn2learn(forms, steps):
     torch.manual_seed(0)
-    kw = dict(inner_lr=0.4, inner_steps=steps, first_order=first_order, eval_inner_steps=2)
+    kw = dict(inner_lr=0.4, inner_steps=steps, eval_inner_steps=2)
     theirs = MAMLL2L(conv4(), WAYS, **kw).double()
-    ours = MAML(conv4(), WAYS, strategy="vmap", **kw).double()
-    ours.conv_as_matmul = True
+    ours = with_forms(MAML(conv4(), WAYS, strategy="vmap", **kw).double(), forms)
     ours.load_state_dict(theirs.state_dict())
     episode = random_episode(tasks=3, dtype=torch.float64, seed=1)
     loss_ours, g_ours = meta_grads(ours, episode)
@@ -277,19 +286,54 @@ def test_convolutions_as_matmuls_match_learn2learn(first_order, steps):
     torch.testing.assert_close(ours(episode, train=False).step_score, theirs(episode, train=False).step_score)
 
 
+@pytest.mark.parametrize("form", ["matmul", "split"])
+@pytest.mark.parametrize(
+    "stride,padding,dilation,size",
+    [(1, 1, 1, 7), (2, 1, 1, 7), (2, 1, 1, 8), (2, 0, 1, 9), (1, 2, 2, 8), (3, 1, 1, 10)],
+)
+def test_conv_forms_equal_conv2d_to_the_second_derivative_with_per_task_weights(form, stride, padding, dilation, size):
+    """Value, first and second derivatives (in x, weight and bias) of a vmapped convolution with per-task weights:
+    strides that leave rows out (the split form's output_padding), padding and dilation."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, stride=stride, padding=padding, dilation=dilation).double()
+    x = torch.randn(2, 5, 3, size, size, dtype=torch.float64, requires_grad=True)  # 2 tasks of 5 images
+    w = torch.randn(2, 4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+
+    def derivatives(forward) -> tuple[torch.Tensor, ...]:
+        def out(xt, wt, bt):
+            return functional_call(conv, {"weight": wt, "bias": bt}, (xt,)) if forward is None else forward(xt, wt, bt)
+
+        def task(xt, wt, bt):
+            grads = torch.func.grad(lambda *a: out(*a).pow(2).sum(), argnums=(0, 1, 2))(xt, wt, bt)
+            return out(xt, wt, bt).sum() + sum(g.pow(2).sum() for g in grads)
+
+        y = torch.func.vmap(task)(x, w, b).sum()
+        return (y, *torch.autograd.grad(y, (x, w, b)))
+
+    def form_forward(xt, wt, bt):
+        swapped = copy.copy(conv)  # a shallow copy whose parameter slots hold this task's tensors
+        swapped._parameters = {"weight": wt, "bias": bt}
+        return CONV_FORMS[form](swapped, xt)
+
+    for got, want in zip(derivatives(form_forward), derivatives(None)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuDNN's BatchNorm and grouped convs)")
-@pytest.mark.parametrize("conv_as_matmul", [False, True], ids=["cudnn-conv", "matmul-conv"])
+@pytest.mark.parametrize(
+    "forms", [("cudnn", "decomposed"), *FORMS], ids=["cudnn-decomposed", *("-".join(f) for f in FORMS)]
+)
 @pytest.mark.parametrize("steps", [1, 3], ids=["1-step", "3-steps"])
 @pytest.mark.parametrize(
     "dtype,rtol,atol", [(torch.float32, 1e-3, 1e-4), (torch.float64, 1e-9, 1e-11)], ids=["float32", "float64"]
 )
-def test_vmap_meta_gradient_matches_learn2learn_on_cuda(steps, dtype, rtol, atol, conv_as_matmul):
+def test_vmap_meta_gradient_matches_learn2learn_on_cuda(steps, dtype, rtol, atol, forms):
     # On CUDA vmap batches cuDNN's kernels (the query pass's BatchNorm among them), which the CPU tests never run.
     torch.manual_seed(0)
     kw = dict(inner_lr=0.4, inner_steps=steps)
     theirs = MAMLL2L(conv4(), WAYS, **kw).to("cuda", dtype)
-    ours = MAML(conv4(), WAYS, strategy="vmap", **kw).to("cuda", dtype)
-    ours.conv_as_matmul = conv_as_matmul
+    ours = with_forms(MAML(conv4(), WAYS, strategy="vmap", **kw).to("cuda", dtype), forms)
     ours.load_state_dict(theirs.state_dict())
     episode = random_episode(tasks=4, dtype=dtype, seed=1).to("cuda")
     # TF32 rounds differently per algorithm; matmuls run in full fp32 unless asked (torch's default)

@@ -48,19 +48,127 @@ def _batch_norm_from_batch(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor)
     return torch.addcmul(-mean * scale, x, scale)
 
 
-def _conv2d_as_matmul(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """conv(x) as im2col (unfold) and one matmul. Under vmap with per-task weights this is a batched matmul where
-    cuDNN would run a grouped convolution, whose backward kernels are slow at MAML's shapes (scripts/bench_maml.py
-    --profile); its derivatives are matmuls and fold/unfold again, to any order."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+class _BatchNormFromBatch(torch.autograd.Function):
+    """What _batch_norm_from_batch computes, with its backward written out in differentiable ops: d(input) is
+    two fused multiply-adds over the activations with per-channel factors, from the input and the incoming
+    gradient alone. Differentiated a second time, this keeps no activation-sized intermediates beyond those two,
+    where the autograd of the decomposition keeps (x - mean) and its products (the second-order vmap step's
+    memory beyond learn2learn's: scripts/bench_maml.py's memory). The statistics are recomputed from the input
+    in backward, so that their dependence on it is differentiated too."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, eps):  # type: ignore[override]
+        dims, shape = _channel_dims(x)
+        var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
+        scale = torch.rsqrt(var + eps) * weight.view(shape)
+        return torch.addcmul(bias.view(shape) - mean * scale, x, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, eps = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        dims, shape = _channel_dims(x)
+        var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
+        rstd = torch.rsqrt(var + ctx.eps)
+        g_mean = g.mean(dims, keepdim=True)
+        g_xhat = rstd * ((g * x).mean(dims, keepdim=True) - mean * g_mean)  # mean of g * (x - mean) * rstd
+        scale = rstd * weight.view(shape)
+        k = g_xhat * rstd * scale
+        # scale * (g - mean(g) - xhat * mean(g * xhat)), with xhat = (x - mean) * rstd folded into per-channel factors
+        dx = torch.addcmul(torch.addcmul(k * mean - scale * g_mean, g, scale), x, -k)
+        n = x.numel() // x.shape[1]
+        return dx, (g_xhat * n).view(-1), (g_mean * n).view(-1), None
+
+
+def _channel_dims(x: torch.Tensor) -> tuple[list[int], list[int]]:
+    """The dims BatchNorm reduces over (all but channels, dim 1) and the shape that broadcasts a channel vector."""
+    return [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+
+
+def _batch_norm_function(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    if not bn.affine:
+        return _batch_norm_from_batch(bn, x)
+    return _BatchNormFromBatch.apply(x, bn.weight, bn.bias, bn.eps)
+
+
+def _output_size(conv: nn.Conv2d, size: int, i: int) -> int:
+    k, st, p, d = conv.kernel_size[i], conv.stride[i], conv.padding[i], conv.dilation[i]
+    return (size + 2 * p - d * (k - 1) - 1) // st + 1
+
+
+def _weight_gradient(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """d(conv)/d(weight) as unfold + one contraction (differentiable: matmuls and fold/unfold)."""
     cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
-    height = (x.shape[-2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    width = (x.shape[-1] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    out = (conv.weight.flatten(1) @ cols).unflatten(-1, (height, width))  # (O, C*kh*kw) @ (N, C*kh*kw, L)
+    return torch.einsum("nol,nkl->ok", g.flatten(2), cols).view_as(weight)
+
+
+def _conv2d_as_matmul(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) as im2col (unfold) and one contraction, which under vmap with per-task weights is one batched
+    matmul over the tasks; its derivatives, to any order, are matmuls and fold/unfold again."""
+    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    size = (_output_size(conv, x.shape[-2], 0), _output_size(conv, x.shape[-1], 1))
+    # einsum, not weight @ cols: broadcasting the weight over the images copies it once per image under vmap
+    out = torch.einsum("ok,nkl->nol", conv.weight.flatten(1), cols).unflatten(-1, size)
     return out if conv.bias is None else out + conv.bias.view(-1, 1, 1)
 
 
-def _matmul_convertible(m: nn.Module) -> bool:
+class _SplitConv2d(torch.autograd.Function):
+    """conv2d (cuDNN) whose backward is written in differentiable ops: the input gradient as a transposed
+    convolution (cuDNN), the weight gradient as unfold + a contraction. Differentiating that backward again never
+    reaches torch's convolution double backward, which with groups > 1 (vmap's per-task weights) runs one small
+    convolution per group for its weight-gradient term."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, conv):  # type: ignore[override]
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, conv = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.conv, ctx.has_bias = conv, bias is not None
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        conv = ctx.conv
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            # the rows/columns a strided convolution's output does not determine come back as output_padding
+            pad = [x.shape[-2 + i] - ((g.shape[-2 + i] - 1) * conv.stride[i] - 2 * conv.padding[i]
+                   + conv.dilation[i] * (conv.kernel_size[i] - 1) + 1) for i in range(2)]  # fmt: skip
+            gx = F.conv_transpose2d(g, weight, None, conv.stride, conv.padding, pad, 1, conv.dilation)
+        if ctx.needs_input_grad[1]:
+            gw = _weight_gradient(x, g, weight, conv)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum((0, 2, 3))
+        return gx, gw, gb, None
+
+
+def _conv2d_split(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return _SplitConv2d.apply(x, conv.weight, conv.bias, conv)
+
+
+def _batch_norm_forward(form: str) -> Optional[Callable]:
+    """The forward of a batch-statistics BatchNorm in `form` (None: the module's own). Looked up per call, not at
+    import, so that scripts/bench_maml.py can time another decomposition in its place."""
+    return {"native": None, "decomposed": _batch_norm_from_batch, "function": _batch_norm_function}[form]
+
+
+# How a plain Conv2d may run (MAML.batched_conv): as the module does (cuDNN), or one of the two forms above.
+CONV_FORMS = {"cudnn": None, "matmul": _conv2d_as_matmul, "split": _conv2d_split}
+
+
+def _plain_conv(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
 
 
@@ -70,29 +178,30 @@ class _StatelessCall:
     The (submodule, attribute) slot of every parameter is found once; a call swaps the given tensors into
     those slots and back. Not thread-safe (nor is functional_call): each thread needs its own net.
 
-    decompose_batch_norm: run every BatchNorm that uses batch statistics as elementary ops instead of the
-    fused kernel. Needed for second-order MAML under vmap: with torch 2.x, differentiating through the
+    batch_norm: how every BatchNorm that uses batch statistics runs: "native" (the fused kernel), "decomposed"
+    (_batch_norm_from_batch, elementary ops) or "function" (_BatchNormFromBatch, the same with its backward written
+    out). A decomposition is needed for second-order MAML under vmap: with torch 2.x, differentiating through the
     batched native_batch_norm backward gives wrong meta-gradients (off by ~1e-2 relative in float64; see
     pytorch/functorch#534 and tests/test_algorithms.py), while the decomposition agrees with the loop.
 
-    conv_as_matmul: run every plain Conv2d as unfold + matmul (_conv2d_as_matmul) instead of cuDNN."""
+    conv: how every plain Conv2d runs, a key of CONV_FORMS ("cudnn": as the module does)."""
 
-    def __init__(self, net: nn.Module, decompose_batch_norm: bool = False, conv_as_matmul: bool = False) -> None:
+    def __init__(self, net: nn.Module, batch_norm: str = "native", conv: str = "cudnn") -> None:
         self.net = net
         self.slots = []
         for name, _ in net.named_parameters():
             module_path, _, attr = name.rpartition(".")
             self.slots.append((name, net.get_submodule(module_path), attr))
+        bn_forward = _batch_norm_forward(batch_norm)
         self.batch_norms = [
             m
             for m in net.modules()
-            if decompose_batch_norm and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+            if bn_forward is not None and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
         ]
-        convs = [m for m in net.modules() if conv_as_matmul and _matmul_convertible(m)]
+        conv_forward = CONV_FORMS[conv]
+        convs = [m for m in net.modules() if conv_forward is not None and _plain_conv(m)]
         # Modules whose forward the call replaces: an instance attribute shadows the class's forward.
-        self.forwards = [(bn, _batch_norm_from_batch) for bn in self.batch_norms] + [
-            (conv, _conv2d_as_matmul) for conv in convs
-        ]
+        self.forwards = [(bn, bn_forward) for bn in self.batch_norms] + [(module, conv_forward) for module in convs]
 
     def __call__(self, weights: Weights, x: torch.Tensor) -> torch.Tensor:
         originals = [module._parameters[attr] for _, module, attr in self.slots]

@@ -102,9 +102,17 @@ class MAML(Algorithm):
     # vmap, second order: the query pass runs BatchNorm's fused kernel (False: the decomposition, as the support
     # passes; scripts/bench_maml.py --variants times both).
     native_query_batch_norm = True
-    # vmap: convolutions as unfold + matmul (functional._conv2d_as_matmul) instead of cuDNN's grouped convolutions.
-    # Off: not yet measured on a GPU (scripts/bench_maml.py --variants times it as "matmul_conv").
-    conv_as_matmul = False
+    # vmap, second order: how the support passes run BatchNorm, "decomposed" or "function" (functional.
+    # _StatelessCall): the same numbers; "function" keeps less memory for the double backward and launches more
+    # small kernels (scripts/bench_maml.py --variants times it as "bn_function").
+    support_batch_norm = "decomposed"
+    # vmap, second order: how the support passes after the first inner step run their convolutions, a key of
+    # functional.CONV_FORMS. There the weights differ per task, so each conv is one grouped convolution over the
+    # tasks, and the meta-gradient differentiates it twice: torch's convolution double backward then runs one small
+    # convolution per task (the 20-way profile's thousands of cuDNN dgrad kernels). "matmul" (unfold + batched
+    # matmul) and "split" (cuDNN forward and input gradient, the weight gradient as a matmul) never reach it.
+    # "cudnn" until scripts/bench_maml.py --variants has measured the others on a GPU.
+    batched_conv = "cudnn"
 
     def graph_bytes(
         self, image_shape: Sequence[int], support: int, query: int, tasks: int, device: torch.device
@@ -198,8 +206,10 @@ class MAML(Algorithm):
         meta: bool,
         functorch: bool,
         query_call: Optional[_StatelessCall] = None,
+        later_call: Optional[_StatelessCall] = None,
     ) -> tuple[torch.Tensor, ...]:
-        """Adapt to one task and score its query set (the query passes through query_call, default call).
+        """Adapt to one task and score its query set. The first inner step's support pass runs through call, the
+        later ones through later_call, the query passes through query_call (both default: call).
 
         meta=True (meta-training): returns (loss, acc); the loss keeps the graph to `weights`.
         meta=False (test): `weights` come in detached, query passes run without a graph, and the result
@@ -207,11 +217,12 @@ class MAML(Algorithm):
         second_order = meta and not self.first_order
         query_call = query_call or call
         step_acc = []
-        for _ in range(steps):
+        for step in range(steps):
             if not meta:
                 with torch.no_grad():
                     step_acc.append(self._score(query_call(weights, query_x), query_y))
-            weights = self._inner_step(call, weights, support_x, support_y, second_order, functorch)
+            support_call = call if step == 0 else (later_call or call)
+            weights = self._inner_step(support_call, weights, support_x, support_y, second_order, functorch)
         with torch.no_grad() if not meta else torch.enable_grad():
             logits = query_call(weights, query_x)
             loss = self._loss(logits, query_y)
@@ -230,14 +241,20 @@ class MAML(Algorithm):
         (losses (T,), accs (T,)) when meta, else (losses, accs, step_acc (T, steps+1))."""
         if strategy == "vmap":
             second_order = meta and not self.first_order
-            matmul = self.conv_as_matmul
-            call = _StatelessCall(self.net, decompose_batch_norm=second_order, conv_as_matmul=matmul)
+            support_bn = self.support_batch_norm if second_order else "native"
+            call = _StatelessCall(self.net, batch_norm=support_bn)
             # The query pass is differentiated once (by loss.backward()), which the fused BatchNorm kernel gets
             # right under vmap; only the support passes, differentiated twice, need the decomposition.
             native = second_order and self.native_query_batch_norm
-            query = _StatelessCall(self.net, conv_as_matmul=matmul) if native else call
+            query = _StatelessCall(self.net) if native else call
+            # The first inner step runs on the shared weights (plain convolutions); see batched_conv for the rest.
+            later = call
+            if second_order and self.batched_conv != "cudnn":
+                later = _StatelessCall(self.net, batch_norm=support_bn, conv=self.batched_conv)
             return torch.func.vmap(
-                lambda w, *task: self._task(call, w, *task, steps=steps, meta=meta, functorch=True, query_call=query),
+                lambda w, *task: self._task(
+                    call, w, *task, steps=steps, meta=meta, functorch=True, query_call=query, later_call=later
+                ),
                 in_dims=(None, 0, 0, 0, 0),
                 chunk_size=None if meta else self.chunk_size,  # meta-training chunks are taken in forward()
                 randomness="error",
