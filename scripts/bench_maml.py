@@ -16,14 +16,16 @@ synchronisation in between; learn2learn one at a time (it is host-bound).
 --variants also times the graph step of other versions of the same vmap step, each on its own copy of the
 weights: "before" (BatchNorm as the six-pass textbook decomposition in every pass, fewshot's step until the fused
 form), "bf16_query" (the query pass under bf16 autocast; the support passes, inner gradients and losses in fp32),
-"batched_matmul" and "batched_split" (MAML.batched_conv: the convolutions with per-task weights that are
+"batched_matmul" and "batched_split" (VmapForms.batched_conv: the convolutions with per-task weights that are
 differentiated twice as unfold + batched matmul, or cuDNN with a matmul weight gradient, instead of torch's
-grouped-convolution double backward, which runs one convolution per task), "bn_function" (MAML.support_batch_norm:
-the support passes' BatchNorm with its backward written out, which keeps less for the double backward) and
-"bn_function_split" (both). (channels_last was measured failing under vmap on an H100: "NYI: querying
-is_contiguous inside of vmap".) --cudnn-benchmark sets torch.backends.cudnn.benchmark for the whole process (cuDNN
-caches the algorithm it first picks per shape, so a process cannot time both; run it twice). --profile prints the
-CUDA kernels of one eager and one graphed iteration of each (count, summed kernel time, the costliest kernels).
+grouped-convolution double backward, which runs one convolution per task), "bn_function" (VmapForms.support_batch_norm:
+the support passes' BatchNorm with its backward written out, which keeps less for the double backward),
+"grouped_query" (VmapForms.grouped_query: the query pass outside vmap as one network grouped by task, which keeps what
+a per-task pass keeps), "lean" (bn_function and grouped_query) and "lean_split" (with batched_split). (channels_last was
+measured failing under vmap on an H100: "NYI: querying is_contiguous inside of vmap".) --cudnn-benchmark sets
+torch.backends.cudnn.benchmark for the whole process (cuDNN caches the algorithm it first picks per shape, so a
+process cannot time both; run it twice). --profile prints the CUDA kernels of one eager and one graphed iteration
+of each (count, summed kernel time, the costliest kernels).
 --memory (CPU) prints the memory each closure allocates at its peak within one meta-iteration, from the
 profiler's allocation events: what the autograd graph keeps, as on a GPU minus cuDNN's workspaces (on CUDA every
 record carries the allocator's step memory anyway). On a CPU the variants run the same static-buffer step eagerly.
@@ -172,27 +174,29 @@ def variant_context(name: str, algo: MAML):
     import fewshot.algorithms.maml as maml_module
 
     if name == "before":
-        algo.native_query_batch_norm = False
+        algo.forms.native_query_batch_norm = False
         return _patched(functional, "_batch_norm_from_batch", _textbook_batch_norm)
     if name == "bf16_query":
         return _patched(maml_module, "_StatelessCall", _Bf16Query)
     return contextlib.nullcontext()
 
 
-# Variants set on the algorithm: MAML.batched_conv, MAML.support_batch_norm.
+# Variants that set fewshot.algorithms.vmap_forms.VmapForms on their own copy of the algorithm.
 FORMS = {
-    "batched_matmul": ("matmul", "decomposed"),
-    "batched_split": ("split", "decomposed"),
-    "bn_function": ("cudnn", "function"),
-    "bn_function_split": ("split", "function"),
+    "batched_matmul": {"batched_conv": "matmul"},
+    "batched_split": {"batched_conv": "split"},
+    "bn_function": {"support_batch_norm": "function"},
+    "grouped_query": {"grouped_query": True},
+    "lean": {"support_batch_norm": "function", "grouped_query": True},  # the least memory on a CPU
+    "lean_split": {"batched_conv": "split", "support_batch_norm": "function", "grouped_query": True},
 }
 VARIANTS = ("before", "bf16_query", *FORMS)
 
 
 def variant_step(name: str, algo: MAML, episode: Episode, device: torch.device, block: int) -> Callable[[], float]:
     """The graph step of variant `name` ("graph": fewshot's own)."""
-    if name in FORMS:
-        algo.batched_conv, algo.support_batch_norm = FORMS[name]
+    for knob, value in FORMS.get(name, {}).items():
+        setattr(algo.forms, knob, value)
     inner = graph_step(algo, episode, device, block)
     if name == "graph":
         return inner

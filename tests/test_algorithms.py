@@ -16,6 +16,8 @@ from torch import nn
 from torch.func import functional_call
 
 from fewshot.algorithms.functional import CONV_FORMS
+from fewshot.algorithms.grouped import GroupedCall
+from fewshot.algorithms.grouped import supports as supports_grouped
 from fewshot.algorithms.maml import MAML, resolve_strategy
 from fewshot.algorithms.maml_l2l import MAMLL2L
 from fewshot.algorithms.matching import MatchingNetworks
@@ -261,20 +263,28 @@ def test_meta_gradient_matches_learn2learn(first_order, steps, strategy, threads
     assert_grads_close(g_ours, g_theirs, rtol=rtol, atol=atol)
 
 
-# The second-order vmap step's alternative forms (MAML.batched_conv, MAML.support_batch_norm): (conv, BatchNorm).
-FORMS = [("matmul", "decomposed"), ("split", "decomposed"), ("cudnn", "function"), ("split", "function")]
+# The vmap step's alternative forms (MAML.forms), as scripts/bench_maml.py --variants sets them.
+FORMS = {
+    "batched-matmul": {"batched_conv": "matmul"},
+    "batched-split": {"batched_conv": "split"},
+    "bn-function": {"support_batch_norm": "function"},
+    "grouped-query": {"grouped_query": True},
+    "lean": {"batched_conv": "split", "support_batch_norm": "function", "grouped_query": True},
+}
 
 
-def with_forms(algo: MAML, forms: tuple[str, str]) -> MAML:
-    algo.batched_conv, algo.support_batch_norm = forms
+def with_forms(algo: MAML, forms: dict) -> MAML:
+    for knob, value in forms.items():
+        setattr(algo.forms, knob, value)
     return algo
 
 
-@pytest.mark.parametrize("forms", FORMS, ids=["-".join(f) for f in FORMS])
-@pytest.mark.parametrize("steps", [2, 3], ids=["2-steps", "3-steps"])  # the batched convs run after the first step
-def test_vmap_step_forms_match_learn2learn(forms, steps):
+@pytest.mark.parametrize("forms", FORMS.values(), ids=FORMS.keys())
+@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
+@pytest.mark.parametrize("steps", [1, 3], ids=["1-step", "3-steps"])  # the batched convs run after the first step
+def test_vmap_step_forms_match_learn2learn(forms, first_order, steps):
     torch.manual_seed(0)
-    kw = dict(inner_lr=0.4, inner_steps=steps, eval_inner_steps=2)
+    kw = dict(inner_lr=0.4, inner_steps=steps, eval_inner_steps=2, first_order=first_order)
     theirs = MAMLL2L(conv4(), WAYS, **kw).double()
     ours = with_forms(MAML(conv4(), WAYS, strategy="vmap", **kw).double(), forms)
     ours.load_state_dict(theirs.state_dict())
@@ -321,9 +331,7 @@ def test_conv_forms_equal_conv2d_to_the_second_derivative_with_per_task_weights(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuDNN's BatchNorm and grouped convs)")
-@pytest.mark.parametrize(
-    "forms", [("cudnn", "decomposed"), *FORMS], ids=["cudnn-decomposed", *("-".join(f) for f in FORMS)]
-)
+@pytest.mark.parametrize("forms", [{}, *FORMS.values()], ids=["default", *FORMS])
 @pytest.mark.parametrize("steps", [1, 3], ids=["1-step", "3-steps"])
 @pytest.mark.parametrize(
     "dtype,rtol,atol", [(torch.float32, 1e-3, 1e-4), (torch.float64, 1e-9, 1e-11)], ids=["float32", "float64"]
@@ -342,6 +350,53 @@ def test_vmap_meta_gradient_matches_learn2learn_on_cuda(steps, dtype, rtol, atol
         loss_theirs, g_theirs = meta_grads(theirs, episode)
     torch.testing.assert_close(loss_ours, loss_theirs, rtol=rtol, atol=atol)
     assert_grads_close(g_ours, g_theirs, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    [conv4(), conv4(max_pool=True), functools.partial(MLP, in_channels=1, image_size=28, sizes=(32, 16))],
+    ids=["conv4", "conv4-max-pool", "mlp"],
+)
+def test_grouped_call_is_each_tasks_own_forward(backbone):
+    torch.manual_seed(0)
+    net = backbone(out_features=WAYS).double()
+    tasks = 3
+    weights = {k: p.detach() + 0.1 * torch.randn(tasks, *p.shape, dtype=p.dtype) for k, p in net.named_parameters()}
+    x = torch.randn(tasks, 7, 1, 28, 28, dtype=torch.float64)
+    got = GroupedCall(net)(weights, x)
+    for t in range(tasks):
+        want = functional_call(net, {k: w[t] for k, w in weights.items()}, (x[t],))
+        torch.testing.assert_close(got[t], want, rtol=1e-12, atol=1e-12)
+    assert all(not p.requires_grad or p.grad is None for p in net.parameters())  # the net's own weights untouched
+    assert "forward" not in net.features[0].__dict__  # the swapped forwards are gone
+
+
+def test_grouped_call_refuses_what_it_cannot_group():
+    running = conv4()(out_features=WAYS)
+    running.features[1] = nn.BatchNorm2d(16)  # running statistics: not per task
+    for net in (running, nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, WAYS)), conv4()(out_features=WAYS).features):
+        assert not supports_grouped(net)
+        with pytest.raises(ValueError, match="GroupedCall does not support"):
+            GroupedCall(net)
+
+
+def test_grouped_query_regression_matches_the_vmap_step():
+    # MAML's sinusoid net (MSE): the grouped query pass's per-task losses and scores are vmap's
+    backbone = functools.partial(MLP, in_channels=1, image_size=1, sizes=(40, 40), batch_norm=False)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x = lambda n: torch.rand(3, n, 1, generator=g, dtype=torch.float64)  # noqa: E731
+    episode = Episode(x(5), x(5), x(10), x(10))
+    plain, grouped = (MAML(backbone, 1, inner_lr=0.01, inner_steps=2, strategy="vmap").double() for _ in range(2))
+    with_forms(grouped, FORMS["grouped-query"])
+    grouped.load_state_dict(plain.state_dict())
+    out_plain, out_grouped = plain(episode, train=True), grouped(episode, train=True)
+    assert out_grouped.metric == "mse"
+    torch.testing.assert_close(out_grouped.score, out_plain.score, rtol=1e-12, atol=0)
+    loss_plain, g_plain = meta_grads(plain, episode)
+    loss_grouped, g_grouped = meta_grads(grouped, episode)
+    torch.testing.assert_close(loss_grouped, loss_plain, rtol=1e-12, atol=0)
+    assert_grads_close(g_grouped, g_plain, rtol=1e-9, atol=1e-11)
 
 
 def test_mlp_backbone_meta_gradient_matches_learn2learn():

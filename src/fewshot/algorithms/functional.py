@@ -164,7 +164,7 @@ def _batch_norm_forward(form: str) -> Optional[Callable]:
     return {"native": None, "decomposed": _batch_norm_from_batch, "function": _batch_norm_function}[form]
 
 
-# How a plain Conv2d may run (MAML.batched_conv): as the module does (cuDNN), or one of the two forms above.
+# How a plain Conv2d may run (VmapForms.batched_conv): as the module does (cuDNN), or one of the two forms above.
 CONV_FORMS = {"cudnn": None, "matmul": _conv2d_as_matmul, "split": _conv2d_split}
 
 

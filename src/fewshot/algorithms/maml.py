@@ -7,7 +7,7 @@ run the same per-task code (_task):
 
 - "vmap": torch.func.vmap over the tasks, inner gradients from torch.func.grad. After the first inner
   step the weights differ per task, so every conv becomes one grouped conv over the meta-batch: few, large
-  kernels, which is what a GPU wants.
+  kernels, which is what a GPU wants. self.forms (fewshot.algorithms.vmap_forms) picks how its passes run.
 - "loop": task by task, inner gradients from torch.autograd.grad (create_graph for second order). On a
   CPU with n > 1 intra-op threads the tasks are spread over n worker threads with one intra-op thread each,
   and each task's meta-gradient is taken as soon as the task is done (so only n task graphs are alive):
@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from fewshot.algorithms import grouped
 from fewshot.algorithms.base import AlgoOutput, Algorithm, BackboneFactory, accuracy
 from fewshot.algorithms.functional import (  # noqa: F401  (STRATEGIES: re-exported)
     STRATEGIES,
@@ -43,6 +44,7 @@ from fewshot.algorithms.functional import (  # noqa: F401  (STRATEGIES: re-expor
     parallel_tasks,
     resolve_strategy,
 )
+from fewshot.algorithms.vmap_forms import VmapForms
 from fewshot.data.base import Episode
 
 # auto: from the task source's targets, MSE for real-valued ones (regression), cross-entropy for class labels.
@@ -98,21 +100,7 @@ class MAML(Algorithm):
         self.strategy = strategy
         self.chunk_size = chunk_size
         self.loss = loss
-
-    # vmap, second order: the query pass runs BatchNorm's fused kernel (False: the decomposition, as the support
-    # passes; scripts/bench_maml.py --variants times both).
-    native_query_batch_norm = True
-    # vmap, second order: how the support passes run BatchNorm, "decomposed" or "function" (functional.
-    # _StatelessCall): the same numbers; "function" keeps less memory for the double backward and launches more
-    # small kernels (scripts/bench_maml.py --variants times it as "bn_function").
-    support_batch_norm = "decomposed"
-    # vmap, second order: how the support passes after the first inner step run their convolutions, a key of
-    # functional.CONV_FORMS. There the weights differ per task, so each conv is one grouped convolution over the
-    # tasks, and the meta-gradient differentiates it twice: torch's convolution double backward then runs one small
-    # convolution per task (the 20-way profile's thousands of cuDNN dgrad kernels). "matmul" (unfold + batched
-    # matmul) and "split" (cuDNN forward and input gradient, the weight gradient as a matmul) never reach it.
-    # "cudnn" until scripts/bench_maml.py --variants has measured the others on a GPU.
-    batched_conv = "cudnn"
+        self.forms = VmapForms()  # how the vmap step runs its passes (fewshot.algorithms.vmap_forms)
 
     def graph_bytes(
         self, image_shape: Sequence[int], support: int, query: int, tasks: int, device: torch.device
@@ -189,10 +177,26 @@ class MAML(Algorithm):
         use them with torch.func.functional_call(algo.net, weights, (x,))."""
         weights = {k: p.detach().requires_grad_() for k, p in self.net.named_parameters()}
         call = _StatelessCall(self.net)
+        steps = self.eval_inner_steps if steps is None else steps
         with torch.enable_grad():
-            for _ in range(self.eval_inner_steps if steps is None else steps):
-                weights = self._inner_step(call, weights, support_x, support_y, second_order=False, functorch=False)
+            weights = self._adapt(call, call, weights, support_x, support_y, steps, False, functorch=False)
         return {k: w.detach() for k, w in weights.items()}
+
+    def _adapt(
+        self,
+        call: _StatelessCall,
+        later_call: _StatelessCall,
+        weights: Weights,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        steps: int,
+        second_order: bool,
+        functorch: bool,
+    ) -> Weights:
+        """`steps` inner steps on one task's support set: the first through call, the later ones through later_call."""
+        for step in range(steps):
+            weights = self._inner_step(call if step == 0 else later_call, weights, x, y, second_order, functorch)
+        return weights
 
     def _task(
         self,
@@ -214,23 +218,35 @@ class MAML(Algorithm):
         meta=True (meta-training): returns (loss, acc); the loss keeps the graph to `weights`.
         meta=False (test): `weights` come in detached, query passes run without a graph, and the result
         is (loss, acc, step_acc) with the query accuracy before adaptation and after every inner step."""
-        second_order = meta and not self.first_order
         query_call = query_call or call
+        if meta:
+            later_call, second_order = later_call or call, not self.first_order
+            weights = self._adapt(call, later_call, weights, support_x, support_y, steps, second_order, functorch)
+            with torch.enable_grad():
+                logits = query_call(weights, query_x)
+                loss = self._loss(logits, query_y)
+            return loss, self._score(logits.detach(), query_y)
         step_acc = []
-        for step in range(steps):
-            if not meta:
-                with torch.no_grad():
-                    step_acc.append(self._score(query_call(weights, query_x), query_y))
-            support_call = call if step == 0 else (later_call or call)
-            weights = self._inner_step(support_call, weights, support_x, support_y, second_order, functorch)
-        with torch.no_grad() if not meta else torch.enable_grad():
+        for _ in range(steps):
+            with torch.no_grad():
+                step_acc.append(self._score(query_call(weights, query_x), query_y))
+            weights = self._inner_step(call, weights, support_x, support_y, False, functorch)
+        with torch.no_grad():
             logits = query_call(weights, query_x)
             loss = self._loss(logits, query_y)
-        acc = self._score(logits.detach(), query_y)
-        if meta:
-            return loss, acc
+        acc = self._score(logits, query_y)
         step_acc.append(acc)
         return loss, acc, torch.stack(step_acc)
+
+    def _grouped_query(self, weights: Weights, xs: Sequence[torch.Tensor], steps: int, calls: tuple) -> tuple:
+        """Meta-training's (losses (T,), accs (T,)) with the inner loop under vmap and the query pass outside it,
+        as one grouped network over the tasks (VmapForms.grouped_query)."""
+        adapted = torch.func.vmap(
+            lambda w, x, y: self._adapt(*calls, w, x, y, steps, not self.first_order, functorch=True),
+            in_dims=(None, 0, 0),
+            randomness="error",
+        )(weights, xs[0], xs[1])
+        return grouped.query_losses(self.net, adapted, xs[2], xs[3], self._regression(xs[3]))
 
     # ---- many tasks ----------------------------------------------------------------------------------
 
@@ -241,16 +257,9 @@ class MAML(Algorithm):
         (losses (T,), accs (T,)) when meta, else (losses, accs, step_acc (T, steps+1))."""
         if strategy == "vmap":
             second_order = meta and not self.first_order
-            support_bn = self.support_batch_norm if second_order else "native"
-            call = _StatelessCall(self.net, batch_norm=support_bn)
-            # The query pass is differentiated once (by loss.backward()), which the fused BatchNorm kernel gets
-            # right under vmap; only the support passes, differentiated twice, need the decomposition.
-            native = second_order and self.native_query_batch_norm
-            query = _StatelessCall(self.net) if native else call
-            # The first inner step runs on the shared weights (plain convolutions); see batched_conv for the rest.
-            later = call
-            if second_order and self.batched_conv != "cudnn":
-                later = _StatelessCall(self.net, batch_norm=support_bn, conv=self.batched_conv)
+            call, later, query = self.forms.calls(self.net, second_order)
+            if meta and self.forms.grouped_query and grouped.supports(self.net):
+                return self._grouped_query(weights, xs, steps, (call, later))
             return torch.func.vmap(
                 lambda w, *task: self._task(
                     call, w, *task, steps=steps, meta=meta, functorch=True, query_call=query, later_call=later

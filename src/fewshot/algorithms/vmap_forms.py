@@ -1,0 +1,51 @@
+"""The forms MAML's vmap step can run its passes in: the same numbers (tests/test_algorithms.py checks each against
+learn2learn in float64), other kernels and other memory. scripts/bench_maml.py --variants times each against the
+default in the same process (and measures memory on a CPU with --memory); a form becomes the default once it has
+won on a GPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from fewshot.algorithms.functional import CONV_FORMS, _StatelessCall
+
+
+@dataclass
+class VmapForms:
+    """native_query_batch_norm: second order, the query pass runs BatchNorm's fused kernel (False: the support
+        passes' form). The query pass is differentiated once, which the fused kernel gets right under vmap.
+    support_batch_norm: second order, how the support passes run BatchNorm, "decomposed" or "function"
+        (functional._StatelessCall): "function" keeps less for the double backward and launches more small kernels.
+    batched_conv: second order, how the support passes after the first inner step run their convolutions, a key of
+        functional.CONV_FORMS. There the weights differ per task, so each conv is one grouped convolution over the
+        tasks, and the meta-gradient differentiates it twice: torch's convolution double backward then runs one
+        small convolution per task (the 20-way profile's thousands of cuDNN dgrad kernels). "matmul" (unfold +
+        batched matmul) and "split" (cuDNN forward and input gradient, the weight gradient as a matmul) never reach
+        it. The first step runs on the shared weights: plain convolutions.
+    grouped_query: meta-training, the query pass outside vmap as one network grouped by task
+        (fewshot.algorithms.grouped), which keeps what a per-task pass keeps where vmap's batching copies every
+        convolution's input."""
+
+    native_query_batch_norm: bool = True
+    support_batch_norm: str = "decomposed"
+    batched_conv: str = "cudnn"
+    grouped_query: bool = False
+
+    def __post_init__(self) -> None:
+        if self.support_batch_norm not in ("decomposed", "function"):
+            raise ValueError(f"support_batch_norm must be 'decomposed' or 'function', got {self.support_batch_norm!r}")
+        if self.batched_conv not in CONV_FORMS:
+            raise ValueError(f"batched_conv must be one of {tuple(CONV_FORMS)}, got {self.batched_conv!r}")
+
+    def calls(self, net: nn.Module, second_order: bool) -> tuple[_StatelessCall, _StatelessCall, _StatelessCall]:
+        """(first, later, query): the calls of the first inner step's support pass, of the later ones, and of the
+        query passes. A second-order support pass needs a decomposed BatchNorm: see functional._StatelessCall."""
+        support_bn = self.support_batch_norm if second_order else "native"
+        first = _StatelessCall(net, batch_norm=support_bn)
+        later = first
+        if second_order and self.batched_conv != "cudnn":
+            later = _StatelessCall(net, batch_norm=support_bn, conv=self.batched_conv)
+        query = _StatelessCall(net) if second_order and self.native_query_batch_norm else first
+        return first, later, query
