@@ -28,7 +28,9 @@ process cannot time both; run it twice). --profile prints the CUDA kernels of on
 of each (count, summed kernel time, the costliest kernels).
 --memory (CPU) prints the memory each closure allocates at its peak within one meta-iteration, from the
 profiler's allocation events: what the autograd graph keeps, as on a GPU minus cuDNN's workspaces (on CUDA every
-record carries the allocator's step memory anyway). On a CPU the variants run the same static-buffer step eagerly.
+record carries the allocator's step memory anyway). --ops (CPU) counts the operations each closure's step dispatches
+(views left out) and the convolutions among them: a replayed graph's kernels, roughly. On a CPU the variants run
+the same static-buffer step eagerly.
 
 Prints one JSON object per setting (and, with --all-strategies, per strategy of ours), then a summary line
 {"summary": ..., "speedup": {setting: l2l ms / ours ms}, "graph_speedup": {setting: l2l ms / graph ms}} for the
@@ -37,8 +39,8 @@ strategy that "auto" picks.
     python scripts/bench_maml.py --device cpu [--iters 3] [--warmup 1] [--all-strategies]
     python scripts/bench_maml.py --device cuda            # eager vs graph vs learn2learn
     python scripts/bench_maml.py --device cuda --queries 1 --variants --profile
-    python scripts/bench_maml.py --device cpu --graph --variants --memory --all-strategies --settings omniglot_20w1s \
-        --queries 1 --iters 1 --warmup 1
+    python scripts/bench_maml.py --device cpu --graph --variants --memory --ops --all-strategies \
+        --settings omniglot_20w1s --queries 1 --iters 1 --warmup 1
 """
 
 from __future__ import annotations
@@ -265,6 +267,26 @@ def cpu_step_memory(fn: Callable[[], float]) -> float:
     return peak / 2**20
 
 
+def cpu_step_ops(fn: Callable[[], float]) -> dict:
+    """The ATen operations one call of `fn` dispatches, views left out (they launch no kernel): in all, and the
+    convolutions among them. On a GPU each is one kernel or more (a cuDNN convolution often two), which is what a
+    replayed graph is made of."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts = {"ops": 0, "convolutions": 0}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not any(r.alias_info is not None for r in func._schema.returns):
+                counts["ops"] += 1
+                counts["convolutions"] += func.overloadpacket.__name__.startswith("convolution")
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return counts
+
+
 def time_interleaved(
     steps: dict[str, Callable[[], float]], device: torch.device, iters: int, warmup: int
 ) -> dict[str, dict]:
@@ -321,6 +343,7 @@ def main() -> None:
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     parser.add_argument("--profile", action="store_true", help="print the CUDA kernels of eager and graph steps")
     parser.add_argument("--memory", action="store_true", help="on a CPU: each step's peak allocation (profiler)")
+    parser.add_argument("--ops", action="store_true", help="on a CPU: the operations each step dispatches")
     args = parser.parse_args()
     device = torch.device(args.device)
     cpu = device.type == "cpu"
@@ -355,12 +378,15 @@ def main() -> None:
             algos[v].load_state_dict(algos["l2l"].state_dict())
             closures[v] = variant_step(v, algos[v], episode, device, block)
         timings = time_interleaved(closures, device, iters, warmup)
-        if args.memory and cpu:
-            for k in timings:
-                if "error" not in timings[k]:
-                    # the profiler sees this thread only, not the threaded loop's workers: no figure for the loop
-                    threaded = isinstance(algos[k], MAML) and resolve_strategy(algos[k].strategy, device) == "loop"
-                    timings[k]["step_mem_mib"] = None if threaded else cpu_step_memory(closures[k])
+        for k in timings if cpu and (args.memory or args.ops) else []:
+            if "error" in timings[k]:
+                continue
+            # the profiler and dispatch modes see this thread only, not the threaded loop's workers: no figures
+            threaded = isinstance(algos[k], MAML) and resolve_strategy(algos[k].strategy, device) == "loop"
+            if args.memory:
+                timings[k]["step_mem_mib"] = None if threaded else cpu_step_memory(closures[k])
+            if args.ops and not threaded:
+                timings[k]["ops"] = cpu_step_ops(closures[k])
         l2l = timings["l2l"]
         for strategy in strategies:
             ours = timings[strategy]
@@ -381,6 +407,8 @@ def main() -> None:
                 "ms_all_ours": ours["ms_all"],
                 "ms_all_l2l": l2l["ms_all"],
             }
+            if args.ops and cpu:
+                record["ops_per_iter"] = {k: t["ops"] for k, t in timings.items() if "ops" in t}
             if device.type == "cuda" or args.memory:
                 record["step_mem_mib_ours"] = ours["step_mem_mib"] and round(ours["step_mem_mib"], 1)
                 record["step_mem_mib_l2l"] = round(l2l["step_mem_mib"], 1)
