@@ -17,7 +17,7 @@ synchronisation in between; learn2learn one at a time (it is host-bound).
 weights: "before" (BatchNorm as the six-pass textbook decomposition in every pass, fewshot's step until the fused
 form), "bf16_query" (the query pass under bf16 autocast; the support passes, inner gradients and losses in fp32),
 "batched_matmul" and "batched_split" (VmapForms.batched_conv: the convolutions with per-task weights that are
-differentiated twice as unfold + batched matmul, or cuDNN with a matmul weight gradient, instead of torch's
+differentiated twice as unfold + batched matmul, or with the input gradient as a transposed convolution, past torch's
 grouped-convolution double backward, which runs one convolution per task), "bn_function" (VmapForms.support_batch_norm:
 the support passes' BatchNorm with its backward written out, which keeps less for the double backward),
 "grouped_query" (VmapForms.grouped_query: the query pass outside vmap as one network grouped by task, which keeps what

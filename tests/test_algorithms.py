@@ -22,6 +22,7 @@ from fewshot.algorithms.maml import MAML, resolve_strategy
 from fewshot.algorithms.maml_l2l import MAMLL2L
 from fewshot.algorithms.matching import MatchingNetworks
 from fewshot.algorithms.protonet import ProtoNet, embed_tasks
+from fewshot.algorithms.vmap_forms import VmapForms
 from fewshot.data.base import Episode
 from fewshot.models.backbones import MLP, Conv4
 
@@ -294,6 +295,15 @@ def test_vmap_step_forms_match_learn2learn(forms, first_order, steps):
     torch.testing.assert_close(loss_ours, loss_theirs, rtol=1e-12, atol=0)
     assert_grads_close(g_ours, g_theirs, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(ours(episode, train=False).step_score, theirs(episode, train=False).step_score)
+
+
+def test_a_form_that_does_not_exist_is_refused():
+    algo = MAML(conv4(), WAYS, strategy="vmap")
+    algo.forms.batched_conv = "winograd"
+    with pytest.raises(ValueError, match=r"batched_conv must be one of \('cudnn', 'matmul', 'split'\), got 'winograd'"):
+        algo(random_episode(tasks=2), train=True)
+    with pytest.raises(ValueError, match=r"support_batch_norm must be 'decomposed' or 'function', got 'fused'"):
+        VmapForms(support_batch_norm="fused")
 
 
 @pytest.mark.parametrize("form", ["matmul", "split"])

@@ -103,12 +103,6 @@ def _output_size(conv: nn.Conv2d, size: int, i: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // st + 1
 
 
-def _weight_gradient(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """d(conv)/d(weight) as unfold + one contraction (differentiable: matmuls and fold/unfold)."""
-    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
-    return torch.einsum("nol,nkl->ok", g.flatten(2), cols).view_as(weight)
-
-
 def _conv2d_as_matmul(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """conv(x) as im2col (unfold) and one contraction, which under vmap with per-task weights is one batched
     matmul over the tasks; its derivatives, to any order, are matmuls and fold/unfold again."""
@@ -121,9 +115,9 @@ def _conv2d_as_matmul(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 class _SplitConv2d(torch.autograd.Function):
     """conv2d (cuDNN) whose backward is written in differentiable ops: the input gradient as a transposed
-    convolution (cuDNN), the weight gradient as unfold + a contraction. Differentiating that backward again never
-    reaches torch's convolution double backward, which with groups > 1 (vmap's per-task weights) runs one small
-    convolution per group for its weight-gradient term."""
+    convolution, the weight gradient as torch's own (convolution_backward for the weight alone). Differentiated
+    again, neither reaches the term of torch's convolution double backward that, with groups > 1 (vmap's per-task
+    weights), runs one small convolution per group: the weight's derivative of the input gradient."""
 
     generate_vmap_rule = True
 
@@ -147,8 +141,10 @@ class _SplitConv2d(torch.autograd.Function):
             pad = [x.shape[-2 + i] - ((g.shape[-2 + i] - 1) * conv.stride[i] - 2 * conv.padding[i]
                    + conv.dilation[i] * (conv.kernel_size[i] - 1) + 1) for i in range(2)]  # fmt: skip
             gx = F.conv_transpose2d(g, weight, None, conv.stride, conv.padding, pad, 1, conv.dilation)
-        if ctx.needs_input_grad[1]:
-            gw = _weight_gradient(x, g, weight, conv)
+        if ctx.needs_input_grad[1]:  # torch's own weight gradient: differentiated, it needs no per-group loop
+            gw = torch.ops.aten.convolution_backward(
+                g, x, weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0], 1, [False, True, False]
+            )[1]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.sum((0, 2, 3))
         return gx, gw, gb, None

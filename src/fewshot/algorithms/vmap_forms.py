@@ -22,7 +22,7 @@ class VmapForms:
         functional.CONV_FORMS. There the weights differ per task, so each conv is one grouped convolution over the
         tasks, and the meta-gradient differentiates it twice: torch's convolution double backward then runs one
         small convolution per task (the 20-way profile's thousands of cuDNN dgrad kernels). "matmul" (unfold +
-        batched matmul) and "split" (cuDNN forward and input gradient, the weight gradient as a matmul) never reach
+        batched matmul) and "split" (the input gradient as a transposed convolution, all in cuDNN) never reach
         it. The first step runs on the shared weights: plain convolutions.
     grouped_query: meta-training, the query pass outside vmap as one network grouped by task
         (fewshot.algorithms.grouped), which keeps what a per-task pass keeps where vmap's batching copies every
@@ -34,6 +34,10 @@ class VmapForms:
     grouped_query: bool = False
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ValueError for a form that does not exist (the fields may be set after construction)."""
         if self.support_batch_norm not in ("decomposed", "function"):
             raise ValueError(f"support_batch_norm must be 'decomposed' or 'function', got {self.support_batch_norm!r}")
         if self.batched_conv not in CONV_FORMS:
@@ -42,6 +46,7 @@ class VmapForms:
     def calls(self, net: nn.Module, second_order: bool) -> tuple[_StatelessCall, _StatelessCall, _StatelessCall]:
         """(first, later, query): the calls of the first inner step's support pass, of the later ones, and of the
         query passes. A second-order support pass needs a decomposed BatchNorm: see functional._StatelessCall."""
+        self.check()
         support_bn = self.support_batch_norm if second_order else "native"
         first = _StatelessCall(net, batch_norm=support_bn)
         later = first
