@@ -359,6 +359,7 @@ def main() -> None:
     auto = resolve_strategy("auto", device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     variants = list(VARIANTS) if args.variants and graph else []
+    memory = device.type == "cuda" or args.memory  # step memory: the allocator's on CUDA, the profiler's on a CPU
     strategies = [auto] + ([s for s in ("loop", "vmap") if s != auto] if args.all_strategies else [])
 
     speedups, graph_speedups = {}, {}
@@ -409,7 +410,7 @@ def main() -> None:
             }
             if args.ops and cpu:
                 record["ops_per_iter"] = {k: t["ops"] for k, t in timings.items() if "ops" in t}
-            if device.type == "cuda" or args.memory:
+            if memory:
                 record["step_mem_mib_ours"] = ours["step_mem_mib"] and round(ours["step_mem_mib"], 1)
                 record["step_mem_mib_l2l"] = round(l2l["step_mem_mib"], 1)
             if graph and strategy == auto:
@@ -424,7 +425,7 @@ def main() -> None:
                         return None
                     return round(timings[v]["step_mem_mib"] + closures[v].stepper.pool_bytes / 2**20, 1)
 
-                if device.type == "cuda" or args.memory:
+                if memory:
                     record["step_mem_mib_graph"] = graph_mem("graph")
                     record["graph_pool_mib"] = round(closures["graph"].stepper.pool_bytes / 2**20, 1)
                 graph_speedups[name] = record["graph_speedup"]
@@ -434,7 +435,7 @@ def main() -> None:
                         continue
                     record[f"ms_per_iter_graph_{v}"] = round(timings[v]["ms_median"], 2)
                     record[f"graph_vs_{v}"] = round(timings[v]["ms_median"] / g["ms_median"], 3)
-                    if device.type == "cuda" or args.memory:
+                    if memory:
                         record[f"step_mem_mib_graph_{v}"] = graph_mem(v)
                 if args.profile and device.type == "cuda":
                     for k in (strategy, "graph", *(v for v in variants if "error" not in timings[v])):

@@ -143,6 +143,8 @@ HEADER = [
     "date",
     "command",
 ]
+# The reduced/modified and replaced runs' tables: what a run differs by, after its setting.
+MODIFIED_HEADER = HEADER[:2] + ["differs by"] + HEADER[2:]
 
 
 def _table(header: list[str], lines: list[str]) -> list[str]:
@@ -197,7 +199,7 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
         "Filed under a preset's name but not its full protocol: not comparable with the paper.",
         "",
     ]
-    out += _table(HEADER[:2] + ["differs by"] + HEADER[2:], rows(other, extra=True)) if other else ["(none)"]
+    out += _table(MODIFIED_HEADER, rows(other, extra=True)) if other else ["(none)"]
     if earlier:
         out += [
             "",
@@ -206,9 +208,7 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
             "Kept for the record, pooled nowhere: a later run of the same cell and seed stands in the tables above.",
             "",
         ]
-        out += _table(
-            HEADER[:2] + ["differs by"] + HEADER[2:], [line for _, line in sorted(earlier, key=lambda p: p[0].name)]
-        )
+        out += _table(MODIFIED_HEADER, [line for _, line in sorted(earlier, key=lambda p: p[0].name)])
     out += ["", "## Not yet run at full budget", "", "| preset | paper (%) | source | reason |", "|---|---|---|---|"]
     for name, p in sorted(presets.items()):
         if name not in full:

@@ -38,14 +38,18 @@ def _batch_norm_from_batch(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor)
     with the per-channel scale and shift folded first (tiny tensors). A second-order MAML step differentiates
     this twice under vmap, and its step is bound by the number and size of kernels over the activations, so the
     textbook (x - mean) / std * weight + bias (six passes, each again in both backward passes) costs more."""
-    dims = [0, *range(2, x.dim())]
+    return _normalize(x, bn.weight, bn.bias, bn.eps)
+
+
+def _normalize(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float):
+    """(x - mean) * rsqrt(var + eps) * weight + bias over the batch statistics, as var_mean and one addcmul."""
+    dims, shape = _channel_dims(x)
     var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.affine:
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        scale = scale * bn.weight.view(shape)
-        return torch.addcmul(bn.bias.view(shape) - mean * scale, x, scale)
-    return torch.addcmul(-mean * scale, x, scale)
+    scale = torch.rsqrt(var + eps)
+    if weight is None:
+        return torch.addcmul(-mean * scale, x, scale)
+    scale = scale * weight.view(shape)
+    return torch.addcmul(bias.view(shape) - mean * scale, x, scale)
 
 
 class _BatchNormFromBatch(torch.autograd.Function):
@@ -60,10 +64,7 @@ class _BatchNormFromBatch(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, eps):  # type: ignore[override]
-        dims, shape = _channel_dims(x)
-        var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
-        scale = torch.rsqrt(var + eps) * weight.view(shape)
-        return torch.addcmul(bias.view(shape) - mean * scale, x, scale)
+        return _normalize(x, weight, bias, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -164,6 +165,11 @@ def _batch_norm_forward(form: str) -> Optional[Callable]:
 CONV_FORMS = {"cudnn": None, "matmul": _conv2d_as_matmul, "split": _conv2d_split}
 
 
+def _batch_statistics(m: nn.Module) -> bool:
+    """A BatchNorm that normalises with its batch's statistics (no running statistics)."""
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+
+
 def _plain_conv(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
 
@@ -189,11 +195,7 @@ class _StatelessCall:
             module_path, _, attr = name.rpartition(".")
             self.slots.append((name, net.get_submodule(module_path), attr))
         bn_forward = _batch_norm_forward(batch_norm)
-        self.batch_norms = [
-            m
-            for m in net.modules()
-            if bn_forward is not None and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
-        ]
+        self.batch_norms = [m for m in net.modules() if bn_forward is not None and _batch_statistics(m)]
         conv_forward = CONV_FORMS[conv]
         convs = [m for m in net.modules() if conv_forward is not None and _plain_conv(m)]
         # Modules whose forward the call replaces: an instance attribute shadows the class's forward.

@@ -246,7 +246,8 @@ class MAML(Algorithm):
             in_dims=(None, 0, 0),
             randomness="error",
         )(weights, xs[0], xs[1])
-        return grouped.query_losses(self.net, adapted, xs[2], xs[3], self._regression(xs[3]))
+        logits = grouped.GroupedCall(self.net)(adapted, xs[2])  # (T, ways*queries, out)
+        return torch.func.vmap(self._loss)(logits, xs[3]), torch.func.vmap(self._score)(logits.detach(), xs[3])
 
     # ---- many tasks ----------------------------------------------------------------------------------
 

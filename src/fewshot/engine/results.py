@@ -66,9 +66,10 @@ def make_results(
         "seed": t.seed,
         "iterations": t.iterations,
         "meta_batch_size": t.meta_batch_size,
-        "train_seconds": None if train_seconds is None else round(train_seconds, 3),
-        "val_seconds": None if val_seconds is None else round(val_seconds, 3),
-        "test_seconds": None if test_seconds is None else round(test_seconds, 3),
+        **{
+            f"{part}_seconds": None if seconds is None else round(seconds, 3)
+            for part, seconds in (("train", train_seconds), ("val", val_seconds), ("test", test_seconds))
+        },
         "best_val": best,
         "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
         "optim": run.record["optim"],
