@@ -9,12 +9,14 @@
 #      step's variants (--variants) and kernel profiles (--profile at 1 query), under cuDNN's benchmark mode (as
 #      the graph step runs), then at 1 query without it (cuDNN keeps the first algorithm it picks per shape, so a
 #      process times one mode); the logs in $OUT/bench.log;
-#   run: a timed maml_omniglot_5w1s run with trainer.cuda_graph=on: ITERATIONS meta-iterations (default 3000), its
-#      test, and the ms per meta-iteration projected to the paper's 60,000. FULL=1: the whole preset (60,000
+#   run: a timed run of preset EXPERIMENT (default maml_omniglot_5w1s; seed SEED, default 1) with
+#      trainer.cuda_graph=on: ITERATIONS meta-iterations (default 3000), its test, and the ms per meta-iteration
+#      projected to the paper's 60,000. FULL=1: the whole preset (60,000
 #      iterations, 600 test tasks); a run stopped by its time limit (RUN_LIMIT seconds, SIGTERM) checkpoints and the
 #      same command resumes it (run folder RUN_DIR, default /tmp/fewshot_run; its results.json, metrics.csv and
 #      overrides.yaml are copied to $OUT). EVAL_GRAPH=1: its validation and test as CUDA graphs too
-#      (eval.cuda_graph=true). Once finished: fewshot-eval of its best.pt with eval.cuda_graph false and true, timed.
+#      (eval.cuda_graph=true). Once finished: fewshot-eval of its best.pt with eval.cuda_graph false and true, timed
+#      (EVALS=0: not).
 #
 # Prepare on the CPU machine, in the project's root (see ../shared/docs/gpu.md):
 #   ../shared/tools/device-wheels.sh                                  # hydra, learn2learn, ... wheels in .whl/
@@ -32,6 +34,8 @@ FULL=${FULL:-0}
 ITERATIONS=${ITERATIONS:-3000}
 RUN_LIMIT=${RUN_LIMIT:-560}
 RUN_DIR=${RUN_DIR:-/tmp/fewshot_run}
+EXPERIMENT=${EXPERIMENT:-maml_omniglot_5w1s}
+SEED=${SEED:-1}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export FEWSHOT_DATA_ROOT=${FEWSHOT_DATA_ROOT:-$PWD/.devdata}
@@ -66,23 +70,23 @@ run() {
   [ "$FULL" = 1 ] || budget=("trainer.iterations=$ITERATIONS" trainer.val_every=1000 trainer.checkpoint_every=1000)
   local start end
   start=$(date +%s.%N)
-  timeout -s TERM -k 30 "$RUN_LIMIT" python3 -m fewshot.train experiment=maml_omniglot_5w1s device=cuda seed=1 \
+  timeout -s TERM -k 30 "$RUN_LIMIT" python3 -m fewshot.train "experiment=$EXPERIMENT" device=cuda "seed=$SEED" \
     trainer.cuda_graph=on "eval.cuda_graph=$([ "${EVAL_GRAPH:-0}" = 1 ] && echo true || echo false)" \
     "${budget[@]}" "hydra.run.dir=$RUN_DIR" 2>&1 \
     | tr '\r' '\n' | grep -v '^meta-train\|^validate\|^test' | tee -a "$OUT/train.log" | tail -20
   end=$(date +%s.%N)
   for f in results.json metrics.csv .hydra/overrides.yaml; do [ -f "$RUN_DIR/$f" ] && cp "$RUN_DIR/$f" "$OUT/"; done
-  python3 - "$RUN_DIR" "$start" "$end" <<'PY' | tee -a "$OUT/bench.jsonl"
+  python3 - "$RUN_DIR" "$start" "$end" "$EXPERIMENT" <<'PY' | tee -a "$OUT/bench.jsonl"
 import json, os, sys
-run, start, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+run, start, end, name = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 path = f"{run}/results.json"
 if not os.path.exists(path):
-    print(json.dumps({"run": "maml_omniglot_5w1s", "finished": False, "wall_seconds_this_call": round(end - start, 1)}))
+    print(json.dumps({"run": name, "finished": False, "wall_seconds_this_call": round(end - start, 1)}))
     sys.exit(0)
 r = json.load(open(path))
 iters = r["iterations"]
 ms = 1000 * r["train_seconds"] / iters
-print(json.dumps({"run": "maml_omniglot_5w1s", "finished": True, "device": r.get("device"), "iterations": iters,
+print(json.dumps({"run": name, "finished": True, "device": r.get("device"), "iterations": iters,
                   "train_seconds": round(r["train_seconds"], 1), "train_ms_per_iter": round(ms, 2),
                   "val_seconds": r.get("val_seconds"), "test_seconds": r.get("test_seconds"),
                   "projected_60k_minutes": round(ms * 60000 / 1000 / 60, 1),
@@ -90,16 +94,16 @@ print(json.dumps({"run": "maml_omniglot_5w1s", "finished": True, "device": r.get
                   "test_acc": round(100 * r["test"]["acc_mean"], 2), "test_ci95": round(100 * r["test"]["acc_ci95"], 2),
                   "test_episodes": r["test"]["episodes"]}))
 PY
-  [ -f "$RUN_DIR/checkpoints/best.pt" ] && [ -f "$RUN_DIR/results.json" ] || return 0
+  [ -f "$RUN_DIR/checkpoints/best.pt" ] && [ -f "$RUN_DIR/results.json" ] && [ "${EVALS:-1}" = 1 ] || return 0
   for graph in false true; do
     local s
     s=$(date +%s.%N)
     timeout 120 python3 -m fewshot.eval "checkpoint=$RUN_DIR/checkpoints/best.pt" device=cuda "eval.cuda_graph=$graph" \
       "hydra.run.dir=/tmp/fewshot_eval_$graph" >/dev/null 2>"/tmp/fewshot_eval_$graph.err"
-    python3 - "/tmp/fewshot_eval_$graph/results.json" "$graph" "$s" "$(date +%s.%N)" <<'PY' | tee -a "$OUT/bench.jsonl"
+    python3 - "/tmp/fewshot_eval_$graph/results.json" "$graph" "$s" "$(date +%s.%N)" "$EXPERIMENT" <<'PY' | tee -a "$OUT/bench.jsonl"
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(json.dumps({"fewshot_eval": "maml_omniglot_5w1s best.pt", "eval_cuda_graph": sys.argv[2] == "true",
+print(json.dumps({"fewshot_eval": f"{sys.argv[5]} best.pt", "eval_cuda_graph": sys.argv[2] == "true",
                   "episodes": r["test"]["episodes"], "test_acc": round(100 * r["test"]["acc_mean"], 3),
                   "test_seconds": r.get("test_seconds"),
                   "wall_seconds": round(float(sys.argv[4]) - float(sys.argv[3]), 1)}))

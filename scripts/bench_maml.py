@@ -14,15 +14,18 @@ synchronisation in between; learn2learn one at a time (it is host-bound).
 
 --queries overrides the 15 query images per class (MAML's own code, and fewshot's presets, draw 1 = shots).
 --variants also times the graph step of other versions of the same vmap step, each on its own copy of the
-weights: "before" (BatchNorm as the six-pass textbook decomposition in every pass, fewshot's step until the fused
-form), "bf16_query" (the query pass under bf16 autocast; the support passes, inner gradients and losses in fp32),
-"batched_matmul" and "batched_split" (VmapForms.batched_conv: the convolutions with per-task weights that are
-differentiated twice as unfold + batched matmul, or with the input gradient as a transposed convolution, past torch's
-grouped-convolution double backward, which runs one convolution per task), "bn_function" (VmapForms.support_batch_norm:
-the support passes' BatchNorm with its backward written out, which keeps less for the double backward),
-"grouped_query" (VmapForms.grouped_query: the query pass outside vmap as one network grouped by task, which keeps what
-a per-task pass keeps), "lean" (bn_function and grouped_query) and "lean_split" (with batched_split). (channels_last was
-measured failing under vmap on an H100: "NYI: querying is_contiguous inside of vmap".) --cudnn-benchmark sets
+weights. The graph step runs VmapForms' defaults (bn_function, grouped_query and batched_split below, together);
+each variant starts from "plain" (vmap's own batching of every pass, the default until the H200 bench of
+2026-11-26) and changes one thing: "before" (BatchNorm as the six-pass textbook decomposition in every pass,
+fewshot's step until the fused form), "bf16_query" (the query pass under bf16 autocast; the support passes, inner
+gradients and losses in fp32), "batched_matmul" and "batched_split" (VmapForms.batched_conv: the convolutions with
+per-task weights that are differentiated twice as unfold + batched matmul, or with the input gradient as a
+transposed convolution, past torch's grouped-convolution double backward, which runs one convolution per task),
+"bn_function" (VmapForms.support_batch_norm: the support passes' BatchNorm with its backward written out, which
+keeps less for the double backward), "grouped_query" (VmapForms.grouped_query: the query pass outside vmap as one
+network grouped by task, which keeps what a per-task pass keeps), and "lean" (bn_function and grouped_query).
+(channels_last was measured failing under vmap on an H100: "NYI: querying is_contiguous inside of vmap".)
+--cudnn-benchmark sets
 torch.backends.cudnn.benchmark for the whole process (cuDNN caches the algorithm it first picks per shape, so a
 process cannot time both; run it twice). --profile prints the CUDA kernels of one eager and one graphed iteration
 of each (count, summed kernel time, the costliest kernels).
@@ -56,10 +59,11 @@ from typing import Callable
 
 import torch
 
-from fewshot.algorithms import functional
+from fewshot.algorithms import functional, vmap_forms
 from fewshot.algorithms.functional import _StatelessCall
 from fewshot.algorithms.maml import MAML, resolve_strategy
 from fewshot.algorithms.maml_l2l import MAMLL2L
+from fewshot.algorithms.vmap_forms import PLAIN
 from fewshot.data.base import Episode
 from fewshot.engine.loop import Progress
 from fewshot.engine.steps import GraphStep
@@ -173,26 +177,26 @@ def _patched(obj, name: str, value):
 
 def variant_context(name: str, algo: MAML):
     """The context every call of variant `name`'s closure runs in (it matters while the graph is traced)."""
-    import fewshot.algorithms.maml as maml_module
-
     if name == "before":
         algo.forms.native_query_batch_norm = False
         return _patched(functional, "_batch_norm_from_batch", _textbook_batch_norm)
-    if name == "bf16_query":
-        return _patched(maml_module, "_StatelessCall", _Bf16Query)
+    if name == "bf16_query":  # every call the forms make (the query's included) is a _Bf16Query
+        return _patched(vmap_forms, "_StatelessCall", _Bf16Query)
     return contextlib.nullcontext()
 
 
-# Variants that set fewshot.algorithms.vmap_forms.VmapForms on their own copy of the algorithm.
+# Each variant's fewshot.algorithms.vmap_forms.VmapForms, set on its own copy of the algorithm ("graph": the default).
 FORMS = {
-    "batched_matmul": {"batched_conv": "matmul"},
-    "batched_split": {"batched_conv": "split"},
-    "bn_function": {"support_batch_norm": "function"},
-    "grouped_query": {"grouped_query": True},
-    "lean": {"support_batch_norm": "function", "grouped_query": True},  # the least memory on a CPU
-    "lean_split": {"batched_conv": "split", "support_batch_norm": "function", "grouped_query": True},
+    "plain": PLAIN,  # the default until the H200 bench of 2026-11-26
+    "before": PLAIN,  # and BatchNorm as it ran before the query pass got the fused kernel
+    "bf16_query": PLAIN,  # and the query pass under bf16 autocast
+    "batched_matmul": {**PLAIN, "batched_conv": "matmul"},
+    "batched_split": {**PLAIN, "batched_conv": "split"},
+    "bn_function": {**PLAIN, "support_batch_norm": "function"},
+    "grouped_query": {**PLAIN, "grouped_query": True},
+    "lean": {**PLAIN, "support_batch_norm": "function", "grouped_query": True},  # the least memory on a CPU
 }
-VARIANTS = ("before", "bf16_query", *FORMS)
+VARIANTS = tuple(FORMS)
 
 
 def variant_step(name: str, algo: MAML, episode: Episode, device: torch.device, block: int) -> Callable[[], float]:

@@ -22,7 +22,7 @@ from fewshot.algorithms.maml import MAML, resolve_strategy
 from fewshot.algorithms.maml_l2l import MAMLL2L
 from fewshot.algorithms.matching import MatchingNetworks
 from fewshot.algorithms.protonet import ProtoNet, embed_tasks
-from fewshot.algorithms.vmap_forms import VmapForms
+from fewshot.algorithms.vmap_forms import PLAIN, VmapForms
 from fewshot.data.base import Episode
 from fewshot.models.backbones import MLP, Conv4
 
@@ -264,13 +264,14 @@ def test_meta_gradient_matches_learn2learn(first_order, steps, strategy, threads
     assert_grads_close(g_ours, g_theirs, rtol=rtol, atol=atol)
 
 
-# The vmap step's alternative forms (MAML.forms), as scripts/bench_maml.py --variants sets them.
+# The vmap step's forms (MAML.forms), as scripts/bench_maml.py --variants sets them; "default" is VmapForms().
 FORMS = {
-    "batched-matmul": {"batched_conv": "matmul"},
-    "batched-split": {"batched_conv": "split"},
-    "bn-function": {"support_batch_norm": "function"},
-    "grouped-query": {"grouped_query": True},
-    "lean": {"batched_conv": "split", "support_batch_norm": "function", "grouped_query": True},
+    "default": {},
+    "plain": PLAIN,
+    "batched-matmul": {**PLAIN, "batched_conv": "matmul"},
+    "batched-split": {**PLAIN, "batched_conv": "split"},
+    "bn-function": {**PLAIN, "support_batch_norm": "function"},
+    "grouped-query": {**PLAIN, "grouped_query": True},
 }
 
 
@@ -341,7 +342,7 @@ def test_conv_forms_equal_conv2d_to_the_second_derivative_with_per_task_weights(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuDNN's BatchNorm and grouped convs)")
-@pytest.mark.parametrize("forms", [{}, *FORMS.values()], ids=["default", *FORMS])
+@pytest.mark.parametrize("forms", FORMS.values(), ids=FORMS.keys())
 @pytest.mark.parametrize("steps", [1, 3], ids=["1-step", "3-steps"])
 @pytest.mark.parametrize(
     "dtype,rtol,atol", [(torch.float32, 1e-3, 1e-4), (torch.float64, 1e-9, 1e-11)], ids=["float32", "float64"]
@@ -398,6 +399,7 @@ def test_grouped_query_regression_matches_the_vmap_step():
     x = lambda n: torch.rand(3, n, 1, generator=g, dtype=torch.float64)  # noqa: E731
     episode = Episode(x(5), x(5), x(10), x(10))
     plain, grouped = (MAML(backbone, 1, inner_lr=0.01, inner_steps=2, strategy="vmap").double() for _ in range(2))
+    with_forms(plain, PLAIN)
     with_forms(grouped, FORMS["grouped-query"])
     grouped.load_state_dict(plain.state_dict())
     out_plain, out_grouped = plain(episode, train=True), grouped(episode, train=True)
