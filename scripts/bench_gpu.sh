@@ -70,17 +70,20 @@ run() {
   [ "$FULL" = 1 ] || budget=("trainer.iterations=$ITERATIONS" trainer.val_every=1000 trainer.checkpoint_every=1000)
   local start end
   start=$(date +%s.%N)
+  touch /tmp/fewshot_run_started  # a results.json older than this is an earlier run's
   timeout -s TERM -k 30 "$RUN_LIMIT" python3 -m fewshot.train "experiment=$EXPERIMENT" device=cuda "seed=$SEED" \
     trainer.cuda_graph=on "eval.cuda_graph=$([ "${EVAL_GRAPH:-0}" = 1 ] && echo true || echo false)" \
     "${budget[@]}" "hydra.run.dir=$RUN_DIR" 2>&1 \
     | tr '\r' '\n' | grep -v '^meta-train\|^validate\|^test' | tee -a "$OUT/train.log" | tail -20
   end=$(date +%s.%N)
-  for f in results.json metrics.csv .hydra/overrides.yaml; do [ -f "$RUN_DIR/$f" ] && cp "$RUN_DIR/$f" "$OUT/"; done
+  for f in results.json metrics.csv .hydra/overrides.yaml; do  # this call's, not an earlier run's
+    [ "$RUN_DIR/$f" -nt /tmp/fewshot_run_started ] && cp "$RUN_DIR/$f" "$OUT/"
+  done
   python3 - "$RUN_DIR" "$start" "$end" "$EXPERIMENT" <<'PY' | tee -a "$OUT/bench.jsonl"
 import json, os, sys
 run, start, end, name = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 path = f"{run}/results.json"
-if not os.path.exists(path):
+if not os.path.exists(path) or os.path.getmtime(path) < start:  # none, or an earlier run's (the run failed)
     print(json.dumps({"run": name, "finished": False, "wall_seconds_this_call": round(end - start, 1)}))
     sys.exit(0)
 r = json.load(open(path))
@@ -94,7 +97,8 @@ print(json.dumps({"run": name, "finished": True, "device": r.get("device"), "ite
                   "test_acc": round(100 * r["test"]["acc_mean"], 2), "test_ci95": round(100 * r["test"]["acc_ci95"], 2),
                   "test_episodes": r["test"]["episodes"]}))
 PY
-  [ -f "$RUN_DIR/checkpoints/best.pt" ] && [ -f "$RUN_DIR/results.json" ] && [ "${EVALS:-1}" = 1 ] || return 0
+  [ -f "$RUN_DIR/checkpoints/best.pt" ] && [ "$RUN_DIR/results.json" -nt /tmp/fewshot_run_started ] && [ "${EVALS:-1}" = 1 ] \
+    || return 0
   for graph in false true; do
     local s
     s=$(date +%s.%N)
