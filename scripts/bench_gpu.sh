@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# One prepared GPU check, printing JSON lines (under 6 minutes on an H100 without FULL=1). STEPS (default
-# "tests bench run") picks and orders the steps:
+# One prepared GPU check, printing JSON lines. STEPS (default "tests bench run") picks and orders the steps; on an
+# H200 (2026-11-26) tests took 36 s and bench 314 s with the 8 variants there were (there are 10 now):
 #   tests: the CUDA tests (-k cuda: captured graph vs eager step, vmap's meta-gradient vs learn2learn's on CUDA),
 #      whole output in $OUT/tests.txt;
 #   bench: scripts/bench_maml.py --device cuda: learn2learn vs our eager step vs our CUDA-graph step
 #      (trainer.cuda_graph=on), same process, same tasks: ms per meta-iteration, speedups, step memory; at 1 query
 #      per class (the presets: MAML's own code draws queries = shots) and 15 (the bench), with the graph
-#      step's variants (--variants) and kernel profiles (--profile at 1 query), under cuDNN's benchmark mode (as
-#      the graph step runs), then at 1 query without it (cuDNN keeps the first algorithm it picks per shape, so a
-#      process times one mode); the logs in $OUT/bench.log;
+#      step's variants (--variants; VARIANTS="a b" times only those) and kernel profiles (--profile at 1 query),
+#      under cuDNN's benchmark mode (as the graph step runs), then at 1 query without it (cuDNN keeps the first
+#      algorithm it picks per shape, so a process times one mode); the logs in $OUT/bench.log;
 #   run: a timed run of preset EXPERIMENT (default maml_omniglot_5w1s; seed SEED, default 1) with
 #      trainer.cuda_graph=on: ITERATIONS meta-iterations (default 3000), its test, and the ms per meta-iteration
 #      projected to the paper's 60,000. FULL=1: the whole preset (60,000
@@ -55,13 +55,15 @@ tests() {
 
 bench_one() {  # bench_maml.py arguments; its JSON lines to stdout and bench.jsonl, everything to bench.log
   echo "== bench_maml.py $*" >>"$OUT/bench.log"
-  timeout 180 python3 scripts/bench_maml.py --device cuda --iters 10 --warmup 3 --block 5 "$@" 2>&1 \
+  timeout 240 python3 scripts/bench_maml.py --device cuda --iters 10 --warmup 3 --block 5 "$@" 2>&1 \
     | tee -a "$OUT/bench.log" | grep '^{' | tee -a "$OUT/bench.jsonl"
 }
 
-bench() {
-  bench_one --queries 1 --variants --profile --cudnn-benchmark
-  bench_one --queries 15 --variants --cudnn-benchmark
+bench() {  # VARIANTS: the variants to time (default: all of them, about 5 minutes on an H200)
+  # shellcheck disable=SC2086  # one word per variant
+  bench_one --queries 1 --variants ${VARIANTS:-} --profile --cudnn-benchmark
+  # shellcheck disable=SC2086
+  bench_one --queries 15 --variants ${VARIANTS:-} --cudnn-benchmark
   bench_one --queries 1
 }
 

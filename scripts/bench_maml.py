@@ -21,9 +21,12 @@ fewshot's step until the fused form), "bf16_query" (the query pass under bf16 au
 gradients and losses in fp32), "batched_matmul" and "batched_split" (VmapForms.batched_conv: the convolutions with
 per-task weights that are differentiated twice as unfold + batched matmul, or with the input gradient as a
 transposed convolution, past torch's grouped-convolution double backward, which runs one convolution per task),
+"batched_fprop" (every input gradient of those convolutions, at every order, as a forward convolution: cuDNN runs a
+grouped dgrad as one kernel per task; fewshot.algorithms.conv_forms),
 "bn_function" (VmapForms.support_batch_norm: the support passes' BatchNorm with its backward written out, which
 keeps less for the double backward), "grouped_query" (VmapForms.grouped_query: the query pass outside vmap as one
-network grouped by task, which keeps what a per-task pass keeps), and "lean" (bn_function and grouped_query).
+network grouped by task, which keeps what a per-task pass keeps), "lean" (bn_function and grouped_query), and
+"lean_fprop" (the default with batched_fprop in place of batched_split, the grouped query pass's convolutions too).
 (channels_last was measured failing under vmap on an H100: "NYI: querying is_contiguous inside of vmap".)
 --cudnn-benchmark sets
 torch.backends.cudnn.benchmark for the whole process (cuDNN caches the algorithm it first picks per shape, so a
@@ -192,9 +195,11 @@ FORMS = {
     "bf16_query": PLAIN,  # and the query pass under bf16 autocast
     "batched_matmul": {**PLAIN, "batched_conv": "matmul"},
     "batched_split": {**PLAIN, "batched_conv": "split"},
+    "batched_fprop": {**PLAIN, "batched_conv": "fprop"},
     "bn_function": {**PLAIN, "support_batch_norm": "function"},
     "grouped_query": {**PLAIN, "grouped_query": True},
     "lean": {**PLAIN, "support_batch_norm": "function", "grouped_query": True},  # the least memory on a CPU
+    "lean_fprop": {**PLAIN, "support_batch_norm": "function", "grouped_query": True, "batched_conv": "fprop"},
 }
 VARIANTS = tuple(FORMS)
 
@@ -343,7 +348,12 @@ def main() -> None:
     parser.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None, help="time the CUDA graph")
     parser.add_argument("--block", type=int, default=None, help="iterations per measurement (ours, graph)")
     parser.add_argument("--queries", type=int, default=None, help="query images per class (default 15)")
-    parser.add_argument("--variants", action="store_true", help="also time other versions of the graph step")
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        metavar="NAME",
+        help=f"also time other versions of the graph step: those named, or with no name all of {', '.join(VARIANTS)}",
+    )
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     parser.add_argument("--profile", action="store_true", help="print the CUDA kernels of eager and graph steps")
     parser.add_argument("--memory", action="store_true", help="on a CPU: each step's peak allocation (profiler)")
@@ -362,7 +372,10 @@ def main() -> None:
     )
     auto = resolve_strategy("auto", device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    variants = list(VARIANTS) if args.variants and graph else []
+    unknown = sorted(set(args.variants or ()) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: no variant {', '.join(unknown)}; there are {', '.join(VARIANTS)}")
+    variants = (args.variants or list(VARIANTS)) if args.variants is not None and graph else []
     memory = device.type == "cuda" or args.memory  # step memory: the allocator's on CUDA, the profiler's on a CPU
     strategies = [auto] + ([s for s in ("loop", "vmap") if s != auto] if args.all_strategies else [])
 

@@ -270,8 +270,10 @@ FORMS = {
     "plain": PLAIN,
     "batched-matmul": {**PLAIN, "batched_conv": "matmul"},
     "batched-split": {**PLAIN, "batched_conv": "split"},
+    "batched-fprop": {**PLAIN, "batched_conv": "fprop"},
     "bn-function": {**PLAIN, "support_batch_norm": "function"},
     "grouped-query": {**PLAIN, "grouped_query": True},
+    "default-fprop": {"batched_conv": "fprop"},  # the query pass grouped with fprop convolutions too
 }
 
 
@@ -301,13 +303,15 @@ def test_vmap_step_forms_match_learn2learn(forms, first_order, steps):
 def test_a_form_that_does_not_exist_is_refused():
     algo = MAML(conv4(), WAYS, strategy="vmap")
     algo.forms.batched_conv = "winograd"
-    with pytest.raises(ValueError, match=r"batched_conv must be one of \('cudnn', 'matmul', 'split'\), got 'winograd'"):
+    with pytest.raises(
+        ValueError, match=r"batched_conv must be one of \('cudnn', 'matmul', 'split', 'fprop'\), got 'winograd'"
+    ):
         algo(random_episode(tasks=2), train=True)
     with pytest.raises(ValueError, match=r"support_batch_norm must be 'decomposed' or 'function', got 'fused'"):
         VmapForms(support_batch_norm="fused")
 
 
-@pytest.mark.parametrize("form", ["matmul", "split"])
+@pytest.mark.parametrize("form", ["matmul", "split", "fprop"])
 @pytest.mark.parametrize(
     "stride,padding,dilation,size",
     [(1, 1, 1, 7), (2, 1, 1, 7), (2, 1, 1, 8), (2, 0, 1, 9), (1, 2, 2, 8), (3, 1, 1, 10)],
@@ -368,16 +372,25 @@ def test_vmap_meta_gradient_matches_learn2learn_on_cuda(steps, dtype, rtol, atol
     [conv4(), conv4(max_pool=True), functools.partial(MLP, in_channels=1, image_size=28, sizes=(32, 16))],
     ids=["conv4", "conv4-max-pool", "mlp"],
 )
-def test_grouped_call_is_each_tasks_own_forward(backbone):
+@pytest.mark.parametrize("conv", ["cudnn", "fprop"])
+def test_grouped_call_is_each_tasks_own_forward(backbone, conv):
     torch.manual_seed(0)
     net = backbone(out_features=WAYS).double()
     tasks = 3
-    weights = {k: p.detach() + 0.1 * torch.randn(tasks, *p.shape, dtype=p.dtype) for k, p in net.named_parameters()}
-    x = torch.randn(tasks, 7, 1, 28, 28, dtype=torch.float64)
-    got = GroupedCall(net)(weights, x)
+    weights = {
+        k: (p.detach() + 0.1 * torch.randn(tasks, *p.shape, dtype=p.dtype)).requires_grad_()
+        for k, p in net.named_parameters()
+    }
+    x = torch.randn(tasks, 7, 1, 28, 28, dtype=torch.float64, requires_grad=True)
+    got = GroupedCall(net, conv)(weights, x)
+    probe = torch.randn_like(got)  # gradients of <got, probe> in the weights and images, task by task too
+    got_grads = torch.autograd.grad((got * probe).sum(), [x, *weights.values()])
     for t in range(tasks):
         want = functional_call(net, {k: w[t] for k, w in weights.items()}, (x[t],))
         torch.testing.assert_close(got[t], want, rtol=1e-12, atol=1e-12)
+        want_grads = torch.autograd.grad((want * probe[t]).sum(), [x, *weights.values()])
+        for a, b in zip(got_grads, want_grads):
+            torch.testing.assert_close(a[t], b[t], rtol=1e-10, atol=1e-12)
     assert all(not p.requires_grad or p.grad is None for p in net.parameters())  # the net's own weights untouched
     assert "forward" not in net.features[0].__dict__  # the swapped forwards are gone
 
@@ -389,6 +402,8 @@ def test_grouped_call_refuses_what_it_cannot_group():
         assert not supports_grouped(net)
         with pytest.raises(ValueError, match="GroupedCall does not support"):
             GroupedCall(net)
+    with pytest.raises(ValueError, match="GroupedCall's conv must be 'cudnn' or 'fprop', got 'split'"):
+        GroupedCall(conv4()(out_features=WAYS), "split")
 
 
 def test_grouped_query_regression_matches_the_vmap_step():

@@ -10,8 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from fewshot.algorithms.conv_forms import CONV_FORMS
 
 Weights = dict[str, torch.Tensor]
 STRATEGIES = ("auto", "vmap", "loop")
@@ -99,70 +100,10 @@ def _batch_norm_function(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -
     return _BatchNormFromBatch.apply(x, bn.weight, bn.bias, bn.eps)
 
 
-def _output_size(conv: nn.Conv2d, size: int, i: int) -> int:
-    k, st, p, d = conv.kernel_size[i], conv.stride[i], conv.padding[i], conv.dilation[i]
-    return (size + 2 * p - d * (k - 1) - 1) // st + 1
-
-
-def _conv2d_as_matmul(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """conv(x) as im2col (unfold) and one contraction, which under vmap with per-task weights is one batched
-    matmul over the tasks; its derivatives, to any order, are matmuls and fold/unfold again."""
-    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
-    size = (_output_size(conv, x.shape[-2], 0), _output_size(conv, x.shape[-1], 1))
-    # einsum, not weight @ cols: broadcasting the weight over the images copies it once per image under vmap
-    out = torch.einsum("ok,nkl->nol", conv.weight.flatten(1), cols).unflatten(-1, size)
-    return out if conv.bias is None else out + conv.bias.view(-1, 1, 1)
-
-
-class _SplitConv2d(torch.autograd.Function):
-    """conv2d (cuDNN) whose backward is written in differentiable ops: the input gradient as a transposed
-    convolution, the weight gradient as torch's own (convolution_backward for the weight alone). Differentiated
-    again, neither reaches the term of torch's convolution double backward that, with groups > 1 (vmap's per-task
-    weights), runs one small convolution per group: the weight's derivative of the input gradient."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, weight, bias, conv):  # type: ignore[override]
-        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, conv = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.conv, ctx.has_bias = conv, bias is not None
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        conv = ctx.conv
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            # the rows/columns a strided convolution's output does not determine come back as output_padding
-            pad = [x.shape[-2 + i] - ((g.shape[-2 + i] - 1) * conv.stride[i] - 2 * conv.padding[i]
-                   + conv.dilation[i] * (conv.kernel_size[i] - 1) + 1) for i in range(2)]  # fmt: skip
-            gx = F.conv_transpose2d(g, weight, None, conv.stride, conv.padding, pad, 1, conv.dilation)
-        if ctx.needs_input_grad[1]:  # torch's own weight gradient: differentiated, it needs no per-group loop
-            gw = torch.ops.aten.convolution_backward(
-                g, x, weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0], 1, [False, True, False]
-            )[1]
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = g.sum((0, 2, 3))
-        return gx, gw, gb, None
-
-
-def _conv2d_split(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    return _SplitConv2d.apply(x, conv.weight, conv.bias, conv)
-
-
 def _batch_norm_forward(form: str) -> Optional[Callable]:
     """The forward of a batch-statistics BatchNorm in `form` (None: the module's own). Looked up per call, not at
     import, so that scripts/bench_maml.py can time another decomposition in its place."""
     return {"native": None, "decomposed": _batch_norm_from_batch, "function": _batch_norm_function}[form]
-
-
-# How a plain Conv2d may run (VmapForms.batched_conv): as the module does (cuDNN), or one of the two forms above.
-CONV_FORMS = {"cudnn": None, "matmul": _conv2d_as_matmul, "split": _conv2d_split}
 
 
 def _batch_statistics(m: nn.Module) -> bool:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshot.algorithms.conv_forms import _FpropConv2d
 from fewshot.algorithms.functional import _batch_statistics, _plain_conv, _StatelessCall
 from fewshot.models.backbones import MLP, Conv4
 
@@ -49,6 +50,12 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _conv_fprop(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:  # the same, input gradients as forward convs
+    w, b = conv.weight, conv.bias
+    spec = (conv.stride, conv.padding, conv.dilation, len(w))
+    return _FpropConv2d.apply(x, w.flatten(0, 1), None if b is None else b.flatten(), spec)
+
+
 def _batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
     w = None if bn.weight is None else bn.weight.flatten()
     b = None if bn.bias is None else bn.bias.flatten()
@@ -64,14 +71,18 @@ def _linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 class GroupedCall(_StatelessCall):
     """net over T tasks with per-task weights: call(weights, x) with weights {name: (T, *shape)} and x (T, N, ...)
-    returns (T, N, out). _StatelessCall's swap, with the grouped forwards above; not thread-safe."""
+    returns (T, N, out). _StatelessCall's swap, with the grouped forwards above; not thread-safe.
+    conv: "cudnn" (F.conv2d) or "fprop" (conv_forms: input gradients as forward convolutions, not grouped dgrads)."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, conv: str = "cudnn") -> None:
         if not supports(net):
             raise ValueError(f"GroupedCall does not support {type(net).__name__} ({net.__class__.__module__})")
+        if conv not in ("cudnn", "fprop"):
+            raise ValueError(f"GroupedCall's conv must be 'cudnn' or 'fprop', got {conv!r}")
         super().__init__(net)
+        conv_forward = _conv_fprop if conv == "fprop" else _conv
         self.forwards = [
-            (m, _conv if isinstance(m, nn.Conv2d) else _linear if isinstance(m, nn.Linear) else _batch_norm)
+            (m, conv_forward if isinstance(m, nn.Conv2d) else _linear if isinstance(m, nn.Linear) else _batch_norm)
             for m in net.modules()
             if isinstance(m, (nn.Conv2d, nn.Linear)) or _batch_statistics(m)
         ]

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from fewshot.algorithms.functional import CONV_FORMS, _StatelessCall
+from fewshot.algorithms.conv_forms import CONV_FORMS
+from fewshot.algorithms.functional import _StatelessCall
 
 # vmap's own batching of every pass, no alternative form: what the forms are timed and tested against (the default
 # until the H200 bench below).
@@ -23,11 +24,12 @@ class VmapForms:
     support_batch_norm: second order, how the support passes run BatchNorm, "decomposed" or "function"
         (functional._StatelessCall): "function" keeps less for the double backward and launches more small kernels.
     batched_conv: second order, how the support passes after the first inner step run their convolutions, a key of
-        functional.CONV_FORMS. There the weights differ per task, so each conv is one grouped convolution over the
+        conv_forms.CONV_FORMS. There the weights differ per task, so each conv is one grouped convolution over the
         tasks, and the meta-gradient differentiates it twice: torch's convolution double backward then runs one
-        small convolution per task (the 20-way profile's thousands of cuDNN dgrad kernels). "matmul" (unfold +
-        batched matmul) and "split" (the input gradient as a transposed convolution, all in cuDNN) never reach
-        it. The first step runs on the shared weights: plain convolutions.
+        small convolution per task. "matmul" (unfold + batched matmul) and "split" (the input gradient as a
+        transposed convolution, all in cuDNN) never reach it; "fprop" neither, and runs every input gradient as
+        a forward convolution, where cuDNN runs a grouped dgrad as one kernel per task (conv_forms); it applies to
+        the grouped query pass too. The first step runs on the shared weights: plain convolutions.
     grouped_query: meta-training, the query pass outside vmap as one network grouped by task
         (fewshot.algorithms.grouped), which keeps what a per-task pass keeps where vmap's batching copies every
         convolution's input."""
