@@ -128,8 +128,9 @@ def _weight_gradient(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, spe
 
 
 class _FpropConv2d(torch.autograd.Function):
-    """conv2d whose input gradients, at every order, are forward convolutions (_input_gradient): its backward is
-    made of the two Functions below, whose own backwards are forward convolutions and weight gradients."""
+    """conv2d whose input gradients, at every order, are forward convolutions (_input_gradient). The three
+    Functions here are closed under differentiation: each one's backward is made of the three, so no derivative
+    of any order reaches torch's own convolution formulas (and their grouped dgrads)."""
 
     generate_vmap_rule = True
 
@@ -158,7 +159,7 @@ class _FpropConv2d(torch.autograd.Function):
 
 class _InputGradient(torch.autograd.Function):
     """_input_gradient(g, weight): linear in g (its derivative the forward convolution) and in weight (a weight
-    gradient with the roles of input and output gradient taken by the incoming gradient and g)."""
+    gradient, with the incoming gradient as the input and g as the output gradient)."""
 
     generate_vmap_rule = True
 
@@ -175,8 +176,8 @@ class _InputGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, h):  # type: ignore[override]
         g, weight = ctx.saved_tensors
-        dg = F.conv2d(h, weight, None, *ctx.spec) if ctx.needs_input_grad[0] else None
-        dw = _weight_gradient(h, g, weight, ctx.spec) if ctx.needs_input_grad[1] else None
+        dg = _FpropConv2d.apply(h, weight, None, ctx.spec) if ctx.needs_input_grad[0] else None
+        dw = _WeightGradient.apply(h, g, weight, ctx.spec) if ctx.needs_input_grad[1] else None
         return dg, dw, None, None
 
 
@@ -199,8 +200,8 @@ class _WeightGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, h):  # type: ignore[override]
         x, g = ctx.saved_tensors
-        dx = _input_gradient(g, h, ctx.spec, tuple(x.shape[-2:])) if ctx.needs_input_grad[0] else None
-        dg = F.conv2d(x, h, None, *ctx.spec) if ctx.needs_input_grad[1] else None
+        dx = _InputGradient.apply(g, h, ctx.spec, tuple(x.shape[-2:])) if ctx.needs_input_grad[0] else None
+        dg = _FpropConv2d.apply(x, h, None, ctx.spec) if ctx.needs_input_grad[1] else None
         return dx, dg, None, None
 
 

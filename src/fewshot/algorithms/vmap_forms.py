@@ -29,7 +29,8 @@ class VmapForms:
         small convolution per task. "matmul" (unfold + batched matmul) and "split" (the input gradient as a
         transposed convolution, all in cuDNN) never reach it; "fprop" neither, and runs every input gradient as
         a forward convolution, where cuDNN runs a grouped dgrad as one kernel per task (conv_forms); it applies to
-        the grouped query pass too. The first step runs on the shared weights: plain convolutions.
+        the first step and the grouped query pass too. Otherwise the first step, on the shared weights, runs plain
+        convolutions.
     grouped_query: meta-training, the query pass outside vmap as one network grouped by task
         (fewshot.algorithms.grouped), which keeps what a per-task pass keeps where vmap's batching copies every
         convolution's input."""
@@ -58,9 +59,14 @@ class VmapForms:
         query passes. A second-order support pass needs a decomposed BatchNorm: see functional._StatelessCall."""
         self.check()
         support_bn = self.support_batch_norm if second_order else "native"
-        first = _StatelessCall(net, batch_norm=support_bn)
+        # fprop runs the first step too: its weights are shared, but the meta-gradient's cotangents are per task,
+        # and torch's double backward turns them into grouped dgrads
+        first = _StatelessCall(net, batch_norm=support_bn, conv="fprop" if self._fprop(second_order) else "cudnn")
         later = first
         if second_order and self.batched_conv != "cudnn":
             later = _StatelessCall(net, batch_norm=support_bn, conv=self.batched_conv)
         query = _StatelessCall(net) if second_order and self.native_query_batch_norm else first
         return first, later, query
+
+    def _fprop(self, second_order: bool) -> bool:
+        return second_order and self.batched_conv == "fprop"
