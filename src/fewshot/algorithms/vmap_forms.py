@@ -36,9 +36,10 @@ class VmapForms:
         convolution's input."""
 
     # The defaults won on an NVIDIA H200 (scripts/bench_maml.py --device cuda --variants, captured step, same
-    # process): against "decomposed", "cudnn" and no grouped query, Omniglot 20w1s ran 20.4 ms in place of 24.5
-    # with 618 MiB in place of 864 (1 query per class), 24.3 in place of 30.0 with 1,950 MiB in place of 2,756
-    # (15 queries); 5w1s 3.45 in place of 3.50 ms (184 MiB, 282) and 6.70 in place of 7.67 (754, 1,042).
+    # process), against PLAIN: Omniglot 20w1s 20.4 ms in place of 24.5 with 618 MiB of graph pool in place of 862
+    # (1 query per class), 24.3 in place of 30.0 with 1,950 MiB in place of 2,754 (15 queries); 5w1s 3.45 in place
+    # of 3.50 ms (184 MiB, 216) and 6.70 in place of 7.67 (754, 976). PLAIN's memory is that of its second capture
+    # in the process: the first graph captured carried up to 66 MiB more for the same step.
     native_query_batch_norm: bool = True
     support_batch_norm: str = "function"
     batched_conv: str = "split"
