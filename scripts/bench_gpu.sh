@@ -72,14 +72,14 @@ run() {
   [ "$FULL" = 1 ] || budget=("trainer.iterations=$ITERATIONS" trainer.val_every=1000 trainer.checkpoint_every=1000)
   local start end
   start=$(date +%s.%N)
-  touch /tmp/fewshot_run_started  # a results.json older than this is an earlier run's
+  touch "$RUN_DIR.started"  # a results.json older than this is an earlier run's
   timeout -s TERM -k 30 "$RUN_LIMIT" python3 -m fewshot.train "experiment=$EXPERIMENT" device=cuda "seed=$SEED" \
     trainer.cuda_graph=on "eval.cuda_graph=$([ "${EVAL_GRAPH:-0}" = 1 ] && echo true || echo false)" \
     "${budget[@]}" "hydra.run.dir=$RUN_DIR" 2>&1 \
     | tr '\r' '\n' | grep -v '^meta-train\|^validate\|^test' | tee -a "$OUT/train.log" | tail -20
   end=$(date +%s.%N)
   for f in results.json metrics.csv .hydra/overrides.yaml; do  # this call's, not an earlier run's
-    [ "$RUN_DIR/$f" -nt /tmp/fewshot_run_started ] && cp "$RUN_DIR/$f" "$OUT/"
+    [ "$RUN_DIR/$f" -nt "$RUN_DIR.started" ] && cp "$RUN_DIR/$f" "$OUT/"
   done
   python3 - "$RUN_DIR" "$start" "$end" "$EXPERIMENT" <<'PY' | tee -a "$OUT/bench.jsonl"
 import json, os, sys
@@ -99,15 +99,19 @@ print(json.dumps({"run": name, "finished": True, "device": r.get("device"), "ite
                   "test_acc": round(100 * r["test"]["acc_mean"], 2), "test_ci95": round(100 * r["test"]["acc_ci95"], 2),
                   "test_episodes": r["test"]["episodes"]}))
 PY
-  [ -f "$RUN_DIR/checkpoints/best.pt" ] && [ "$RUN_DIR/results.json" -nt /tmp/fewshot_run_started ] && [ "${EVALS:-1}" = 1 ] \
+  [ -f "$RUN_DIR/checkpoints/best.pt" ] && [ "$RUN_DIR/results.json" -nt "$RUN_DIR.started" ] && [ "${EVALS:-1}" = 1 ] \
     || return 0
   for graph in false true; do
     local s
     s=$(date +%s.%N)
+    rm -f "/tmp/fewshot_eval_$graph/results.json"  # an earlier call's, on a warm machine
     timeout 120 python3 -m fewshot.eval "checkpoint=$RUN_DIR/checkpoints/best.pt" device=cuda "eval.cuda_graph=$graph" \
       "hydra.run.dir=/tmp/fewshot_eval_$graph" >/dev/null 2>"/tmp/fewshot_eval_$graph.err"
     python3 - "/tmp/fewshot_eval_$graph/results.json" "$graph" "$s" "$(date +%s.%N)" "$EXPERIMENT" <<'PY' | tee -a "$OUT/bench.jsonl"
-import json, sys
+import json, os, sys
+if not os.path.exists(sys.argv[1]):
+    print(json.dumps({"fewshot_eval": f"{sys.argv[5]} best.pt", "eval_cuda_graph": sys.argv[2] == "true", "failed": True}))
+    sys.exit(0)
 r = json.load(open(sys.argv[1]))
 print(json.dumps({"fewshot_eval": f"{sys.argv[5]} best.pt", "eval_cuda_graph": sys.argv[2] == "true",
                   "episodes": r["test"]["episodes"], "test_acc": round(100 * r["test"]["acc_mean"], 3),

@@ -319,11 +319,25 @@ def test_a_form_that_does_not_exist_is_refused():
 def test_conv_forms_equal_conv2d_to_the_second_derivative_with_per_task_weights(form, stride, padding, dilation, size):
     """Value, first and second derivatives (in x, weight and bias) of a vmapped convolution with per-task weights:
     strides that leave rows out (the split form's output_padding), padding and dilation."""
-    torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3, stride=stride, padding=padding, dilation=dilation).double()
-    x = torch.randn(2, 5, 3, size, size, dtype=torch.float64, requires_grad=True)  # 2 tasks of 5 images
-    w = torch.randn(2, 4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    _assert_form_is_conv2d(form, conv, size)
+
+
+@pytest.mark.parametrize(
+    "kernel,stride,padding,dilation,groups",
+    [((3, 2), (2, 1), (1, 0), (1, 2), 2), ((2, 3), (1, 3), (3, 1), (2, 1), 3), (1, 2, 0, 1, 6)],
+)
+def test_fprop_form_is_conv2d_with_groups_and_uneven_dims(kernel, stride, padding, dilation, groups):
+    # the fprop form runs the grouped query pass (groups = tasks) and any Conv2d, not only square ungrouped ones
+    conv = nn.Conv2d(6, 6, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups).double()
+    _assert_form_is_conv2d("fprop", conv, 9)
+
+
+def _assert_form_is_conv2d(form: str, conv: nn.Conv2d, size: int) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, conv.in_channels, size, size, dtype=torch.float64, requires_grad=True)  # 2 tasks, 5 images
+    w = torch.randn(2, *conv.weight.shape, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, conv.out_channels, dtype=torch.float64, requires_grad=True)
 
     def derivatives(forward) -> tuple[torch.Tensor, ...]:
         def out(xt, wt, bt):
@@ -343,6 +357,30 @@ def test_conv_forms_equal_conv2d_to_the_second_derivative_with_per_task_weights(
 
     for got, want in zip(derivatives(form_forward), derivatives(None)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("forms", [FORMS["batched-fprop"], FORMS["default-fprop"]], ids=["vmap-query", "grouped-query"])
+def test_fprop_form_runs_no_input_gradient_convolution(forms):
+    """What the form is for: in a second-order meta-gradient, no transposed convolution and no convolution
+    backward that computes an input gradient (what cuDNN runs as one kernel per task when grouped)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    algo = with_forms(MAML(conv4(), WAYS, inner_steps=2, strategy="vmap"), forms)
+    seen = []
+
+    class Convolutions(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.convolution:
+                seen.append(("convolution", args[6]))  # transposed?
+            elif func.overloadpacket is torch.ops.aten.convolution_backward:
+                seen.append(("convolution_backward", args[10][0]))  # the input's gradient asked for?
+            return func(*args, **(kwargs or {}))
+
+    with Convolutions():
+        algo(random_episode(tasks=3), train=True).loss.backward()
+    assert ("convolution", False) in seen and ("convolution_backward", False) in seen  # the counter saw them
+    assert ("convolution", True) not in seen and ("convolution_backward", True) not in seen
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuDNN's BatchNorm and grouped convs)")

@@ -246,7 +246,7 @@ class MAML(Algorithm):
             in_dims=(None, 0, 0),
             randomness="error",
         )(weights, xs[0], xs[1])
-        conv = "fprop" if self.forms.batched_conv == "fprop" else "cudnn"  # its weights are per task too
+        conv = "fprop" if self.forms.fprop(not self.first_order) else "cudnn"
         logits = grouped.GroupedCall(self.net, conv)(adapted, xs[2])  # (T, ways*queries, out)
         return torch.func.vmap(self._loss)(logits, xs[3]), torch.func.vmap(self._score)(logits.detach(), xs[3])
 

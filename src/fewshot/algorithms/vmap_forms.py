@@ -6,6 +6,7 @@ won on a GPU."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from torch import nn
 
@@ -14,7 +15,14 @@ from fewshot.algorithms.functional import _StatelessCall
 
 # vmap's own batching of every pass, no alternative form: what the forms are timed and tested against (the default
 # until the H200 bench below).
-PLAIN = {"support_batch_norm": "decomposed", "batched_conv": "cudnn", "grouped_query": False}
+PLAIN = MappingProxyType(
+    {
+        "native_query_batch_norm": True,
+        "support_batch_norm": "decomposed",
+        "batched_conv": "cudnn",
+        "grouped_query": False,
+    }
+)
 
 
 @dataclass
@@ -29,7 +37,7 @@ class VmapForms:
         small convolution per task. "matmul" (unfold + batched matmul) and "split" (the input gradient as a
         transposed convolution, all in cuDNN) never reach it; "fprop" neither, and runs every input gradient as
         a forward convolution, where cuDNN runs a grouped dgrad as one kernel per task (conv_forms); it applies to
-        the first step and the grouped query pass too. Otherwise the first step, on the shared weights, runs plain
+        the first step and the query pass too. Otherwise the first step, on the shared weights, runs plain
         convolutions.
     grouped_query: meta-training, the query pass outside vmap as one network grouped by task
         (fewshot.algorithms.grouped), which keeps what a per-task pass keeps where vmap's batching copies every
@@ -60,14 +68,16 @@ class VmapForms:
         query passes. A second-order support pass needs a decomposed BatchNorm: see functional._StatelessCall."""
         self.check()
         support_bn = self.support_batch_norm if second_order else "native"
-        # fprop runs the first step too: its weights are shared, but the meta-gradient's cotangents are per task,
-        # and torch's double backward turns them into grouped dgrads
-        first = _StatelessCall(net, batch_norm=support_bn, conv="fprop" if self._fprop(second_order) else "cudnn")
+        # fprop runs every pass: the first step's weights are shared, but the meta-gradient's cotangents are per
+        # task, and torch's double backward turns them into grouped dgrads
+        conv = "fprop" if self.fprop(second_order) else "cudnn"
+        first = _StatelessCall(net, batch_norm=support_bn, conv=conv)
         later = first
-        if second_order and self.batched_conv != "cudnn":
+        if second_order and self.batched_conv not in ("cudnn", "fprop"):
             later = _StatelessCall(net, batch_norm=support_bn, conv=self.batched_conv)
-        query = _StatelessCall(net) if second_order and self.native_query_batch_norm else first
+        query = _StatelessCall(net, conv=conv) if second_order and self.native_query_batch_norm else first
         return first, later, query
 
-    def _fprop(self, second_order: bool) -> bool:
+    def fprop(self, second_order: bool) -> bool:
+        """Whether every pass runs conv_forms' fprop convolutions (the query pass, grouped or not, included)."""
         return second_order and self.batched_conv == "fprop"
