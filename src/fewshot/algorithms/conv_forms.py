@@ -41,45 +41,6 @@ def _conv2d_as_matmul(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return out if conv.bias is None else out + conv.bias.view(-1, 1, 1)
 
 
-class _SplitConv2d(torch.autograd.Function):
-    """conv2d (cuDNN) whose backward is written in differentiable ops: the input gradient as a transposed
-    convolution, the weight gradient as torch's own (convolution_backward for the weight alone). Differentiated
-    again, neither reaches the term of torch's convolution double backward that, with groups > 1 (vmap's per-task
-    weights), runs one small convolution per group: the weight's derivative of the input gradient."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, weight, bias, conv):  # type: ignore[override]
-        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, conv = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.conv, ctx.has_bias = conv, bias is not None
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        conv = ctx.conv
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            pad = _left_out(x.shape[-2:], g.shape[-2:], weight.shape[-2:], _spec(conv))
-            gx = F.conv_transpose2d(g, weight, None, conv.stride, conv.padding, pad, 1, conv.dilation)
-        if ctx.needs_input_grad[1]:  # torch's own weight gradient: differentiated, it needs no per-group loop
-            gw = torch.ops.aten.convolution_backward(
-                g, x, weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0], 1, [False, True, False]
-            )[1]
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = g.sum((0, 2, 3))
-        return gx, gw, gb, None
-
-
-def _conv2d_split(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    return _SplitConv2d.apply(x, conv.weight, conv.bias, conv)
-
-
 def _spec(conv: nn.Conv2d) -> Spec:
     return conv.stride, conv.padding, conv.dilation, conv.groups
 
@@ -203,6 +164,32 @@ class _WeightGradient(torch.autograd.Function):
         dx = _InputGradient.apply(g, h, ctx.spec, tuple(x.shape[-2:])) if ctx.needs_input_grad[0] else None
         dg = _FpropConv2d.apply(x, h, None, ctx.spec) if ctx.needs_input_grad[1] else None
         return dx, dg, None, None
+
+
+class _SplitConv2d(_FpropConv2d):
+    """conv2d (cuDNN), _FpropConv2d's forward, whose backward is written in differentiable torch ops: the input
+    gradient as a transposed convolution, the weight gradient as torch's own (convolution_backward for the weight
+    alone). Differentiated again, neither reaches the term of torch's convolution double backward that, with
+    groups > 1 (vmap's per-task weights), runs one small convolution per group: the weight's derivative of the
+    input gradient."""
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.spec
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            pad = _left_out(x.shape[-2:], g.shape[-2:], weight.shape[-2:], ctx.spec)
+            gx = F.conv_transpose2d(g, weight, None, stride, padding, pad, groups, dilation)
+        if ctx.needs_input_grad[1]:  # differentiated, torch's own weight gradient needs no per-group loop
+            gw = _weight_gradient(x, g, weight, ctx.spec)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum((0, 2, 3))
+        return gx, gw, gb, None
+
+
+def _conv2d_split(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return _SplitConv2d.apply(x, conv.weight, conv.bias, _spec(conv))
 
 
 def _conv2d_fprop(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
