@@ -25,13 +25,22 @@ transposed convolution, past torch's grouped-convolution double backward, which 
 grouped dgrad as one kernel per task; fewshot.algorithms.conv_forms),
 "bn_function" (VmapForms.support_batch_norm: the support passes' BatchNorm with its backward written out, which
 keeps less for the double backward), "grouped_query" (VmapForms.grouped_query: the query pass outside vmap as one
-network grouped by task, which keeps what a per-task pass keeps), "lean" (bn_function and grouped_query), and
-"lean_fprop" (the default with batched_fprop in place of batched_split, the grouped query pass's convolutions too).
+network grouped by task, which keeps what a per-task pass keeps), "lean" (bn_function and grouped_query); and,
+starting from the default instead, "default" (the default forms, under vmap also on a CPU, where the graph step
+of the auto strategy runs the per-task loop),
+"lean_fprop" (the default with batched_fprop in place of batched_split, the grouped query pass's convolutions too),
+"lean_split_first" (the default with the first inner step's convolutions in the split form too:
+VmapForms.first_step_conv; on a CPU its 5w1s step peaks at 95.6 MiB, the default's at 108.5).
 (channels_last was measured failing under vmap on an H100: "NYI: querying is_contiguous inside of vmap".)
 --cudnn-benchmark sets
 torch.backends.cudnn.benchmark for the whole process (cuDNN caches the algorithm it first picks per shape, so a
 process cannot time both; run it twice). --profile prints the CUDA kernels of one eager and one graphed iteration
 of each (count, summed kernel time, the costliest kernels).
+On CUDA a graph's memory is given two ways: "step_mem_mib_graph" is its private pool (reserved in whole allocator
+segments, held between replays) plus what a replay allocates, and "graph_peak_alloc_mib" the most its tensors took at
+once while it was captured: the allocator's peak, what "step_mem_mib_l2l" measures of learn2learn's eager step
+(None where the capture failed). The capture resets the allocator's peak: keep --warmup · --block above the graph
+step's own warm-up (steps.WARMUP), so that no capture falls in a timed call.
 --memory (CPU) prints the memory each closure allocates at its peak within one meta-iteration, from the
 profiler's allocation events: what the autograd graph keeps, as on a GPU minus cuDNN's workspaces (on CUDA every
 record carries the allocator's step memory anyway). --ops (CPU) counts the operations each closure's step dispatches
@@ -53,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import platform
@@ -66,7 +76,7 @@ from fewshot.algorithms import functional, vmap_forms
 from fewshot.algorithms.functional import _StatelessCall
 from fewshot.algorithms.maml import MAML, resolve_strategy
 from fewshot.algorithms.maml_l2l import MAMLL2L
-from fewshot.algorithms.vmap_forms import PLAIN
+from fewshot.algorithms.vmap_forms import PLAIN, VmapForms
 from fewshot.data.base import Episode
 from fewshot.engine.loop import Progress
 from fewshot.engine.steps import GraphStep
@@ -198,8 +208,10 @@ FORMS = {
     "batched_fprop": {**PLAIN, "batched_conv": "fprop"},
     "bn_function": {**PLAIN, "support_batch_norm": "function"},
     "grouped_query": {**PLAIN, "grouped_query": True},
-    "lean": {**PLAIN, "support_batch_norm": "function", "grouped_query": True},  # the least memory on a CPU
+    "lean": {**PLAIN, "support_batch_norm": "function", "grouped_query": True},
     "lean_fprop": {**PLAIN, "support_batch_norm": "function", "grouped_query": True, "batched_conv": "fprop"},
+    "default": dataclasses.asdict(VmapForms()),  # "graph" by the vmap strategy: on a CPU auto picks the loop
+    "lean_split_first": {**dataclasses.asdict(VmapForms()), "first_step_conv": "split"},  # + first step split
 }
 VARIANTS = tuple(FORMS)
 
@@ -442,9 +454,15 @@ def main() -> None:
                         return None
                     return round(timings[v]["step_mem_mib"] + closures[v].stepper.pool_bytes / 2**20, 1)
 
+                def graph_peak(v: str) -> float | None:  # the capture's allocated peak, as learn2learn's is read
+                    stepper = closures[v].stepper
+                    return None if stepper.graph is None else round(stepper.peak_bytes / 2**20, 1)
+
                 if memory:
                     record["step_mem_mib_graph"] = graph_mem("graph")
                     record["graph_pool_mib"] = round(closures["graph"].stepper.pool_bytes / 2**20, 1)
+                    if not cpu:
+                        record["graph_peak_alloc_mib"] = graph_peak("graph")
                 graph_speedups[name] = record["graph_speedup"]
                 for v in variants:
                     if "error" in timings[v]:
@@ -454,6 +472,8 @@ def main() -> None:
                     record[f"graph_vs_{v}"] = round(timings[v]["ms_median"] / g["ms_median"], 3)
                     if memory:
                         record[f"step_mem_mib_graph_{v}"] = graph_mem(v)
+                        if not cpu:
+                            record[f"graph_peak_alloc_mib_{v}"] = graph_peak(v)
                 if args.profile and device.type == "cuda":
                     for k in (strategy, "graph", *(v for v in variants if "error" not in timings[v])):
                         profile = profile_kernels(closures[k], device, block)

@@ -274,6 +274,8 @@ FORMS = {
     "bn-function": {**PLAIN, "support_batch_norm": "function"},
     "grouped-query": {**PLAIN, "grouped_query": True},
     "default-fprop": {"batched_conv": "fprop"},  # the query pass grouped with fprop convolutions too
+    "default-split-first": {"first_step_conv": "split"},
+    "split-first": {**PLAIN, "first_step_conv": "split"},  # the later steps stay cudnn
 }
 
 
@@ -309,6 +311,42 @@ def test_a_form_that_does_not_exist_is_refused():
         algo(random_episode(tasks=2), train=True)
     with pytest.raises(ValueError, match=r"support_batch_norm must be 'decomposed' or 'function', got 'fused'"):
         VmapForms(support_batch_norm="fused")
+    with pytest.raises(ValueError, match=r"first_step_conv must be 'cudnn' or 'split', got 'fprop'"):
+        VmapForms(first_step_conv="fprop")
+
+
+def _peak_allocated_mib(fn, trace: str) -> float:
+    """What fn() allocates at its peak beyond what was allocated before (CPU tensors): the profiler's allocation
+    events in time order, as scripts/bench_maml.py --memory reads them."""
+    import json
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    prof.export_chrome_trace(trace)
+    with open(trace) as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    current = peak = 0
+    for e in sorted(events, key=lambda e: e["ts"]):
+        current += e["args"]["Bytes"]
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def test_split_first_step_keeps_less_for_the_double_backward(tmp_path):
+    """What first_step_conv="split" is for: vmap's per-task weight gradients of the first step copy their inputs
+    into another layout, and a second-order step recorded op by op kept those copies; the split Functions do not.
+    The same numbers (test_vmap_step_forms_match_learn2learn), less memory at the step's peak."""
+    peaks = {}
+    for form in ("cudnn", "split"):
+        torch.manual_seed(0)
+        algo = with_forms(MAML(conv4(), WAYS, inner_steps=1, strategy="vmap"), {"first_step_conv": form})
+        episode = random_episode(tasks=8, queries=1, seed=1)
+        step = lambda: algo(episode, train=True).loss.backward()  # noqa: E731
+        step()  # the first call's one-time allocations aside
+        peaks[form] = _peak_allocated_mib(step, str(tmp_path / f"{form}.json"))
+    assert peaks["split"] < 0.95 * peaks["cudnn"], peaks
 
 
 @pytest.mark.parametrize("form", ["matmul", "split", "fprop"])

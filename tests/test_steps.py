@@ -123,6 +123,7 @@ def _captured_graph_replays_the_eager_update(compose_cfg, tmp_path, overrides):
     for it in range(1, steps.WARMUP + 3):
         graph(it)
     assert graph.graph is not None, "the step was never captured"
+    assert 0 < graph.peak_bytes <= graph.pool_bytes, (graph.peak_bytes, graph.pool_bytes)  # tensors within the pool
     algo = run.algo
     reference = copy.deepcopy(algo)
     state = optimizer_state(optimizer)  # portable: CPU step counters, not capturable

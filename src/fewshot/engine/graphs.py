@@ -35,21 +35,25 @@ def on_side_stream(fn: Callable[[], T], device: torch.device) -> T:
     return result
 
 
-def capture(fn: Callable[[], T], device: torch.device) -> tuple[torch.cuda.CUDAGraph, T, int]:
-    """fn's kernels captured as one CUDA graph (not run): the graph, fn's outputs (overwritten by every replay) and
-    the bytes of the graph's private memory pool (its intermediate tensors, kept between replays)."""
+def capture(fn: Callable[[], T], device: torch.device) -> tuple[torch.cuda.CUDAGraph, T, int, int]:
+    """fn's kernels captured as one CUDA graph (not run): the graph, fn's outputs (overwritten by every replay), the
+    bytes of the graph's private memory pool (its intermediate tensors, kept between replays; reserved in whole
+    allocator segments) and the most bytes its tensors took at once (allocated, as an eager step's peak is read)."""
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()  # as torch.cuda.graph does on entry: measured from here, the growth is the graph's pool
     reserved = torch.cuda.memory_reserved(device)
+    allocated = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
     with torch.cuda.graph(graph):
         outputs = fn()
-    return graph, outputs, torch.cuda.memory_reserved(device) - reserved
+    peak = torch.cuda.max_memory_allocated(device) - allocated
+    return graph, outputs, torch.cuda.memory_reserved(device) - reserved, peak
 
 
 def try_capture(
     fn: Callable[[], T], device: torch.device, setting: str
-) -> Optional[tuple[torch.cuda.CUDAGraph, T, int]]:
+) -> Optional[tuple[torch.cuda.CUDAGraph, T, int, int]]:
     """capture(fn), or None when an op cannot be captured (a host sync): then one line says so, and the caller goes
     on eagerly."""
     try:

@@ -111,7 +111,7 @@ class GraphStep(EagerStep):
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.outputs: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self.calls = 0
-        self.pool_bytes = 0
+        self.pool_bytes = self.peak_bytes = 0  # the graph's memory pool, and its tensors' peak (engine.graphs.capture)
         # Divergence, recorded on the device: the iteration counter, the limit, the first bad iteration and loss.
         zeros = dict(device=self.device)
         self._it = torch.zeros((), dtype=torch.int64, **zeros)
@@ -173,7 +173,7 @@ class GraphStep(EagerStep):
         if captured is None:
             self.capture = False
         else:
-            self.graph, self.outputs, self.pool_bytes = captured
+            self.graph, self.outputs, self.pool_bytes, self.peak_bytes = captured
 
     def __call__(self, it: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and mean score of iteration `it`, on the device; valid until the next call (a replay overwrites
