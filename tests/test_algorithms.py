@@ -421,6 +421,33 @@ def test_fprop_form_runs_no_input_gradient_convolution(forms):
     assert ("convolution", True) not in seen and ("convolution_backward", True) not in seen
 
 
+@pytest.mark.parametrize(
+    "forms,images", [(FORMS["default"], 1), (FORMS["default-split-first"], 0)], ids=["default", "split-first"]
+)
+def test_split_form_computes_no_gradient_for_the_images(forms, images):
+    """The split form's weight gradient, differentiated again, computes no input gradient where the input needs
+    none: the first layer's, whose input is the images. torch's convolution double backward does, as one grouped
+    transposed convolution: by default only in the first inner step (on the shared weights, torch's own), with the
+    first step split too in none; before the split form's weight gradient was a Function, in every step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    algo = with_forms(MAML(conv4(), WAYS, inner_steps=3, strategy="vmap"), forms)
+    widths = []
+
+    class Convolutions(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket is torch.ops.aten.convolution and args[6]:  # transposed: an input gradient
+                widths.append(out.shape[-1])
+            return out
+
+    with Convolutions():
+        algo(random_episode(tasks=3), train=True).loss.backward()
+    assert {14, 7, 4} <= set(widths)  # the later layers' input gradients were seen
+    assert widths.count(28) == images, widths  # the images' (28 wide)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuDNN's BatchNorm and grouped convs)")
 @pytest.mark.parametrize("forms", FORMS.values(), ids=FORMS.keys())
 @pytest.mark.parametrize("steps", [1, 3], ids=["1-step", "3-steps"])
