@@ -93,9 +93,9 @@ def report(prog: str, error: BaseException) -> None:
 def exit_now(code: int) -> None:
     """Exit with `code` after a preemption, without the interpreter's teardown. A signal can stop the test phase
     while MAML's worker threads have been running torch on a CPU, and the C++ teardown then sometimes aborted
-    ("terminate called without an active exception", exit -6 where 128+signal was due: 1 of about 25 SIGTERMs in
-    tests/test_faults.py's test-phase case, root cause not found). Everything a run saves is written before the
-    error is raised; logs and streams are flushed here."""
+    ("terminate called without an active exception", exit -6 where 128+signal was due: once in clean-clone CI, and in
+    the 7th run of a loop of tests/test_faults.py's test-phase case, none in the next 60; root cause not found).
+    Everything a run saves is written before the error is raised; logs and streams are flushed here."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
