@@ -199,6 +199,7 @@ def variant_context(name: str, algo: MAML):
 
 
 # Each variant's fewshot.algorithms.vmap_forms.VmapForms, set on its own copy of the algorithm ("graph": the default).
+DEFAULT = dataclasses.asdict(VmapForms())
 FORMS = {
     "plain": PLAIN,  # the default until the H200 bench of 2026-11-26
     "before": PLAIN,  # and BatchNorm as it ran before the query pass got the fused kernel
@@ -210,8 +211,8 @@ FORMS = {
     "grouped_query": {**PLAIN, "grouped_query": True},
     "lean": {**PLAIN, "support_batch_norm": "function", "grouped_query": True},
     "lean_fprop": {**PLAIN, "support_batch_norm": "function", "grouped_query": True, "batched_conv": "fprop"},
-    "default": dataclasses.asdict(VmapForms()),  # "graph" by the vmap strategy: on a CPU auto picks the loop
-    "lean_split_first": {**dataclasses.asdict(VmapForms()), "first_step_conv": "split"},  # + first step split
+    "default": DEFAULT,  # "graph" by the vmap strategy: on a CPU auto picks the loop
+    "lean_split_first": {**DEFAULT, "first_step_conv": "split"},
 }
 VARIANTS = tuple(FORMS)
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import importlib.util
 import math
+from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -315,37 +318,26 @@ def test_a_form_that_does_not_exist_is_refused():
         VmapForms(first_step_conv="fprop")
 
 
-def _peak_allocated_mib(fn, trace: str) -> float:
-    """What fn() allocates at its peak beyond what was allocated before (CPU tensors): the profiler's allocation
-    events in time order, as scripts/bench_maml.py --memory reads them."""
-    import json
-
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    prof.export_chrome_trace(trace)
-    with open(trace) as f:
-        events = [e for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
-    current = peak = 0
-    for e in sorted(events, key=lambda e: e["ts"]):
-        current += e["args"]["Bytes"]
-        peak = max(peak, current)
-    return peak / 2**20
+def _bench_maml():
+    """scripts/bench_maml.py as a module: its --memory measure (cpu_step_memory) gives the docs' figures."""
+    spec = importlib.util.spec_from_file_location("bench_maml", Path(__file__).parents[1] / "scripts" / "bench_maml.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_split_first_step_keeps_less_for_the_double_backward(tmp_path):
+def test_split_first_step_keeps_less_for_the_double_backward():
     """What first_step_conv="split" is for: vmap's per-task weight gradients of the first step copy their inputs
     into another layout, and a second-order step recorded op by op kept those copies; the split Functions do not.
     The same numbers (test_vmap_step_forms_match_learn2learn), less memory at the step's peak."""
-    peaks = {}
+    bench, peaks = _bench_maml(), {}
     for form in ("cudnn", "split"):
         torch.manual_seed(0)
         algo = with_forms(MAML(conv4(), WAYS, inner_steps=1, strategy="vmap"), {"first_step_conv": form})
         episode = random_episode(tasks=8, queries=1, seed=1)
         step = lambda: algo(episode, train=True).loss.backward()  # noqa: E731
         step()  # the first call's one-time allocations aside
-        peaks[form] = _peak_allocated_mib(step, str(tmp_path / f"{form}.json"))
+        peaks[form] = bench.cpu_step_memory(step)
     assert peaks["split"] < 0.95 * peaks["cudnn"], peaks
 
 
@@ -397,26 +389,36 @@ def _assert_form_is_conv2d(form: str, conv: nn.Conv2d, size: int) -> None:
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+def _meta_gradient_convolutions(forms: dict, inner_steps: int) -> list[tuple[str, tuple, Optional[int]]]:
+    """(op, its arguments, a convolution's output width) of every convolution and convolution backward that one
+    second-order meta-gradient of MAML with these forms dispatches (3 tasks): a convolution's args[6] says whether
+    it is transposed, a convolution backward's args[10][0] whether it computes an input gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    algo = with_forms(MAML(conv4(), WAYS, inner_steps=inner_steps, strategy="vmap"), forms)
+    calls = []
+    ops = {torch.ops.aten.convolution: "convolution", torch.ops.aten.convolution_backward: "convolution_backward"}
+
+    class Convolutions(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in ops:
+                name = ops[func.overloadpacket]
+                calls.append((name, args, out.shape[-1] if name == "convolution" else None))
+            return out
+
+    with Convolutions():
+        algo(random_episode(tasks=3), train=True).loss.backward()
+    return calls
+
+
 @pytest.mark.parametrize("forms", [FORMS["batched-fprop"], FORMS["default-fprop"]], ids=["vmap-query", "grouped-query"])
 def test_fprop_form_runs_no_input_gradient_convolution(forms):
     """What the form is for: in a second-order meta-gradient, no transposed convolution and no convolution
     backward that computes an input gradient (what cuDNN runs as one kernel per task when grouped)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    torch.manual_seed(0)
-    algo = with_forms(MAML(conv4(), WAYS, inner_steps=2, strategy="vmap"), forms)
-    seen = []
-
-    class Convolutions(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket is torch.ops.aten.convolution:
-                seen.append(("convolution", args[6]))  # transposed?
-            elif func.overloadpacket is torch.ops.aten.convolution_backward:
-                seen.append(("convolution_backward", args[10][0]))  # the input's gradient asked for?
-            return func(*args, **(kwargs or {}))
-
-    with Convolutions():
-        algo(random_episode(tasks=3), train=True).loss.backward()
+    calls = _meta_gradient_convolutions(forms, inner_steps=2)
+    seen = [(name, args[6] if name == "convolution" else args[10][0]) for name, args, _ in calls]
     assert ("convolution", False) in seen and ("convolution_backward", False) in seen  # the counter saw them
     assert ("convolution", True) not in seen and ("convolution_backward", True) not in seen
 
@@ -429,21 +431,8 @@ def test_split_form_computes_no_gradient_for_the_images(forms, images):
     none: the first layer's, whose input is the images. torch's convolution double backward does, as one grouped
     transposed convolution: by default only in the first inner step (on the shared weights, torch's own), with the
     first step split too in none; before the split form's weight gradient was a Function, in every step."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    torch.manual_seed(0)
-    algo = with_forms(MAML(conv4(), WAYS, inner_steps=3, strategy="vmap"), forms)
-    widths = []
-
-    class Convolutions(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func.overloadpacket is torch.ops.aten.convolution and args[6]:  # transposed: an input gradient
-                widths.append(out.shape[-1])
-            return out
-
-    with Convolutions():
-        algo(random_episode(tasks=3), train=True).loss.backward()
+    calls = _meta_gradient_convolutions(forms, inner_steps=3)
+    widths = [width for name, args, width in calls if name == "convolution" and args[6]]  # transposed: input grads
     assert {14, 7, 4} <= set(widths)  # the later layers' input gradients were seen
     assert widths.count(28) == images, widths  # the images' (28 wide)
 

@@ -166,6 +166,14 @@ class _WeightGradient(torch.autograd.Function):
         return dx, dg, None, None
 
 
+def _transposed_input_gradient(g: torch.Tensor, weight: torch.Tensor, spec: Spec, size) -> torch.Tensor:
+    """The gradient of conv2d(x, weight) in x (spatial size `size`), given the output's gradient g, as cuDNN's own
+    transposed convolution (the split form's; _input_gradient is the fprop form's)."""
+    stride, padding, dilation, groups = spec
+    pad = _left_out(size, g.shape[-2:], weight.shape[-2:], spec)
+    return F.conv_transpose2d(g, weight, None, stride, padding, pad, groups, dilation)
+
+
 class _SplitConv2d(_FpropConv2d):
     """conv2d (cuDNN), _FpropConv2d's forward, whose backward is written in differentiable torch ops: the input
     gradient as a transposed convolution, the weight gradient as torch's own (convolution_backward for the weight
@@ -176,11 +184,9 @@ class _SplitConv2d(_FpropConv2d):
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.spec
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            pad = _left_out(x.shape[-2:], g.shape[-2:], weight.shape[-2:], ctx.spec)
-            gx = F.conv_transpose2d(g, weight, None, stride, padding, pad, groups, dilation)
+            gx = _transposed_input_gradient(g, weight, ctx.spec, x.shape[-2:])
         if ctx.needs_input_grad[1]:
             gw = _SplitWeightGradient.apply(x, g, weight, ctx.spec)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -199,11 +205,9 @@ class _SplitWeightGradient(_WeightGradient):
     @staticmethod
     def backward(ctx, h):  # type: ignore[override]
         x, g = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.spec
         dx = dg = None
         if ctx.needs_input_grad[0]:
-            pad = _left_out(x.shape[-2:], g.shape[-2:], h.shape[-2:], ctx.spec)
-            dx = F.conv_transpose2d(g, h, None, stride, padding, pad, groups, dilation)
+            dx = _transposed_input_gradient(g, h, ctx.spec, x.shape[-2:])
         if ctx.needs_input_grad[1]:
             dg = _SplitConv2d.apply(x, h, None, ctx.spec)
         return dx, dg, None, None
