@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fewshot import engine
-from fewshot.checkpoint import load_checkpoint
+from fewshot.checkpoint import load_checkpoint, save_checkpoint
 from fewshot.eval import run as eval_run
 from fewshot.train import run as train_run
 
@@ -262,6 +262,26 @@ def test_resume_continues_the_schedule(compose_cfg, tmp_path):
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+
+
+def test_a_run_resumed_on_another_machine_names_each_device(compose_cfg, tmp_path):
+    """A cell finished over several GPU leases (scripts/gpu_cells.sh, RESUME=) trained on each machine it ran on, and
+    train_seconds sums their times: results.json names them all (train_devices), where the test ran last (device)."""
+    common = TINY + ["algo=protonet"]
+    first = train_run(compose_cfg("train", [*common, "trainer.iterations=3"]), tmp_path / "run")
+    assert first["train_devices"] == ["cpu"] and first["device"] == "cpu"
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    assert state["progress"]["devices"] == ["cpu"]
+    state["progress"]["devices"] = ["cuda (NVIDIA H100 80GB HBM3)"]  # as if iterations 1-3 had run there
+    save_checkpoint(last, state)
+    results = train_run(compose_cfg("train", common), tmp_path / "run")
+    assert results["train_devices"] == ["cuda (NVIDIA H100 80GB HBM3)", "cpu"] and results["device"] == "cpu"
+    # Resumed where it stopped, on the same device: one entry. A checkpoint from before devices were recorded: said.
+    del state["progress"]["devices"]
+    save_checkpoint(last, state)
+    again = train_run(compose_cfg("train", common), tmp_path / "run")
+    assert again["train_devices"] == ["a device not recorded", "cpu"]
 
 
 def test_bad_schedule_setting_is_one_clear_error(compose_cfg, tmp_path):

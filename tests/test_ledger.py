@@ -84,3 +84,13 @@ def test_a_rerun_of_a_seed_replaces_it_and_is_kept_apart(tmp_path):
     replaced = rest.split("## Replaced by a later run of the same seed")[1].split("## Not yet run")[0]
     assert "| 98.00 ± 0.20 |" in full and "| 7 |" in full and "95.00" not in full
     assert "| 95.00 ± 0.20 |" in replaced and "| 10 |" in replaced
+
+
+def test_a_cell_trained_on_two_machines_names_both(tmp_path):
+    """A run resumed on another GPU (train_devices) shows every device it ran on, once, in the device column."""
+    runs = [_result(train_devices=["cuda (H100)", "cuda (H200)"], device="cuda (H200)"), _result(seed=4)]
+    for i, r in enumerate(runs):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "results.json").write_text(json.dumps(r))
+    full = ledger_markdown(collect([tmp_path]), load_presets(), "runs").split("## Reduced budget")[0]
+    assert "| cuda (H100), cuda (H200), cuda (X) |" in full

@@ -25,6 +25,11 @@ def resolve_device(name: str) -> torch.device:
     raise ConfigError(f"device.name={name!r} is not one of auto, cpu, cuda, cuda:N")
 
 
+def device_label(device: torch.device) -> str:
+    """How results name a device: cpu, or cuda with the GPU's model (cuda (NVIDIA H100 80GB HBM3))."""
+    return str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})"
+
+
 def available_memory(device: torch.device) -> int:
     """Bytes free for new tensors: the GPU's free memory, or the machine's available physical memory."""
     if device.type == "cuda":

@@ -120,7 +120,7 @@ def _row_line(row: Row, runs: list[dict], extra: Optional[str] = None) -> str:
         _joined(r["test"]["episodes"] for r in runs),
         _joined(f"{r.get('iterations'):,}" for r in runs),
         _joined(r.get("train_seconds") and f"{r['train_seconds']:.0f}" for r in runs),
-        _joined(r.get("device") for r in runs),
+        _joined(d for r in runs for d in [*r.get("train_devices", []), r.get("device")]),  # resumed elsewhere: each
         _joined((r.get("date") or "")[:10] or None for r in runs),
         commands,
     ]

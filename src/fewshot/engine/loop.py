@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fewshot.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
+from fewshot.device import device_label
 from fewshot.engine.builder import Run, episode_seed, make_sampler, warn_if_graph_too_big
 from fewshot.engine.checkpoints import (
     check_same_run,
@@ -35,7 +36,9 @@ from fewshot.metrics import METRICS
 class Progress:
     """The loop's running state besides weights and optimizer: sums since the last validation (for metrics.csv and
     the progress bar), the training time with validation excluded, the first loss (divergence is measured against
-    it) and the metric's name. Checkpoints hold it as a dict; `acc` is the score's key there, as it always was."""
+    it), the metric's name and the devices training ran on (a run resumed on another machine, e.g. across GPU
+    leases, trained on each: train_seconds sums their times). Checkpoints hold it as a dict; `acc` is the score's
+    key there, as it always was."""
 
     loss: float = 0.0
     score: float = 0.0
@@ -44,6 +47,12 @@ class Progress:
     metric: str = "acc"
     first_loss: Optional[float] = None
     val_seconds: float = 0.0  # validation's time, kept apart from train_seconds
+    devices: list[str] = field(default_factory=list)
+
+    def ran_on(self, label: str) -> None:
+        """Record that training (re)starts on this device, once per change of device."""
+        if not self.devices or self.devices[-1] != label:
+            self.devices.append(label)
 
     def add(self, loss: torch.Tensor | float, score: torch.Tensor | float, metric: str) -> None:
         """Device tensors stay on the device (no host synchronisation per iteration) until window() reads them."""
@@ -64,6 +73,7 @@ class Progress:
             "metric": self.metric,
             "train_seconds": self.train_seconds + extra_seconds,
             "val_seconds": self.val_seconds,
+            "devices": list(self.devices),
         }
         return state if self.first_loss is None else {**state, "first_loss": self.first_loss}
 
@@ -77,6 +87,8 @@ class Progress:
             metric=state.get("metric", "acc"),
             first_loss=state.get("first_loss"),
             val_seconds=state.get("val_seconds", 0.0),
+            # Checkpoints from before devices were recorded: say so rather than credit the resuming device alone.
+            devices=list(state.get("devices", ["a device not recorded"])),
         )
 
 
@@ -122,6 +134,8 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
             print(f"fewshot: {run_dir} finished training at iteration {state['iteration']}; testing best.pt only")
         else:
             print(f"fewshot: resuming {run_dir} at iteration {start} of {t.iterations}")
+    if start <= t.iterations:
+        progress.ran_on(device_label(run.device))
     logger = make_logger(t.logger, run_dir)
     algo.train()
 
@@ -224,6 +238,7 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
         best,
         val_seconds=progress.val_seconds,
         test_seconds=time.perf_counter() - tic,
+        train_devices=progress.devices,
     )
     write_results(run_dir, results)
     if logger:

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 
 from fewshot.atomic import atomic_write_text
+from fewshot.device import device_label
 from fewshot.engine.builder import Run
 from fewshot.errors import ConfigError
 from fewshot.metrics import METRICS
@@ -48,10 +49,12 @@ def make_results(
     best: dict,
     val_seconds: Optional[float] = None,
     test_seconds: Optional[float] = None,
+    train_devices: Optional[list[str]] = None,
 ) -> dict[str, Any]:
     """results.json: the run's cell (test tasks: ways/shots/queries are the paper cell's; training tasks may differ,
     ProtoNets train 60-way), its budget, where and when it ran, the command that gives it again, and the test.
-    train_seconds excludes validation (val_seconds) and the test (test_seconds)."""
+    train_seconds excludes validation (val_seconds) and the test (test_seconds). train_devices: where meta-training
+    ran, in order (a run resumed on another machine names each; `device` is where the test ran)."""
     t, device = run.settings, run.device
     return {
         "name": t.name,
@@ -71,7 +74,8 @@ def make_results(
             for part, seconds in (("train", train_seconds), ("val", val_seconds), ("test", test_seconds))
         },
         "best_val": best,
-        "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
+        "device": device_label(device),
+        **({} if train_devices is None else {"train_devices": train_devices}),
         "optim": run.record["optim"],
         "schedule": run.record["schedule"],
         "torch": torch.__version__,
