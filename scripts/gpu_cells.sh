@@ -12,17 +12,22 @@
 # Copy results.json files worth keeping into results/<preset>/ and run `make ledger`.
 #
 # A cell longer than one lease (MAML 20w1s: 60,000 x 26.6 ms on an H100; a lease gives about 9 minutes) goes on
-# over several leases: every job stopped by its limit also comes back as $OUT/resume_<job>.tgz (its run folder:
-# checkpoints, metrics.csv, log). Before the next lease, on the CPU machine, replace .devrun with the ones that came
-# back,
-#   rm -rf .devrun && mkdir .devrun && cp <files_at>/resume_*.tgz .devrun/
+# over several leases. A job its limit stopped (it checkpointed on SIGTERM) comes back as $OUT/resume_<job>.tgz
+# (its run folder: checkpoints, metrics.csv, log), packed as soon as it stops; the limits are cut to end 40 s before
+# CALL_S (default 600), the device call's timeout_s. Before the next lease, on the CPU machine, add them to .devrun,
+#   mkdir -p .devrun && cp <files_at>/resume_*.tgz .devrun/
 # and carry .devrun too: RESUME=.devrun bash scripts/gpu_cells.sh JOB... resumes each job that has a resume file
-# from its last checkpoint, the same command, seed and overrides (a job that finished leaves no resume file).
-# results.json then names every GPU the cell trained on (train_devices). $OUT brings back at most 8 files: runs.tgz
-# and 7 resume files. EVAL_STOPPED=1 also tests a stopped job's best.pt (90 s each, after the jobs: shorten their
-# limits), a reduced-budget number for a cell no later lease will finish.
+# from its last checkpoint, with the same command, seed and overrides. Delete a job's file once it has finished (the
+# script says so; a job that finished or failed leaves no new file, and files of jobs not run stay for later).
+# results.json then names each kind of device, in order, that the cell trained on (train_devices). At most 7 jobs:
+# $OUT brings back 8 files. EVAL_STOPPED=1 also tests a stopped job's best.pt (90 s each, after the jobs: set
+# CALL_S lower), a reduced-budget number for a cell no later lease will finish.
 # LOCAL=1 skips the wheel install (a dry run of the script itself with the local .venv, e.g. on CPU).
 set -u
+if [ -n "${RESUME:-}" ]; then  # as given, from where the script was called
+  given=$RESUME
+  RESUME=$(cd "$RESUME" 2>/dev/null && pwd) || { echo "gpu_cells.sh: RESUME=$given: no such folder" >&2; exit 2; }
+fi
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu_cells}
 RUNS=${RUNS:-outputs/gpu_runs}  # run folders and logs, packed into $OUT/runs.tgz at the end
@@ -51,6 +56,23 @@ JOBS=(
 )
 [ $# -gt 0 ] && JOBS=("$@")
 
+names=()
+for job in "${JOBS[@]}"; do
+  IFS='|' read -r name _ _ <<<"$job"
+  # $OUT brings back at most 8 files, named in letters, digits, '.', '_' and '-': runs.tgz and 7 resume files.
+  [[ "$name" =~ ^[A-Za-z0-9._-]+$ ]] \
+    || { echo "gpu_cells.sh: job name '$name': use letters, digits, . _ -" >&2; exit 2; }
+  names+=("$name")
+done
+[ ${#names[@]} -le 7 ] || { echo "gpu_cells.sh: ${#names[@]} jobs; at most 7 (8 files come back)" >&2; exit 2; }
+if [ -n "${RESUME:-}" ]; then
+  for f in "$RESUME"/resume_*.tgz; do
+    [ -e "$f" ] || continue
+    n=${f##*/resume_}; n=${n%.tgz}
+    case " ${names[*]} " in *" $n "*) ;; *) echo "$n: not a job of this call; keep $f for a later lease" ;; esac
+  done
+fi
+
 # Decode Omniglot into the cache once, before the jobs start reading it.
 timeout 120 $PY -c "
 import os
@@ -58,52 +80,73 @@ from fewshot.data.omniglot import load_omniglot_images
 load_omniglot_images(os.environ['FEWSHOT_DATA_ROOT'] + '/omniglot', os.environ['FEWSHOT_CACHE_DIR'])
 " || echo "cache warm-up failed; each job decodes on its own"
 
-start=$(date +%s)
-stamp=$(mktemp)  # results.json older than this came from an earlier call (a warm machine keeps its files)
+start=$SECONDS
+ready=()
 for job in "${JOBS[@]}"; do
   IFS='|' read -r name _ _ <<<"$job"
   # A fresh folder per call: an old last.pt there would be resumed instead of starting the cell anew (or instead
   # of the resume file's, which is newer than anything a warm machine kept).
   [ -e "$RUNS/$name" ] && mv "$RUNS/$name" "$RUNS/$name.$(date +%s).old"
-  [ -e "$RUNS/$name.log" ] && mv "$RUNS/$name.log" "$RUNS/$name.$(date +%s).old.log"
+  [ -e "$RUNS/$name.log" ] && mv "$RUNS/$name.log" "$RUNS/$name.log.$(date +%s).old"
   if [ -n "${RESUME:-}" ] && [ -f "$RESUME/resume_$name.tgz" ]; then
-    tar xzf "$RESUME/resume_$name.tgz" -C "$RUNS" || exit 1
-    echo "$name: resuming from $(ls "$RUNS/$name/checkpoints/")"
+    if ! tar xzf "$RESUME/resume_$name.tgz" -C "$RUNS"; then
+      echo "$name: $RESUME/resume_$name.tgz cannot be unpacked; not run (the file is kept)"
+      continue
+    fi
+    echo "$name: resuming from $(cd "$RUNS/$name/checkpoints" && echo *)"
+  elif [ -n "${RESUME:-}" ]; then
+    echo "$name: no resume_$name.tgz in $RESUME; starting anew"
   fi
+  rm -f "$OUT/resume_$name.tgz"  # an earlier call's (a local OUT outlives calls), unpacked by now if RESUME=OUT
+  ready+=("$job")
 done
-for job in "${JOBS[@]}"; do
-  IFS='|' read -r name limit overrides <<<"$job"
+
+resumable() { [ -f "$1/last.pt" ] || [ -f "$1/previous.pt" ]; }  # what fewshot-train resumes from
+
+run_job() {  # name limit overrides: train under the limit; a job it stopped is packed for RESUME at once
+  local name=$1 limit=$2 overrides=$3 rc
   # shellcheck disable=SC2086  # the overrides are words
   timeout "$limit" $PY -m fewshot.train $overrides seed="$SEED" device="$DEVICE" hydra.run.dir="$RUNS/$name" \
-    >>"$RUNS/$name.log" 2>&1 &  # a resumed job's log goes on
+    >>"$RUNS/$name.log" 2>&1  # a resumed job's log goes on
+  rc=$?
+  if [ "$rc" = 0 ]; then
+    echo "$name: finished after $(( SECONDS - start )) s$([ -n "${RESUME:-}" ] && [ -f "$RESUME/resume_$name.tgz" ] \
+      && echo "; delete its resume_$name.tgz on the CPU machine")"
+  elif [ "$rc" = 124 ] && resumable "$RUNS/$name/checkpoints"; then
+    # Stopped by the limit (SIGTERM: it checkpointed): the whole run folder and log, for RESUME in the next lease.
+    (cd "$RUNS" && tar czf - --exclude=eval_best "$name" "$name.log") >"$OUT/resume_$name.tgz.part" \
+      && mv "$OUT/resume_$name.tgz.part" "$OUT/resume_$name.tgz"
+    echo "$name: $(tail -c 3000 "$RUNS/$name.log" | tr '\r' '\n' | grep -o 'SIGTERM [^:]*' | tail -1); resume_$name.tgz"
+  else
+    echo "$name: failed (exit $rc) after $(( SECONDS - start )) s: read $name.log (runs.tgz) before running it again"
+  fi
+}
+
+# Every job ends in time for its resume file: CALL_S is the device call's timeout_s (the margin packs and returns).
+for job in "${ready[@]}"; do
+  IFS='|' read -r name limit overrides <<<"$job"
+  left=$(( ${CALL_S:-600} - 40 - SECONDS ))
+  [ "$limit" -gt "$left" ] && { echo "$name: limit $limit s cut to $left s (CALL_S=${CALL_S:-600})"; limit=$left; }
+  run_job "$name" "$(( limit > 1 ? limit : 1 ))" "$overrides" &
 done
 wait
-echo "all jobs ended after $(( $(date +%s) - start )) s"
-# A job stopped by its time limit checkpointed on SIGTERM: test its best checkpoint so its numbers are not lost
-# (a reduced budget, kept apart from the full cells).
-for job in "${JOBS[@]}"; do
+echo "all jobs ended after $(( SECONDS - start )) s"
+# EVAL_STOPPED=1: test a stopped job's best checkpoint, a reduced budget kept apart from the full cells.
+for job in "${ready[@]}"; do
   IFS='|' read -r name _ _ <<<"$job"
-  if [ "${EVAL_STOPPED:-0}" = 1 ] && [ ! "$RUNS/$name/results.json" -nt "$stamp" ] \
-    && [ -f "$RUNS/$name/checkpoints/best.pt" ]; then
+  if [ "${EVAL_STOPPED:-0}" = 1 ] && [ -f "$OUT/resume_$name.tgz" ] && [ -f "$RUNS/$name/checkpoints/best.pt" ]; then
     timeout 90 $PY -m fewshot.eval checkpoint="$RUNS/$name/checkpoints/best.pt" device="$DEVICE" \
       hydra.run.dir="$RUNS/$name/eval_best" >"$RUNS/${name}_eval.log" 2>&1
   fi
 done
-for job in "${JOBS[@]}"; do
+files=()
+for job in "${ready[@]}"; do
   IFS='|' read -r name _ _ <<<"$job"
   printf '%-32s %s\n' "$name" "$(grep -h -A3 '^| algo' "$RUNS/$name/results.md" 2>/dev/null | tail -1 || true)"
   tail -c 600 "$RUNS/$name.log" | tr '\r' '\n' | tail -3
+  for f in "$name.log" "${name}_eval.log" "$name/results.json" "$name/results.md" "$name/metrics.csv" "$name/.hydra" \
+    "$name/eval_best/results.json"; do
+    [ -e "$RUNS/$f" ] && files+=("$f")
+  done
 done
-# A job stopped before its results: its whole run folder and log, for RESUME in the next lease (previous.pt, the
-# fallback for an unreadable last.pt, stays behind: last.pt was written whole, atomically).
-for job in "${JOBS[@]}"; do
-  IFS='|' read -r name _ _ <<<"$job"
-  if [ ! "$RUNS/$name/results.json" -nt "$stamp" ] && [ -f "$RUNS/$name/checkpoints/last.pt" ]; then
-    (cd "$RUNS" && tar czf - --exclude=previous.pt --exclude=eval_best "$name" "$name.log") >"$OUT/resume_$name.tgz"
-    at=$($PY -c "import sys; from fewshot.checkpoint import load_checkpoint as l; print(l(sys.argv[1])['iteration'])" \
-      "$RUNS/$name/checkpoints/last.pt" 2>/dev/null)
-    echo "$name: stopped at iteration ${at:-?}; $OUT/resume_$name.tgz resumes it (RESUME=)"
-  fi
-done
-(cd "$RUNS" && tar czf - *.log $(ls -d */results.json */results.md */metrics.csv */.hydra */eval_best/results.json \
-  2>/dev/null)) >"$OUT/runs.tgz"
+[ ${#files[@]} -gt 0 ] && (cd "$RUNS" && tar czf - "${files[@]}") >"$OUT/runs.tgz"

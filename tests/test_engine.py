@@ -268,7 +268,8 @@ def test_a_run_resumed_on_another_machine_names_each_device(compose_cfg, tmp_pat
     """A cell finished over several GPU leases (scripts/gpu_cells.sh, RESUME=) trained on each machine it ran on, and
     train_seconds sums their times: results.json names them all (train_devices), where the test ran last (device)."""
     common = TINY + ["algo=protonet"]
-    first = train_run(compose_cfg("train", [*common, "trainer.iterations=3"]), tmp_path / "run")
+    train_run(compose_cfg("train", [*common, "trainer.iterations=2"]), tmp_path / "run")
+    first = train_run(compose_cfg("train", [*common, "trainer.iterations=3"]), tmp_path / "run")  # resumed on cpu
     assert first["train_devices"] == ["cpu"] and first["device"] == "cpu"
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     state = load_checkpoint(last)
@@ -277,7 +278,7 @@ def test_a_run_resumed_on_another_machine_names_each_device(compose_cfg, tmp_pat
     save_checkpoint(last, state)
     results = train_run(compose_cfg("train", common), tmp_path / "run")
     assert results["train_devices"] == ["cuda (NVIDIA H100 80GB HBM3)", "cpu"] and results["device"] == "cpu"
-    # Resumed where it stopped, on the same device: one entry. A checkpoint from before devices were recorded: said.
+    # A checkpoint from before devices were recorded says so.
     del state["progress"]["devices"]
     save_checkpoint(last, state)
     again = train_run(compose_cfg("train", common), tmp_path / "run")

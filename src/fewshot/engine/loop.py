@@ -36,9 +36,9 @@ from fewshot.metrics import METRICS
 class Progress:
     """The loop's running state besides weights and optimizer: sums since the last validation (for metrics.csv and
     the progress bar), the training time with validation excluded, the first loss (divergence is measured against
-    it), the metric's name and the devices training ran on (a run resumed on another machine, e.g. across GPU
-    leases, trained on each: train_seconds sums their times). Checkpoints hold it as a dict; `acc` is the score's
-    key there, as it always was."""
+    it), the metric's name and the kinds of device training ran on, in order (a run resumed on another kind of GPU,
+    e.g. across leases, names each; train_seconds sums their times). Checkpoints hold it as a dict; `acc` is the
+    score's key there, as it always was."""
 
     loss: float = 0.0
     score: float = 0.0

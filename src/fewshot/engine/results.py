@@ -53,8 +53,8 @@ def make_results(
 ) -> dict[str, Any]:
     """results.json: the run's cell (test tasks: ways/shots/queries are the paper cell's; training tasks may differ,
     ProtoNets train 60-way), its budget, where and when it ran, the command that gives it again, and the test.
-    train_seconds excludes validation (val_seconds) and the test (test_seconds). train_devices: where meta-training
-    ran, in order (a run resumed on another machine names each; `device` is where the test ran)."""
+    train_seconds excludes validation (val_seconds) and the test (test_seconds). train_devices: the kinds of device
+    meta-training ran on, in order (a run resumed on another kind of GPU names each; `device`: where the test ran)."""
     t, device = run.settings, run.device
     return {
         "name": t.name,
