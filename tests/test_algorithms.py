@@ -7,9 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import importlib.util
 import math
-from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -18,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from conftest import load_script
 from fewshot.algorithms.functional import CONV_FORMS
 from fewshot.algorithms.grouped import GroupedCall
 from fewshot.algorithms.grouped import supports as supports_grouped
@@ -318,19 +317,11 @@ def test_a_form_that_does_not_exist_is_refused():
         VmapForms(first_step_conv="fprop")
 
 
-def _bench_maml():
-    """scripts/bench_maml.py as a module: its --memory measure (cpu_step_memory) gives the docs' figures."""
-    spec = importlib.util.spec_from_file_location("bench_maml", Path(__file__).parents[1] / "scripts" / "bench_maml.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_split_first_step_keeps_less_for_the_double_backward():
     """What first_step_conv="split" is for: vmap's per-task weight gradients of the first step copy their inputs
     into another layout, and a second-order step recorded op by op kept those copies; the split Functions do not.
     The same numbers (test_vmap_step_forms_match_learn2learn), less memory at the step's peak."""
-    bench, peaks = _bench_maml(), {}
+    bench, peaks = load_script("bench_maml"), {}
     for form in ("cudnn", "split"):
         torch.manual_seed(0)
         algo = with_forms(MAML(conv4(), WAYS, inner_steps=1, strategy="vmap"), {"first_step_conv": form})

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 
-from conftest import group_choices
+from conftest import group_choices, load_script
 from fewshot import engine
 from fewshot.train import run as train_run
 
@@ -90,8 +88,6 @@ def test_preset_runs_one_smoke_iteration(compose_cfg, tmp_path, preset):
 
 
 def test_reproduce_tables_name_existing_presets():
-    spec = importlib.util.spec_from_file_location("reproduce", Path(__file__).parents[1] / "scripts" / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("reproduce")
     missing = {p for presets in module.TABLES.values() for p in presets} - set(PRESETS)
     assert not missing, f"scripts/reproduce.py names presets that do not exist: {sorted(missing)}"
