@@ -94,3 +94,32 @@ def test_a_cell_trained_on_two_machines_names_both(tmp_path):
         (tmp_path / str(i) / "results.json").write_text(json.dumps(r))
     full = ledger_markdown(collect([tmp_path]), load_presets(), "runs").split("## Reduced budget")[0]
     assert "| cuda (H100), cuda (H200), cuda (X) |" in full
+
+
+def test_sequence_cells_are_set_beside_the_papers_instance_columns(tmp_path):
+    """MANN's paper reports accuracy per instance of a class (Table 1), not one number: the ledger sets each
+    instance's mean over seeds beside the paper's column, and says nothing where the paper has no column."""
+    preset = load_presets()["mann_omniglot_5way"]
+    assert preset.paper_acc is None and preset.paper_instance_acc[:2] == (36.4, 82.8)
+    assert preset.paper_instance_acc[5] is None and preset.paper_instance_acc[9] == 98.1
+
+    def mann(seed: int, first: float) -> dict:
+        curve = [first, 0.80, 0.90, 0.92, 0.94, 0.95, 0.96, 0.96, 0.97, 0.98]
+        test = {"episodes": 1000, "acc_mean": 0.93, "acc_ci95": 0.003, "instance_acc": curve}
+        command = f"fewshot-train experiment=mann_omniglot_5way seed={seed} device=cpu"
+        return _result(name="mann_omniglot_5way", algo="mann", iterations=100000, seed=seed, command=command, test=test)
+
+    runs = [mann(1, 0.30), mann(2, 0.40), _result()]  # and a cell with no instances
+    for i, r in enumerate(runs):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "results.json").write_text(json.dumps(r))
+    text = ledger_markdown(collect([tmp_path]), load_presets(), "runs")
+    section = text.split("## Accuracy per instance")[1].split("## Reduced budget")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| mann_omniglot_5way"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:3] == ["mann_omniglot_5way", "1, 2", "35.0 (36.4, -1.4)"]  # (30 + 40) / 2 against 36.4
+    assert cells[3] == "80.0 (82.8, -2.8)" and cells[7] == "95.0" and cells[11] == "98.0 (98.1, -0.1)"
+    assert "matching_omniglot_5w1s" not in section
+    assert text.index("## Full budget") < text.index("## Accuracy per instance") < text.index("## Reduced budget")
+    # No sequence cell at full budget: no section.
+    assert "## Accuracy per instance" not in ledger_markdown(collect([tmp_path / "2"]), load_presets(), "runs")

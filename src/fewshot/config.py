@@ -69,6 +69,9 @@ class PaperConfig:
     source: str = ""
     acc: Optional[float] = None
     ci95: Optional[float] = None
+    # Sequence presets (MANN): the accuracy at the 1st, 2nd, ... instance of each class, null where the paper
+    # has no column. RESULTS.md sets results' instance_acc beside it.
+    instance_acc: Optional[list[Optional[float]]] = None
 
 
 @dataclass

@@ -2,9 +2,11 @@
 
     fewshot-table --ledger PATH... [-o RESULTS.md]        (make ledger: from the runs kept under results/)
 
-Made only from real runs' results.json files, never typed by hand. Three parts:
+Made only from real runs' results.json files, never typed by hand. Its parts:
 - Full budget: runs of a preset exactly as it stands (its iterations and test episodes, and no override
   beyond the seed, the device and where files live), one row per preset, seeds pooled as fewshot-table does.
+- Per instance: for the full-budget sequence cells (MANN), the accuracy at each instance of a class beside the
+  paper's columns (paper.instance_acc), as Santoro et al. report it.
 - Reduced or modified: every other run filed under a preset's name, with what differs. Not comparable with the
   paper; kept apart so that nobody mistakes them for the cell.
 - Replaced: a run of a seed that a later run of the same cell and seed replaced (newest by recorded date).
@@ -41,6 +43,7 @@ class Preset:
     episodes: int
     paper_acc: Optional[float]
     paper_source: str
+    paper_instance_acc: Optional[tuple[Optional[float], ...]] = None  # sequence presets: per instance of a class
 
 
 def _conf_root() -> Path:
@@ -68,6 +71,7 @@ def load_presets(conf: Optional[Path] = None) -> dict[str, Preset]:
             episodes=int(OmegaConf.select(node, "eval.episodes", default=episodes)),
             paper_acc=paper.get("acc"),
             paper_source=paper.get("source", ""),
+            paper_instance_acc=tuple(paper["instance_acc"]) if paper.get("instance_acc") else None,
         )
     return presets
 
@@ -147,6 +151,39 @@ HEADER = [
 MODIFIED_HEADER = HEADER[:2] + ["differs by"] + HEADER[2:]
 
 
+def _instance_lines(full: dict[str, list[dict]], presets: dict[str, Preset]) -> list[str]:
+    """The per-instance table of the full-budget sequence cells (MANN): ours, mean over the kept seeds, beside the
+    paper's column where it has one."""
+    lines = []
+    for name, runs in sorted(full.items()):
+        kept, _ = newest_per_seed(runs, warn=lambda m: None)
+        curves = [r["test"]["instance_acc"] for r in kept if r["test"].get("instance_acc")]
+        if not curves or len({len(c) for c in curves}) != 1:
+            continue
+        paper = presets[name].paper_instance_acc or ()
+        cells = []
+        for k, values in enumerate(zip(*curves)):
+            ours = 100 * sum(values) / len(values)
+            theirs = paper[k] if k < len(paper) else None
+            cells.append(f"{ours:.1f}" + ("" if theirs is None else f" ({theirs:.1f}, {ours - theirs:+.1f})"))
+        seeds = ", ".join(str(r.get("seed")) for r in kept if r["test"].get("instance_acc"))
+        lines.append((len(cells), f"| {name} | {seeds} | " + " | ".join(cells) + " |"))
+    if not lines:
+        return []
+    width = max(n for n, _ in lines)
+    header = ["preset", "seeds", *(f"instance {k}" for k in range(1, width + 1))]
+    return [
+        "",
+        "## Accuracy per instance",
+        "",
+        "Sequence cells (Santoro et al. 2016, Table 1): test accuracy (%) at the k-th instance of each class, ours "
+        "(mean over the seeds) and, where the paper has that column, (paper, ours − paper). The full-budget table's "
+        "accuracy is over instances 2 and later.",
+        "",
+        *_table(header, [line + " |" * (width - n) for n, line in lines]),
+    ]
+
+
 def _table(header: list[str], lines: list[str]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|", *lines]
 
@@ -192,6 +229,7 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
         "",
     ]
     out += _table(HEADER, rows(full, extra=False)) if full else ["(none yet)"]
+    out += _instance_lines(full, presets)
     out += [
         "",
         "## Reduced budget or modified",
