@@ -40,9 +40,10 @@ lint: install  ## ruff: lint and format check (line length 120; `ruff format` fi
 test-fast: install  ## tests without the slow real-training ones
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
-bench: install  ## CPU benchmarks: episode sampler and MAML, each against learn2learn in the same process
+bench: install  ## CPU benchmarks in one process each: sampler and MAML against learn2learn, MANN against its per-step form
 	$(PY) scripts/bench_sampler.py
 	$(PY) scripts/bench_maml.py --device cpu
+	$(PY) scripts/bench_mann.py
 
 TABLE ?= maml-omniglot
 reproduce: install  ## run a paper table (TABLE=maml-omniglot|protonet-omniglot|...; ARGS="-- trainer.iterations=2000")

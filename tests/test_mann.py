@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import load_script
 from fewshot.algorithms.mann import MANN, cosine_read, eval_order, least_used, lrua_write, make_sequence, update_usage
 from fewshot.data.base import Episode
 from fewshot.errors import ConfigError
@@ -131,6 +132,28 @@ def test_output_shapes_and_every_parameter_learns(memory):
     out.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in algo.parameters())
     assert hasattr(algo, "interface") == memory
+
+
+@pytest.mark.parametrize("memory, fused", [(True, False), (False, True), (False, False)], ids=["mann", "lstm", "loop"])
+def test_batched_steps_compute_the_step_by_step_cell(memory, fused, monkeypatch):
+    """MANN.logits batches the sequence's part of the LSTM input and the output layer over steps (the baseline: one
+    torch.lstm on a CPU, the same loop as MANN's elsewhere): the logits and every gradient must be those of the
+    plain per-step LSTMCell that scripts/bench_mann.py times it against, and so must evaluation's logits."""
+    monkeypatch.setattr(MANN, "fused_lstm_devices", ("cpu",) if fused else ())
+    bench = load_script("bench_mann")
+    torch.manual_seed(0)
+    algo = MANN(PIXELS, 3, memory=memory, controller=8, slots=8, width=4, read_heads=2)
+    x, previous, labels = bench.inputs(algo, tasks=2, length=9, device=torch.device("cpu"))
+    ref_logits, ref_grads = bench.grads(algo, bench.stepwise_logits, x, previous, labels)
+    logits, grads = bench.grads(algo, lambda m, x, p: m.logits(x, p), x, previous, labels)
+    assert ref_logits.std() > 0.01  # a function of the inputs, not a constant both forms could agree on
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
+    for (name, _), got, want in zip(algo.named_parameters(), grads, ref_grads):
+        assert want.abs().sum() > 0, name
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+    algo.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(algo.logits(x, previous), ref_logits, rtol=1e-5, atol=1e-6)
 
 
 # ---- (5) one-line errors -------------------------------------------------------------------------------------------

@@ -123,6 +123,8 @@ class MANN(Algorithm):
     gamma: usage decay.
     """
 
+    fused_lstm_devices = ("cpu",)  # where logits() runs the LSTM baseline as one torch.lstm call
+
     def __init__(
         self,
         backbone: BackboneFactory,
@@ -159,31 +161,55 @@ class MANN(Algorithm):
         return f"ways={self.ways}, memory={self.memory}" + (f", {memory}" if self.memory else "")
 
     def logits(self, x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-        """Images (T, L, D) and previous labels (T, L, ways) -> logits (T, L, ways), one step at a time."""
-        tasks, length = x.shape[:2]
-        h = x.new_zeros(tasks, self.cell.hidden_size)
+        """Images (T, L, D) and previous labels (T, L, ways) -> logits (T, L, ways).
+
+        The same LSTM cell as self.cell step by step, arranged for speed: the part of its input that comes from the
+        sequence (image and previous label) does not depend on the recurrence, so it is one matmul over all steps,
+        as is the output layer; only the reads and the hidden state are multiplied step by step. On a CPU the LSTM
+        baseline, with no reads, is one torch.lstm call (oneDNN, fp32; not on CUDA, where cuDNN's RNN rounds in
+        TF32 by default). Per-step matmuls and their per-step weight gradients were most of a meta-batch's time on
+        a CPU (scripts/bench_mann.py times this against the step-by-step cell)."""
+        tasks = x.shape[0]
+        cell = self.cell
+        h = x.new_zeros(tasks, cell.hidden_size)
         c = torch.zeros_like(h)
+        sequence = torch.cat([x, previous], -1)
+        if not self.memory and x.device.type in self.fused_lstm_devices:
+            weights = [cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh]
+            # train=: its kernels by whether a gradient is wanted (dropout is 0), as oneDNN itself decides
+            hidden = torch.lstm(
+                sequence, (h[None], c[None]), weights, True, 1, 0.0, torch.is_grad_enabled(), False, True
+            )
+            return self.out(hidden[0])
+        w_sequence, w_reads = cell.weight_ih.split(
+            [sequence.shape[-1], cell.weight_ih.shape[1] - sequence.shape[-1]], 1
+        )
+        # unbind, not [:, t]: its backward stacks the steps' gradients once instead of a zero-filled copy per step
+        inputs = F.linear(sequence, w_sequence, cell.bias_ih + cell.bias_hh).unbind(1)
+        recurrent = (torch.cat([w_reads, cell.weight_hh], 1) if self.memory else cell.weight_hh).t()
         if self.memory:
             mem = x.new_zeros(tasks, self.slots, self.width)
             # A tiny ramp breaks the first steps' ties, so the fresh slots are 0, 1, 2, ... on every device.
             usage = torch.arange(self.slots, dtype=x.dtype, device=x.device).expand(tasks, -1) * 1e-6
             read_w = x.new_zeros(tasks, self.heads, self.slots)
             reads = x.new_zeros(tasks, self.heads * self.width)
-        outputs = []
-        for t in range(length):
+        states = []
+        for step in inputs:
+            state = torch.cat([reads, h], -1) if self.memory else h
+            i, f, g, o = torch.addmm(step, state, recurrent).chunk(4, -1)  # LSTMCell's gate order
+            c = f.sigmoid() * c + i.sigmoid() * g.tanh()
+            h = o.sigmoid() * c.tanh()
             if not self.memory:
-                h, c = self.cell(torch.cat([x[:, t], previous[:, t]], -1), (h, c))
-                outputs.append(self.out(h))
+                states.append(h)
                 continue
-            h, c = self.cell(torch.cat([x[:, t], previous[:, t], reads], -1), (h, c))
             interface = self.interface(h).view(tasks, self.heads, self.width + 1)
             keys, alpha = interface[..., :-1].tanh(), interface[..., -1]
             mem, write_w = lrua_write(mem, usage, read_w, keys, alpha)
             read_w, read = cosine_read(mem, keys)
             usage = update_usage(usage, read_w, write_w, self.gamma)
             reads = read.flatten(1)
-            outputs.append(self.out(torch.cat([h, reads], -1)))
-        return torch.stack(outputs, 1)
+            states.append(torch.cat([h, reads], -1))
+        return self.out(torch.stack(states, 1))
 
     def forward(self, episode: Episode, train: bool = True) -> AlgoOutput:
         if episode.num_ways() != self.ways:
