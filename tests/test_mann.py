@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from conftest import load_script
 from fewshot.algorithms.mann import MANN, cosine_read, eval_order, least_used, lrua_write, make_sequence, update_usage
 from fewshot.data.base import Episode
+from fewshot.engine.results import results_markdown
 from fewshot.errors import ConfigError
 from fewshot.eval import run as eval_run
 from fewshot.train import run as train_run
@@ -154,6 +155,27 @@ def test_batched_steps_compute_the_step_by_step_cell(memory, fused, monkeypatch)
     algo.eval()
     with torch.no_grad():
         torch.testing.assert_close(algo.logits(x, previous), ref_logits, rtol=1e-5, atol=1e-6)
+
+
+def test_results_md_sets_the_papers_instance_columns_under_ours():
+    """A run's results.md: the paper's per-instance row under fewshot's, "–" where the paper has no column, and
+    none for sequences of another length (another protocol)."""
+    paper = {"source": "Santoro", "acc": None, "ci95": None, "instance_acc": [36.4, 82.8, None]}
+    result = {
+        "algo": "mann",
+        "dataset": "omniglot",
+        "backbone": "conv4",
+        "ways": 5,
+        "shots": 1,
+        "queries": 2,
+        "seed": 1,
+        "paper": paper,
+        "test": {"episodes": 10, "acc_mean": 0.9, "acc_ci95": 0.01, "instance_acc": [0.3, 0.85, 0.9]},
+    }
+    table = results_markdown(result)
+    assert "| accuracy (%) | 30.00 | 85.00 | 90.00 |\n| paper (%) | 36.40 | 82.80 | – |" in table
+    result["test"]["instance_acc"] = [0.3, 0.85]
+    assert "36.40" not in results_markdown(result)
 
 
 # ---- (5) one-line errors -------------------------------------------------------------------------------------------

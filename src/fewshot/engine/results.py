@@ -99,7 +99,8 @@ def run_command() -> Optional[str]:
 
 def results_markdown(results: dict) -> str:
     """results.md: one table row (with the paper's number where the preset quotes one), the score after each
-    inner step for the algorithms that adapt, and a per-instance table for sequence models (MANN)."""
+    inner step for the algorithms that adapt, and a per-instance table for sequence models (MANN), with the paper's
+    row where the preset quotes one for sequences of the same length."""
     test = results["test"]
     metric = METRICS[test.get("metric", "acc")]
     m = metric.name
@@ -129,6 +130,9 @@ def results_markdown(results: dict) -> str:
             "|---" * (len(values) + 1) + "|",
             f"| {unit} | {' | '.join(metric.show(v, None).rstrip('%') for v in values)} |",
         ]
+        columns = paper.get(f"instance_{m}") or []  # the preset's paper columns: only for sequences as long
+        if len(columns) == len(values):
+            lines.append(f"| {paper_h} | {' | '.join('–' if v is None else f'{v:.2f}' for v in columns)} |")
     return "\n".join(lines) + "\n"
 
 
