@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from fewshot.algorithms.mann import MANN, cosine_read, lrua_write, update_usage
+from fewshot.algorithms.mann import MANN
 
 
 def stepwise_logits(model: MANN, x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
@@ -30,11 +30,8 @@ def stepwise_logits(model: MANN, x: torch.Tensor, previous: torch.Tensor) -> tor
     tasks, length = x.shape[:2]
     h = x.new_zeros(tasks, model.cell.hidden_size)
     c = torch.zeros_like(h)
-    if model.memory:
-        mem = x.new_zeros(tasks, model.slots, model.width)
-        usage = torch.arange(model.slots, dtype=x.dtype, device=x.device).expand(tasks, -1) * 1e-6
-        read_w = x.new_zeros(tasks, model.heads, model.slots)
-        reads = x.new_zeros(tasks, model.heads * model.width)
+    if model.memory:  # the LRUA memory as MANN has it: only the LSTM's arrangement differs
+        mem, usage, read_w, reads = model.initial_memory(x)
     outputs = []
     for t in range(length):
         if not model.memory:
@@ -42,12 +39,7 @@ def stepwise_logits(model: MANN, x: torch.Tensor, previous: torch.Tensor) -> tor
             outputs.append(model.out(h))
             continue
         h, c = model.cell(torch.cat([x[:, t], previous[:, t], reads], -1), (h, c))
-        interface = model.interface(h).view(tasks, model.heads, model.width + 1)
-        keys, alpha = interface[..., :-1].tanh(), interface[..., -1]
-        mem, write_w = lrua_write(mem, usage, read_w, keys, alpha)
-        read_w, read = cosine_read(mem, keys)
-        usage = update_usage(usage, read_w, write_w, model.gamma)
-        reads = read.flatten(1)
+        mem, usage, read_w, reads = model.memory_step(h, mem, usage, read_w)
         outputs.append(model.out(torch.cat([h, reads], -1)))
     return torch.stack(outputs, 1)
 

@@ -160,6 +160,23 @@ class MANN(Algorithm):
         memory = f"slots={self.slots}, width={self.width}, read_heads={self.heads}, gamma={self.gamma}"
         return f"ways={self.ways}, memory={self.memory}" + (f", {memory}" if self.memory else "")
 
+    def initial_memory(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Empty memory, usage, read weights and reads for x's (T, ...) tasks."""
+        tasks = x.shape[0]
+        mem = x.new_zeros(tasks, self.slots, self.width)
+        # A tiny ramp breaks the first steps' ties, so the fresh slots are 0, 1, 2, ... on every device.
+        usage = torch.arange(self.slots, dtype=x.dtype, device=x.device).expand(tasks, -1) * 1e-6
+        read_w = x.new_zeros(tasks, self.heads, self.slots)
+        return mem, usage, read_w, x.new_zeros(tasks, self.heads * self.width)
+
+    def memory_step(self, h: torch.Tensor, mem, usage, read_w) -> tuple[torch.Tensor, ...]:
+        """One LRUA write and read from the controller's h: the new memory, usage, read weights and reads (T, H*W)."""
+        interface = self.interface(h).view(h.shape[0], self.heads, self.width + 1)
+        keys, alpha = interface[..., :-1].tanh(), interface[..., -1]
+        mem, write_w = lrua_write(mem, usage, read_w, keys, alpha)
+        read_w, read = cosine_read(mem, keys)
+        return mem, update_usage(usage, read_w, write_w, self.gamma), read_w, read.flatten(1)
+
     def logits(self, x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         """Images (T, L, D) and previous labels (T, L, ways) -> logits (T, L, ways).
 
@@ -188,11 +205,7 @@ class MANN(Algorithm):
         inputs = F.linear(sequence, w_sequence, cell.bias_ih + cell.bias_hh).unbind(1)
         recurrent = (torch.cat([w_reads, cell.weight_hh], 1) if self.memory else cell.weight_hh).t()
         if self.memory:
-            mem = x.new_zeros(tasks, self.slots, self.width)
-            # A tiny ramp breaks the first steps' ties, so the fresh slots are 0, 1, 2, ... on every device.
-            usage = torch.arange(self.slots, dtype=x.dtype, device=x.device).expand(tasks, -1) * 1e-6
-            read_w = x.new_zeros(tasks, self.heads, self.slots)
-            reads = x.new_zeros(tasks, self.heads * self.width)
+            mem, usage, read_w, reads = self.initial_memory(x)
         states = []
         for step in inputs:
             state = torch.cat([reads, h], -1) if self.memory else h
@@ -202,12 +215,7 @@ class MANN(Algorithm):
             if not self.memory:
                 states.append(h)
                 continue
-            interface = self.interface(h).view(tasks, self.heads, self.width + 1)
-            keys, alpha = interface[..., :-1].tanh(), interface[..., -1]
-            mem, write_w = lrua_write(mem, usage, read_w, keys, alpha)
-            read_w, read = cosine_read(mem, keys)
-            usage = update_usage(usage, read_w, write_w, self.gamma)
-            reads = read.flatten(1)
+            mem, usage, read_w, reads = self.memory_step(h, mem, usage, read_w)
             states.append(torch.cat([h, reads], -1))
         return self.out(torch.stack(states, 1))
 
