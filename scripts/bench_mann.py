@@ -4,12 +4,15 @@
 The baseline, `stepwise_logits`, is the plain reading of Santoro et al. 2016: at every step the LSTMCell takes
 [image, previous label, reads] and the output layer [h, reads]. MANN.logits computes the same function with the
 sequence's part of the cell input and the output layer batched over steps (and the LSTM baseline as one
-torch.lstm call). Both run in this process on the same weights and inputs, at the paper's sizes (the presets'
-mann_omniglot_5way and lstm_baseline_omniglot_5way: 16 tasks, 50 steps, 20x20 images, controller 200, memory
-128 x 40, 4 heads). Prints one JSON object per model with each form's median milliseconds, the ratio
-stepwise / ours, and the largest difference in logits and in gradients.
+torch.lstm call). A third form, "compiled", is MANN.logits with algo.compile_step: each step through
+torch.compile (not for the CPU's LSTM baseline, which is one torch.lstm call either way). All run in this process
+on the same weights and inputs, at the paper's sizes (the presets' mann_omniglot_5way and
+lstm_baseline_omniglot_5way: 16 tasks, 50 steps, 20x20 images, controller 200, memory 128 x 40, 4 heads). Prints
+one JSON object per model with each form's median milliseconds, the ratios stepwise / ours and ours / compiled,
+the seconds the first compiled call took (compilation), and each form's largest difference from the stepwise
+logits and gradients.
 
-    python scripts/bench_mann.py [--device cpu|cuda] [--iters 10]
+    python scripts/bench_mann.py [--device cpu|cuda] [--iters 10] [--no-compile]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 import torch
 
 from fewshot.algorithms.mann import MANN
+from fewshot.errors import ConfigError
 
 
 def stepwise_logits(model: MANN, x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
@@ -58,6 +62,16 @@ def inputs(model: MANN, tasks: int, length: int, device: torch.device, seed: int
     return x.to(device), previous.to(device), labels.to(device)
 
 
+def ours(compile_step: bool):
+    """MANN.logits as a form of bench: eager, or with each step through torch.compile."""
+
+    def logits(model: MANN, x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        model.compile_step = compile_step
+        return model.logits(x, previous)
+
+    return logits
+
+
 def grads(model: MANN, logits_fn, x, previous, labels) -> tuple[torch.Tensor, list[torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     logits = logits_fn(model, x, previous)
@@ -71,20 +85,39 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10, help="timed meta-batches per form (after 2 untimed)")
     parser.add_argument("--tasks", type=int, default=16)
     parser.add_argument("--length", type=int, default=50, help="steps per sequence (5 classes x 10 instances)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the compiled form")
     args = parser.parse_args()
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    forms = {"stepwise": stepwise_logits, "ours": lambda m, x, p: m.logits(x, p)}
     summary = {}
     for name, memory in (("mann", True), ("lstm_baseline", False)):
+        forms = {"stepwise": stepwise_logits, "ours": ours(False)}
+        if not args.no_compile and (memory or device.type not in MANN.fused_lstm_devices):
+            forms["compiled"] = ours(True)
         torch.manual_seed(0)
         model = paper_model(memory).to(device)
         x, previous, labels = inputs(model, args.tasks, args.length, device)
         ref_logits, ref_grads = grads(model, stepwise_logits, x, previous, labels)
-        our_logits, our_grads = grads(model, forms["ours"], x, previous, labels)
+        diffs, compile_s = {}, None
+        for k, fn in list(forms.items())[1:]:
+            sync()
+            tic = time.perf_counter()
+            try:
+                logits, got = grads(model, fn, x, previous, labels)
+            except ConfigError as e:  # torch.compile cannot build here: time the rest
+                print(json.dumps({"model": name, "form": k, "error": str(e)}), flush=True)
+                del forms[k]
+                continue
+            sync()
+            if k == "compiled":
+                compile_s = round(time.perf_counter() - tic, 1)
+            diffs[k] = (
+                float((ref_logits - logits).abs().max()),
+                max(float((a - b).abs().max()) for a, b in zip(ref_grads, got)),
+            )
         times: dict[str, list[float]] = {k: [] for k in forms}
         for i in range(args.iters + 2):
-            for k, fn in forms.items():  # interleaved, so drifts in the machine's speed hit both forms alike
+            for k, fn in forms.items():  # interleaved, so drifts in the machine's speed hit all forms alike
                 sync()
                 tic = time.perf_counter()
                 grads(model, fn, x, previous, labels)
@@ -92,21 +125,25 @@ def main() -> None:
                 if i >= 2:
                     times[k].append((time.perf_counter() - tic) * 1e3)
         ms = {k: statistics.median(v) for k, v in times.items()}
-        summary[name] = round(ms["stepwise"] / ms["ours"], 2)
+        summary[name] = {"ours": round(ms["stepwise"] / ms["ours"], 2)}
         record = {
             "model": name,
             "device": device.type,
             "tasks": args.tasks,
             "steps": args.length,
-            "ms_stepwise": round(ms["stepwise"], 2),
-            "ms_ours": round(ms["ours"], 2),
-            "speedup": summary[name],
-            "max_logit_diff": float((ref_logits - our_logits).abs().max()),
-            "max_grad_diff": max(float((a - b).abs().max()) for a, b in zip(ref_grads, our_grads)),
-            "threads": torch.get_num_threads(),
+            **{f"ms_{k}": round(v, 2) for k, v in ms.items()},
+            "speedup": summary[name]["ours"],
         }
+        if "compiled" in ms:
+            summary[name]["compiled"] = round(ms["ours"] / ms["compiled"], 2)
+            record.update(speedup_compiled=summary[name]["compiled"], compile_s=compile_s)
+        for k, (logit_diff, grad_diff) in diffs.items():
+            suffix = "" if k == "ours" else f"_{k}"
+            record.update({f"max_logit_diff{suffix}": logit_diff, f"max_grad_diff{suffix}": grad_diff})
+        record["threads"] = torch.get_num_threads()
         print(json.dumps(record), flush=True)
-    print(json.dumps({"summary": "speedup = stepwise ms / ours ms (median), forward + backward", "speedup": summary}))
+    what = "ours = stepwise ms / ours ms, compiled = ours ms / compiled ms (medians, forward + backward)"
+    print(json.dumps({"summary": what, "speedup": summary}))
 
 
 if __name__ == "__main__":

@@ -6,12 +6,15 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import load_script
+from fewshot.algorithms import mann
 from fewshot.algorithms.mann import MANN, cosine_read, eval_order, least_used, lrua_write, make_sequence, update_usage
 from fewshot.data.base import Episode
 from fewshot.engine.results import results_markdown
@@ -135,15 +138,29 @@ def test_output_shapes_and_every_parameter_learns(memory):
     assert hasattr(algo, "interface") == memory
 
 
-@pytest.mark.parametrize("memory, fused", [(True, False), (False, True), (False, False)], ids=["mann", "lstm", "loop"])
-def test_batched_steps_compute_the_step_by_step_cell(memory, fused, monkeypatch):
+NO_CXX = shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None
+
+
+@pytest.mark.parametrize(
+    "memory, fused, compiled",
+    [
+        (True, False, False),
+        (False, True, False),
+        (False, False, False),
+        pytest.param(True, False, True, marks=pytest.mark.skipif(NO_CXX, reason="torch.compile needs a C++ compiler")),
+        pytest.param(False, False, True, marks=pytest.mark.skipif(NO_CXX, reason="torch.compile needs a C++ compiler")),
+    ],
+    ids=["mann", "lstm", "loop", "mann-compiled", "loop-compiled"],
+)
+def test_batched_steps_compute_the_step_by_step_cell(memory, fused, compiled, monkeypatch):
     """MANN.logits batches the sequence's part of the LSTM input and the output layer over steps (the baseline: one
-    torch.lstm on a CPU, the same loop as MANN's elsewhere): the logits and every gradient must be those of the
-    plain per-step LSTMCell that scripts/bench_mann.py times it against, and so must evaluation's logits."""
+    torch.lstm on a CPU, the same loop as MANN's elsewhere), and with compile_step runs each step through
+    torch.compile: the logits and every gradient must be those of the plain per-step LSTMCell that
+    scripts/bench_mann.py times it against, and so must evaluation's logits."""
     monkeypatch.setattr(MANN, "fused_lstm_devices", ("cpu",) if fused else ())
     bench = load_script("bench_mann")
     torch.manual_seed(0)
-    algo = MANN(PIXELS, 3, memory=memory, controller=8, slots=8, width=4, read_heads=2)
+    algo = MANN(PIXELS, 3, memory=memory, controller=8, slots=8, width=4, read_heads=2, compile_step=compiled)
     x, previous, labels = bench.inputs(algo, tasks=2, length=9, device=torch.device("cpu"))
     ref_logits, ref_grads = bench.grads(algo, bench.stepwise_logits, x, previous, labels)
     logits, grads = bench.grads(algo, lambda m, x, p: m.logits(x, p), x, previous, labels)
@@ -155,6 +172,27 @@ def test_batched_steps_compute_the_step_by_step_cell(memory, fused, monkeypatch)
     algo.eval()
     with torch.no_grad():
         torch.testing.assert_close(algo.logits(x, previous), ref_logits, rtol=1e-5, atol=1e-6)
+    assert (mann.compiled_recurrence.cache_info().currsize == 1) >= compiled  # the compiled route was the one run
+
+
+def test_a_step_torch_compile_cannot_build_is_a_one_line_error(monkeypatch):
+    """Where inductor cannot build the step (no C++ compiler, say), the run stops with what to change."""
+    failure = torch._dynamo.exc.BackendCompilerFailed.__new__(torch._dynamo.exc.BackendCompilerFailed)
+    Exception.__init__(failure, "backend='inductor' raised:\n...\n\nSet TORCHDYNAMO_VERBOSE=1 for more")
+    failure.inner_exception = RuntimeError("No working C++ compiler found in torch._inductor.config.cpp.cxx\n...")
+
+    def fail(*args):
+        raise failure
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fail)
+    mann.compiled_recurrence.cache_clear()  # built again with the failing compile, and cleared after
+    algo = MANN(PIXELS, 3, controller=8, slots=8, width=4, read_heads=2, compile_step=True)
+    try:
+        with pytest.raises(ConfigError, match=r"compile_step=true: .*No working C\+\+ compiler.*=false") as e:
+            algo(episode(tasks=2, ways=3, queries=4))
+    finally:
+        mann.compiled_recurrence.cache_clear()
+    assert "\n" not in str(e.value)
 
 
 def test_results_md_sets_the_papers_instance_columns_under_ours():

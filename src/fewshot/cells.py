@@ -37,6 +37,7 @@ NEUTRAL_OVERRIDES = (
     "trainer.log_every",
     "trainer.checkpoint_every",
     "trainer.cuda_graph",  # the same step, replayed as one CUDA graph or launched op by op
+    "algo.compile_step",  # MANN's same step, through torch.compile or eager
     "eval.meta_batch_size",
     "eval.cuda_graph",
 )

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,7 @@ from torch import nn
 
 from fewshot.algorithms.base import AlgoOutput, Algorithm, BackboneFactory
 from fewshot.data.base import Episode
+from fewshot.errors import ConfigError
 
 _HASH_PRIME = 2**31 - 1  # eval order: ink pattern hashed mod a prime (sums stay far below 2**63)
 
@@ -80,6 +82,72 @@ def cosine_read(memory: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor,
 def update_usage(usage: torch.Tensor, read: torch.Tensor, write: torch.Tensor, gamma: float) -> torch.Tensor:
     """w_u(t) = gamma w_u(t-1) + w_r(t) + w_w(t), the heads' weights summed: (T, N)."""
     return gamma * usage + read.sum(1) + write.sum(1)
+
+
+def lrua_step(
+    h: torch.Tensor,
+    mem: torch.Tensor,
+    usage: torch.Tensor,
+    read_w: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    heads: int,
+    gamma: float,
+) -> tuple[torch.Tensor, ...]:
+    """One LRUA write and read from the controller's h (T, C), through the interface layer (weight, bias): the
+    heads' keys (tanh) and write gates. Returns the new memory, usage, read weights and reads (T, heads * W)."""
+    interface = F.linear(h, weight, bias).view(h.shape[0], heads, mem.shape[-1] + 1)
+    keys, alpha = interface[..., :-1].tanh(), interface[..., -1]
+    mem, write_w = lrua_write(mem, usage, read_w, keys, alpha)
+    read_w, read = cosine_read(mem, keys)
+    return mem, update_usage(usage, read_w, write_w, gamma), read_w, read.flatten(1)
+
+
+def recurrence(
+    step: torch.Tensor,
+    recurrent: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
+    memory: tuple[torch.Tensor, ...],
+    interface: Optional[tuple[torch.Tensor, torch.Tensor]],
+    heads: int,
+    gamma: float,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """One step of the controller: the LSTM cell (LSTMCell's gate order) from `step`, the part of its
+    pre-activation that comes from the sequence (both biases included), and `recurrent`, the weights of
+    [reads, h] transposed; then, with a memory (mem, usage, read weights, reads; () for the baseline), one
+    lrua_step through `interface` (weight, bias). Returns h, c and the memory after the step."""
+    state = torch.cat([memory[-1], h], -1) if memory else h
+    i, f, g, o = torch.addmm(step, state, recurrent).chunk(4, -1)
+    c = f.sigmoid() * c + i.sigmoid() * g.tanh()
+    h = o.sigmoid() * c.tanh()
+    if memory:
+        assert interface is not None
+        memory = lrua_step(h, *memory[:3], *interface, heads, gamma)
+    return h, c, memory
+
+
+@functools.cache
+def compiled_recurrence() -> Callable[..., tuple]:
+    """`recurrence` through torch.compile (inductor), built once per process: it fuses the step's few dozen small
+    ops, and their backward, into a few kernels (scripts/bench_mann.py measures what it saves). Static shapes: one
+    compilation per meta-batch size and grad mode (training, then evaluation). Where inductor cannot build it, the
+    error says what to change."""
+    compiled = torch.compile(recurrence, dynamic=False)
+
+    @functools.wraps(recurrence)
+    def step(*args):
+        try:
+            return compiled(*args)
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler for inductor's CPU kernels
+            inner = getattr(e, "inner_exception", None) or e
+            reason = f"{type(inner).__name__}: {str(inner).strip().splitlines()[0][:200]}"
+            raise ConfigError(
+                f"algo.compile_step=true: torch.compile could not build MANN's step ({reason}); "
+                "set algo.compile_step=false to run it eagerly"
+            ) from e
+
+    return step
 
 
 # ---- the episode as a sequence ------------------------------------------------------------------------------------
@@ -120,7 +188,8 @@ class MANN(Algorithm):
     """LSTM controller + LRUA memory over a sequence episode; memory=False gives the paper's LSTM baseline.
 
     controller: LSTM units. slots x width: the memory. read_heads: heads (each reads and writes).
-    gamma: usage decay.
+    gamma: usage decay. compile_step: run each step of the recurrence through torch.compile (the same function,
+    fused kernels; needs a C++ compiler on a CPU). The CPU's LSTM baseline is one torch.lstm call and ignores it.
     """
 
     fused_lstm_devices = ("cpu",)  # where logits() runs the LSTM baseline as one torch.lstm call
@@ -135,6 +204,7 @@ class MANN(Algorithm):
         width: int = 40,
         read_heads: int = 4,
         gamma: float = 0.95,
+        compile_step: bool = False,
     ) -> None:
         super().__init__()
         for key, value in (("controller", controller), ("slots", slots), ("width", width), ("read_heads", read_heads)):
@@ -150,6 +220,7 @@ class MANN(Algorithm):
         self.pixels = kw["in_channels"] * kw["image_size"] ** 2
         self.ways = self.fixed_ways = ways  # the label input and the output are `ways` wide
         self.memory, self.slots, self.width, self.heads, self.gamma = bool(memory), slots, width, read_heads, gamma
+        self.compile_step = bool(compile_step)
         reads = read_heads * width if self.memory else 0
         self.cell = nn.LSTMCell(self.pixels + ways + reads, controller)
         if self.memory:
@@ -171,11 +242,7 @@ class MANN(Algorithm):
 
     def memory_step(self, h: torch.Tensor, mem, usage, read_w) -> tuple[torch.Tensor, ...]:
         """One LRUA write and read from the controller's h: the new memory, usage, read weights and reads (T, H*W)."""
-        interface = self.interface(h).view(h.shape[0], self.heads, self.width + 1)
-        keys, alpha = interface[..., :-1].tanh(), interface[..., -1]
-        mem, write_w = lrua_write(mem, usage, read_w, keys, alpha)
-        read_w, read = cosine_read(mem, keys)
-        return mem, update_usage(usage, read_w, write_w, self.gamma), read_w, read.flatten(1)
+        return lrua_step(h, mem, usage, read_w, self.interface.weight, self.interface.bias, self.heads, self.gamma)
 
     def logits(self, x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         """Images (T, L, D) and previous labels (T, L, ways) -> logits (T, L, ways).
@@ -185,7 +252,8 @@ class MANN(Algorithm):
         as is the output layer; only the reads and the hidden state are multiplied step by step. On a CPU the LSTM
         baseline, with no reads, is one torch.lstm call (oneDNN, fp32; not on CUDA, where cuDNN's RNN rounds in
         TF32 by default). Per-step matmuls and their per-step weight gradients were most of a meta-batch's time on
-        a CPU (scripts/bench_mann.py times this against the step-by-step cell)."""
+        a CPU (scripts/bench_mann.py times this against the step-by-step cell); the rest is the per-step ops'
+        overhead, which compile_step fuses away."""
         tasks = x.shape[0]
         cell = self.cell
         h = x.new_zeros(tasks, cell.hidden_size)
@@ -204,19 +272,13 @@ class MANN(Algorithm):
         # unbind, not [:, t]: its backward stacks the steps' gradients once instead of a zero-filled copy per step
         inputs = F.linear(sequence, w_sequence, cell.bias_ih + cell.bias_hh).unbind(1)
         recurrent = (torch.cat([w_reads, cell.weight_hh], 1) if self.memory else cell.weight_hh).t()
-        if self.memory:
-            mem, usage, read_w, reads = self.initial_memory(x)
+        memory = self.initial_memory(x) if self.memory else ()
+        interface = (self.interface.weight, self.interface.bias) if self.memory else None
+        step_fn = compiled_recurrence() if self.compile_step else recurrence
         states = []
         for step in inputs:
-            state = torch.cat([reads, h], -1) if self.memory else h
-            i, f, g, o = torch.addmm(step, state, recurrent).chunk(4, -1)  # LSTMCell's gate order
-            c = f.sigmoid() * c + i.sigmoid() * g.tanh()
-            h = o.sigmoid() * c.tanh()
-            if not self.memory:
-                states.append(h)
-                continue
-            mem, usage, read_w, reads = self.memory_step(h, mem, usage, read_w)
-            states.append(torch.cat([h, reads], -1))
+            h, c, memory = step_fn(step, recurrent, h, c, memory, interface, self.heads, self.gamma)
+            states.append(torch.cat([h, memory[-1]], -1) if self.memory else h)
         return self.out(torch.stack(states, 1))
 
     def forward(self, episode: Episode, train: bool = True) -> AlgoOutput:

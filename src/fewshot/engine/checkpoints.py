@@ -103,6 +103,7 @@ RESUMABLE_CHANGES = (
     "dataset.cache_dir",
     "trainer.iterations",
     "trainer.cuda_graph",  # the same step, replayed as a graph or not
+    "algo.compile_step",  # MANN's same step, compiled or not
     "trainer.log_every",
     "trainer.val_every",
     "trainer.checkpoint_every",
