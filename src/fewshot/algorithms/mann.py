@@ -253,7 +253,7 @@ class MANN(Algorithm):
         baseline, with no reads, is one torch.lstm call (oneDNN, fp32; not on CUDA, where cuDNN's RNN rounds in
         TF32 by default). Per-step matmuls and their per-step weight gradients were most of a meta-batch's time on
         a CPU (scripts/bench_mann.py times this against the step-by-step cell); the rest is the per-step ops'
-        overhead, which compile_step fuses away."""
+        overhead, which compile_step cuts by fusing them."""
         tasks = x.shape[0]
         cell = self.cell
         h = x.new_zeros(tasks, cell.hidden_size)
