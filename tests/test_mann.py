@@ -6,8 +6,8 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
-import shutil
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,7 +138,35 @@ def test_output_shapes_and_every_parameter_learns(memory):
     assert hasattr(algo, "interface") == memory
 
 
-NO_CXX = shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None
+def skip_unless_inductor_compiles() -> None:
+    """Skip where inductor cannot build CPU kernels: it needs its C++ compiler ($CXX, else g++) and Python.h. Else
+    start from no compiled graphs, so that no earlier test's shapes count towards torch's recompile limit."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001 - whatever inductor's probe raises means it cannot compile here
+        pytest.skip(f"torch.compile cannot build CPU kernels here: {type(e).__name__}")
+    if not Path(sysconfig.get_path("include"), "Python.h").exists():
+        pytest.skip("torch.compile's CPU kernels need Python.h (the Python headers)")
+    torch._dynamo.reset()
+
+
+def counting_compiled_calls(monkeypatch) -> list:
+    """Record each call of the compiled step (it stays the real compiled one)."""
+    calls, real = [], mann.compiled_recurrence
+
+    def counted():
+        step = real()
+
+        def counting(*args):
+            calls.append(1)
+            return step(*args)
+
+        return counting
+
+    monkeypatch.setattr(mann, "compiled_recurrence", counted)
+    return calls
 
 
 @pytest.mark.parametrize(
@@ -147,8 +175,8 @@ NO_CXX = shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g+
         (True, False, False),
         (False, True, False),
         (False, False, False),
-        pytest.param(True, False, True, marks=pytest.mark.skipif(NO_CXX, reason="torch.compile needs a C++ compiler")),
-        pytest.param(False, False, True, marks=pytest.mark.skipif(NO_CXX, reason="torch.compile needs a C++ compiler")),
+        pytest.param(True, False, True, marks=pytest.mark.slow),
+        pytest.param(False, False, True, marks=pytest.mark.slow),
     ],
     ids=["mann", "lstm", "loop", "mann-compiled", "loop-compiled"],
 )
@@ -157,6 +185,9 @@ def test_batched_steps_compute_the_step_by_step_cell(memory, fused, compiled, mo
     torch.lstm on a CPU, the same loop as MANN's elsewhere), and with compile_step runs each step through
     torch.compile: the logits and every gradient must be those of the plain per-step LSTMCell that
     scripts/bench_mann.py times it against, and so must evaluation's logits."""
+    if compiled:
+        skip_unless_inductor_compiles()
+    calls = counting_compiled_calls(monkeypatch)
     monkeypatch.setattr(MANN, "fused_lstm_devices", ("cpu",) if fused else ())
     bench = load_script("bench_mann")
     torch.manual_seed(0)
@@ -172,7 +203,31 @@ def test_batched_steps_compute_the_step_by_step_cell(memory, fused, compiled, mo
     algo.eval()
     with torch.no_grad():
         torch.testing.assert_close(algo.logits(x, previous), ref_logits, rtol=1e-5, atol=1e-6)
-    assert (mann.compiled_recurrence.cache_info().currsize == 1) >= compiled  # the compiled route was the one run
+    assert len(calls) == (2 * 9 if compiled else 0)  # every step of training and of evaluation, compiled
+
+
+@pytest.mark.slow
+def test_fewshot_eval_turns_the_compiled_step_on_or_off(compose_cfg, tmp_path, monkeypatch):
+    """fewshot-eval's eval.compile_step overrides the training run's algo.compile_step, both ways: a compiled run's
+    checkpoint reads where nothing compiles, with the same test tasks and numbers up to float rounding; a model
+    with no compiled step refuses it."""
+    skip_unless_inductor_compiles()
+    from test_engine import TINY
+
+    tiny = [*TINY, "eval.meta_batch_size=10"]  # 10 validation and 20 test tasks: one evaluation shape
+    trained = train_run(compose_cfg("train", [*tiny, "algo=mann", "algo.slots=16", "algo.compile_step=true"]), tmp_path)
+    for flag in ("false", "true"):
+        calls = counting_compiled_calls(monkeypatch)
+        ckpt = f"checkpoint={tmp_path / 'checkpoints/best.pt'}"
+        result = eval_run(compose_cfg("eval", [ckpt, "device=cpu", f"eval.compile_step={flag}"]), tmp_path / flag)
+        assert bool(calls) == (flag == "true"), flag
+        assert result["test"]["episodes"] == trained["test"]["episodes"]
+        got, want = result["test"]["instance_acc"], trained["test"]["instance_acc"]
+        assert got == pytest.approx(want, abs=0.02), (flag, got, want)
+    train_run(compose_cfg("train", [*tiny, "algo=protonet"]), tmp_path / "protonet")
+    ckpt = f"checkpoint={tmp_path / 'protonet/checkpoints/best.pt'}"
+    with pytest.raises(ConfigError, match=r"eval.compile_step: .*algo=protonet model, which has no compiled step"):
+        eval_run(compose_cfg("eval", [ckpt, "device=cpu", "eval.compile_step=false"]), tmp_path / "refused")
 
 
 def test_a_step_torch_compile_cannot_build_is_a_one_line_error(monkeypatch):

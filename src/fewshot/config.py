@@ -100,6 +100,7 @@ class EvalOverrides:
     episodes: Optional[int] = None  # null: the training run's eval.episodes
     meta_batch_size: Optional[int] = None
     cuda_graph: Optional[bool] = None  # null: the training run's eval.cuda_graph
+    compile_step: Optional[bool] = None  # null: the training run's algo.compile_step (MANN)
 
 
 @dataclass

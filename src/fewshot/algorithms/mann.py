@@ -130,9 +130,12 @@ def recurrence(
 @functools.cache
 def compiled_recurrence() -> Callable[..., tuple]:
     """`recurrence` through torch.compile (inductor), built once per process: it fuses the step's few dozen small
-    ops, and their backward, into a few kernels (scripts/bench_mann.py measures what it saves). Static shapes: one
-    compilation per meta-batch size and grad mode (training, then evaluation). Where inductor cannot build it, the
-    error says what to change."""
+    ops, and their backward, into a few kernels (scripts/bench_mann.py measures what it saves); equal to the eager
+    step up to float rounding. Static shapes: a graph per meta-batch size and sequence length, with or without
+    memory, and per grad mode (training's first step, whose zero state needs no gradient, is one more). A preset
+    run builds three; past torch's recompile limit (8 per process, which a multirun in one process shares) new
+    shapes run eagerly. Where inductor cannot build the forward (no C++ compiler, say), the error says what to
+    change; the backward is built at the first loss.backward(), after the forward has compiled."""
     compiled = torch.compile(recurrence, dynamic=False)
 
     @functools.wraps(recurrence)
@@ -144,7 +147,7 @@ def compiled_recurrence() -> Callable[..., tuple]:
             reason = f"{type(inner).__name__}: {str(inner).strip().splitlines()[0][:200]}"
             raise ConfigError(
                 f"algo.compile_step=true: torch.compile could not build MANN's step ({reason}); "
-                "set algo.compile_step=false to run it eagerly"
+                "set algo.compile_step=false (fewshot-eval: eval.compile_step=false) to run it eagerly"
             ) from e
 
     return step
@@ -188,8 +191,9 @@ class MANN(Algorithm):
     """LSTM controller + LRUA memory over a sequence episode; memory=False gives the paper's LSTM baseline.
 
     controller: LSTM units. slots x width: the memory. read_heads: heads (each reads and writes).
-    gamma: usage decay. compile_step: run each step of the recurrence through torch.compile (the same function,
-    fused kernels; needs a C++ compiler on a CPU). The CPU's LSTM baseline is one torch.lstm call and ignores it.
+    gamma: usage decay. compile_step: run each step of the recurrence through torch.compile (the same function up
+    to float rounding, in fused kernels; needs a C++ compiler on a CPU, Triton on CUDA, where it is unmeasured).
+    The CPU's LSTM baseline is one torch.lstm call and ignores it.
     """
 
     fused_lstm_devices = ("cpu",)  # where logits() runs the LSTM baseline as one torch.lstm call

@@ -247,5 +247,12 @@ def build_from_checkpoint(cfg: DictConfig) -> tuple[Run, dict, EvalRequest]:
         run_cfg.eval.meta_batch_size = cfg.eval.meta_batch_size
     if cfg.eval.get("cuda_graph") is not None:
         run_cfg.eval.cuda_graph = cfg.eval.cuda_graph
+    if cfg.eval.get("compile_step") is not None:  # e.g. a compiled run's checkpoint, read where nothing compiles
+        if "compile_step" not in run_cfg.algo:
+            raise ConfigError(
+                f"eval.compile_step: {cfg.checkpoint} holds an algo={state.get('algo')} model, which has no "
+                "compiled step (only MANN's); drop eval.compile_step"
+            )
+        run_cfg.algo.compile_step = cfg.eval.compile_step
     request = EvalRequest(checkpoint=str(cfg.checkpoint), split=cfg.split, benchmark=cfg.get("benchmark"))
     return build(run_cfg), state, request
