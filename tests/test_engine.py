@@ -274,12 +274,17 @@ def test_a_run_resumed_on_another_machine_names_each_device(compose_cfg, tmp_pat
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     state = load_checkpoint(last)
     assert state["progress"]["devices"] == ["cpu"]
-    state["progress"]["devices"] = ["cuda (NVIDIA H100 80GB HBM3)"]  # as if iterations 1-3 had run there
+    # As if iterations 1-3 had run on a GPU: its device, and the CUDA generators' states (16 bytes: seed, offset),
+    # which a CPU generator cannot take (the sampler reseeds from them).
+    state["progress"]["devices"] = ["cuda (NVIDIA H100 80GB HBM3)"]
+    cuda_state = torch.tensor([7] + [0] * 7 + [64] + [0] * 7, dtype=torch.uint8)
+    state["sampler"] = {"generator": cuda_state, "device": "cuda"}
+    state["rng"]["cuda"] = [cuda_state]
     save_checkpoint(last, state)
     results = train_run(compose_cfg("train", common), tmp_path / "run")
     assert results["train_devices"] == ["cuda (NVIDIA H100 80GB HBM3)", "cpu"] and results["device"] == "cpu"
-    # A checkpoint from before devices were recorded says so.
-    del state["progress"]["devices"]
+    # A checkpoint from before devices were recorded says so; its sampler state did not name its device either.
+    del state["progress"]["devices"], state["sampler"]["device"]
     save_checkpoint(last, state)
     again = train_run(compose_cfg("train", common), tmp_path / "run")
     assert again["train_devices"] == ["a device not recorded", "cpu"]

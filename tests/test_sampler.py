@@ -77,8 +77,48 @@ def test_state_dict_resumes_the_stream():
     state = s.state_dict()
     expected = s.sample(3)
     s.sample(5)
-    s.load_state_dict(state)
+    assert s.load_state_dict(state) is True
     assert torch.equal(s.sample(3).support_x, expected.support_x)
+
+
+def cuda_generator_state(seed: int, offset: int = 0) -> torch.Tensor:
+    """What torch.Generator("cuda").get_state() returns: its Philox seed and offset, 16 bytes."""
+    return torch.tensor(list(seed.to_bytes(8, "little") + offset.to_bytes(8, "little")), dtype=torch.uint8)
+
+
+def test_a_stream_from_another_kind_of_device_goes_on_from_a_seed_it_gives(caplog):
+    """A GPU run resumed on a CPU: a CUDA generator's state cannot go on as a CPU one's. The sampler seeds a new
+    stream from the saved state, the same on every resume of it, another for another state, and says so."""
+    draws = []
+    for state in (cuda_generator_state(1, 64), cuda_generator_state(1, 64), cuda_generator_state(1, 96)):
+        s = EpisodeSampler(coded_bank(), 5, 1, 5, seed=7)
+        with caplog.at_level("WARNING", logger="fewshot.data.sampler"):
+            assert s.load_state_dict({"generator": state, "device": "cuda"}) is False
+        draws.append(s.sample(3).support_x)
+    fresh = EpisodeSampler(coded_bank(), 5, 1, 5, seed=7).sample(3).support_x
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    assert not torch.equal(draws[0], fresh)
+    assert "drawn on cuda and go on on cpu" in caplog.text
+
+
+def test_a_state_saved_without_its_device_is_told_by_its_size():
+    """Checkpoints from before the sampler recorded its device: a CPU state resumes exactly, a CUDA one reseeds."""
+    s = EpisodeSampler(coded_bank(), 5, 1, 5, seed=7)
+    state = {"generator": s.generator.get_state()}
+    expected = s.sample(3).support_x
+    assert s.load_state_dict(state) is True and torch.equal(s.sample(3).support_x, expected)
+    assert s.load_state_dict({"generator": cuda_generator_state(1)}) is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a real CUDA generator's state")
+def test_cuda_and_cpu_samplers_take_each_others_states():
+    on_gpu = EpisodeSampler(coded_bank(), 5, 1, 5, device="cuda", seed=7)
+    on_cpu = EpisodeSampler(coded_bank(), 5, 1, 5, seed=7)
+    assert on_cpu.load_state_dict(on_gpu.state_dict()) is False
+    assert on_gpu.load_state_dict(on_cpu.state_dict()) is False
+    on_cpu.sample(2), on_gpu.sample(2)
+    again = EpisodeSampler(coded_bank(), 5, 1, 5, device="cuda", seed=3)
+    assert again.load_state_dict(on_gpu.state_dict()) is True
 
 
 def test_fixed_episodes_repeat_and_cover_count():

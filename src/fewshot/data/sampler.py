@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from typing import Optional, Sequence
 
 import torch
 
 from fewshot.data.base import DataError, Episode, SplitBank
+
+log = logging.getLogger(__name__)
 
 
 def check_episode_fits(bank: SplitBank, ways: int, shots: int, queries: int, split: str = "split") -> None:
@@ -114,10 +118,27 @@ class EpisodeSampler:
         return x.view(x.shape[0], -1, *x.shape[3:])
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "device": self.device.type}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+    def load_state_dict(self, state: dict) -> bool:
+        """Continue the saved episode stream; False where it cannot (see below)."""
+        saved = state["generator"]
+        # Checkpoints before "device" was recorded: a CPU generator's state is 5056 bytes, a CUDA one's 16.
+        same_size = len(saved) == len(self.generator.get_state())
+        kind = state.get("device") or (self.device.type if same_size else "another kind of device")
+        if kind == self.device.type:
+            self.generator.set_state(saved)
+            return True
+        # A CUDA generator's (seed, offset) cannot go on as a CPU Mersenne Twister, nor the reverse: draw from a
+        # stream seeded by the saved state, the same stream each time this checkpoint resumes on this kind of device.
+        seed = int.from_bytes(hashlib.sha256(saved.numpy().tobytes()).digest()[:8], "little") & (2**63 - 1)
+        self.generator.manual_seed(seed)
+        log.warning(
+            "the training episodes were drawn on %s and go on on %s: a new episode stream from here, seeded by the "
+            "saved one (the same on every resume here), not the one an uninterrupted run would have drawn",
+            kind, self.device.type,
+        )  # fmt: skip
+        return False
 
 
 def batch_sizes(episodes: int, batch: int):
