@@ -46,13 +46,14 @@ export PYTHONUNBUFFERED=1
 DEVICE=${DEVICE:-cuda}
 $PY -c "import torch; print('torch', torch.__version__, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
 
-# The cells RESULTS.md still lacks that need a GPU, 5-way 5-shot first: untimed (five times 5w1s's images; 5w1s
-# took 3.6 ms a meta-iteration on an H100). The 20-way ones take 3 or more leases each (20w1s: 26.6 ms x 60,000
-# on an H100); pass them as arguments, with RESUME= from the second lease on. Limits of 510 s leave the install,
-# the cache warm-up and the packing room in a 600 s call.
+# The cell RESULTS.md still lacks that fits one session's device time: MAML 5-way 5-shot. On an H200 (2026-11-27)
+# it ran 28,870 iterations in 532 s beside fomaml_omniglot_5w5s, then about 105 a second (validation included)
+# alone: about 600 s for 60,000, so two calls back to back (the second with RESUME=, within the 30 s a warm machine
+# waits) finish it. The 20-way cells take 3 or more leases each (20w1s: 26.6 ms x 60,000 on an H100).
+# .devrun is git-ignored: a new checkout starts without it, so plan a cell's leases within one session.
+# A limit of 540 s is cut to what the call leaves (CALL_S).
 JOBS=(
-  "maml_omniglot_5w5s|510|experiment=maml_omniglot_5w5s"
-  "fomaml_omniglot_5w5s|510|experiment=fomaml_omniglot_5w5s"
+  "maml_omniglot_5w5s|540|experiment=maml_omniglot_5w5s"
 )
 [ $# -gt 0 ] && JOBS=("$@")
 
