@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fewshot import table
+from fewshot.cells import t95
 from fewshot.table import aggregate, collect, main, to_csv, to_markdown
 
 
@@ -72,7 +73,7 @@ def test_single_seed_uses_the_runs_own_interval(tmp_path):
 
 
 def test_three_seeds_pool_across_seeds(tmp_path):
-    # per-seed means 95, 97, 96 %: mean 96, sample sd 1.0, interval 1.96 * 1.0 / sqrt(3) = 1.1316
+    # per-seed means 95, 97, 96 %: mean 96, sample sd 1.0, interval t(2 df) * 1.0 / sqrt(3) = 4.303 / 1.732 = 2.484
     for seed, acc in enumerate([0.95, 0.97, 0.96]):
         write_run(
             tmp_path / "sweep" / f"{seed}_maml_omniglot_5w1s_seed{seed}",
@@ -84,11 +85,24 @@ def test_three_seeds_pool_across_seeds(tmp_path):
     row = only(aggregate(collect([tmp_path / "sweep"])))
     assert row.pooled and row.seeds == (0, 1, 2)
     assert row.acc_mean == pytest.approx(96.0)
-    assert row.acc_ci95 == pytest.approx(1.96 * 1.0 / math.sqrt(3)) and f"{row.acc_ci95:.2f}" == "1.13"
+    assert row.acc_ci95 == pytest.approx(4.303 * 1.0 / math.sqrt(3)) and f"{row.acc_ci95:.2f}" == "2.48"
     assert row.diff == pytest.approx(96.0 - 98.7)
     md = to_markdown([row])
-    assert "| 96.00 ± 1.13 † | 3 | 600 | 98.70 | -2.70 |" in md
-    assert "† Pooled over seeds" in md and "1.96·sd/√n_seeds" in md
+    assert "| 96.00 ± 2.48 † | 3 | 600 | 98.70 | -2.70 |" in md
+    assert "† Pooled over seeds" in md and "t·sd/√n_seeds" in md and "Student's t" in md
+
+
+@pytest.mark.parametrize("df, quantile", [(1, 12.706), (2, 4.303), (4, 2.776), (30, 2.042), (60, 2.000), (120, 1.980)])
+def test_the_across_seed_interval_uses_students_t(df, quantile):
+    """Two or three seeds are far from the normal 1.96; the quantiles are the tables' (60, 120: the expansion)."""
+    assert t95(df) == pytest.approx(quantile, abs=2e-3)
+
+
+def test_quantiles_fall_towards_the_normal_one():
+    values = [t95(df) for df in range(1, 500)]
+    assert all(a > b for a, b in zip(values, values[1:])) and values[-1] == pytest.approx(1.96, abs=5e-3)
+    with pytest.raises(ValueError, match="at least 1 degree"):
+        t95(0)
 
 
 def test_paper_missing_or_null_gives_no_diff(tmp_path):
@@ -220,7 +234,7 @@ def test_csv_content(tmp_path, monkeypatch):
         ("protonet", "1", "0", "episodes"),
     ]
     maml, proto = lines
-    assert float(maml["acc_mean"]) == pytest.approx(96.0) and float(maml["acc_ci95"]) == pytest.approx(1.1316, abs=1e-4)
+    assert float(maml["acc_mean"]) == pytest.approx(96.0) and float(maml["acc_ci95"]) == pytest.approx(2.4843, abs=1e-4)
     assert float(maml["paper_acc"]) == 98.7 and float(maml["paper_ci95"]) == 0.4
     assert float(maml["diff"]) == pytest.approx(-2.7)
     assert maml["episodes"] == "600" and maml["paper_source"] == "Finn et al. 2017, Table 1"

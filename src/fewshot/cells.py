@@ -16,7 +16,20 @@ from typing import Callable, Optional, Sequence, Union
 from fewshot.resultfiles import TableError, _warn_stderr, collect  # noqa: E402,F401  (collect: re-exported)
 
 PROG = "fewshot-table"
-Z95 = 1.96  # normal 95% quantile, as in results.json's own per-run interval
+Z95 = 1.96  # normal 95% quantile, as in results.json's own per-run interval (hundreds of test episodes)
+# Student's t 97.5% quantiles for 1-30 degrees of freedom: a handful of seeds is far from normal (2 seeds: 12.71).
+T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+    2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def t95(df: int) -> float:
+    """The two-sided 95% quantile of Student's t with `df` degrees of freedom (beyond 30: z + (z^3 + z) / 4df)."""
+    if df < 1:
+        raise ValueError(f"t95 needs at least 1 degree of freedom, got {df}")
+    return T975[df - 1] if df <= len(T975) else Z95 + (Z95**3 + Z95) / (4 * df)
+
 
 # Paper-table order: Omniglot before miniImageNet, others alphabetical after; the MAML paper's methods first.
 DATASET_ORDER = ("omniglot", "miniimagenet")
@@ -189,7 +202,8 @@ def aggregate(results: Sequence[dict], by: str = "cell", warn: Callable[[str], N
         if len(runs) == 1:
             mean, ci = means[0], 100.0 * runs[0]["test"]["acc_ci95"]
         else:
-            mean, ci = statistics.fmean(means), Z95 * statistics.stdev(means) / math.sqrt(len(means))
+            n = len(means)
+            mean, ci = statistics.fmean(means), t95(n - 1) * statistics.stdev(means) / math.sqrt(n)
         rows.append(
             Row(
                 **fields,

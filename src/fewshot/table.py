@@ -13,8 +13,9 @@ Cells. A row of the table is one *cell*: the runs that differ only in their seed
       if another recorded setting differs; the row then shows the values joined by "/" and a warning says so.
 
 Numbers. Accuracies are percent. One seed: the run's own mean ± 95% interval over its test episodes
-(1.96·std/√episodes, from results.json). Several seeds: the mean of the per-seed means ± 1.96·sd/√n_seeds with the
-sample sd (ddof=1), i.e. the interval across seeds; a footnote under the table says which rows are pooled.
+(1.96·std/√episodes, from results.json). Several seeds: the mean of the per-seed means ± t·sd/√n_seeds with the
+sample sd (ddof=1) and Student's t 97.5% quantile for n_seeds − 1 degrees of freedom (12.71 for 2 seeds, 4.30 for
+3), i.e. the interval across seeds; a footnote under the table says which rows are pooled.
 The paper's numbers come from results.json's "paper" (the experiment preset); diff = ours − paper, in points,
 only for test-split numbers.
 
@@ -124,8 +125,8 @@ def to_markdown(rows: Sequence[Row]) -> str:
         notes.append("One seed: ± the run's own interval over its test episodes, 1.96·std/√episodes.")
     if any(r.pooled for r in rows):
         notes.append(
-            "† Pooled over seeds: mean of the per-seed test accuracies ± 1.96·sd/√n_seeds "
-            "(sample sd), the interval across seeds."
+            "† Pooled over seeds: mean of the per-seed test accuracies ± t·sd/√n_seeds "
+            "(sample sd; Student's t, n_seeds − 1 degrees of freedom), the interval across seeds."
         )
     if constant:
         notes.append("All rows: " + ", ".join(f"{title} {_show(getattr(rows[0], f))}" for f, title in constant) + ".")
