@@ -1,4 +1,5 @@
-"""Shared fixtures: Hydra composition of the packaged config tree, and real-data locations."""
+"""Shared fixtures and helpers: Hydra composition of the packaged config tree, real-data locations, scripts as modules,
+a CUDA generator's state."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
@@ -32,6 +34,11 @@ def compose_cfg(tmp_path):
 
 def group_choices(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def cuda_generator_state(seed: int, offset: int = 0) -> torch.Tensor:
+    """What torch.Generator("cuda").get_state() returns: its Philox seed and offset, 16 bytes."""
+    return torch.tensor(list(seed.to_bytes(8, "little") + offset.to_bytes(8, "little")), dtype=torch.uint8)
 
 
 def load_script(name: str):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import cuda_generator_state
 from fewshot import engine
 from fewshot.checkpoint import load_checkpoint, save_checkpoint
 from fewshot.eval import run as eval_run
@@ -277,7 +278,7 @@ def test_a_run_resumed_on_another_machine_names_each_device(compose_cfg, tmp_pat
     # As if iterations 1-3 had run on a GPU: its device, and the CUDA generators' states (16 bytes: seed, offset),
     # which a CPU generator cannot take (the sampler reseeds from them).
     state["progress"]["devices"] = ["cuda (NVIDIA H100 80GB HBM3)"]
-    cuda_state = torch.tensor([7] + [0] * 7 + [64] + [0] * 7, dtype=torch.uint8)
+    cuda_state = cuda_generator_state(7, 64)
     state["sampler"] = {"generator": cuda_state, "device": "cuda"}
     state["rng"]["cuda"] = [cuda_state]
     save_checkpoint(last, state)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import cuda_generator_state
 from fewshot.data.base import DataError, SplitBank
 from fewshot.data.sampler import EpisodeSampler, fixed_episodes
 
@@ -79,11 +80,6 @@ def test_state_dict_resumes_the_stream():
     s.sample(5)
     assert s.load_state_dict(state) is True
     assert torch.equal(s.sample(3).support_x, expected.support_x)
-
-
-def cuda_generator_state(seed: int, offset: int = 0) -> torch.Tensor:
-    """What torch.Generator("cuda").get_state() returns: its Philox seed and offset, 16 bytes."""
-    return torch.tensor(list(seed.to_bytes(8, "little") + offset.to_bytes(8, "little")), dtype=torch.uint8)
 
 
 def test_a_stream_from_another_kind_of_device_goes_on_from_a_seed_it_gives(caplog):

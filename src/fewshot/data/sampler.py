@@ -123,9 +123,9 @@ class EpisodeSampler:
     def load_state_dict(self, state: dict) -> bool:
         """Continue the saved episode stream; False where it cannot (see below)."""
         saved = state["generator"]
-        # Checkpoints before "device" was recorded: a CPU generator's state is 5056 bytes, a CUDA one's 16.
-        same_size = len(saved) == len(self.generator.get_state())
-        kind = state.get("device") or (self.device.type if same_size else "another kind of device")
+        kind = state.get("device")
+        if kind is None:  # checkpoints before it was recorded: a CPU generator's state is 5056 bytes, a CUDA one's 16
+            kind = self.device.type if len(saved) == len(self.generator.get_state()) else "another kind of device"
         if kind == self.device.type:
             self.generator.set_state(saved)
             return True
