@@ -4,6 +4,7 @@ a CUDA generator's state."""
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,21 @@ REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 
 register_configs()
+
+
+def _share_the_cores_among_workers() -> None:
+    """Under pytest-xdist (`make test` runs one worker per core) each worker, and every CLI it starts, gets its
+    share of the cores: at torch's default of one thread per core, two workers on two cores would each spin up two
+    OpenMP threads and contend."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+_share_the_cores_among_workers()
 
 
 @pytest.fixture
