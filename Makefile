@@ -4,6 +4,9 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 ARGS   ?=
+# One test process per core (pytest-xdist); TEST_JOBS=0 runs the tests in one process, as pytest alone does.
+TEST_JOBS ?= auto
+PYTEST  = $(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal
 export FEWSHOT_DATA_ROOT ?= $(if $(wildcard ../shared/data/omniglot),$(abspath ../shared/data),$(CURDIR)/data)
 
 .DEFAULT_GOAL := help
@@ -30,17 +33,15 @@ train: install  ## meta-train MAML on Omniglot (fewshot-train algo=maml dataset=
 eval: install  ## evaluate a checkpoint: make eval ARGS="checkpoint=outputs/.../checkpoints/best.pt"
 	$(VENV)/bin/fewshot-eval $(ARGS)
 
-# One test process per core (pytest-xdist); TEST_JOBS=0 runs the tests in one process, as pytest alone does.
-TEST_JOBS ?= auto
 test: install  ## run the test suite on CPU, one process per core (TEST_JOBS=0: one process)
-	$(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal --durations=10 $(ARGS)
+	$(PYTEST) --durations=10 $(ARGS)
 
 lint: install  ## ruff: lint and format check (line length 120; `ruff format` fixes the layout)
 	$(VENV)/bin/ruff check src tests scripts
 	$(VENV)/bin/ruff format --check src tests scripts
 
 test-fast: install  ## tests without the slow real-training ones
-	$(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal -m "not slow" $(ARGS)
+	$(PYTEST) -m "not slow" $(ARGS)
 
 bench: install  ## CPU benchmarks in one process each: sampler and MAML against learn2learn, MANN against its per-step form and compiled
 	$(PY) scripts/bench_sampler.py
