@@ -263,6 +263,16 @@ def test_eval_checkpoint_from_another_algorithm(tmp_path, compose_cfg):
     assert "missing.pt does not exist" in line
 
 
+def test_eval_without_a_checkpoint(tmp_path):
+    # checkpoint is ??? in conf/eval.yaml: omegaconf's MissingMandatoryValue traceback came out before the check
+    line = error_line(run_cli(tmp_path, "fewshot-eval"))
+    assert line == "fewshot-eval: error: checkpoint is not set: pass checkpoint=outputs/<run>/checkpoints/best.pt"
+    assert not (tmp_path / "outputs").exists()  # refused before Hydra made a run folder
+    # swept over, it is set in each job: the jobs run (and fail on their missing files, one by one)
+    sweep = run_cli(tmp_path, "fewshot-eval", "-m", "checkpoint=a.pt,b.pt")
+    assert "is not set" not in sweep.stderr and sweep.stderr.count("does not exist") == 4, sweep.stderr
+
+
 def test_resume_refuses_a_folder_with_other_settings(compose_cfg, tmp_path):
     base = RUN[:-1] + ["algo=protonet", "trainer.iterations=2", "trainer.val_every=2"]
     train_run(compose_cfg("train", base), tmp_path)

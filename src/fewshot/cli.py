@@ -13,10 +13,12 @@ from hydra.errors import InstantiationException
 
 from fewshot import sweep
 from fewshot.config import register_configs
-from fewshot.errors import FewshotError
+from fewshot.errors import ConfigError, FewshotError
 
 register_configs()
 CONFIG_PATH = "pkg://fewshot.conf"  # the config tree ships as a package: found from any working folder
+# Settings a command cannot run without (??? in its config), with what the one-line error suggests
+MANDATORY = {"checkpoint": "outputs/<run>/checkpoints/best.pt"}
 
 
 def one_line(message: str) -> str:
@@ -42,19 +44,25 @@ def _precheck(prog: str, config_name: str) -> None:
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
+    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     args, _ = get_args_parser().parse_known_args()
     if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
         return
     try:
-        overrides = args.overrides
+        overrides, swept = args.overrides, set()
         if args.multirun:
             parsed = OverridesParser.create().parse_overrides(overrides)
             overrides = [o.input_line for o in parsed if not o.is_sweep_override()]
+            swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
         with initialize_config_module(config_module="fewshot.conf", version_base="1.3"):
-            compose(config_name, overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as e:
+            cfg = compose(config_name, overrides=overrides)
+        missing = sorted(OmegaConf.missing_keys(cfg) - swept)
+        if missing:  # else the job's first read of it fails with omegaconf's traceback (fewshot-eval's checkpoint)
+            unset = (f"{key} is not set: pass {key}={MANDATORY.get(key, 'VALUE')}" for key in missing)
+            raise ConfigError("; ".join(unset))
+    except (HydraException, OmegaConfBaseException, ConfigError) as e:
         if sweep.full_error():
             return  # let Hydra report it in full
         cause = f"\n{e.__cause__}" if e.__cause__ is not None and str(e.__cause__) not in str(e) else ""
