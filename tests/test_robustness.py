@@ -271,6 +271,9 @@ def test_eval_without_a_checkpoint(tmp_path):
     # swept over, it is set in each job: the jobs run (and fail on their missing files, one by one)
     sweep = run_cli(tmp_path, "fewshot-eval", "-m", "checkpoint=a.pt,b.pt")
     assert "is not set" not in sweep.stderr and sweep.stderr.count("does not exist") == 4, sweep.stderr
+    # the check resolves nothing: an interpolation only a running job can resolve passes it
+    ok = run_cli(tmp_path, "fewshot-train", "dataset=synthetic", "data_root=${hydra:runtime.cwd}/data", "dry_run=true")
+    assert ok.returncode == 0 and "data_root: ${hydra:runtime.cwd}/data" in ok.stdout, ok.stderr
 
 
 def test_resume_refuses_a_folder_with_other_settings(compose_cfg, tmp_path):

@@ -35,6 +35,16 @@ def one_line(message: str) -> str:
     return text.replace("Available options in", "; available options in").replace(" ;", ";")
 
 
+def unset_keys(node: Any, prefix: str = "") -> list[str]:
+    """The dotted keys left at ??? in a plain container. Not OmegaConf.missing_keys: it resolves every value, and
+    an interpolation only a running job can resolve (data_root=${hydra:runtime.cwd}/data) would fail here."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    keys = []
+    for k, value in items:
+        keys += [f"{prefix}{k}"] if value == "???" else unset_keys(value, f"{prefix}{k}.")
+    return keys
+
+
 def _precheck(prog: str, config_name: str) -> None:
     """Compose once before Hydra's own run so that a bad override is reported as one line.
 
@@ -58,7 +68,7 @@ def _precheck(prog: str, config_name: str) -> None:
             swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
         with initialize_config_module(config_module="fewshot.conf", version_base="1.3"):
             cfg = compose(config_name, overrides=overrides)
-        missing = sorted(OmegaConf.missing_keys(cfg) - swept)
+        missing = [key for key in unset_keys(OmegaConf.to_container(cfg, resolve=False)) if key not in swept]
         if missing:  # else the job's first read of it fails with omegaconf's traceback (fewshot-eval's checkpoint)
             unset = (f"{key} is not set: pass {key}={MANDATORY.get(key, 'VALUE')}" for key in missing)
             raise ConfigError("; ".join(unset))
