@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from fewshot.atomic import atomic_write
-from fewshot.errors import FewshotError
+from fewshot.errors import CHECKPOINT_HINT, FewshotError
 
 FORMAT = "fewshot-checkpoint-v1"
 # What every reader of a checkpoint relies on (fewshot-eval, resume); "scheduler" came later and may be absent.
@@ -42,7 +42,7 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     """Load with weights_only=True: tensors and plain containers only, never arbitrary pickled code."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass checkpoint=outputs/<run>/checkpoints/best.pt")
+        raise CheckpointError(f"checkpoint {path} does not exist; pass checkpoint={CHECKPOINT_HINT}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, or a disallowed global

@@ -13,12 +13,12 @@ from hydra.errors import InstantiationException
 
 from fewshot import sweep
 from fewshot.config import register_configs
-from fewshot.errors import ConfigError, FewshotError
+from fewshot.errors import CHECKPOINT_HINT, ConfigError, FewshotError
 
 register_configs()
 CONFIG_PATH = "pkg://fewshot.conf"  # the config tree ships as a package: found from any working folder
 # Settings a command cannot run without (??? in its config), with what the one-line error suggests
-MANDATORY = {"checkpoint": "outputs/<run>/checkpoints/best.pt"}
+MANDATORY = {"checkpoint": CHECKPOINT_HINT}
 
 
 def one_line(message: str) -> str:
