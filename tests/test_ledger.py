@@ -123,3 +123,37 @@ def test_sequence_cells_are_set_beside_the_papers_instance_columns(tmp_path):
     assert text.index("## Full budget") < text.index("## Accuracy per instance") < text.index("## Reduced budget")
     # No sequence cell at full budget: no section.
     assert "## Accuracy per instance" not in ledger_markdown(collect([tmp_path / "2"]), load_presets(), "runs")
+
+
+def test_regression_cells_have_their_own_table(tmp_path):
+    """A full-budget sinusoid run (test.metric "mse") is a cell like any other: it leaves the not-yet-run list and
+    gets its own table, test MSE beside the MSE before adapting and after one step, never an accuracy column."""
+
+    def sinusoid(seed: int, mse: float, **changes) -> dict:
+        test = {"episodes": 600, "metric": "mse", "mse_mean": mse, "mse_ci95": 0.002, "step_mse": [3.0, 0.4, mse]}
+        command = f"fewshot-train experiment=maml_sinusoid_k10 seed={seed} device=cpu"
+        run = dict(name="maml_sinusoid_k10", algo="maml", dataset="sinusoid", backbone="mlp_sinusoid", ways=1)
+        run.update(shots=10, queries=100, iterations=70000, seed=seed, command=command, test=test, paper=None)
+        return _result(**{**run, **changes})
+
+    runs = [sinusoid(1, 0.02), sinusoid(2, 0.04), sinusoid(3, 0.5, iterations=8000), _result()]
+    for i, r in enumerate(runs):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "results.json").write_text(json.dumps(r))
+    text = ledger_markdown(collect([tmp_path]), load_presets(), "runs")
+    full, regression = text.split("## Reduced budget")[0].split("## Regression")
+    assert "sinusoid" not in full and "| matching_omniglot_5w1s | 5-way 1-shot | 98.00 ± 0.20 |" in full
+    line = next(x for x in regression.splitlines() if x.startswith("| maml_sinusoid_k10"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[:7] == [
+        "maml_sinusoid_k10",
+        "10-shot regression",
+        "0.0300 ± 0.1271 †",
+        "2",
+        "3.0000",
+        "0.4000",
+        "1, 2",
+    ]
+    reduced, pending = text.split("## Reduced budget")[1].split("## Not yet run at full budget")
+    assert "| maml_sinusoid_k10 | 10-shot regression | 8,000 of 70,000 iterations | 0.5000 ± 0.0020 MSE |" in reduced
+    assert "| maml_sinusoid_k10 |" not in pending and "| maml_sinusoid_k5 | – |" in pending

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -100,8 +101,8 @@ def row(algo: str, dataset: str, ways: int, shots: int, acc: float, ci: float, p
         source="train",
         seeds=tuple(seeds),
         episodes=(600,) * len(seeds),
-        acc_mean=acc,
-        acc_ci95=ci,
+        mean=acc,
+        ci95=ci,
         paper_acc=paper[0],
         paper_ci95=paper[1],
     )
@@ -129,3 +130,9 @@ def test_importing_fewshot_table_does_not_import_matplotlib():
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
         == "False"
     )
+
+
+def test_table_bars_give_regression_rows_an_mse_panel(tmp_path):
+    mse = dataclasses.replace(row("maml", "sinusoid", 1, 10, 0.11, 0.02, (None, None)), metric="mse")
+    assert plots._ylim([mse]) == (0.0, pytest.approx(1.15 * 0.13))  # from 0, not zoomed like an accuracy
+    assert_png(plots.plot_table_bars([row("maml", "omniglot", 5, 1, 98.2, 0.5, (98.7, 0.4)), mse], tmp_path / "b.png"))

@@ -65,7 +65,7 @@ def test_single_seed_uses_the_runs_own_interval(tmp_path):
     write_run(tmp_path / "run", acc=0.9512, ci=0.0042, paper=(98.7, 0.4))
     row = only(aggregate(collect([tmp_path / "run"])))
     assert row.n_seeds == 1 and not row.pooled and row.seeds == (0,) and row.episodes == (600,)
-    assert row.acc_mean == pytest.approx(95.12) and row.acc_ci95 == pytest.approx(0.42)
+    assert row.mean == pytest.approx(95.12) and row.ci95 == pytest.approx(0.42)
     assert row.diff == pytest.approx(95.12 - 98.7)
     md = to_markdown([row])
     assert "| maml | omniglot | 5-way 1-shot | 95.12 ± 0.42 | 1 | 600 | 98.70 ± 0.40 | -3.58 |" in md
@@ -84,8 +84,8 @@ def test_three_seeds_pool_across_seeds(tmp_path):
         )
     row = only(aggregate(collect([tmp_path / "sweep"])))
     assert row.pooled and row.seeds == (0, 1, 2)
-    assert row.acc_mean == pytest.approx(96.0)
-    assert row.acc_ci95 == pytest.approx(4.303 * 1.0 / math.sqrt(3)) and f"{row.acc_ci95:.2f}" == "2.48"
+    assert row.mean == pytest.approx(96.0)
+    assert row.ci95 == pytest.approx(4.303 * 1.0 / math.sqrt(3)) and f"{row.ci95:.2f}" == "2.48"
     assert row.diff == pytest.approx(96.0 - 98.7)
     md = to_markdown([row])
     assert "| 96.00 ± 2.48 † | 3 | 600 | 98.70 | -2.70 |" in md
@@ -166,7 +166,7 @@ def test_by_name_pools_what_cell_keeps_apart_and_warns(tmp_path):
     write_run(tmp_path / "c", seed=1, acc=0.97, backbone="mlp")
     warnings: list[str] = []
     row = only(aggregate(collect([tmp_path]), by="name", warn=warnings.append))
-    assert row.seeds == (0, 1) and row.acc_mean == pytest.approx(96.0) and row.backbone == "conv4/mlp"
+    assert row.seeds == (0, 1) and row.mean == pytest.approx(96.0) and row.backbone == "conv4/mlp"
     assert any("differ in backbone" in w for w in warnings)
 
 
@@ -176,7 +176,7 @@ def test_duplicate_seed_keeps_the_newer_file(tmp_path):
     os.utime(old, (1_000_000, 1_000_000))
     warnings: list[str] = []
     row = only(aggregate(collect([tmp_path]), warn=warnings.append))
-    assert row.seeds == (0,) and row.acc_mean == pytest.approx(95.0) and row.files == (str(new),)
+    assert row.seeds == (0,) and row.mean == pytest.approx(95.0) and row.files == (str(new),)
     assert len(warnings) == 1 and "seed 0" in warnings[0]
 
 
@@ -187,7 +187,7 @@ def test_eval_results_only_with_include_eval(tmp_path):
     rows = aggregate(collect([tmp_path], include_eval=True))
     assert sorted(r.source for r in rows) == ["eval:val", "train"]
     val = next(r for r in rows if r.source == "eval:val")
-    assert val.acc_mean == pytest.approx(93.0) and val.diff is None  # the paper's numbers are test numbers
+    assert val.mean == pytest.approx(93.0) and val.diff is None  # the paper's numbers are test numbers
     # A folder with only eval results says how to include them.
     write_run(tmp_path / "only_eval" / "e", checkpoint="/x/best.pt", eval_split="test")
     with pytest.raises(table.TableError, match="--include-eval"):
@@ -280,3 +280,48 @@ def test_plot_flag_writes_a_chart(tmp_path):
     out = tmp_path / "bars.png"
     assert main([str(tmp_path / "run"), "--csv", str(tmp_path / "t.csv"), "--plot", str(out)]) == 0
     assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def write_regression_run(folder: Path, seed: int, mse: float, ci: float = 0.01, **test) -> Path:
+    """A sinusoid run's results.json as engine.make_results writes it: test.metric "mse", no paper number."""
+    path = write_run(folder, dataset="sinusoid", ways=1, shots=10, seed=seed, paper=None, name="maml_sinusoid_k10")
+    data = json.loads(path.read_text())
+    data["test"] = {"episodes": 600, "metric": "mse", "mse_mean": mse, "mse_ci95": ci, "step_mse": [3.0, 0.5, mse]}
+    data["test"].update(test)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_regression_cells_are_shown_as_mse_and_never_pooled_with_accuracy(tmp_path, capsys):
+    """A sinusoid run's results.json carries an MSE (test.metric "mse"): the table reads it as it is (no percent),
+    pools its seeds like any cell, and keeps it apart from accuracy rows in the table, the CSV and the chart."""
+    write_regression_run(tmp_path / "s0", seed=0, mse=0.10)
+    write_regression_run(tmp_path / "s1", seed=1, mse=0.12)
+    write_run(tmp_path / "acc", seed=0, acc=0.96, ci=0.004)
+    rows = aggregate(collect([tmp_path]))
+    acc, mse = sorted(rows, key=lambda r: r.metric)
+    assert acc.metric == "acc" and acc.mean == pytest.approx(96.0) and acc.ci95 == pytest.approx(0.4)
+    assert mse.metric == "mse" and mse.seeds == (0, 1) and mse.mean == pytest.approx(0.11)
+    assert mse.ci95 == pytest.approx(t95(1) * math.sqrt(2 * 0.01**2) / math.sqrt(2))  # sd of 0.10, 0.12; 2 seeds
+    assert mse.setting == "10-shot regression" and mse.diff is None and mse.shown == "0.1100 ± 0.1271"
+
+    mixed = to_markdown(rows)
+    assert "| test (% or MSE) |" in mixed and "| 0.1100 ± 0.1271 MSE † |" in mixed and "| 96.00 ± 0.40 |" in mixed
+    assert "MSE: the query points' mean squared error" in mixed and "Accuracy in percent" in mixed
+    alone = to_markdown([mse])
+    assert "| test MSE |" in alone and "| 0.1100 ± 0.1271 † |" in alone and "Accuracy in percent" not in alone
+
+    by_metric = {r["metric"]: r for r in csv.DictReader(to_csv(rows).splitlines())}
+    assert float(by_metric["mse"]["mse_mean"]) == pytest.approx(0.11) and by_metric["mse"]["acc_mean"] == ""
+    assert float(by_metric["acc"]["acc_mean"]) == pytest.approx(96.0) and by_metric["acc"]["mse_mean"] == ""
+
+    # An MSE without its number, or a metric fewshot does not know, is skipped with the reason.
+    write_regression_run(tmp_path / "bad", seed=2, mse=0.1)
+    data = json.loads((tmp_path / "bad" / "results.json").read_text())
+    del data["test"]["mse_mean"]
+    (tmp_path / "bad" / "results.json").write_text(json.dumps(data))
+    write_regression_run(tmp_path / "r2", seed=3, mse=0.1, metric="r2")
+    capsys.readouterr()
+    assert {r["seed"] for r in collect([tmp_path])} == {0, 1}
+    err = capsys.readouterr().err
+    assert '"test.mse_mean" is missing' in err and "\"test.metric\" is 'r2'; fewshot knows acc, mse" in err

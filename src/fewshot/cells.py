@@ -13,6 +13,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
+from fewshot.metrics import METRICS
 from fewshot.resultfiles import TableError, _warn_stderr, collect  # noqa: E402,F401  (collect: re-exported)
 
 PROG = "fewshot-table"
@@ -61,7 +62,8 @@ NEUTRAL_OVERRIDES = (
 
 @dataclass(frozen=True)
 class Row:
-    """One cell of the table. Accuracies in percent; `acc_ci95` is across seeds when `pooled`."""
+    """One cell of the table: its test `metric` (results.json's test.metric, "acc" or "mse"), `mean` ± `ci95`
+    (accuracy in percent, MSE as it is), the interval across seeds when `pooled`."""
 
     name: str
     algo: str
@@ -76,12 +78,13 @@ class Row:
     source: str  # "train" for training runs, "eval:<split>" for fewshot-eval results
     seeds: tuple[int, ...]
     episodes: tuple[int, ...]  # test episodes per seed, in seed order
-    acc_mean: float
-    acc_ci95: float
+    mean: float
+    ci95: float
     paper_acc: Optional[float] = None
     paper_ci95: Optional[float] = None
     paper_source: Optional[str] = None
     files: tuple[str, ...] = ()
+    metric: str = "acc"
 
     @property
     def n_seeds(self) -> int:
@@ -94,7 +97,15 @@ class Row:
 
     @property
     def setting(self) -> str:
+        if self.metric == "mse":  # a regression task has no classes: Finn et al.'s "K-shot regression"
+            return f"{self.shots}-shot regression"
         return f"{self.ways}-way {self.shots}-shot"
+
+    @property
+    def shown(self) -> str:
+        """mean ± ci95 as the tables print it: an accuracy's percent with 2 decimals, an MSE with 4."""
+        digits = 2 if METRICS[self.metric].percent else 4
+        return f"{self.mean:.{digits}f} ± {self.ci95:.{digits}f}"
 
     @property
     def is_test(self) -> bool:
@@ -105,7 +116,7 @@ class Row:
         """Ours − paper in points; None without a paper number or for numbers not on the test split."""
         if self.paper_acc is None or not self.is_test:
             return None
-        return self.acc_mean - self.paper_acc
+        return self.mean - self.paper_acc
 
 
 def _source(result: dict) -> str:
@@ -127,11 +138,18 @@ CELL_FIELDS = (
     "iterations",
     "meta_batch_size",
     "source",
+    "metric",
 )
-NAME_FIELDS = ("name", "dataset", "ways", "shots", "source")
+NAME_FIELDS = ("name", "dataset", "ways", "shots", "source", "metric")
+
+
+def metric_of(result: dict) -> str:
+    return result["test"].get("metric", "acc")  # results.json before metrics were named held accuracy
 
 
 def _field(result: dict, field: str) -> Value:
+    if field == "metric":
+        return metric_of(result)
     return _source(result) if field == "source" else result.get(field)
 
 
@@ -198,9 +216,11 @@ def aggregate(results: Sequence[dict], by: str = "cell", warn: Callable[[str], N
             paper: tuple = (None, None, None)
         else:
             paper = papers.pop()
-        means = [100.0 * r["test"]["acc_mean"] for r in runs]
+        metric = fields["metric"]
+        scale = 100.0 if METRICS[metric].percent else 1.0
+        means = [scale * r["test"][f"{metric}_mean"] for r in runs]
         if len(runs) == 1:
-            mean, ci = means[0], 100.0 * runs[0]["test"]["acc_ci95"]
+            mean, ci = means[0], scale * runs[0]["test"][f"{metric}_ci95"]
         else:
             n = len(means)
             mean, ci = statistics.fmean(means), t95(n - 1) * statistics.stdev(means) / math.sqrt(n)
@@ -209,8 +229,8 @@ def aggregate(results: Sequence[dict], by: str = "cell", warn: Callable[[str], N
                 **fields,
                 seeds=tuple(r["seed"] for r in runs),
                 episodes=tuple(r["test"]["episodes"] for r in runs),
-                acc_mean=mean,
-                acc_ci95=ci,
+                mean=mean,
+                ci95=ci,
                 paper_acc=paper[0],
                 paper_ci95=paper[1],
                 paper_source=paper[2],

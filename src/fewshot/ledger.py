@@ -7,6 +7,8 @@ Made only from real runs' results.json files, never typed by hand. Its parts:
   beyond the seed, the device and where files live), one row per preset, seeds pooled as fewshot-table does.
 - Per instance: for the full-budget sequence cells (MANN), the accuracy at each instance of a class beside the
   paper's columns (paper.instance_acc), as Santoro et al. report it.
+- Regression: the full-budget regression cells (sinusoid, test.metric "mse"), their test MSE with the MSE before
+  adapting and after one step; the paper plots these (Figure 3), so there is no paper column.
 - Reduced or modified: every other run filed under a preset's name, with what differs. Not comparable with the
   paper; kept apart so that nobody mistakes them for the cell.
 - Replaced: a run of a seed that a later run of the same cell and seed replaced (newest by recorded date).
@@ -21,16 +23,15 @@ import importlib.resources
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from fewshot.cells import Row, aggregate, measured_overrides, newest_per_seed
+from fewshot.cells import Row, aggregate, measured_overrides, metric_of, newest_per_seed
 
 # Why a preset may have no full-budget row yet, by dataset; anything else simply has not been run.
 PENDING = {
     "miniimagenet": "miniImageNet images are not on the machines fewshot has run on (only the split files)",
-    "sinusoid": "regression cell (MSE), not an accuracy: `python scripts/sinusoid.py` reports it",
 }
 NOT_RUN = "not run at full budget yet"
 
@@ -110,16 +111,24 @@ def _joined(values: Sequence[object]) -> str:
 
 
 def _row_line(row: Row, runs: list[dict], extra: Optional[str] = None) -> str:
-    acc = f"{row.acc_mean:.2f} ± {row.acc_ci95:.2f}" + (" †" if row.pooled else "")
+    value = row.shown + (" MSE" if row.metric == "mse" else "") + (" †" if row.pooled else "")
     paper = "–" if row.paper_acc is None else f"{row.paper_acc:.1f}"
     diff = "–" if row.diff is None else f"{row.diff:+.2f}"
+    cells = [row.name, row.setting, value, paper, diff, *_run_cells(row, runs)]
+    if extra is not None:
+        cells.insert(2, extra)
+    return _line(cells)
+
+
+def _line(cells: list[str]) -> str:
+    """A table line; the last cell (the commands, already in backticks) is not escaped."""
+    return "| " + " | ".join(_cell(c) if i < len(cells) - 1 else c for i, c in enumerate(cells)) + " |"
+
+
+def _run_cells(row: Row, runs: list[dict]) -> list[str]:
+    """The columns every table shares after the numbers: seeds, episodes, iterations, time, device, date, command."""
     commands = "<br>".join(f"`{_cell(c)}`" for c in dict.fromkeys(r.get("command") or "–" for r in runs))
-    cells = [
-        row.name,
-        row.setting,
-        acc,
-        paper,
-        diff,
+    return [
         ", ".join(map(str, row.seeds)),
         _joined(r["test"]["episodes"] for r in runs),
         _joined(f"{r.get('iterations'):,}" for r in runs),
@@ -128,9 +137,6 @@ def _row_line(row: Row, runs: list[dict], extra: Optional[str] = None) -> str:
         _joined((r.get("date") or "")[:10] or None for r in runs),
         commands,
     ]
-    if extra is not None:
-        cells.insert(2, extra)
-    return "| " + " | ".join(_cell(c) if i < len(cells) - 1 else c for i, c in enumerate(cells)) + " |"
 
 
 HEADER = [
@@ -149,6 +155,22 @@ HEADER = [
 ]
 # The reduced/modified and replaced runs' tables: what a run differs by, after its setting.
 MODIFIED_HEADER = HEADER[:2] + ["differs by"] + HEADER[2:]
+REGRESSION_HEADER = HEADER[:2] + ["test MSE", "inner steps", "MSE before adapting", "MSE after 1 step"] + HEADER[5:]
+
+
+def _regression_line(row: Row, runs: list[dict], extra: Optional[str] = None) -> str:
+    """A regression cell: its test MSE (after the preset's test-time inner steps), and the MSE before adapting and
+    after one step, each the mean over the seeds' test tasks (results.json's test.step_mse)."""
+    curves = [r["test"]["step_mse"] for r in runs if r["test"].get("step_mse")]
+    same = len(curves) == len(runs) and len({len(c) for c in curves}) == 1
+
+    def at(step: int) -> str:
+        return f"{sum(c[step] for c in curves) / len(curves):.4f}" if same and len(curves[0]) > step else "–"
+
+    steps = str(len(curves[0]) - 1) if same else "–"
+    return _line(
+        [row.name, row.setting, row.shown + (" †" if row.pooled else ""), steps, at(0), at(1)] + _run_cells(row, runs)
+    )
 
 
 def _instance_lines(full: dict[str, list[dict]], presets: dict[str, Preset]) -> list[str]:
@@ -204,12 +226,12 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
 
     earlier: list[tuple[Row, str]] = []  # runs of a seed that a later run of the same cell replaced
 
-    def rows(groups: dict, extra: bool) -> list[str]:
+    def rows(groups: dict, extra: bool, line: Callable[..., str] = _row_line) -> list[str]:
         lines = []
         for key, runs in groups.items():
             kept, replaced = newest_per_seed(runs, warn=lambda m: None)
             (row,) = aggregate(kept, by="name", warn=lambda m: None)
-            lines.append((row, _row_line(row, kept, key[1] if extra else None)))
+            lines.append((row, line(row, kept, key[1] if extra else None)))
             for r in replaced:
                 (old,) = aggregate([r], by="name", warn=lambda m: None)
                 earlier.append((old, _row_line(old, [r], key[1] if extra else "–")))
@@ -229,8 +251,21 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
         "Runs of a preset as it stands: its iterations and test episodes, no override but the seed, device and paths.",
         "",
     ]
-    out += _table(HEADER, rows(full, extra=False)) if full else ["(none yet)"]
-    out += _instance_lines(full, presets)
+    regression = {name: runs for name, runs in full.items() if metric_of(runs[0]) == "mse"}
+    accuracy = {name: runs for name, runs in full.items() if name not in regression}
+    out += _table(HEADER, rows(accuracy, extra=False)) if accuracy else ["(none yet)"]
+    out += _instance_lines(accuracy, presets)
+    if regression:
+        out += [
+            "",
+            "## Regression",
+            "",
+            "Sinusoid cells (Finn et al. 2017, Section 5.1): the mean squared error on the test tasks' query points "
+            "after the preset's test-time inner steps, mean ± 95% interval as above; beside it the MSE before adapting "
+            "and after one step (means). The paper shows these only as a plot (Figure 3): no paper column.",
+            "",
+            *_table(REGRESSION_HEADER, rows(regression, extra=False, line=_regression_line)),
+        ]
     out += [
         "",
         "## Reduced budget or modified",

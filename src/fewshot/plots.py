@@ -209,11 +209,13 @@ def _algo_colors(rows: Sequence["Row"]) -> dict[str, Any]:
 
 def _ylim(rows: Sequence["Row"]) -> tuple[float, float]:
     """Zoom to the values: few-shot accuracies sit high (Omniglot ~95-99%), where a 0-100 axis hides every
-    difference that matters; the axis still starts at 0 when a value is low."""
+    difference that matters; the axis still starts at 0 when a value is low. An MSE axis starts at 0."""
     papers = [(r.paper_acc, r.paper_ci95 or 0.0) for r in rows if r.paper_acc is not None]
-    lows = [r.acc_mean - r.acc_ci95 for r in rows] + [a - c for a, c in papers]
-    highs = [r.acc_mean + r.acc_ci95 for r in rows] + [a + c for a, c in papers]
+    lows = [r.mean - r.ci95 for r in rows] + [a - c for a, c in papers]
+    highs = [r.mean + r.ci95 for r in rows] + [a + c for a, c in papers]
     lo, hi = min(lows), max(highs)
+    if any(r.metric != "acc" for r in rows):
+        return 0.0, 1.15 * hi
     span = max(hi - lo, 2.0)
     bottom = 0.0 if lo - span < 20 else 5 * math.floor((lo - 0.6 * span) / 5)
     top = hi + 0.15 * (hi - bottom)
@@ -223,13 +225,14 @@ def _ylim(rows: Sequence["Row"]) -> tuple[float, float]:
 def plot_table_bars(rows: Sequence["Row"], out: Path) -> Path:
     """Bar chart of a table's rows (fewshot.table.aggregate's order): our test accuracy with its 95% interval as
     error bars, one colour per algorithm, and the paper's number as a black line across the bar with its
-    interval beside it when known. One panel per dataset, each with its own (zoomed) accuracy axis.
+    interval beside it when known. One panel per dataset, each with its own (zoomed) accuracy axis; regression
+    rows (MSE) get panels of their own, on an MSE axis from 0.
     Returns `out` (PNG, written atomically). Raises ValueError without rows."""
     if not rows:
         raise ValueError("no rows to plot")
     groups: list[list["Row"]] = []
     for r in rows:  # consecutive rows of one dataset, as the table sorts them
-        if groups and groups[-1][0].dataset == r.dataset:
+        if groups and (groups[-1][0].dataset, groups[-1][0].metric) == (r.dataset, r.metric):
             groups[-1].append(r)
         else:
             groups.append([r])
@@ -239,15 +242,16 @@ def plot_table_bars(rows: Sequence["Row"], out: Path) -> Path:
 
     width = 0.62
     any_paper = False
+    previous = None
     for ax, group in zip(axes, groups):
         xs = list(range(len(group)))
         ax.bar(
             xs,
-            [r.acc_mean for r in group],
+            [r.mean for r in group],
             width=width,
             color=[colors[r.algo] for r in group],
             alpha=0.85,
-            yerr=[r.acc_ci95 for r in group],
+            yerr=[r.ci95 for r in group],
             ecolor="0.1",
             capsize=5,
             error_kw={"lw": 1.3},
@@ -273,12 +277,14 @@ def plot_table_bars(rows: Sequence["Row"], out: Path) -> Path:
         ax.set_xlim(-0.6, len(group) - 0.4)
         ax.set_xticks(
             xs,
-            [f"{r.algo}\n{r.ways}-way {r.shots}-shot" + (f"\n{r.n_seeds} seeds" if r.pooled else "") for r in group],
+            [f"{r.algo}\n{r.setting}" + (f"\n{r.n_seeds} seeds" if r.pooled else "") for r in group],
             fontsize=8.5,
         )
         ax.set_title(group[0].dataset, fontsize=11, fontweight="bold")
         ax.grid(axis="y", alpha=0.3, zorder=0)
-    axes[0].set_ylabel("test accuracy (%)")
+        if group[0].metric != previous:  # a regression panel (MSE) after accuracy ones labels its own axis
+            ax.set_ylabel("test accuracy (%)" if group[0].metric == "acc" else "test MSE")
+        previous = group[0].metric
 
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch

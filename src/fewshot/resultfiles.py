@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Union
 
 from fewshot.errors import FewshotError
+from fewshot.metrics import METRICS
 
 
 class TableError(FewshotError):
@@ -48,7 +49,10 @@ def _check_results(data: Any) -> None:
     test = data.get("test")
     if not isinstance(test, dict):
         raise ValueError('"test" is missing or not an object')
-    for key in ("acc_mean", "acc_ci95"):
+    metric = test.get("metric", "acc")  # results.json before metrics were named held accuracy
+    if metric not in METRICS:
+        raise ValueError(f'"test.metric" is {metric!r}; fewshot knows {", ".join(METRICS)}')
+    for key in (f"{metric}_mean", f"{metric}_ci95"):
         v = test.get(key)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
             raise ValueError(f'"test.{key}" is missing or not a finite number')

@@ -12,7 +12,8 @@ Cells. A row of the table is one *cell*: the runs that differ only in their seed
   --by name: the key is (name, dataset, ways, shots, source): runs filed under one experiment name are pooled even
       if another recorded setting differs; the row then shows the values joined by "/" and a warning says so.
 
-Numbers. Accuracies are percent. One seed: the run's own mean ± 95% interval over its test episodes
+Numbers. Accuracies are percent; an MSE (regression cells: results.json's test.metric "mse") is shown as it is, and
+never pooled with an accuracy. One seed: the run's own mean ± 95% interval over its test episodes
 (1.96·std/√episodes, from results.json). Several seeds: the mean of the per-seed means ± t·sd/√n_seeds with the
 sample sd (ddof=1) and Student's t 97.5% quantile for n_seeds − 1 degrees of freedom (12.71 for 2 seeds, 4.30 for
 3), i.e. the interval across seeds; a footnote under the table says which rows are pooled.
@@ -89,9 +90,10 @@ def _default_name(row: Row) -> str:
 def to_markdown(rows: Sequence[Row]) -> str:
     """The Markdown table with its footnotes.
 
-    Fixed columns: algo, dataset, setting, accuracy, seeds, episodes, paper, diff. A run-name column appears when
-    some run is not named <algo>_<dataset>_<W>w<K>s (so presets that share a setting can be told apart); settings
-    such as backbone or queries appear as columns when they differ between rows, else in a line under the table."""
+    Fixed columns: algo, dataset, setting, test accuracy (or MSE), seeds, episodes, paper, diff. A run-name column
+    appears when some run is not named <algo>_<dataset>_<W>w<K>s (so presets that share a setting can be told
+    apart); settings such as backbone or queries appear as columns when they differ between rows, else in a line
+    under the table."""
     if not rows:
         return "(no results)\n"
     show_name = any(r.name != _default_name(r) for r in rows)
@@ -102,15 +104,18 @@ def to_markdown(rows: Sequence[Row]) -> str:
         if (f, title) not in varying and getattr(rows[0], f) not in (None, "train")
     ]
 
+    metrics = {r.metric for r in rows}
+    mixed = len(metrics) > 1
+    value_title = {"acc": "test accuracy (%)", "mse": "test MSE"}[metrics.pop()] if not mixed else "test (% or MSE)"
     header = (
         (["run"] if show_name else [])
         + ["algo", "dataset", "setting"]
         + [t for _, t in varying]
-        + ["test accuracy (%)", "seeds", "episodes", "paper (%)", "ours − paper"]
+        + [value_title, "seeds", "episodes", "paper (%)", "ours − paper"]
     )
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
-        acc = _pm(r.acc_mean, r.acc_ci95) + (" †" if r.pooled else "")
+        acc = r.shown + (" MSE" if mixed and r.metric == "mse" else "") + (" †" if r.pooled else "")
         diff = "–" if r.diff is None else f"{r.diff:+.2f}"
         cells = (
             ([r.name] if show_name else [])
@@ -120,7 +125,11 @@ def to_markdown(rows: Sequence[Row]) -> str:
         )
         lines.append("| " + " | ".join(cells) + " |")
 
-    notes = ["", "Accuracy in percent, mean ± 95% interval; ours − paper in points."]
+    notes = [""]
+    if any(r.metric == "acc" for r in rows):
+        notes.append("Accuracy in percent, mean ± 95% interval; ours − paper in points.")
+    if any(r.metric == "mse" for r in rows):
+        notes.append("MSE: the query points' mean squared error after the test-time inner steps, mean ± 95% interval.")
     if any(not r.pooled for r in rows):
         notes.append("One seed: ± the run's own interval over its test episodes, 1.96·std/√episodes.")
     if any(r.pooled for r in rows):
@@ -144,6 +153,8 @@ CSV_COLUMNS = CELL_FIELDS + (
     "episodes",
     "acc_mean",
     "acc_ci95",
+    "mse_mean",
+    "mse_ci95",
     "interval",
     "paper_acc",
     "paper_ci95",
@@ -152,13 +163,14 @@ CSV_COLUMNS = CELL_FIELDS + (
 )
 
 
-def _num(x: Optional[float]) -> Optional[float]:
-    return None if x is None else round(x, 4)  # 4 decimals of a percent: no float noise like 96.00000000000001
+def _num(x: Optional[float], digits: int = 4) -> Optional[float]:
+    return None if x is None else round(x, digits)  # 4 decimals of a percent: no float noise like 96.00000000000001
 
 
 def to_csv(rows: Sequence[Row]) -> str:
     """CSV text, one line per row; acc_mean, acc_ci95, paper_acc, paper_ci95 and diff in percent / points,
-    empty when unknown. `interval` says whether acc_ci95 is across "seeds" or over one run's "episodes"."""
+    empty when unknown; a regression row fills mse_mean and mse_ci95 (6 decimals) in their place. `interval` says
+    whether the interval is across "seeds" or over one run's "episodes"."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -179,8 +191,9 @@ def to_csv(rows: Sequence[Row]) -> str:
                 "n_seeds": r.n_seeds,
                 "seeds": ";".join(map(str, r.seeds)),
                 "episodes": ";".join(map(str, sorted(set(r.episodes)))),
-                "acc_mean": _num(r.acc_mean),
-                "acc_ci95": _num(r.acc_ci95),
+                "metric": r.metric,
+                f"{r.metric}_mean": _num(r.mean, 4 if r.metric == "acc" else 6),
+                f"{r.metric}_ci95": _num(r.ci95, 4 if r.metric == "acc" else 6),
                 "interval": "seeds" if r.pooled else "episodes",
                 "paper_acc": _num(r.paper_acc),
                 "paper_ci95": _num(r.paper_ci95),
