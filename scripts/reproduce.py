@@ -31,6 +31,7 @@ TABLES = {
     "siamese-omniglot": [f"siamese_omniglot_{c}" for c in CELLS] + ["siamese_omniglot_lake_20w1s"],
     "mann-omniglot": ["mann_omniglot_5way", "lstm_baseline_omniglot_5way"],
     "meta-lstm": [f"meta_lstm_{d}_5w{k}s" for d in ("omniglot", "miniimagenet") for k in (1, 5)],
+    "reptile-omniglot": [f"reptile_omniglot_{c}" for c in CELLS],
 }
 
 

@@ -1,6 +1,7 @@
 """Few-shot algorithms. Each module holds one Algorithm, named by its config file in conf/algo/:
 
 maml.MAML (also first-order), maml_l2l.MAMLL2L (learn2learn reference), matching.MatchingNetworks,
-protonet.ProtoNet, siamese.Siamese, mann.MANN (also the LSTM baseline), meta_lstm.MetaLSTM, pretrain (the
-sinusoid baseline). Nothing is imported here, so `import fewshot.algorithms.maml` does not import learn2learn.
+protonet.ProtoNet, siamese.Siamese, mann.MANN (also the LSTM baseline), meta_lstm.MetaLSTM, reptile.Reptile,
+pretrain (the sinusoid baseline). Nothing is imported here, so `import fewshot.algorithms.maml` does not import
+learn2learn.
 """

@@ -29,6 +29,8 @@ class Conv4(nn.Module):
     max_pool=False (MAML Omniglot): stride-2 convs, then the mean over space -> (N, hidden).
     max_pool=True (MAML miniImageNet): stride-1 convs each followed by 2x2 max-pool, then flatten
         -> (N, hidden * s * s) where s = image_size halved `layers` times (5 for 84x84).
+    flatten=True with stride-2 convs (Reptile's Omniglot net): flatten instead of the mean -> (N, hidden * s * s),
+        s = 2 for 28x28.
     """
 
     def __init__(
@@ -39,6 +41,7 @@ class Conv4(nn.Module):
         hidden: int = 64,
         layers: int = 4,
         max_pool: bool = False,
+        flatten: bool = False,
     ) -> None:
         super().__init__()
         if layers < 1 or hidden < 1:
@@ -59,7 +62,8 @@ class Conv4(nn.Module):
             channels = hidden
         self.features = nn.Sequential(*blocks)
         self.max_pool = max_pool
-        self.embedding_dim = hidden * size * size if max_pool else hidden
+        self.flatten = max_pool or flatten
+        self.embedding_dim = hidden * size * size if self.flatten else hidden
         if max_pool and size < 1:
             raise ValueError(f"image_size={image_size} is too small for {layers} max-pooled layers")
         self.head = nn.Linear(self.embedding_dim, out_features) if out_features else None
@@ -70,7 +74,7 @@ class Conv4(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, out_features or embedding_dim)
         h = self.features(x)
-        h = h.flatten(1) if self.max_pool else h.mean(dim=(2, 3))
+        h = h.flatten(1) if self.flatten else h.mean(dim=(2, 3))
         return self.head(h) if self.head is not None else h
 
 
