@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 from fewshot.metrics import METRICS
-from fewshot.resultfiles import TableError, _warn_stderr, collect  # noqa: E402,F401  (collect: re-exported)
+from fewshot.resultfiles import TableError, _warn_stderr, collect, metric_of  # noqa: E402,F401  (collect, metric_of: re-exported)
 
 PROG = "fewshot-table"
 Z95 = 1.96  # normal 95% quantile, as in results.json's own per-run interval (hundreds of test episodes)
@@ -141,10 +141,6 @@ CELL_FIELDS = (
     "metric",
 )
 NAME_FIELDS = ("name", "dataset", "ways", "shots", "source", "metric")
-
-
-def metric_of(result: dict) -> str:
-    return result["test"].get("metric", "acc")  # results.json before metrics were named held accuracy
 
 
 def _field(result: dict, field: str) -> Value:

@@ -36,6 +36,11 @@ def _find_results(path: Path) -> list[Path]:
     return sorted(found)
 
 
+def metric_of(result: dict) -> str:
+    """A results.json's test metric (fewshot.metrics): results.json before metrics were named held accuracy."""
+    return result["test"].get("metric", "acc")
+
+
 def _check_results(data: Any) -> None:
     """Raise ValueError naming the first thing a results.json lacks for the table."""
     if not isinstance(data, dict):
@@ -49,7 +54,7 @@ def _check_results(data: Any) -> None:
     test = data.get("test")
     if not isinstance(test, dict):
         raise ValueError('"test" is missing or not an object')
-    metric = test.get("metric", "acc")  # results.json before metrics were named held accuracy
+    metric = metric_of(data)
     if metric not in METRICS:
         raise ValueError(f'"test.metric" is {metric!r}; fewshot knows {", ".join(METRICS)}')
     for key in (f"{metric}_mean", f"{metric}_ci95"):
