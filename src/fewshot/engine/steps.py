@@ -127,7 +127,8 @@ class GraphStep(EagerStep):
         groups = self.optimizer.param_groups
         if any("capturable" not in g for g in groups):
             name = type(self.optimizer).__name__
-            raise CaptureUnsupported(f"{name} has no capturable mode (use optim=adam or adamw)")
+            # No advice to switch optimizers: Reptile's protocol is its SGD meta step.
+            raise CaptureUnsupported(f"torch.optim.{name} has no capturable mode (Adam and AdamW have one)")
         for group in groups:
             group["capturable"] = True
             for p in group["params"]:  # a resumed state holds its step counters on the CPU
