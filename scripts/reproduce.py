@@ -32,6 +32,8 @@ TABLES = {
     "mann-omniglot": ["mann_omniglot_5way", "lstm_baseline_omniglot_5way"],
     "meta-lstm": [f"meta_lstm_{d}_5w{k}s" for d in ("omniglot", "miniimagenet") for k in (1, 5)],
     "reptile-omniglot": [f"reptile_omniglot_{c}" for c in CELLS],
+    "meta-sgd-omniglot": [f"meta_sgd_omniglot_{c}" for c in CELLS],
+    "meta-sgd-miniimagenet": [f"meta_sgd_miniimagenet_5w{k}s" for k in (1, 5)],
 }
 
 

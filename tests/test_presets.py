@@ -28,6 +28,7 @@ def test_every_cell_of_the_issue_has_a_preset():
     expected |= {f"siamese_omniglot_{c}" for c in cells} | {"siamese_omniglot_lake_20w1s"}
     expected |= {"mann_omniglot_5way", "lstm_baseline_omniglot_5way"}
     expected |= {f"meta_lstm_{d}_5w{k}s" for d in ("omniglot", "miniimagenet") for k in (1, 5)}
+    expected |= {f"meta_sgd_omniglot_{c}" for c in cells} | {f"meta_sgd_miniimagenet_5w{k}s" for k in (1, 5)}
     assert expected <= set(PRESETS)
 
 
@@ -58,6 +59,13 @@ def test_preset_protocol(compose_cfg, preset):
         else:
             assert (cfg.algo.inner_steps, cfg.algo.inner_lr, cfg.episode.queries) == (5, 0.01, 15)
             assert cfg.backbone.name == "conv4_pool" and cfg.backbone.hidden == 32
+    if cfg.algo.name == "meta_sgd":  # Li et al.: one step in training and at test, step sizes from U[0.005, 0.1]
+        assert (cfg.algo.inner_steps, cfg.algo.eval_inner_steps, cfg.algo.first_order) == (1, 1, False)
+        assert (cfg.algo.init_lr_min, cfg.algo.init_lr_max) == (0.005, 0.1)
+        assert cfg.trainer.iterations == 60000 and cfg.eval.episodes == 600
+        maml = compose_cfg("train", [f"experiment={preset.replace('meta_sgd', 'maml')}"])
+        for key in ("episode", "trainer", "eval", "dataset", "backbone"):  # the rest as MAML's preset of the cell
+            assert cfg[key] == maml[key], key
     if cfg.dataset.name == "omniglot" and cfg.algo.name in ("matching", "matching_fce", "protonet"):
         assert cfg.dataset.split == "vinyals"
 

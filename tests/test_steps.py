@@ -83,6 +83,7 @@ def _stepper(cfg, kind, tmp_path):
         ["algo=mann", "algo.slots=16"],
         ["algo=lstm_baseline"],
         ["algo=meta_lstm"],
+        ["algo=meta_sgd"],
     ],
     ids=lambda o: o[0].removeprefix("algo=") + ("-clipped" if "grad_clip" in str(o) else ""),
 )
@@ -106,7 +107,11 @@ def test_static_buffer_step_is_the_eager_step(compose_cfg, tmp_path, overrides):
 
 
 @cuda
-@pytest.mark.parametrize("overrides", [["algo=maml"], ["algo=protonet", "schedule=step", "schedule.step_size=2"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [["algo=maml"], ["algo=meta_sgd"], ["algo=protonet", "schedule=step", "schedule.step_size=2"]],
+    ids=lambda o: o[0].removeprefix("algo="),
+)
 def test_captured_graph_replays_the_eager_update_on_cuda(compose_cfg, tmp_path, overrides):
     """Captured for real: one replay computes, from the same weights, optimizer state and static inputs, the loss,
     gradients and Adam update that the eager code computes. (Two CUDA runs are not compared iteration by iteration:
@@ -238,8 +243,9 @@ def _static_and_plain_evaluation(cfg) -> tuple[dict, EvalGraphs]:
         ["algo=matching_fce"],
         ["algo=siamese"],
         ["algo=meta_lstm"],
+        ["algo=meta_sgd", "algo.eval_inner_steps=2"],
     ],
-    ids=["maml-steps", "mann-instances", "protonet", "matching_fce", "siamese", "meta_lstm-steps"],
+    ids=["maml-steps", "mann-instances", "protonet", "matching_fce", "siamese", "meta_lstm-steps", "meta_sgd-steps"],
 )
 def test_eval_graphs_static_path_is_the_plain_evaluation(compose_cfg, overrides):
     """Validation/test through EvalGraphs' static tensors (eagerly, as on a CPU) gives exactly the plain loop's

@@ -150,10 +150,12 @@ class MAML(Algorithm):
         y: torch.Tensor,
         second_order: bool,
         functorch: bool,
+        lrs: Optional[Weights] = None,
     ) -> Weights:
         """One SGD step on the support loss. functorch: gradients by torch.func.grad (needed under vmap;
         the result stays differentiable for the outer graph, so first order detaches it) instead of
-        torch.autograd.grad (create_graph only for second order)."""
+        torch.autograd.grad (create_graph only for second order). lrs: a step size per weight, by name
+        (Meta-SGD's learned ones); None: the scalar inner_lr."""
 
         def support_loss(w: Weights) -> torch.Tensor:
             return self._loss(call(w, x), y)
@@ -169,17 +171,29 @@ class MAML(Algorithm):
                     torch.autograd.grad(support_loss(weights), tuple(weights.values()), create_graph=second_order),
                 )
             )
-        return {k: torch.add(w, grads[k], alpha=-self.inner_lr) for k, w in weights.items()}
+        if lrs is None:
+            return {k: torch.add(w, grads[k], alpha=-self.inner_lr) for k, w in weights.items()}
+        return {k: w - lrs[k] * grads[k] for k, w in weights.items()}
+
+    def inner_lrs(self) -> tuple[torch.Tensor, ...]:
+        """Meta-learned step sizes, one tensor per parameter of self.net in named_parameters() order; MAML has
+        none (its inner_lr is a constant). They are meta-parameters beside the net's: forward hands them to
+        the inner loop, and the meta-gradient reaches them."""
+        return ()
+
+    def _lr_dict(self, names: Sequence[str], lrs: Sequence[torch.Tensor]) -> Optional[Weights]:
+        return dict(zip(names, lrs)) if lrs else None
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: Optional[int] = None) -> Weights:
         """The weights after `steps` (default eval_inner_steps) inner steps on one task's support set
         (ways*shots, C, H, W), (ways*shots,), detached; self.net is left as it is. For inspection and tests:
         use them with torch.func.functional_call(algo.net, weights, (x,))."""
         weights = {k: p.detach().requires_grad_() for k, p in self.net.named_parameters()}
+        lrs = self._lr_dict(list(weights), [lr.detach() for lr in self.inner_lrs()])
         call = _StatelessCall(self.net)
         steps = self.eval_inner_steps if steps is None else steps
         with torch.enable_grad():
-            weights = self._adapt(call, call, weights, support_x, support_y, steps, False, functorch=False)
+            weights = self._adapt(call, call, weights, support_x, support_y, steps, False, functorch=False, lrs=lrs)
         return {k: w.detach() for k, w in weights.items()}
 
     def _adapt(
@@ -192,10 +206,12 @@ class MAML(Algorithm):
         steps: int,
         second_order: bool,
         functorch: bool,
+        lrs: Optional[Weights] = None,
     ) -> Weights:
         """`steps` inner steps on one task's support set: the first through call, the later ones through later_call."""
         for step in range(steps):
-            weights = self._inner_step(call if step == 0 else later_call, weights, x, y, second_order, functorch)
+            call_now = call if step == 0 else later_call
+            weights = self._inner_step(call_now, weights, x, y, second_order, functorch, lrs)
         return weights
 
     def _task(
@@ -211,6 +227,7 @@ class MAML(Algorithm):
         functorch: bool,
         query_call: Optional[_StatelessCall] = None,
         later_call: Optional[_StatelessCall] = None,
+        lrs: Optional[Weights] = None,
     ) -> tuple[torch.Tensor, ...]:
         """Adapt to one task and score its query set. The first inner step's support pass runs through call, the
         later ones through later_call, the query passes through query_call (both default: call).
@@ -221,7 +238,7 @@ class MAML(Algorithm):
         query_call = query_call or call
         if meta:
             later_call, second_order = later_call or call, not self.first_order
-            weights = self._adapt(call, later_call, weights, support_x, support_y, steps, second_order, functorch)
+            weights = self._adapt(call, later_call, weights, support_x, support_y, steps, second_order, functorch, lrs)
             with torch.enable_grad():
                 logits = query_call(weights, query_x)
                 loss = self._loss(logits, query_y)
@@ -230,7 +247,7 @@ class MAML(Algorithm):
         for _ in range(steps):
             with torch.no_grad():
                 step_acc.append(self._score(query_call(weights, query_x), query_y))
-            weights = self._inner_step(call, weights, support_x, support_y, False, functorch)
+            weights = self._inner_step(call, weights, support_x, support_y, False, functorch, lrs)
         with torch.no_grad():
             logits = query_call(weights, query_x)
             loss = self._loss(logits, query_y)
@@ -238,11 +255,13 @@ class MAML(Algorithm):
         step_acc.append(acc)
         return loss, acc, torch.stack(step_acc)
 
-    def _grouped_query(self, weights: Weights, xs: Sequence[torch.Tensor], steps: int, calls: tuple) -> tuple:
+    def _grouped_query(
+        self, weights: Weights, xs: Sequence[torch.Tensor], steps: int, calls: tuple, lrs: Optional[Weights]
+    ) -> tuple:
         """Meta-training's (losses (T,), accs (T,)) with the inner loop under vmap and the query pass outside it,
         as one grouped network over the tasks (VmapForms.grouped_query)."""
         adapted = torch.func.vmap(
-            lambda w, x, y: self._adapt(*calls, w, x, y, steps, not self.first_order, functorch=True),
+            lambda w, x, y: self._adapt(*calls, w, x, y, steps, not self.first_order, functorch=True, lrs=lrs),
             in_dims=(None, 0, 0),
             randomness="error",
         )(weights, xs[0], xs[1])
@@ -253,7 +272,14 @@ class MAML(Algorithm):
     # ---- many tasks ----------------------------------------------------------------------------------
 
     def _tasks(
-        self, weights: Weights, xs: Sequence[torch.Tensor], steps: int, meta: bool, strategy: str, workers: int = 1
+        self,
+        weights: Weights,
+        xs: Sequence[torch.Tensor],
+        steps: int,
+        meta: bool,
+        strategy: str,
+        workers: int = 1,
+        lrs: Optional[Weights] = None,
     ):
         """_task over the leading task dim of xs = (support_x, support_y, query_x, query_y), stacked:
         (losses (T,), accs (T,)) when meta, else (losses, accs, step_acc (T, steps+1))."""
@@ -261,10 +287,10 @@ class MAML(Algorithm):
             second_order = meta and not self.first_order
             call, later, query = self.forms.calls(self.net, second_order)
             if meta and self.forms.grouped_query and grouped.supports(self.net):
-                return self._grouped_query(weights, xs, steps, (call, later))
+                return self._grouped_query(weights, xs, steps, (call, later), lrs)
             return torch.func.vmap(
                 lambda w, *task: self._task(
-                    call, w, *task, steps=steps, meta=meta, functorch=True, query_call=query, later_call=later
+                    call, w, *task, steps=steps, meta=meta, functorch=True, query_call=query, later_call=later, lrs=lrs
                 ),
                 in_dims=(None, 0, 0, 0, 0),
                 chunk_size=None if meta else self.chunk_size,  # meta-training chunks are taken in forward()
@@ -272,7 +298,9 @@ class MAML(Algorithm):
             )(weights, *xs)
         results = parallel_tasks(
             self.net,
-            lambda call, t: self._task(call, weights, *(x[t] for x in xs), steps=steps, meta=meta, functorch=False),
+            lambda call, t: self._task(
+                call, weights, *(x[t] for x in xs), steps=steps, meta=meta, functorch=False, lrs=lrs
+            ),
             xs[0].shape[0],
             workers,
         )
@@ -286,15 +314,16 @@ class MAML(Algorithm):
         strategy: str,
         workers: int,
     ):
-        """Mean meta-loss, per-task accuracy and the mean meta-gradient w.r.t. `leaves`, never holding
-        more than one chunk's (or, threaded, one task per worker's) graph."""
+        """Mean meta-loss, per-task accuracy and the mean meta-gradient w.r.t. `leaves` (the net's weights, then
+        inner_lrs()), never holding more than one chunk's (or, threaded, one task per worker's) graph."""
         tasks = xs[0].shape[0]
         weights = dict(zip(names, leaves))
+        lrs = self._lr_dict(names, leaves[len(names) :])
         if workers > 1:
 
             def one(call: _StatelessCall, t: int) -> tuple:
                 loss, acc = self._task(
-                    call, weights, *(x[t] for x in xs), steps=self.inner_steps, meta=True, functorch=False
+                    call, weights, *(x[t] for x in xs), steps=self.inner_steps, meta=True, functorch=False, lrs=lrs
                 )
                 return loss.detach(), acc, torch.autograd.grad(loss, leaves, allow_unused=True)
 
@@ -303,7 +332,8 @@ class MAML(Algorithm):
             chunk = self.chunk_size or tasks
             parts = []
             for lo in range(0, tasks, chunk):
-                losses, accs = self._tasks(weights, [x[lo : lo + chunk] for x in xs], self.inner_steps, True, strategy)
+                chunk_xs = [x[lo : lo + chunk] for x in xs]
+                losses, accs = self._tasks(weights, chunk_xs, self.inner_steps, True, strategy, lrs=lrs)
                 total = losses.sum()
                 parts.append((total.detach(), accs, torch.autograd.grad(total, leaves, allow_unused=True)))
         grads = [torch.zeros_like(p) for p in leaves]
@@ -324,16 +354,21 @@ class MAML(Algorithm):
         tasks = episode.tasks
         workers = loop_workers(strategy, device, tasks)
         with torch.enable_grad():  # the inner loop differentiates, also when a caller evaluates under no_grad
-            if not train:
-                weights = {k: p.detach().requires_grad_() for k, p in self.net.named_parameters()}
-                losses, accs, step_acc = self._tasks(weights, xs, self.eval_inner_steps, False, strategy, workers)
-                return self._output(episode.query_y, losses.mean(), accs, step_acc)
             names, params = zip(*self.net.named_parameters())
+            lrs = self.inner_lrs()
+            if not train:
+                weights = {k: p.detach().requires_grad_() for k, p in zip(names, params)}
+                fixed = self._lr_dict(names, [lr.detach() for lr in lrs])
+                losses, accs, step_acc = self._tasks(
+                    weights, xs, self.eval_inner_steps, False, strategy, workers, lrs=fixed
+                )
+                return self._output(episode.query_y, losses.mean(), accs, step_acc)
             if workers > 1 or (self.chunk_size is not None and self.chunk_size < tasks):
                 loss, acc = _MetaGradient.apply(
-                    lambda leaves: self._meta_gradient(names, leaves, xs, strategy, workers), *params
+                    lambda leaves: self._meta_gradient(names, leaves, xs, strategy, workers), *params, *lrs
                 )
             else:  # the whole meta-batch's graph; loss.backward() differentiates through it
-                losses, acc = self._tasks(dict(zip(names, params)), xs, self.inner_steps, True, strategy)
+                weights = dict(zip(names, params))
+                losses, acc = self._tasks(weights, xs, self.inner_steps, True, strategy, lrs=self._lr_dict(names, lrs))
                 loss = losses.mean()
         return self._output(episode.query_y, loss, acc.detach())
