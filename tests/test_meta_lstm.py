@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import straight_and_resumed, untrained_test_accuracy
 from fewshot import engine
 from fewshot.algorithms.meta_lstm import MetaLSTM, preprocess
 from fewshot.checkpoint import load_checkpoint
@@ -200,20 +201,13 @@ def test_bad_setting_on_the_command_line(tmp_path):
 
 
 def test_eval_reproduces_and_resume_is_bit_identical(compose_cfg, tmp_path):
-    straight = train_run(compose_cfg("train", TINY), tmp_path / "straight")
+    straight, resumed, last, _ = straight_and_resumed(compose_cfg, tmp_path, TINY)
+    assert last["iteration"] == 6 and resumed["test"] == straight["test"]
     assert len(straight["test"]["step_acc"]) == 2 + 1  # before the first update and after each
     again = eval_run(
         compose_cfg("eval", [f"checkpoint={tmp_path / 'straight/checkpoints/best.pt'}", "device=cpu"]), tmp_path / "ev"
     )
     assert again["test"] == straight["test"] and again["algo"] == "meta_lstm"
-
-    train_run(compose_cfg("train", [*TINY, "trainer.iterations=3"]), tmp_path / "split")
-    resumed = train_run(compose_cfg("train", TINY), tmp_path / "split")
-    a, b = (load_checkpoint(tmp_path / d / "checkpoints" / "last.pt") for d in ("straight", "split"))
-    assert a["iteration"] == b["iteration"] == 6
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
-    assert resumed["test"] == straight["test"]
 
 
 # ---- real learning on Omniglot ------------------------------------------------------------------------------------
@@ -269,10 +263,8 @@ def test_learns_omniglot_and_its_update_beats_sgd(
     compose_cfg, tmp_path, omniglot_root, omniglot_cache_dir, omniglot_28
 ):
     cfg = compose_cfg("train", [*OMNIGLOT, f"data_root={omniglot_root.parent}", f"cache_dir={omniglot_cache_dir}"])
-    engine.seed_everything(cfg.seed)
-    untrained = engine.build(cfg)
+    untrained, before = untrained_test_accuracy(cfg)
     sampler = engine.make_sampler(untrained, "test")
-    before = engine.evaluate(untrained.algo, sampler, 100, 25, engine.episode_seed(cfg.seed, "test"))["acc_mean"]
     after = train_run(cfg, tmp_path)["test"]
     print(
         f"meta_lstm omniglot 5w1s: untrained {before:.3f} -> trained {after['acc_mean']:.3f} ± {after['acc_ci95']:.3f}"

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import straight_and_resumed, untrained_test_accuracy
 from fewshot import engine
 from fewshot.algorithms.reptile import Reptile, mini_batches
-from fewshot.checkpoint import load_checkpoint
 from fewshot.data.base import Episode
 from fewshot.models.backbones import Conv4
 from fewshot.optim import make_optimizer, make_scheduler
@@ -196,13 +196,8 @@ def test_presets_meta_step_falls_linearly_from_one_to_zero(compose_cfg, preset, 
 
 
 def test_resume_is_bit_identical_with_the_inner_adam_state(compose_cfg, tmp_path):
-    straight = train_run(compose_cfg("train", TINY), tmp_path / "straight")
-    train_run(compose_cfg("train", [*TINY, "trainer.iterations=3"]), tmp_path / "split")
-    resumed = train_run(compose_cfg("train", TINY), tmp_path / "split")
-    a, b = (load_checkpoint(tmp_path / d / "checkpoints" / "last.pt") for d in ("straight", "split"))
-    assert a["iteration"] == b["iteration"] == 6 and a["model"]["adam_step"].item() > 0
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+    straight, resumed, last, _ = straight_and_resumed(compose_cfg, tmp_path, TINY)
+    assert last["iteration"] == 6 and last["model"]["adam_step"].item() > 0
     assert resumed["test"] == straight["test"]
 
 
@@ -231,10 +226,7 @@ OMNIGLOT = [
 @pytest.mark.omniglot
 def test_learns_omniglot(compose_cfg, tmp_path, omniglot_root, omniglot_cache_dir, omniglot_28):
     cfg = compose_cfg("train", [*OMNIGLOT, f"data_root={omniglot_root.parent}", f"cache_dir={omniglot_cache_dir}"])
-    engine.seed_everything(cfg.seed)
-    untrained = engine.build(cfg)
-    sampler = engine.make_sampler(untrained, "test")
-    before = engine.evaluate(untrained.algo, sampler, 100, 25, engine.episode_seed(cfg.seed, "test"))["acc_mean"]
+    _, before = untrained_test_accuracy(cfg)
     after = train_run(cfg, tmp_path)["test"]
     print(f"reptile omniglot 5w1s: untrained {before:.3f} -> trained {after['acc_mean']:.3f} ± {after['acc_ci95']:.3f}")
     assert after["acc_mean"] > 0.6, after
