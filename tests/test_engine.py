@@ -302,7 +302,8 @@ def test_old_matching_checkpoint_rebuilds_with_the_plain_cosine():
 @pytest.mark.parametrize(
     "algo",
     # meta_sgd: its step sizes and their Adam state are meta-parameters beside the net's
-    [["algo=siamese"], ["algo=mann", "algo.slots=16"], ["algo=lstm_baseline"], ["algo=meta_sgd"]],
+    # maml_pp: its epoch counter (MSL's weights) is a buffer
+    [["algo=siamese"], ["algo=mann", "algo.slots=16"], ["algo=lstm_baseline"], ["algo=meta_sgd"], ["algo=maml_pp"]],
     ids=lambda a: a[0],
 )
 def test_resume_is_bit_for_bit_for_every_family(compose_cfg, tmp_path, algo):

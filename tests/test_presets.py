@@ -29,6 +29,7 @@ def test_every_cell_of_the_issue_has_a_preset():
     expected |= {"mann_omniglot_5way", "lstm_baseline_omniglot_5way"}
     expected |= {f"meta_lstm_{d}_5w{k}s" for d in ("omniglot", "miniimagenet") for k in (1, 5)}
     expected |= {f"meta_sgd_omniglot_{c}" for c in cells} | {f"meta_sgd_miniimagenet_5w{k}s" for k in (1, 5)}
+    expected |= {f"maml_pp_omniglot_{c}" for c in cells}
     assert expected <= set(PRESETS)
 
 
@@ -66,6 +67,18 @@ def test_preset_protocol(compose_cfg, preset):
         maml = compose_cfg("train", [f"experiment={preset.replace('meta_sgd', 'maml')}"])
         for key in ("episode", "trainer", "eval", "dataset", "backbone"):  # the rest as MAML's preset of the cell
             assert cfg[key] == maml[key], key
+    if cfg.algo.name == "maml_pp":  # HowToTrainYourMAMLPytorch's omniglot_maml++ configs
+        assert (cfg.algo.inner_steps, cfg.algo.inner_lr, cfg.algo.msl_epochs, cfg.algo.epoch_iterations) == (
+            5,
+            0.1,
+            10,
+            500,
+        )
+        assert cfg.algo.learn_inner_lrs and cfg.algo.per_step_bn and not cfg.algo.first_order
+        assert cfg.algo.first_order_epochs == 0 and cfg.episode.queries == 1 and cfg.trainer.meta_batch_size == 8
+        assert (cfg.trainer.iterations, cfg.trainer.meta_lr, cfg.trainer.val_every) == (50000, 0.001, 500)
+        assert (cfg.schedule.name, cfg.schedule.eta_min) == ("cosine", 1e-5) and cfg.eval.episodes == 600
+        assert cfg.backbone.max_pool and cfg.backbone.leaky_slope == 0.01 and cfg.backbone.hidden == 64
     if cfg.dataset.name == "omniglot" and cfg.algo.name in ("matching", "matching_fce", "protonet"):
         assert cfg.dataset.split == "vinyals"
 

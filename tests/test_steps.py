@@ -84,6 +84,7 @@ def _stepper(cfg, kind, tmp_path):
         ["algo=lstm_baseline"],
         ["algo=meta_lstm"],
         ["algo=meta_sgd"],
+        ["algo=maml_pp", "algo.inner_steps=2", "algo.epoch_iterations=3", "algo.msl_epochs=2"],
     ],
     ids=lambda o: o[0].removeprefix("algo=") + ("-clipped" if "grad_clip" in str(o) else ""),
 )
@@ -109,7 +110,12 @@ def test_static_buffer_step_is_the_eager_step(compose_cfg, tmp_path, overrides):
 @cuda
 @pytest.mark.parametrize(
     "overrides",
-    [["algo=maml"], ["algo=meta_sgd"], ["algo=protonet", "schedule=step", "schedule.step_size=2"]],
+    [
+        ["algo=maml"],
+        ["algo=meta_sgd"],
+        ["algo=maml_pp", "algo.inner_steps=2", "algo.epoch_iterations=2", "algo.msl_epochs=3"],
+        ["algo=protonet", "schedule=step", "schedule.step_size=2"],
+    ],
     ids=lambda o: o[0].removeprefix("algo="),
 )
 def test_captured_graph_replays_the_eager_update_on_cuda(compose_cfg, tmp_path, overrides):
@@ -244,8 +250,18 @@ def _static_and_plain_evaluation(cfg) -> tuple[dict, EvalGraphs]:
         ["algo=siamese"],
         ["algo=meta_lstm"],
         ["algo=meta_sgd", "algo.eval_inner_steps=2"],
+        ["algo=maml_pp", "algo.inner_steps=2"],
     ],
-    ids=["maml-steps", "mann-instances", "protonet", "matching_fce", "siamese", "meta_lstm-steps", "meta_sgd-steps"],
+    ids=[
+        "maml-steps",
+        "mann-instances",
+        "protonet",
+        "matching_fce",
+        "siamese",
+        "meta_lstm-steps",
+        "meta_sgd-steps",
+        "maml_pp-steps",
+    ],
 )
 def test_eval_graphs_static_path_is_the_plain_evaluation(compose_cfg, overrides):
     """Validation/test through EvalGraphs' static tensors (eagerly, as on a CPU) gives exactly the plain loop's

@@ -31,6 +31,7 @@ class Conv4(nn.Module):
         -> (N, hidden * s * s) where s = image_size halved `layers` times (5 for 84x84).
     flatten=True with stride-2 convs (Reptile's Omniglot net): flatten instead of the mean -> (N, hidden * s * s),
         s = 2 for 28x28.
+    leaky_slope > 0: LeakyReLU with that negative slope instead of ReLU (MAML++'s net: 0.01).
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class Conv4(nn.Module):
         layers: int = 4,
         max_pool: bool = False,
         flatten: bool = False,
+        leaky_slope: float = 0.0,
     ) -> None:
         super().__init__()
         if layers < 1 or hidden < 1:
@@ -52,7 +54,7 @@ class Conv4(nn.Module):
             blocks += [
                 nn.Conv2d(channels, hidden, 3, stride=1 if max_pool else 2, padding=1),
                 _batch_norm(2, hidden),
-                nn.ReLU(),
+                nn.LeakyReLU(leaky_slope) if leaky_slope else nn.ReLU(),
             ]
             if max_pool:
                 blocks.append(nn.MaxPool2d(2))
