@@ -79,6 +79,7 @@ def test_preset_protocol(compose_cfg, preset):
         assert (cfg.trainer.iterations, cfg.trainer.meta_lr, cfg.trainer.val_every) == (50000, 0.001, 500)
         assert (cfg.schedule.name, cfg.schedule.eta_min) == ("cosine", 1e-5) and cfg.eval.episodes == 600
         assert cfg.backbone.max_pool and cfg.backbone.leaky_slope == 0.01 and cfg.backbone.hidden == 64
+        assert cfg.eval.ensemble == 5  # the logits of the 5 best validation checkpoints
     if cfg.dataset.name == "omniglot" and cfg.algo.name in ("matching", "matching_fce", "protonet"):
         assert cfg.dataset.split == "vinyals"
 

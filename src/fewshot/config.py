@@ -55,6 +55,9 @@ class EvalConfig:
     # (scripts/bench_gpu.sh): fewshot-eval of a MAML Omniglot 5-way 1-shot model on 600 tasks, 10 inner steps,
     # 16.4 and 19.2 s without, 13.9 and 11.0 s with (whole processes), the same accuracy.
     cuda_graph: bool = True
+    # Test with the final query logits of the N best validation checkpoints averaged (MAML++'s protocol; needs an
+    # algorithm that reports its logits: maml_pp). 1: best.pt alone. fewshot.engine.ensemble.
+    ensemble: int = 1
 
 
 @dataclass

@@ -27,6 +27,7 @@ class AlgoOutput:
     metric: str = "acc"
     step_score: Optional[torch.Tensor] = None  # (T, inner_steps + 1): before adaptation and after each step
     step_kind: str = "step"  # what step_score's axis is: "step" or "instance" (results.json: <kind>_<metric>)
+    logits: Optional[torch.Tensor] = None  # (T, queries, ways) final query logits at test: eval.ensemble averages them
 
     def per_task(self) -> torch.Tensor:
         return self.score
@@ -62,6 +63,8 @@ class Algorithm(nn.Module):
     # The number of ways the model is built for, when it has a classifier head (MAML); None when any
     # number of ways works (metric methods), so they can train 60-way and test 5-way.
     fixed_ways: Optional[int] = None
+    # Whether forward(train=False) fills AlgoOutput.logits, which eval.ensemble averages across checkpoints.
+    reports_logits: bool = False
 
     def forward(self, episode: Episode, train: bool = True) -> AlgoOutput:  # pragma: no cover - interface
         raise NotImplementedError

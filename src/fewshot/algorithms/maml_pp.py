@@ -24,8 +24,8 @@ Inner-loop parameters are every weight of the net but BatchNorm's. Validation an
 inner_steps (per-step parameters exist for those steps only) and report the query accuracy before adapting and
 after each step; first order there, as in the reference's evaluation.
 
-Not here: the reference tests an ensemble of the 5 best validation checkpoints (their final-step logits
-averaged); fewshot tests the best one. The presets say so.
+The reference tests an ensemble of the 5 best validation checkpoints, their final-step logits averaged: the
+engine's eval.ensemble (fewshot.engine.ensemble), which the presets set; forward(train=False) reports the logits.
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ class MAMLPlusPlus(Algorithm):
     strategy: "loop" (task by task, torch.autograd.grad), "vmap" (torch.func over the tasks) or "auto" (vmap on
         CUDA, loop elsewhere).
     """
+
+    reports_logits = True  # its test may average the logits of the best checkpoints (eval.ensemble)
 
     def __init__(
         self,
@@ -150,7 +152,8 @@ class MAMLPlusPlus(Algorithm):
         functorch: bool,
     ) -> tuple[torch.Tensor, ...]:
         """Adapt to one task. meta=True: (loss, acc), the loss the MSL-weighted query losses after each step
-        (step_weights (S,)) or, step_weights None, the final step's. meta=False: (loss, acc, step_acc (S+1,))."""
+        (step_weights (S,)) or, step_weights None, the final step's. meta=False: (loss, acc, step_acc (S+1,),
+        the final query logits)."""
         step_acc, losses = [], []
         if not meta:
             with torch.no_grad():
@@ -176,7 +179,7 @@ class MAMLPlusPlus(Algorithm):
                 logits = self._call(weights, bn, step, query_x)
                 losses.append(F.cross_entropy(logits, query_y))
         if not meta:
-            return F.cross_entropy(logits, query_y), step_acc[-1], torch.stack(step_acc)
+            return F.cross_entropy(logits, query_y), step_acc[-1], torch.stack(step_acc), logits
         loss = (torch.stack(losses) * step_weights).sum() if step_weights is not None else losses[-1]
         return loss, accuracy(logits.detach(), query_y)
 
@@ -211,8 +214,8 @@ class MAMLPlusPlus(Algorithm):
                     [p.detach() for p in bn],
                 )
                 flags = dict(meta=False, second_order=False, step_weights=None)
-                losses, accs, step_acc = self._tasks(xs, strategy, params=params, flags=flags)
-                return AlgoOutput(loss=losses.mean(), score=accs, step_score=step_acc)
+                losses, accs, step_acc, logits = self._tasks(xs, strategy, params=params, flags=flags)
+                return AlgoOutput(loss=losses.mean(), score=accs, step_score=step_acc, logits=logits)
             capturing = _capturing(self.meta_iterations)
             epoch = self.meta_iterations // self.epoch_iterations  # before this iteration's count
             second_order = not self.first_order

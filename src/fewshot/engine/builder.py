@@ -73,6 +73,7 @@ class Settings:
     test_episodes: int
     eval_batch: int  # tasks per forward pass at validation and test (memory, not results)
     eval_graph: bool  # replay validation/test batches as CUDA graphs (eval.cuda_graph)
+    ensemble: int  # test checkpoints whose logits are averaged (eval.ensemble; 1: best.pt)
     train: Shape
     eval: Shape  # validation and test tasks
     logger: Optional[str] = None
@@ -127,6 +128,11 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
             f"eval.ways={eval_shape.ways} but {cfg.algo.name}'s classifier head has {algo.fixed_ways} outputs; "
             "it tests with the ways it trained on: drop eval.ways"
         )
+    if cfg.eval.get("ensemble", 1) > 1 and not algo.reports_logits:
+        raise ConfigError(
+            f"eval.ensemble={cfg.eval.ensemble} averages the test logits of several checkpoints, which "
+            f"algo={cfg.algo.name} does not report (algo=maml_pp does); set eval.ensemble=1"
+        )
     t = cfg.trainer
     settings = Settings(
         name=cfg.name,
@@ -142,6 +148,7 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
         test_episodes=cfg.eval.episodes,
         eval_batch=cfg.eval.meta_batch_size,
         eval_graph=bool(cfg.eval.get("cuda_graph", False)),
+        ensemble=int(cfg.eval.get("ensemble", 1)),
         train=train_shape,
         eval=eval_shape,
         logger=cfg.get("logger"),

@@ -45,6 +45,7 @@ def check_config(cfg: DictConfig) -> None:
         "trainer.log_every": cfg.trainer.log_every,
         "eval.episodes": cfg.eval.episodes,
         "eval.meta_batch_size": cfg.eval.meta_batch_size,
+        "eval.ensemble": cfg.eval.get("ensemble", 1),
     }
     for key in ("inner_lr", "inner_steps", "eval_inner_steps"):
         if key in cfg.algo:

@@ -15,6 +15,7 @@ from fewshot.algorithms.base import Algorithm
 from fewshot.atomic import atomic_write_text
 from fewshot.data.sampler import EpisodeSampler, batch_sizes
 from fewshot.engine.builder import EvalRequest, Run, episode_seed, make_sampler
+from fewshot.engine.ensemble import evaluate_ensemble, load_top
 from fewshot.engine.graphs import EvalGraphs
 from fewshot.engine.results import make_results, write_results
 from fewshot.errors import ConfigError
@@ -74,15 +75,18 @@ def test_checkpoint(run: Run, state: dict, request: EvalRequest, out_dir: Path) 
         return lake_benchmark(run, state, request, out_dir)
     t = run.settings
     sampler = make_sampler(run, request.split)
+    ensemble = f", the {t.ensemble} best validation checkpoints beside it averaged" if t.ensemble > 1 else ""
     print(
-        f"fewshot: {t.name} from {request.checkpoint} (iteration {state['iteration']}) on {run.device}, "
+        f"fewshot: {t.name} from {request.checkpoint} (iteration {state['iteration']}){ensemble} on {run.device}, "
         f"{t.test_episodes} {request.split} episodes, seed {t.seed}"
     )
     tic = time.perf_counter()
-    test = evaluate(
-        run.algo, sampler, t.test_episodes, t.eval_batch, episode_seed(t.seed, request.split), request.split,
-        eval_graphs(run),
-    )  # fmt: skip
+    seed = episode_seed(t.seed, request.split)
+    if t.ensemble > 1:  # the training run's test: its N best validation checkpoints (fewshot.engine.ensemble)
+        members = load_top(Path(request.checkpoint).parent)
+        test = evaluate_ensemble(run.algo, members, sampler, t.test_episodes, t.eval_batch, seed, request.split)
+    else:
+        test = evaluate(run.algo, sampler, t.test_episodes, t.eval_batch, seed, request.split, eval_graphs(run))
     results = make_results(run, test, None, state["best"], test_seconds=time.perf_counter() - tic)
     results["checkpoint"] = str(Path(request.checkpoint).resolve())
     results["eval_split"] = request.split

@@ -24,6 +24,7 @@ from fewshot.engine.checkpoints import (
     save_last,
     truncate_metrics,
 )
+from fewshot.engine.ensemble import evaluate_ensemble, keep_top, load_top
 from fewshot.engine.evaluation import eval_graphs, evaluate
 from fewshot.engine.results import append_csv, make_logger, make_results, plot_curve, write_results
 from fewshot.engine.signals import Interrupted, SignalGuard
@@ -198,8 +199,17 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
                 for key in ("train_loss", f"train_{m}", f"val_{m}"):
                     logger.add_scalar(key, row[key], it)
             progress.reset_window()
-            if metric.score(val[f"{m}_mean"]) > best["val_score"]:
-                best = {"val_score": metric.score(val[f"{m}_mean"]), f"val_{m}": val[f"{m}_mean"], "iteration": it}
+            score = metric.score(val[f"{m}_mean"])
+            top = (
+                keep_top(best.get("top", []), score, it, t.ensemble, ckpt_dir, algo.state_dict)
+                if t.ensemble > 1
+                else None
+            )
+            if score > best["val_score"]:
+                best = {"val_score": score, f"val_{m}": val[f"{m}_mean"], "iteration": it}
+            if top is not None:
+                best["top"] = top  # the test's ensemble (eval.ensemble), carried by every checkpoint
+            if best["iteration"] == it:
                 save_checkpoint(ckpt_dir / "best.pt", state_at(it))
             shown = metric.show(val[f"{m}_mean"], val[f"{m}_ci95"])
             tqdm.write(f"iteration {it}: val {m} {shown} (best at iteration {best['iteration']})")
@@ -230,7 +240,12 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
     algo.load_state_dict(load_checkpoint(ckpt_dir / "best.pt")["model"])
     test_sampler = make_sampler(run, "test")
     tic = time.perf_counter()
-    test = evaluate(algo, test_sampler, t.test_episodes, t.eval_batch, episode_seed(t.seed, "test"), "test", graphs)
+    test_seed = episode_seed(t.seed, "test")
+    if t.ensemble > 1:  # MAML++'s test: the N best validation checkpoints' logits averaged
+        members = load_top(ckpt_dir, best["top"])
+        test = evaluate_ensemble(algo, members, test_sampler, t.test_episodes, t.eval_batch, test_seed, "test")
+    else:
+        test = evaluate(algo, test_sampler, t.test_episodes, t.eval_batch, test_seed, "test", graphs)
     results = make_results(
         run,
         test,

@@ -120,6 +120,17 @@ def results_markdown(results: dict) -> str:
     if f"step_{m}" in test:
         steps = ", ".join(f"{i}: {metric.show(v, None).rstrip('%')}" for i, v in enumerate(test[f"step_{m}"]))
         lines += ["", f"{unit[0].upper() + unit[1:]} after each inner step: {steps}"]
+    if "ensemble" in test:  # eval.ensemble: MAML++'s test
+        members = test["ensemble"]
+        alone = ", ".join(
+            f"{it}: {metric.show(v, None).rstrip('%')}"
+            for it, v in zip(members["iterations"], members["member_acc_mean"])
+        )
+        lines += [
+            "",
+            f"Test: the final query logits of the {len(members['iterations'])} best validation checkpoints averaged; "
+            f"each alone (iteration: {unit}): {alone}",
+        ]
     if f"instance_{m}" in test:  # MANN's sequences: the score at the k-th instance of each class, as Santoro et al.
         values = test[f"instance_{m}"]
         lines += [
