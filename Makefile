@@ -43,9 +43,10 @@ lint: install  ## ruff: lint and format check (line length 120; `ruff format` fi
 test-fast: install  ## tests without the slow real-training ones
 	$(PYTEST) -m "not slow" $(ARGS)
 
-bench: install  ## CPU benchmarks in one process each: sampler and MAML against learn2learn, MANN against its per-step form and compiled
+bench: install  ## CPU benchmarks in one process each: sampler, MAML and Meta-SGD against learn2learn, MAML++ against MAML, MANN against its per-step form and compiled
 	$(PY) scripts/bench_sampler.py
 	$(PY) scripts/bench_maml.py --device cpu
+	$(PY) scripts/bench_descendants.py --device cpu
 	$(PY) scripts/bench_mann.py
 
 TABLE ?= maml-omniglot
