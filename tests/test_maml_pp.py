@@ -189,3 +189,16 @@ def test_learns_omniglot(compose_cfg, tmp_path, omniglot_root, omniglot_cache_di
     print(f"maml_pp omniglot 5w1s: untrained {before:.3f} -> trained {after['acc_mean']:.3f} ± {after['acc_ci95']:.3f}")
     assert after["acc_mean"] > 0.65, after
     assert after["acc_mean"] > before + 0.12, (before, after)
+
+
+def test_bench_descendants_closures_run():
+    """scripts/bench_descendants.py's closures, once each on a CPU (make bench times them)."""
+    from argparse import Namespace
+
+    from conftest import load_script
+
+    bench = load_script("bench_descendants")
+    args = Namespace(block=1, graph=True)  # the graph step runs eagerly on a CPU
+    for make in (bench.meta_sgd_setting, bench.maml_pp_setting):
+        for name, step in make(torch.device("cpu"), args).items():
+            assert step() > 0, name
