@@ -1,5 +1,6 @@
 """Shared fixtures and helpers: Hydra composition of the packaged config tree, real-data locations, scripts as modules,
-a CUDA generator's state, an untrained run's test accuracy, a straight run against a stopped-and-resumed one."""
+a CUDA generator's state, real learning against the untrained model, a straight run against a stopped-and-resumed
+one."""
 
 from __future__ import annotations
 
@@ -65,16 +66,24 @@ def load_script(name: str):
     return module
 
 
-def untrained_test_accuracy(cfg, episodes: int = 100, batch: int = 25):
-    """(the built run, its test accuracy) before any training, over the test episodes the trained run will score:
-    the baseline a short real-learning test must clearly beat (random conv features already classify some
-    Omniglot characters)."""
+def assert_learns(cfg, run_dir: Path, label: str, floor: float, gain: float, batch: int = 25):
+    """Trains cfg in run_dir and asserts its test accuracy above `floor` and above the untrained model's by `gain`,
+    the untrained model scored on the same test tasks (random conv features already classify some Omniglot
+    characters: that is the baseline a short real-learning run must clearly beat). Returns (the untrained run,
+    its accuracy, the trained run's test results)."""
     from fewshot import engine
+    from fewshot.train import run as train_run
 
     engine.seed_everything(cfg.seed)
-    run = engine.build(cfg)
-    sampler = engine.make_sampler(run, "test")
-    return run, engine.evaluate(run.algo, sampler, episodes, batch, engine.episode_seed(cfg.seed, "test"))["acc_mean"]
+    untrained = engine.build(cfg)
+    sampler = engine.make_sampler(untrained, "test")
+    seed = engine.episode_seed(cfg.seed, "test")
+    before = engine.evaluate(untrained.algo, sampler, cfg.eval.episodes, batch, seed)["acc_mean"]
+    after = train_run(cfg, run_dir)["test"]
+    print(f"{label}: untrained {before:.3f} -> trained {after['acc_mean']:.3f} ± {after['acc_ci95']:.3f}")
+    assert after["acc_mean"] > floor, after
+    assert after["acc_mean"] > before + gain, (before, after)
+    return untrained, before, after
 
 
 def straight_and_resumed(compose_cfg, tmp_path: Path, overrides: list[str], stop_at: int = 3):

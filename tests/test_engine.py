@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cuda_generator_state, straight_and_resumed, untrained_test_accuracy
+from conftest import assert_learns, cuda_generator_state, straight_and_resumed
 from fewshot import engine
 from fewshot.checkpoint import load_checkpoint, save_checkpoint
 from fewshot.eval import run as eval_run
@@ -152,11 +152,7 @@ def test_learns_omniglot_5way_1shot(compose_cfg, tmp_path, omniglot_root, omnigl
             "episode.queries=5",
         ],
     )
-    _, before = untrained_test_accuracy(cfg)
-    after = train_run(cfg, tmp_path)["test"]
-    print(f"{algo}: untrained {before:.3f} -> trained {after['acc_mean']:.3f} ± {after['acc_ci95']:.3f}")
-    assert after["acc_mean"] > 0.55, after
-    assert after["acc_mean"] > before + 0.10, (before, after)
+    assert_learns(cfg, tmp_path, algo, floor=0.55, gain=0.10)
 
 
 # Matching Networks at an equal short budget keep up with ProtoNets; the textbook cosine (a nearly flat softmax

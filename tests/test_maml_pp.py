@@ -13,10 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import untrained_test_accuracy
+from conftest import assert_learns
 from fewshot.algorithms.maml_pp import MAMLPlusPlus, loss_weights
 from fewshot.models.backbones import Conv4
-from fewshot.train import run as train_run
 from test_algorithms import meta_grads, random_episode
 
 WAYS, STEPS, MSL_EPOCHS, EPOCH = 5, 3, 4, 10  # EPOCH: meta-iterations per epoch
@@ -184,11 +183,7 @@ OMNIGLOT = [
 @pytest.mark.omniglot
 def test_learns_omniglot(compose_cfg, tmp_path, omniglot_root, omniglot_cache_dir, omniglot_28):
     cfg = compose_cfg("train", [*OMNIGLOT, f"data_root={omniglot_root.parent}", f"cache_dir={omniglot_cache_dir}"])
-    _, before = untrained_test_accuracy(cfg)
-    after = train_run(cfg, tmp_path)["test"]
-    print(f"maml_pp omniglot 5w1s: untrained {before:.3f} -> trained {after['acc_mean']:.3f} ± {after['acc_ci95']:.3f}")
-    assert after["acc_mean"] > 0.65, after
-    assert after["acc_mean"] > before + 0.12, (before, after)
+    assert_learns(cfg, tmp_path, "maml_pp omniglot 5w1s", floor=0.65, gain=0.12)
 
 
 def test_bench_descendants_closures_run():

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import straight_and_resumed, untrained_test_accuracy
+from conftest import assert_learns, straight_and_resumed
 from fewshot import engine
 from fewshot.algorithms.meta_lstm import MetaLSTM, preprocess
 from fewshot.checkpoint import load_checkpoint
@@ -22,7 +22,6 @@ from fewshot.data.base import Episode
 from fewshot.data.sampler import fixed_episodes
 from fewshot.eval import run as eval_run
 from fewshot.models.backbones import Conv4
-from fewshot.train import run as train_run
 
 TINY = [
     "algo=meta_lstm",
@@ -263,14 +262,8 @@ def test_learns_omniglot_and_its_update_beats_sgd(
     compose_cfg, tmp_path, omniglot_root, omniglot_cache_dir, omniglot_28
 ):
     cfg = compose_cfg("train", [*OMNIGLOT, f"data_root={omniglot_root.parent}", f"cache_dir={omniglot_cache_dir}"])
-    untrained, before = untrained_test_accuracy(cfg)
+    untrained, _, _ = assert_learns(cfg, tmp_path, "meta_lstm omniglot 5w1s", floor=0.65, gain=0.25)
     sampler = engine.make_sampler(untrained, "test")
-    after = train_run(cfg, tmp_path)["test"]
-    print(
-        f"meta_lstm omniglot 5w1s: untrained {before:.3f} -> trained {after['acc_mean']:.3f} ± {after['acc_ci95']:.3f}"
-    )
-    assert after["acc_mean"] > 0.65, after
-    assert after["acc_mean"] > before + 0.25, (before, after)
 
     # The learned update on 20 fixed test tasks: at initialisation it lowers the support loss as SGD at the
     # implied rate sigmoid(b_I) does; after meta-training it lowers it far more.

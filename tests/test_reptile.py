@@ -11,13 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import straight_and_resumed, untrained_test_accuracy
+from conftest import assert_learns, straight_and_resumed
 from fewshot import engine
 from fewshot.algorithms.reptile import Reptile, mini_batches
 from fewshot.data.base import Episode
 from fewshot.models.backbones import Conv4
 from fewshot.optim import make_optimizer, make_scheduler
-from fewshot.train import run as train_run
 
 TINY = [
     "experiment=reptile_omniglot_5w1s",
@@ -226,8 +225,4 @@ OMNIGLOT = [
 @pytest.mark.omniglot
 def test_learns_omniglot(compose_cfg, tmp_path, omniglot_root, omniglot_cache_dir, omniglot_28):
     cfg = compose_cfg("train", [*OMNIGLOT, f"data_root={omniglot_root.parent}", f"cache_dir={omniglot_cache_dir}"])
-    _, before = untrained_test_accuracy(cfg)
-    after = train_run(cfg, tmp_path)["test"]
-    print(f"reptile omniglot 5w1s: untrained {before:.3f} -> trained {after['acc_mean']:.3f} ± {after['acc_ci95']:.3f}")
-    assert after["acc_mean"] > 0.6, after
-    assert after["acc_mean"] > before + 0.25, (before, after)
+    assert_learns(cfg, tmp_path, "reptile omniglot 5w1s", floor=0.6, gain=0.25)
