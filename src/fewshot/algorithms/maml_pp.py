@@ -185,15 +185,14 @@ class MAMLPlusPlus(Algorithm):
 
     # ---- the meta-batch ------------------------------------------------------------------------------------------
 
-    def _tasks(self, xs: Sequence[torch.Tensor], strategy: str, **kw) -> tuple[torch.Tensor, ...]:
-        """_task over the leading task dim of xs = (support_x, support_y, query_x, query_y), stacked."""
+    def _tasks(self, xs: Sequence[torch.Tensor], strategy: str, params: tuple, flags: dict) -> tuple[torch.Tensor, ...]:
+        """_task(*params, <task>, **flags) over the leading task dim of xs = (support_x, support_y, query_x,
+        query_y), stacked. params: (weights, step sizes, BatchNorm rows), shared by the tasks."""
         if strategy == "vmap":
             return torch.func.vmap(
-                lambda *task: self._task(*kw["params"], *task, **kw["flags"], functorch=True), randomness="error"
+                lambda *task: self._task(*params, *task, **flags, functorch=True), randomness="error"
             )(*xs)
-        results = [
-            self._task(*kw["params"], *(x[t] for x in xs), **kw["flags"], functorch=False) for t in range(len(xs[0]))
-        ]
+        results = [self._task(*params, *(x[t] for x in xs), **flags, functorch=False) for t in range(len(xs[0]))]
         return tuple(torch.stack(column) for column in zip(*results))
 
     def _epoch(self) -> int:
@@ -214,7 +213,7 @@ class MAMLPlusPlus(Algorithm):
                     [p.detach() for p in bn],
                 )
                 flags = dict(meta=False, second_order=False, step_weights=None)
-                losses, accs, step_acc, logits = self._tasks(xs, strategy, params=params, flags=flags)
+                losses, accs, step_acc, logits = self._tasks(xs, strategy, params, flags)
                 return AlgoOutput(loss=losses.mean(), score=accs, step_score=step_acc, logits=logits)
             capturing = _capturing(self.meta_iterations)
             epoch = self.meta_iterations // self.epoch_iterations  # before this iteration's count
@@ -230,5 +229,5 @@ class MAMLPlusPlus(Algorithm):
             step_weights = loss_weights(epoch, self.inner_steps, self.msl_epochs) if msl else None
             self.meta_iterations += 1
             flags = dict(meta=True, second_order=second_order, step_weights=step_weights)
-            losses, accs = self._tasks(xs, strategy, params=(weights, lrs, bn), flags=flags)
+            losses, accs = self._tasks(xs, strategy, (weights, lrs, bn), flags)
         return AlgoOutput(loss=losses.mean(), score=accs.detach())
