@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from fewshot.algorithms.base import Algorithm
 from fewshot.atomic import atomic_write_text
 from fewshot.data.sampler import EpisodeSampler, batch_sizes
-from fewshot.engine.builder import EvalRequest, Run, episode_seed, make_sampler
+from fewshot.engine.builder import EvalRequest, Run, Settings, episode_seed, make_sampler
 from fewshot.engine.ensemble import evaluate_ensemble, load_top
 from fewshot.engine.graphs import EvalGraphs
 from fewshot.engine.results import make_results, write_results
@@ -62,6 +62,24 @@ def evaluate(
     return result
 
 
+def evaluate_test(
+    algo: Algorithm,
+    sampler: EpisodeSampler,
+    t: Settings,
+    seed: int,
+    desc: str,
+    graphs: Optional[EvalGraphs],
+    ckpt_dir: Path,
+    top: Optional[list[dict]] = None,
+) -> dict[str, Any]:
+    """The test as the run asks for it: the loaded weights (evaluate), or with eval.ensemble > 1 the logits of the
+    run's N best validation checkpoints in ckpt_dir averaged (`top`, default the list in top.json)."""
+    if t.ensemble > 1:
+        members = load_top(ckpt_dir, top)
+        return evaluate_ensemble(algo, members, sampler, t.test_episodes, t.eval_batch, seed, desc)
+    return evaluate(algo, sampler, t.test_episodes, t.eval_batch, seed, desc, graphs)
+
+
 def eval_graphs(run: Run) -> Optional[EvalGraphs]:
     """The run's validation/test graphs when eval.cuda_graph asks for them and the run is on CUDA."""
     return EvalGraphs(run.algo) if run.settings.eval_graph and run.device.type == "cuda" else None
@@ -81,12 +99,8 @@ def test_checkpoint(run: Run, state: dict, request: EvalRequest, out_dir: Path) 
         f"{t.test_episodes} {request.split} episodes, seed {t.seed}"
     )
     tic = time.perf_counter()
-    seed = episode_seed(t.seed, request.split)
-    if t.ensemble > 1:  # the training run's test: its N best validation checkpoints (fewshot.engine.ensemble)
-        members = load_top(Path(request.checkpoint).parent)
-        test = evaluate_ensemble(run.algo, members, sampler, t.test_episodes, t.eval_batch, seed, request.split)
-    else:
-        test = evaluate(run.algo, sampler, t.test_episodes, t.eval_batch, seed, request.split, eval_graphs(run))
+    seed, ckpt_dir = episode_seed(t.seed, request.split), Path(request.checkpoint).parent
+    test = evaluate_test(run.algo, sampler, t, seed, request.split, eval_graphs(run), ckpt_dir)
     results = make_results(run, test, None, state["best"], test_seconds=time.perf_counter() - tic)
     results["checkpoint"] = str(Path(request.checkpoint).resolve())
     results["eval_split"] = request.split

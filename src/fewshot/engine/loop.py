@@ -24,8 +24,8 @@ from fewshot.engine.checkpoints import (
     save_last,
     truncate_metrics,
 )
-from fewshot.engine.ensemble import evaluate_ensemble, keep_top, load_top
-from fewshot.engine.evaluation import eval_graphs, evaluate
+from fewshot.engine.ensemble import keep_top
+from fewshot.engine.evaluation import eval_graphs, evaluate, evaluate_test
 from fewshot.engine.results import append_csv, make_logger, make_results, plot_curve, write_results
 from fewshot.engine.signals import Interrupted, SignalGuard
 from fewshot.engine.steps import DIVERGED, make_step  # noqa: F401  (DIVERGED: re-exported)
@@ -240,12 +240,8 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
     algo.load_state_dict(load_checkpoint(ckpt_dir / "best.pt")["model"])
     test_sampler = make_sampler(run, "test")
     tic = time.perf_counter()
-    test_seed = episode_seed(t.seed, "test")
-    if t.ensemble > 1:  # MAML++'s test: the N best validation checkpoints' logits averaged
-        members = load_top(ckpt_dir, best["top"])
-        test = evaluate_ensemble(algo, members, test_sampler, t.test_episodes, t.eval_batch, test_seed, "test")
-    else:
-        test = evaluate(algo, test_sampler, t.test_episodes, t.eval_batch, test_seed, "test", graphs)
+    seed = episode_seed(t.seed, "test")
+    test = evaluate_test(algo, test_sampler, t, seed, "test", graphs, ckpt_dir, best.get("top"))
     results = make_results(
         run,
         test,
