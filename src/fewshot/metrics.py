@@ -5,6 +5,7 @@ the Metric, so the engine has no branch per metric."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -29,3 +30,16 @@ class Metric:
 ACCURACY = Metric("acc", higher_is_better=True, percent=True, label="accuracy")
 MSE = Metric("mse", higher_is_better=False, percent=False, label="MSE")
 METRICS = {m.name: m for m in (ACCURACY, MSE)}
+
+
+def episode_summary(values, metric: str) -> dict:
+    """results.json's numbers for a 1-d float64 tensor of per-episode scores: the episode count, the metric's name,
+    <metric>_mean and <metric>_ci95 = 1.96 * std / sqrt(episodes) (0 for a single episode)."""
+    episodes = len(values)
+    std = values.std(unbiased=True).item() if episodes > 1 else 0.0
+    return {
+        "episodes": episodes,
+        "metric": metric,
+        f"{metric}_mean": values.mean().item(),
+        f"{metric}_ci95": 1.96 * std / math.sqrt(episodes),
+    }

@@ -11,7 +11,6 @@ validation, as best.pt does.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -23,6 +22,7 @@ from fewshot.atomic import atomic_write_text
 from fewshot.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fewshot.data.sampler import EpisodeSampler, batch_sizes
 from fewshot.errors import ConfigError
+from fewshot.metrics import episode_summary
 
 TOP_LIST = "top.json"
 
@@ -91,12 +91,8 @@ def evaluate_ensemble(
     y = torch.cat(labels)
     per_member = [torch.cat(m) for m in logits]  # (episodes, ways*queries, ways) each
     acc = accuracy(torch.stack(per_member).mean(0), y).double().cpu()  # (episodes,)
-    std = acc.std(unbiased=True).item() if episodes > 1 else 0.0
     return {
-        "episodes": episodes,
-        "metric": "acc",
-        "acc_mean": acc.mean().item(),
-        "acc_ci95": 1.96 * std / math.sqrt(episodes),
+        **episode_summary(acc, "acc"),
         "ensemble": {
             "iterations": [m["iteration"] for m in members],
             "member_acc_mean": [accuracy(m, y).double().mean().item() for m in per_member],

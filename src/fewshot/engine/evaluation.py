@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +18,7 @@ from fewshot.engine.ensemble import evaluate_ensemble, load_top
 from fewshot.engine.graphs import EvalGraphs
 from fewshot.engine.results import make_results, write_results
 from fewshot.errors import ConfigError
+from fewshot.metrics import episode_summary
 
 
 def evaluate(
@@ -49,14 +49,7 @@ def evaluate(
                 steps.append(out.per_step().detach())
             bar.update(n)
     algo.train(was_training)
-    value = torch.cat(values).double().cpu()  # (episodes,)
-    std = value.std(unbiased=True).item() if episodes > 1 else 0.0
-    result: dict[str, Any] = {
-        "episodes": episodes,
-        "metric": metric,
-        f"{metric}_mean": value.mean().item(),
-        f"{metric}_ci95": 1.96 * std / math.sqrt(episodes),
-    }
+    result: dict[str, Any] = episode_summary(torch.cat(values).double().cpu(), metric)  # (episodes,) scores
     if steps:
         result[f"{kind}_{metric}"] = torch.cat(steps).double().mean(0).cpu().tolist()
     return result
