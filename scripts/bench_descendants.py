@@ -7,7 +7,9 @@
 - MAML++ (fewshot.algorithms.maml_pp) at the maml_pp_omniglot_5w1s preset's shape (Conv4 64 with max-pool and leaky
   ReLU, 8 tasks, 1 query per class, 5 steps, the multi-step loss on), its loop and vmap strategies, beside fewshot's
   MAML with 5 steps on the same net and tasks (MAML++'s extra work: per-step BatchNorm rows, step sizes, MSL's query
-  passes); with --graph also MAML++'s captured step. There is no learn2learn MAML++ to compare with.
+  passes); with --graph also MAML++'s captured step. "_after_msl": the same step after MSL's epochs (the presets'
+  last 90%), the final step's query pass alone, which the captured step also becomes since it is captured again
+  when MSL ends. There is no learn2learn MAML++ to compare with.
 
 A meta-iteration is the forward over the meta-batch, loss.backward() and an Adam step (synchronised on CUDA); the
 closures are timed in turns (bench_maml.time_interleaved). Prints one JSON object per setting with the median ms of
@@ -86,12 +88,14 @@ def maml_pp_setting(device: torch.device, args) -> dict:
     net = functools.partial(Conv4, in_channels=1, image_size=28, max_pool=True, leaky_slope=0.01)
     episode = bench.random_episode(5, 1, 1, 8, device, seed=1)
     steps = {}
-    for strategy in ("loop", "vmap"):
-        algo = MAMLPlusPlus(net, 5, inner_steps=5, strategy=strategy).to(device)
-        steps[f"maml_pp_{strategy}"] = bench.meta_step(algo, episode, device, args.block)
+    for msl, suffix in ((10, ""), (0, "_after_msl")):
+        for strategy in ("loop", "vmap"):
+            algo = MAMLPlusPlus(net, 5, inner_steps=5, msl_epochs=msl, strategy=strategy).to(device)
+            steps[f"maml_pp_{strategy}{suffix}"] = bench.meta_step(algo, episode, device, args.block)
+        if args.graph:
+            algo = MAMLPlusPlus(net, 5, msl_epochs=msl).to(device)
+            steps[f"maml_pp_graph{suffix}"] = bench.graph_step(algo, episode, device, args.block)
     steps["maml_5_steps"] = bench.meta_step(MAML(net, 5, inner_lr=0.1, inner_steps=5).to(device), episode, device)
-    if args.graph:
-        steps["maml_pp_graph"] = bench.graph_step(MAMLPlusPlus(net, 5).to(device), episode, device, args.block)
     return steps
 
 

@@ -149,6 +149,23 @@ def test_test_reports_each_step_and_counts_nothing():
     torch.testing.assert_close(out.step_score[:, 0], (logits.argmax(-1) == episode.query_y).double().mean(-1).float())
 
 
+def test_graph_phase_changes_where_the_flow_does():
+    """graph_phase(iteration): (MSL, second order) from the meta-iterations done before it, so a captured step is
+    captured again exactly at the epoch where MSL ends or the order changes; None where nothing ever changes."""
+    msl = make()  # MSL_EPOCHS epochs of EPOCH iterations
+    last_msl = MSL_EPOCHS * EPOCH
+    assert msl.graph_phase(1) == msl.graph_phase(last_msl) == (True, True)
+    assert msl.graph_phase(last_msl + 1) == msl.graph_phase(10**6) == (False, True)
+    annealed = make(msl_epochs=0, first_order_epochs=2)
+    assert annealed.graph_phase(2 * EPOCH) == (False, False) and annealed.graph_phase(2 * EPOCH + 1) == (False, True)
+    for kw in (dict(msl_epochs=0), dict(inner_steps=1), dict(msl_epochs=0, first_order=True, first_order_epochs=2)):
+        assert make(**kw).graph_phase(1) is None, kw
+    # the flow an eager step takes (from the device counter) is the one graph_phase names for that iteration
+    for it in (last_msl, last_msl + 1):
+        msl.meta_iterations.fill_(it - 1)
+        assert msl._flow(msl._epoch()) == msl.graph_phase(it), it
+
+
 @pytest.mark.parametrize(
     "kw", [dict(inner_steps=0), dict(msl_epochs=-1), dict(epoch_iterations=0), dict(first_order_epochs=-2)]
 )

@@ -155,6 +155,71 @@ def _captured_graph_replays_the_eager_update(compose_cfg, tmp_path, overrides):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
 
 
+class _FrozenFlowGraph:
+    """A stand-in for a CUDA graph on the CPU: each replay reruns the captured function with the host-side flow
+    frozen where the capture left it (MAML++ reads its phase from graph_iteration while "capturing"), which is
+    what a real replay does and what a missed recapture would get wrong."""
+
+    def __init__(self, fn, capturing):
+        self.fn, self.capturing, self.outputs = fn, capturing, (torch.zeros(()), torch.zeros(()))
+
+    def replay(self):
+        self.capturing["on"] = True
+        try:
+            for out, value in zip(self.outputs, self.fn()):
+                out.copy_(value.detach())
+        finally:
+            self.capturing["on"] = False
+
+    def reset(self):
+        self.fn = None
+
+
+@pytest.mark.parametrize(
+    "overrides, phases",
+    [  # MSL for epochs 0 and 1 (iterations 1-6), then the final step's query loss alone
+        (["algo.msl_epochs=2"], [(True, True), (False, True)]),
+        # first order for epochs 0 and 1, then second: a graph replayed past its phase would stay first order
+        (["algo.msl_epochs=0", "algo.first_order_epochs=2"], [(False, False), (False, True)]),
+    ],
+    ids=["msl-ends", "order-anneals"],
+)
+def test_graph_is_captured_again_when_the_flow_changes(compose_cfg, tmp_path, monkeypatch, overrides, phases):
+    """MAML++'s step changes its host-side flow at an epoch (graph_phase): GraphStep drops its graph there, warms
+    up again and captures the new flow, with the eager step's results bit for bit. On the CPU the capture is the
+    frozen-flow stand-in above."""
+    from fewshot.algorithms import maml_pp
+
+    capturing = {"on": False}
+    graphs = []
+
+    def fake_capture(fn, device, setting):
+        graphs.append(_FrozenFlowGraph(fn, capturing))
+        return graphs[-1], graphs[-1].outputs, 0, 0
+
+    monkeypatch.setattr(maml_pp, "_capturing", lambda t: capturing["on"])
+    monkeypatch.setattr(steps, "try_capture", fake_capture)
+    monkeypatch.setattr(steps, "on_side_stream", lambda fn, device: fn())
+    flags = ["algo=maml_pp", "algo.inner_steps=2", "algo.epoch_iterations=3", *overrides]
+    cfg = compose_cfg("train", [*TINY, "device=cpu", *flags])
+    run_a, _, eager = _stepper(cfg, "eager", tmp_path)
+    want = [eager(it) for it in range(1, 15)]
+    run_b, _, step = _stepper(cfg, "static", tmp_path)
+    step.capture = True  # capture=False on a CPU: the stand-in captures instead
+    seen = []
+    for it, (la, sa) in enumerate(want, 1):
+        lb, sb = step(it)
+        assert torch.equal(la, lb) and torch.equal(sa, sb), it
+        seen.append((step.graph is not None, step.phase))
+    for (name, a), b in zip(run_a.algo.state_dict().items(), run_b.algo.state_dict().values()):
+        assert torch.equal(a, b), name
+    # eager warm-up at 1-3, captured at 4; the flow changes at 7: eager again at 7-9, captured afresh at 10
+    assert step.captures == 2 and graphs[0].fn is None, step.captures
+    assert [g for g, _ in seen] == [False] * 3 + [True] * 3 + [False] * 3 + [True] * 5
+    assert seen[3][1] == phases[0] and seen[-1][1] == phases[1]
+    assert run_b.algo.graph_iteration == 10
+
+
 def test_divergence_is_recorded_on_the_device_and_raised_at_the_next_check(compose_cfg, tmp_path):
     """The eager step stops before the diverged update; the graph step records the same iteration and loss on the
     device and raises the same message at the loop's next check (the loop checks before it saves anything)."""

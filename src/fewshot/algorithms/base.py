@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Hashable, Optional
 
 import torch
 from torch import nn
@@ -65,6 +65,15 @@ class Algorithm(nn.Module):
     fixed_ways: Optional[int] = None
     # Whether forward(train=False) fills AlgoOutput.logits, which eval.ensemble averages across checkpoints.
     reports_logits: bool = False
+    # The training iteration a CUDA graph of the step is being captured for (set by engine.steps.GraphStep), for
+    # algorithms whose graph_phase changes: what they read instead of a device counter while capturing.
+    graph_iteration: Optional[int] = None
+
+    def graph_phase(self, iteration: int) -> Hashable:
+        """The host-side control flow of training iteration `iteration`'s (1-based) step where it changes during a
+        run, which a captured graph would freeze: GraphStep captures the step afresh when the value changes. None
+        (the default): the same flow every iteration."""
+        return None
 
     def forward(self, episode: Episode, train: bool = True) -> AlgoOutput:  # pragma: no cover - interface
         raise NotImplementedError

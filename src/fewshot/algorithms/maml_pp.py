@@ -17,6 +17,9 @@ What MAML++ adds to MAML, each a setting here:
   resumed runs go on exactly), which a CUDA graph replays correctly.
 - Derivative-order annealing (first_order_epochs): first order for the first first_order_epochs epochs, second
   order after. The shipped Omniglot configs set it off (first_order_to_second_order_epoch -1): 0 here.
+- Whether MSL's intermediate query passes run, and the derivative order, are host-side control flow: a captured
+  step (trainer.cuda_graph) is captured afresh when either changes (graph_phase), so after MSL's epochs the graph
+  computes the final step's query pass alone.
 - Cosine annealing of the meta learning rate is the engine's schedule=cosine (the presets' choice).
 An epoch is epoch_iterations meta-iterations (the reference's 500).
 
@@ -195,8 +198,33 @@ class MAMLPlusPlus(Algorithm):
         results = [self._task(*params, *(x[t] for x in xs), **flags, functorch=False) for t in range(len(xs[0]))]
         return tuple(torch.stack(column) for column in zip(*results))
 
+    def _flow(self, epoch: int) -> tuple[bool, bool]:
+        """(multi-step loss, second order) in `epoch`: the host-side control flow of a training step."""
+        msl = self.msl_epochs > 0 and self.inner_steps > 1 and epoch < self.msl_epochs
+        return msl, not self.first_order and epoch >= self.first_order_epochs
+
+    def _flow_changes(self) -> bool:
+        return (self.msl_epochs > 0 and self.inner_steps > 1) or (not self.first_order and self.first_order_epochs > 0)
+
+    def graph_phase(self, iteration: int) -> Optional[tuple[bool, bool]]:
+        """The flow of training iteration `iteration` (meta-iterations done before it: iteration - 1): a captured
+        step is captured again when MSL ends or the derivative order changes, so that it neither keeps computing
+        query passes whose weight has become 0 nor freezes the first order."""
+        return self._flow((iteration - 1) // self.epoch_iterations) if self._flow_changes() else None
+
     def _epoch(self) -> int:
-        return int(self.meta_iterations) // self.epoch_iterations  # a host read: eager steps only
+        """The epoch of this training step, for its host-side flow: the device counter read on the host in an
+        eager step (only where the flow changes, so other runs never wait on it); while GraphStep captures, the
+        iteration it captures for."""
+        if not self._flow_changes():
+            return 0
+        if not _capturing(self.meta_iterations):
+            return int(self.meta_iterations) // self.epoch_iterations
+        if self.graph_iteration is None:
+            raise RuntimeError(
+                "MAML++'s training step is captured by engine.steps.GraphStep, which sets graph_iteration"
+            )
+        return (self.graph_iteration - 1) // self.epoch_iterations
 
     def forward(self, episode: Episode, train: bool = True) -> AlgoOutput:
         strategy = resolve_strategy(self.strategy, episode.support_x.device)
@@ -215,17 +243,9 @@ class MAMLPlusPlus(Algorithm):
                 flags = dict(meta=False, second_order=False, step_weights=None)
                 losses, accs, step_acc, logits = self._tasks(xs, strategy, params, flags)
                 return AlgoOutput(loss=losses.mean(), score=accs, step_score=step_acc, logits=logits)
-            capturing = _capturing(self.meta_iterations)
+            msl, second_order = self._flow(self._epoch())
+            # MSL's weights within its epochs come from the device counter, which a replayed graph reads right.
             epoch = self.meta_iterations // self.epoch_iterations  # before this iteration's count
-            second_order = not self.first_order
-            if second_order and self.first_order_epochs > 0:
-                if capturing:  # the derivative order is Python control flow: a graph would freeze it
-                    raise RuntimeError(
-                        "MAML++ with first_order_epochs > 0 changes its graph at an epoch: not capturable"
-                    )
-                second_order = self._epoch() >= self.first_order_epochs
-            # MSL's weights come from the device; the host read only skips query passes whose weight is 0.
-            msl = self.msl_epochs > 0 and self.inner_steps > 1 and (capturing or self._epoch() < self.msl_epochs)
             step_weights = loss_weights(epoch, self.inner_steps, self.msl_epochs) if msl else None
             self.meta_iterations += 1
             flags = dict(meta=True, second_order=second_order, step_weights=step_weights)

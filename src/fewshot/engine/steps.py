@@ -9,7 +9,9 @@ Two ways to run the same iteration:
   in the loop synchronises with the host: loss and score stay on the device until the loop reads them at logging,
   validation and checkpoint points, and divergence is recorded on the device (first bad iteration and its loss)
   and raised at the next such point, before anything is saved. With capture=False (and on a CPU) it runs the same
-  static-buffer code eagerly: tests/test_steps.py checks that it computes exactly EagerStep's update.
+  static-buffer code eagerly: tests/test_steps.py checks that it computes exactly EagerStep's update. Where an
+algorithm's step changes its host-side flow during a run (Algorithm.graph_phase: MAML++ when its multi-step loss
+ends), the graph is dropped at that iteration, warmed up again and captured afresh.
 
 Adam and AdamW are captured with capturable=True (their step counters on the device) and the learning rate read
 from a device tensor that the schedule refills each iteration; checkpoints hold the plain (portable) form of the
@@ -111,6 +113,9 @@ class GraphStep(EagerStep):
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.outputs: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self.calls = 0
+        self.warm = 0  # eager iterations since the last capture was dropped: the warm-up before the next
+        self.phase = None  # the algorithm's graph_phase that the graph froze
+        self.captures = 0
         self.pool_bytes = self.peak_bytes = 0  # the graph's memory pool, and its tensors' peak (engine.graphs.capture)
         # Divergence, recorded on the device: the iteration counter, the limit, the first bad iteration and loss.
         zeros = dict(device=self.device)
@@ -175,6 +180,14 @@ class GraphStep(EagerStep):
             self.capture = False
         else:
             self.graph, self.outputs, self.pool_bytes, self.peak_bytes = captured
+            self.captures += 1
+
+    def _drop(self) -> None:
+        """Let the graph go, its memory pool with it: the next WARMUP iterations run eagerly in the new phase (new
+        kernels pick their algorithms outside a capture), then it is captured again."""
+        self.outputs = None
+        self.graph.reset()
+        self.graph, self.warm = None, 0
 
     def __call__(self, it: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and mean score of iteration `it`, on the device; valid until the next call (a replay overwrites
@@ -184,14 +197,19 @@ class GraphStep(EagerStep):
             if self.progress.first_loss is not None:  # a resumed run knows its first loss
                 self._limit.fill_(divergence_limit(self.progress.first_loss))
         self.calls += 1
+        phase = self.algo.graph_phase(it)
+        if self.graph is not None and phase != self.phase:
+            self._drop()  # the step's host-side flow changes here (MAML++ ending its multi-step loss)
         self._draw()
-        if self.graph is None and self.capture and self.calls > WARMUP:
+        if self.graph is None and self.capture and self.warm >= WARMUP:
+            self.phase, self.algo.graph_iteration = phase, it
             self._capture()
         if self.graph is not None:
             self.graph.replay()
             loss, score = self.outputs
         else:
             loss, score = self._eager()
+            self.warm += 1
         if self.progress.first_loss is None:  # the run's first iteration: its one host read of the loss
             self._limit.fill_(divergence_limit(self._first_loss(loss.item())))
             self.check()
