@@ -117,9 +117,17 @@ def test_resume_may_change_test_only_settings(compose_cfg, tmp_path):
     assert results["test"]["episodes"] == 12
 
 
-def test_divergence_without_nan_stops_the_run(compose_cfg, tmp_path):
-    cfg = compose_cfg("train", TINY + ["trainer.meta_lr=1e9", "trainer.iterations=40"])  # MAML: the head explodes
-    with pytest.raises(engine.FewshotError, match=r"the run diverged and stopped"):
+@pytest.mark.parametrize(
+    "algo, lower",
+    [  # the message names the step sizes the run has: the meta one, and the inner one where there is one
+        ("maml", "trainer.meta_lr or algo.inner_lr"),
+        ("meta_sgd", "trainer.meta_lr or algo.init_lr_max"),
+        ("siamese", "trainer.meta_lr"),
+    ],
+)
+def test_divergence_without_nan_stops_the_run(compose_cfg, tmp_path, algo, lower):
+    cfg = compose_cfg("train", TINY + [f"algo={algo}", "trainer.meta_lr=1e9", "trainer.iterations=40"])
+    with pytest.raises(engine.FewshotError, match=rf"the run diverged and stopped; .* Lower {lower}$"):
         train_run(cfg, tmp_path)
     assert not (tmp_path / "results.json").exists()
 

@@ -68,6 +68,8 @@ class MAML(Algorithm):
         loop already holds one task per worker and ignores it.
     """
 
+    step_size_setting = "algo.inner_lr"
+
     def __init__(
         self,
         backbone: BackboneFactory,

@@ -17,6 +17,8 @@ from fewshot.data.base import Episode
 class MAMLL2L(Algorithm):
     """MAML via learn2learn.algorithms.MAML. Arguments as fewshot.algorithms.maml.MAML (without strategy)."""
 
+    step_size_setting = "algo.inner_lr"
+
     def __init__(
         self,
         backbone: BackboneFactory,

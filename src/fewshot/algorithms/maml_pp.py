@@ -80,6 +80,7 @@ class MAMLPlusPlus(Algorithm):
     """
 
     reports_logits = True  # its test may average the logits of the best checkpoints (eval.ensemble)
+    step_size_setting = "algo.inner_lr"  # every learned step size's start
 
     def __init__(
         self,

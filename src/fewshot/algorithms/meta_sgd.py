@@ -34,6 +34,8 @@ class MetaSGD(MAML):
     The step sizes are self.lrs, a ParameterList in the order of self.net.named_parameters().
     """
 
+    step_size_setting = "algo.init_lr_max"  # the learned step sizes start below it
+
     def __init__(
         self,
         backbone: BackboneFactory,

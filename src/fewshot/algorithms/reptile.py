@@ -51,6 +51,8 @@ class Reptile(Algorithm):
     transductive: classify a test task's queries in one batch (True) or each beside the support set (False).
     """
 
+    step_size_setting = "algo.inner_lr"
+
     def __init__(
         self,
         backbone: BackboneFactory,

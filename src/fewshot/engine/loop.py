@@ -181,9 +181,11 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
             metric = METRICS[progress.metric]
             m = metric.name
             if not math.isfinite(val[f"{m}_mean"]):  # it could never become best.pt: say so now
+                inner = algo.step_size_setting
+                lower = f"lower {inner} (or trainer.meta_lr)" if inner else "lower trainer.meta_lr"
                 raise FewshotError(
-                    f"validation {metric.label} is {val[f'{m}_mean']} at iteration {it}: the adapted "
-                    f"model diverges; lower algo.inner_lr (or trainer.meta_lr)"
+                    f"validation {metric.label} is {val[f'{m}_mean']} at iteration {it}: the "
+                    f"{'adapted ' if inner else ''}model diverges; {lower}"
                 )
             train_loss, train_score = progress.window()
             row = {

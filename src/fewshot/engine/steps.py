@@ -43,11 +43,16 @@ def divergence_limit(first: float) -> float:
     return DIVERGED * max(abs(first), 1.0)
 
 
-def divergence_error(loss: float, first: float, it: int, ckpt_dir) -> FewshotError:
+def step_sizes(algo: Algorithm) -> str:
+    """The settings to lower when a run diverges: the meta step size, and the inner one where the algorithm has one."""
+    return " or ".join(filter(None, ("trainer.meta_lr", algo.step_size_setting)))
+
+
+def divergence_error(loss: float, first: float, it: int, ckpt_dir, algo: Algorithm) -> FewshotError:
     what = f"became {loss}" if not math.isfinite(loss) else f"reached {loss:.3g} (it started at {first:.3g})"
     return FewshotError(
         f"training loss {what} at iteration {it}: the run diverged and stopped; the last good "
-        f"checkpoint is in {ckpt_dir}. Lower trainer.meta_lr or algo.inner_lr"
+        f"checkpoint is in {ckpt_dir}. Lower {step_sizes(algo)}"
     )
 
 
@@ -88,7 +93,7 @@ class EagerStep:
         first = self._first_loss(loss)
         # Checked before the step, so the weights stay the last good ones.
         if not math.isfinite(loss) or abs(loss) > divergence_limit(first):
-            raise divergence_error(loss, first, it, self.ckpt_dir)
+            raise divergence_error(loss, first, it, self.ckpt_dir, self.algo)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self._clip()
@@ -222,7 +227,7 @@ class GraphStep(EagerStep):
     def check(self) -> None:
         bad_it = int(self._bad_it.item())
         if bad_it:
-            raise divergence_error(self._bad_loss.item(), self.progress.first_loss, bad_it, self.ckpt_dir)
+            raise divergence_error(self._bad_loss.item(), self.progress.first_loss, bad_it, self.ckpt_dir, self.algo)
 
 
 class CaptureUnsupported(FewshotError):
