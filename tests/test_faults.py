@@ -191,6 +191,19 @@ def test_maml_graph_estimate_warns_before_a_run_outgrows_memory(compose_cfg, mon
     assert capsys.readouterr().err == ""
 
 
+def test_maml_pp_graph_estimate_counts_msl_and_names_the_meta_batch(compose_cfg, monkeypatch, capsys):
+    base = ["dataset=synthetic", "device=cpu", "algo=maml_pp"]
+    msl = engine.build(compose_cfg("train", base))
+    final = engine.build(compose_cfg("train", base + ["algo.msl_epochs=0"]))
+    first = engine.build(compose_cfg("train", base + ["algo.msl_epochs=0", "algo.first_order=true"]))
+    args = ((1, 28, 28), 5, 75, 8, msl.device)
+    assert msl.algo.graph_bytes(*args) > final.algo.graph_bytes(*args) > first.algo.graph_bytes(*args)
+    monkeypatch.setattr(builder, "available_memory", lambda device: 1)
+    engine.warn_if_graph_too_big(msl)
+    err = capsys.readouterr().err
+    assert "warning: maml_pp's training graph needs about" in err and "set trainer.meta_batch_size lower" in err
+
+
 # ---- signals ----------------------------------------------------------------------------------------
 
 

@@ -212,6 +212,24 @@ def activation_elements(net: nn.Module, image_shape: Sequence[int]) -> int:
     return elements // 2
 
 
+def inner_loop_graph_bytes(
+    net: nn.Module,
+    image_shape: Sequence[int],
+    support: int,
+    query: int,
+    steps: int,
+    second_order: bool,
+    query_passes: int,
+    in_flight: int,
+) -> int:
+    """A rough upper estimate of a meta-training step's autograd graph, in bytes (float32). Each inner step keeps
+    the support pass's activations and, second order, its backward pass (the double backward needs both); each query
+    pass on adapted weights adds its own and its backward; `in_flight` tasks at once."""
+    per_image = activation_elements(net, image_shape)
+    per_task = steps * support * per_image * (2 if second_order else 1) + 2 * query * per_image * query_passes
+    return 4 * per_task * in_flight
+
+
 class _MetaGradient(torch.autograd.Function):
     """The mean meta-loss with its gradient computed in forward (by `run`, which frees each task graph as it
     goes); backward hands out that gradient scaled by the incoming one. Like activation checkpointing,

@@ -39,7 +39,7 @@ from fewshot.algorithms.functional import (  # noqa: F401  (STRATEGIES: re-expor
     Weights,
     _MetaGradient,
     _StatelessCall,
-    activation_elements,
+    inner_loop_graph_bytes,
     loop_workers,
     parallel_tasks,
     resolve_strategy,
@@ -107,18 +107,15 @@ class MAML(Algorithm):
     def graph_bytes(
         self, image_shape: Sequence[int], support: int, query: int, tasks: int, device: torch.device
     ) -> int:
-        """A rough upper estimate of one meta-training step's autograd graph, in bytes.
-
-        Each inner step keeps the support pass's activations and, second order, its backward pass (the double
-        backward needs both); the query pass on the adapted weights adds its own. Tasks in flight: one per
-        worker thread in the CPU loop, else chunk_size (or the whole meta-batch)."""
-        per_image = activation_elements(self.net, image_shape)
-        per_step = support * per_image * (1 if self.first_order else 2)
-        per_task = self.inner_steps * per_step + 2 * query * per_image
+        """A rough upper estimate of one meta-training step's autograd graph, in bytes (inner_loop_graph_bytes).
+        Tasks in flight: one per worker thread in the CPU loop, else chunk_size (or the whole meta-batch)."""
         strategy = resolve_strategy(self.strategy, device)
         workers = loop_workers(strategy, torch.device(device), tasks)
         in_flight = workers if workers > 1 else min(tasks, self.chunk_size or tasks)
-        return 4 * per_task * in_flight  # float32
+        second_order = not self.first_order
+        return inner_loop_graph_bytes(
+            self.net, image_shape, support, query, self.inner_steps, second_order, 1, in_flight
+        )
 
     def _regression(self, y: torch.Tensor) -> bool:
         return self.loss == "mse" or (self.loss == "auto" and y.is_floating_point())

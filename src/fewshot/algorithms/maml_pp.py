@@ -41,7 +41,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fewshot.algorithms.base import AlgoOutput, Algorithm, BackboneFactory, accuracy
-from fewshot.algorithms.functional import resolve_strategy
+from fewshot.algorithms.functional import inner_loop_graph_bytes, resolve_strategy
 from fewshot.data.base import Episode
 
 Weights = dict[str, torch.Tensor]
@@ -132,6 +132,17 @@ class MAMLPlusPlus(Algorithm):
             f"ways={self.ways}, inner_steps={self.inner_steps}, learn_inner_lrs={self.lrs[0].requires_grad}, "
             f"per_step_bn={self.per_step_bn}, msl_epochs={self.msl_epochs}, epoch_iterations={self.epoch_iterations}, "
             f"first_order={self.first_order}, first_order_epochs={self.first_order_epochs}, strategy={self.strategy!r}"
+        )
+
+    def graph_bytes(
+        self, image_shape: Sequence[int], support: int, query: int, tasks: int, device: torch.device
+    ) -> int:
+        """A rough upper estimate of the largest training step's autograd graph, in bytes (inner_loop_graph_bytes):
+        MSL's query pass after every step while it lasts, second order unless first_order, every task at once."""
+        msl = self._flow(0)[0]
+        passes = self.inner_steps if msl else 1
+        return inner_loop_graph_bytes(
+            self.net, image_shape, support, query, self.inner_steps, not self.first_order, passes, tasks
         )
 
     # ---- one task ------------------------------------------------------------------------------------------------

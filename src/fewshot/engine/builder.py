@@ -193,10 +193,11 @@ def warn_if_graph_too_big(run: Run) -> None:
     except Exception:  # an estimate must never stop a run
         return
     if need > have:
+        fewer = "algo.chunk_size to fewer tasks" if hasattr(run.algo, "chunk_size") else "trainer.meta_batch_size lower"
         print(
             f"fewshot: warning: {run.record['algo']}'s training graph needs about {need / 2**30:.1f} GiB "
             f"(algo.inner_steps={run.algo.inner_steps}), more than the {have / 2**30:.1f} GiB free on {run.device}; "
-            "set algo.chunk_size to fewer tasks or algo.first_order=true",
+            f"set {fewer} or algo.first_order=true",
             file=sys.stderr,
         )
 
