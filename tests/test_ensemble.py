@@ -12,6 +12,7 @@ from conftest import straight_and_resumed
 from fewshot import engine
 from fewshot.algorithms.base import accuracy
 from fewshot.engine.ensemble import evaluate_ensemble, keep_top, top_file
+from fewshot.engine.graphs import EvalGraphs
 from fewshot.errors import ConfigError
 from fewshot.eval import run as eval_run
 from test_engine import TINY
@@ -60,6 +61,12 @@ def test_one_member_is_the_plain_test_and_members_average_their_logits(compose_c
     alone = [accuracy(x, episode.query_y).double().mean().item() for x in logits]
     assert both["ensemble"]["member_acc_mean"] == pytest.approx(alone, abs=1e-12)
 
+    # Through EvalGraphs' static tasks (eagerly on a CPU; replayed on CUDA), batches of 8, 8 and 4: the same numbers
+    members = [first, {"model": other, "iteration": 2}]
+    plain = evaluate_ensemble(algo, members, sampler, 20, 8, seed, "test")
+    static = evaluate_ensemble(algo, members, sampler, 20, 8, seed, "test", EvalGraphs(algo, capture=False))
+    assert static == plain
+
 
 def test_training_tests_its_top_checkpoints_and_eval_and_resume_reproduce_it(compose_cfg, tmp_path):
     straight, resumed, _, _ = straight_and_resumed(compose_cfg, tmp_path, ENSEMBLE)
@@ -77,3 +84,20 @@ def test_training_tests_its_top_checkpoints_and_eval_and_resume_reproduce_it(com
 def test_an_algorithm_without_logits_is_refused_before_training(compose_cfg):
     with pytest.raises(ConfigError, match="eval.ensemble=2 .* algo=maml does not report"):
         _run(compose_cfg, [*TINY, "algo=maml", "eval.ensemble=2"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the batches are captured there)")
+def test_ensemble_replays_its_batches_on_cuda(compose_cfg):
+    """Captured for real: each member's weights are loaded in place and the captured batches replayed, with the
+    logits the eager ensemble averages (a replay's outputs are copied before the next one overwrites them)."""
+    run = _run(compose_cfg, [o for o in ENSEMBLE if not o.startswith("device=")] + ["device=cuda"])
+    algo, sampler = run.algo, engine.make_sampler(run, "test")
+    first = {"model": {k: v.clone() for k, v in algo.state_dict().items()}, "iteration": 1}
+    torch.manual_seed(1)
+    other = {"model": {k: v.cuda() for k, v in engine.build(compose_cfg("train", ENSEMBLE)).algo.state_dict().items()}}
+    members, seed = [first, {**other, "iteration": 2}], engine.episode_seed(run.settings.seed, "test")
+    plain = evaluate_ensemble(algo, members, sampler, 20, 8, seed, "test")
+    graphs = EvalGraphs(algo)
+    replayed = evaluate_ensemble(algo, members, sampler, 20, 8, seed, "test", graphs)
+    assert all(entry[1] is not None for entry in graphs.entries.values()), "never captured"
+    assert abs(replayed["acc_mean"] - plain["acc_mean"]) < 0.01, (replayed, plain)

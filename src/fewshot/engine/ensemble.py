@@ -21,6 +21,7 @@ from fewshot.algorithms.base import Algorithm, accuracy
 from fewshot.atomic import atomic_write_text
 from fewshot.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fewshot.data.sampler import EpisodeSampler, batch_sizes
+from fewshot.engine.graphs import EvalGraphs
 from fewshot.errors import ConfigError
 from fewshot.metrics import episode_summary
 
@@ -62,10 +63,18 @@ def load_top(ckpt_dir: Path, top: Optional[list[dict]] = None) -> list[dict]:
 
 
 def evaluate_ensemble(
-    algo: Algorithm, members: list[dict], sampler: EpisodeSampler, episodes: int, batch: int, seed: int, desc: str
+    algo: Algorithm,
+    members: list[dict],
+    sampler: EpisodeSampler,
+    episodes: int,
+    batch: int,
+    seed: int,
+    desc: str,
+    graphs: Optional[EvalGraphs] = None,
 ) -> dict[str, Any]:
     """Accuracy over `episodes` fixed tasks (the same as evaluate's for this seed) of the members' averaged final
-    query logits; beside it each member's own accuracy and iteration. Eager: no CUDA graphs."""
+    query logits; beside it each member's own accuracy and iteration. graphs: as evaluate's; each member's weights
+    are loaded in place, so one capture per batch shape serves them all."""
     was_training = algo.training
     algo.eval()
     logits: list[list[torch.Tensor]] = []  # [member][batch] (n, ways*queries, ways)
@@ -76,8 +85,11 @@ def evaluate_ensemble(
             sampler.generator.manual_seed(seed)
             logits.append([])
             for n in batch_sizes(episodes, batch):
-                episode = sampler.sample(n)
-                out = algo(episode, train=False)
+                if graphs is None:
+                    episode = sampler.sample(n)
+                    out = algo(episode, train=False)
+                else:
+                    out, episode = graphs(sampler, n), graphs.episode
                 if out.logits is None:
                     raise ConfigError(
                         f"eval.ensemble={len(members)}: {type(algo).__name__} does not report its query logits "
@@ -85,7 +97,7 @@ def evaluate_ensemble(
                     )
                 logits[-1].append(out.logits.detach())
                 if len(logits) == 1:
-                    labels.append(episode.query_y)
+                    labels.append(episode.query_y.clone())  # static tasks are refilled by the next batch
                 bar.update(n)
     algo.train(was_training)
     y = torch.cat(labels)

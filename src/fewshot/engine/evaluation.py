@@ -69,7 +69,7 @@ def evaluate_test(
     run's N best validation checkpoints in ckpt_dir averaged (`top`, default the list in top.json)."""
     if t.ensemble > 1:
         members = load_top(ckpt_dir, top)
-        return evaluate_ensemble(algo, members, sampler, t.test_episodes, t.eval_batch, seed, desc)
+        return evaluate_ensemble(algo, members, sampler, t.test_episodes, t.eval_batch, seed, desc, graphs)
     return evaluate(algo, sampler, t.test_episodes, t.eval_batch, seed, desc, graphs)
 
 

@@ -79,21 +79,28 @@ class EvalGraphs:
         if self.capture:
             static_shapes()
         self.entries: dict[tuple, tuple[Episode, Optional[torch.cuda.CUDAGraph], Optional[AlgoOutput]]] = {}
+        self.episode: Optional[Episode] = None  # the last call's tasks (static ones: overwritten by the next call)
 
     def __call__(self, sampler, tasks: int) -> AlgoOutput:
         """algo(sampler.sample(tasks), train=False), the same draw and the same result, replayed when it can be."""
         key = (tasks, getattr(sampler, "ways", None), sampler.shots, sampler.queries)
         if key not in self.entries:
-            static = sampler.sample(tasks)
+            static = self.episode = sampler.sample(tasks)
             out, self.entries[key] = self._first(static)
             return out
         static, graph, outputs = self.entries[key]
-        sampler.sample(tasks, out=static)
+        self.episode = sampler.sample(tasks, out=static)
         if graph is None:
             return self.algo(static, train=False)
         graph.replay()
-        steps = None if outputs.step_score is None else outputs.step_score.clone()  # the next replay overwrites
-        return AlgoOutput(outputs.loss.clone(), outputs.score.clone(), outputs.metric, steps, outputs.step_kind)
+
+        def fresh(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t.clone()  # the next replay overwrites the graph's outputs
+
+        return AlgoOutput(
+            fresh(outputs.loss), fresh(outputs.score), outputs.metric, fresh(outputs.step_score), outputs.step_kind,
+            fresh(outputs.logits),
+        )  # fmt: skip
 
     def _first(self, static: Episode) -> tuple[AlgoOutput, tuple]:
         """The first batch of a shape, eagerly, then (on CUDA) its capture."""
