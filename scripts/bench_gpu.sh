@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU check, printing JSON lines. STEPS (default "tests bench run") picks and orders the steps; on an
 # H200 (2026-11-26) tests took 36 s and bench 314 s with the 8 variants there were (there are 10 now):
-#   tests: the CUDA tests (-k cuda: captured graph vs eager step, vmap's meta-gradient vs learn2learn's on CUDA),
-#      whole output in $OUT/tests.txt;
+#   tests: the CUDA tests (-k cuda: captured graph vs eager step, vmap's meta-gradient vs learn2learn's on CUDA,
+#      Meta-SGD's, the replayed ensemble test, samplers' states across devices), whole output in $OUT/tests.txt;
+#   descendants (not in the default STEPS): scripts/bench_descendants.py --device cuda (Meta-SGD, MAML++);
 #   bench: scripts/bench_maml.py --device cuda: learn2learn vs our eager step vs our CUDA-graph step
 #      (trainer.cuda_graph=on), same process, same tasks: ms per meta-iteration, speedups, step memory; at 1 query
 #      per class (the presets: MAML's own code draws queries = shots) and 15 (the issue's bench), with the graph
@@ -49,8 +50,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 tests() {
   timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_steps.py tests/test_algorithms.py \
-    -k cuda >"$OUT/tests.txt" 2>&1
+    tests/test_meta_sgd.py tests/test_ensemble.py tests/test_sampler.py -k cuda >"$OUT/tests.txt" 2>&1
   tail -3 "$OUT/tests.txt"
+}
+
+descendants() {  # Meta-SGD vs learn2learn, MAML++ (MSL and after it; loop, vmap, graph) vs MAML 5 steps
+  echo "== bench_descendants.py" >>"$OUT/bench.log"
+  timeout 200 python3 scripts/bench_descendants.py --device cuda 2>&1 | tee -a "$OUT/bench.log" | grep '^{' \
+    | tee -a "$OUT/bench.jsonl"
 }
 
 bench_one() {  # bench_maml.py arguments; its JSON lines to stdout and bench.jsonl, everything to bench.log
