@@ -3,7 +3,8 @@
 # H200 (2026-11-26) tests took 36 s and bench 314 s with the 8 variants there were (there are 10 now):
 #   tests: the CUDA tests (-k cuda: captured graph vs eager step, vmap's meta-gradient vs learn2learn's on CUDA,
 #      Meta-SGD's, the replayed ensemble test, samplers' states across devices), whole output in $OUT/tests.txt;
-#   descendants (not in the default STEPS): scripts/bench_descendants.py --device cuda (Meta-SGD, MAML++);
+#   descendants (not in the default STEPS): scripts/bench_descendants.py and bench_reptile.py --device cuda
+#      (Meta-SGD, MAML++; Reptile's per-tensor inner Adam against torch.optim.Adam's loop and foreach forms);
 #   bench: scripts/bench_maml.py --device cuda: learn2learn vs our eager step vs our CUDA-graph step
 #      (trainer.cuda_graph=on), same process, same tasks: ms per meta-iteration, speedups, step memory; at 1 query
 #      per class (the presets: MAML's own code draws queries = shots) and 15 (the issue's bench), with the graph
@@ -54,10 +55,13 @@ tests() {
   tail -3 "$OUT/tests.txt"
 }
 
-descendants() {  # Meta-SGD vs learn2learn, MAML++ (MSL and after it; loop, vmap, graph) vs MAML 5 steps
-  echo "== bench_descendants.py" >>"$OUT/bench.log"
-  timeout 200 python3 scripts/bench_descendants.py --device cuda 2>&1 | tee -a "$OUT/bench.log" | grep '^{' \
-    | tee -a "$OUT/bench.jsonl"
+descendants() {  # Meta-SGD vs learn2learn, MAML++ (MSL and after it; loop, vmap, graph) vs MAML 5 steps; Reptile
+  local script
+  for script in bench_descendants bench_reptile; do
+    echo "== $script.py" >>"$OUT/bench.log"
+    timeout 200 python3 "scripts/$script.py" --device cuda 2>&1 | tee -a "$OUT/bench.log" | grep '^{' \
+      | tee -a "$OUT/bench.jsonl"
+  done
 }
 
 bench_one() {  # bench_maml.py arguments; its JSON lines to stdout and bench.jsonl, everything to bench.log

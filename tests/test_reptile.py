@@ -226,3 +226,11 @@ OMNIGLOT = [
 def test_learns_omniglot(compose_cfg, tmp_path, omniglot_root, omniglot_cache_dir, omniglot_28):
     cfg = compose_cfg("train", [*OMNIGLOT, f"data_root={omniglot_root.parent}", f"cache_dir={omniglot_cache_dir}"])
     assert_learns(cfg, tmp_path, "reptile omniglot 5w1s", floor=0.6, gain=0.25)
+
+
+def test_bench_reptile_closures_run():
+    """scripts/bench_reptile.py's closures, once each on a CPU (make bench times them)."""
+    from conftest import load_script
+
+    for name, step in load_script("bench_reptile").steps(torch.device("cpu")).items():
+        assert step() > 0, name
