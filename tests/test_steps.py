@@ -128,10 +128,20 @@ def test_captured_graph_replays_the_eager_update_on_cuda(compose_cfg, tmp_path, 
         _captured_graph_replays_the_eager_update(compose_cfg, tmp_path, overrides)
 
 
-def _captured_graph_replays_the_eager_update(compose_cfg, tmp_path, overrides):
+@cuda
+def test_maml_pp_is_captured_again_when_msl_ends_on_cuda(compose_cfg, tmp_path):
+    """MSL over iterations 1-4: captured at 4, dropped at 5, captured again at 8 without the intermediate query
+    passes; a replay of that graph is the eager update."""
+    overrides = ["algo=maml_pp", "algo.inner_steps=2", "algo.epoch_iterations=2", "algo.msl_epochs=2"]
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        graph = _captured_graph_replays_the_eager_update(compose_cfg, tmp_path, overrides, iterations=9)
+    assert graph.captures == 2 and graph.phase == (False, True), (graph.captures, graph.phase)
+
+
+def _captured_graph_replays_the_eager_update(compose_cfg, tmp_path, overrides, iterations=steps.WARMUP + 2):
     cfg = compose_cfg("train", [*TINY, "device=cuda", *overrides])
     run, optimizer, graph = _stepper(cfg, "graph", tmp_path)
-    for it in range(1, steps.WARMUP + 3):
+    for it in range(1, iterations + 1):
         graph(it)
     assert graph.graph is not None, "the step was never captured"
     assert 0 < graph.peak_bytes <= graph.pool_bytes, (graph.peak_bytes, graph.pool_bytes)  # tensors within the pool
@@ -140,7 +150,7 @@ def _captured_graph_replays_the_eager_update(compose_cfg, tmp_path, overrides):
     state = optimizer_state(optimizer)  # portable: CPU step counters, not capturable
     assert all(v["step"].device.type == "cpu" for v in state["state"].values())
     assert all(v["step"].device.type == "cuda" for v in optimizer.state.values()), "the live state was changed"
-    loss, _ = graph(steps.WARMUP + 3)  # a replay, on the next tasks drawn into graph.static
+    loss, _ = graph(iterations + 1)  # a replay, on the next tasks drawn into graph.static
 
     ref_optimizer = run.optimizer(reference.parameters())
     ref_optimizer.load_state_dict(state)
@@ -153,6 +163,7 @@ def _captured_graph_replays_the_eager_update(compose_cfg, tmp_path, overrides):
     ref_optimizer.step()
     for (name, p), q in zip(algo.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+    return graph
 
 
 class _FrozenFlowGraph:
