@@ -59,25 +59,36 @@ def ours(algo: Reptile, episode: Episode, device: torch.device) -> Callable[[], 
     return step
 
 
-def reference(net: torch.nn.Module, episode: Episode, device: torch.device, foreach: bool) -> Callable[[], float]:
-    adam = torch.optim.Adam(net.parameters(), lr=LR, betas=(0.0, 0.999), eps=1e-8, foreach=foreach)
+def reference_meta_step(
+    net: torch.nn.Module, episode: Episode, batches: torch.Tensor, adam: torch.optim.Adam, meta_step: float
+) -> None:
+    """openai/supervised-reptile's Reptile.train_step in plain PyTorch, in place (tests/test_reptile.py checks
+    fewshot's Reptile against it): one Adam (beta1 0) whose state every task shares (the reference saves and restores
+    only the trainable weights), a copy of the weights per task taking its steps on x[t][b] for each row b of
+    batches[t], then theta + meta_step * (mean phi - theta)."""
+    old = copy.deepcopy(net.state_dict())
     x = torch.cat([episode.support_x, episode.query_x], dim=1)
     y = torch.cat([episode.support_y, episode.query_y], dim=1)
+    new = []
+    for t in range(len(x)):
+        for b in batches[t]:
+            adam.zero_grad()
+            F.cross_entropy(net(x[t][b]), y[t][b]).backward()
+            adam.step()
+        new.append(copy.deepcopy(net.state_dict()))
+        net.load_state_dict(old)
+    mean = {k: torch.stack([s[k] for s in new]).mean(0) for k in old}
+    net.load_state_dict({k: old[k] + meta_step * (mean[k] - old[k]) for k in old})
+
+
+def reference(net: torch.nn.Module, episode: Episode, device: torch.device, foreach: bool) -> Callable[[], float]:
+    adam = torch.optim.Adam(net.parameters(), lr=LR, betas=(0.0, 0.999), eps=1e-8, foreach=foreach)
     batches = mini_batches(TASKS, WAYS * IMAGES, STEPS, BATCH, device)
 
     def step() -> float:
         bench.sync(device)
         start = time.perf_counter()
-        old = copy.deepcopy(net.state_dict())
-        new = []
-        for t in range(TASKS):
-            for b in batches[t]:
-                adam.zero_grad()
-                F.cross_entropy(net(x[t][b]), y[t][b]).backward()
-                adam.step()
-            new.append(copy.deepcopy(net.state_dict()))
-            net.load_state_dict(old)
-        net.load_state_dict({k: torch.stack([s[k] for s in new]).mean(0) for k in old})
+        reference_meta_step(net, episode, batches, adam, 1.0)
         bench.sync(device)
         return (time.perf_counter() - start) * 1e3
 

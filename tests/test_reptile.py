@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_learns, straight_and_resumed
+from conftest import assert_learns, load_script, straight_and_resumed
 from fewshot import engine
 from fewshot.algorithms.reptile import Reptile, mini_batches
 from fewshot.data.base import Episode
@@ -54,25 +54,9 @@ def random_episode(tasks: int = 3, shots: int = 2, queries: int = 2, seed: int =
 # ---- against the reference's loop -------------------------------------------------------------------------------
 
 
-def reference_meta_step(net, episode: Episode, batches, inner_lr: float, meta_step: float, adam=None):
-    """supervised-reptile's Reptile.train_step with plain PyTorch: one Adam (beta1 0) whose state every task shares
-    (the reference saves and restores only the trainable weights), a copy of the weights per task, then
-    theta + meta_step * (mean phi - theta). Returns the new net and the Adam."""
-    old = copy.deepcopy(net.state_dict())
-    adam = adam or torch.optim.Adam(net.parameters(), lr=inner_lr, betas=(0.0, 0.999), eps=1e-8)
-    x = torch.cat([episode.support_x, episode.query_x], dim=1)
-    y = torch.cat([episode.support_y, episode.query_y], dim=1)
-    new = []
-    for t in range(len(x)):
-        for b in batches[t]:
-            adam.zero_grad()
-            F.cross_entropy(net(x[t][b]), y[t][b]).backward()
-            adam.step()
-        new.append(copy.deepcopy(net.state_dict()))
-        net.load_state_dict(old)
-    mean = {k: torch.stack([s[k] for s in new]).mean(0) for k in old}
-    net.load_state_dict({k: old[k] + meta_step * (mean[k] - old[k]) for k in old})
-    return net, adam
+# openai/supervised-reptile's train_step retold in plain PyTorch: one home, scripts/bench_reptile.py, which times
+# fewshot's step against it.
+reference_meta_step = load_script("bench_reptile").reference_meta_step
 
 
 # A convolution's bias before BatchNorm has a gradient of zero up to rounding (BatchNorm subtracts the batch mean),
@@ -97,7 +81,8 @@ def test_meta_step_is_the_references_and_carries_the_inner_adam_over():
         out = algo(episode, train=True)
         out.loss.backward()
         outer.step()
-        ref, adam = reference_meta_step(ref, episode, batches, 0.01, 0.7, adam)
+        adam = adam or torch.optim.Adam(ref.parameters(), lr=0.01, betas=(0.0, 0.999), eps=1e-8)
+        reference_meta_step(ref, episode, batches, adam, 0.7)
         m, v, step = algo.adam_state()
         assert step.item() == 12 * (it + 1)  # 3 tasks x 4 steps, never reset
         for (name, p), q, v_i in zip(algo.net.named_parameters(), ref.parameters(), v):
@@ -230,7 +215,5 @@ def test_learns_omniglot(compose_cfg, tmp_path, omniglot_root, omniglot_cache_di
 
 def test_bench_reptile_closures_run():
     """scripts/bench_reptile.py's closures, once each on a CPU (make bench times them)."""
-    from conftest import load_script
-
     for name, step in load_script("bench_reptile").steps(torch.device("cpu")).items():
         assert step() > 0, name
