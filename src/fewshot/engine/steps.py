@@ -10,8 +10,8 @@ Two ways to run the same iteration:
   validation and checkpoint points, and divergence is recorded on the device (first bad iteration and its loss)
   and raised at the next such point, before anything is saved. With capture=False (and on a CPU) it runs the same
   static-buffer code eagerly: tests/test_steps.py checks that it computes exactly EagerStep's update. Where an
-algorithm's step changes its host-side flow during a run (Algorithm.graph_phase: MAML++ when its multi-step loss
-ends), the graph is dropped at that iteration, warmed up again and captured afresh.
+  algorithm's step changes its host-side flow during a run (Algorithm.graph_phase: MAML++ when its multi-step loss
+  ends), the graph is dropped at that iteration, warmed up again and captured afresh.
 
 Adam and AdamW are captured with capturable=True (their step counters on the device) and the learning rate read
 from a device tensor that the schedule refills each iteration; checkpoints hold the plain (portable) form of the
@@ -118,7 +118,7 @@ class GraphStep(EagerStep):
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.outputs: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self.calls = 0
-        self.warm = 0  # eager iterations since the last capture was dropped: the warm-up before the next
+        self.warm = 0  # eager iterations since the start or the last drop: the warm-up before a capture
         self.phase = None  # the algorithm's graph_phase that the graph froze
         self.captures = 0
         self.pool_bytes = self.peak_bytes = 0  # the graph's memory pool, and its tensors' peak (engine.graphs.capture)
