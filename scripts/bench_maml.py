@@ -104,9 +104,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def meta_step(algo: torch.nn.Module, episode: Episode, device: torch.device, block: int = 1) -> Callable[[], float]:
-    """A closure running `block` meta-iterations (forward, backward, Adam step) and returning ms per iteration."""
-    optimizer = torch.optim.Adam(algo.parameters(), lr=1e-3)
+def meta_step(
+    algo: torch.nn.Module,
+    episode: Episode,
+    device: torch.device,
+    block: int = 1,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Callable[[], float]:
+    """A closure running `block` meta-iterations (forward, backward, optimizer step: Adam at 1e-3 unless given)
+    and returning ms per iteration."""
+    optimizer = optimizer or torch.optim.Adam(algo.parameters(), lr=1e-3)
 
     def step() -> float:
         sync(device)

@@ -44,21 +44,6 @@ _spec.loader.exec_module(bench)
 WAYS, IMAGES, TASKS, STEPS, BATCH, LR = 5, 10, 5, 5, 10, 1e-3
 
 
-def ours(algo: Reptile, episode: Episode, device: torch.device) -> Callable[[], float]:
-    meta = torch.optim.SGD(algo.parameters(), lr=1.0)
-
-    def step() -> float:
-        bench.sync(device)
-        start = time.perf_counter()
-        meta.zero_grad(set_to_none=True)
-        algo(episode, train=True).loss.backward()
-        meta.step()
-        bench.sync(device)
-        return (time.perf_counter() - start) * 1e3
-
-    return step
-
-
 def reference_meta_step(
     net: torch.nn.Module, episode: Episode, batches: torch.Tensor, adam: torch.optim.Adam, meta_step: float
 ) -> None:
@@ -101,7 +86,7 @@ def steps(device: torch.device) -> dict[str, Callable[[], float]]:
     algo = Reptile(backbone, WAYS, inner_lr=LR, inner_steps=STEPS, inner_batch=BATCH).to(device)
     episode = bench.random_episode(WAYS, 1, IMAGES - 1, TASKS, device, seed=1)
     return {
-        "ours": ours(algo, episode, device),
+        "ours": bench.meta_step(algo, episode, device, optimizer=torch.optim.SGD(algo.parameters(), lr=1.0)),
         "adam_loop": reference(copy.deepcopy(algo.net), episode, device, foreach=False),
         "adam_foreach": reference(copy.deepcopy(algo.net), episode, device, foreach=True),
     }

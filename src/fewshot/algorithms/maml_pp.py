@@ -216,7 +216,8 @@ class MAMLPlusPlus(Algorithm):
         return msl, not self.first_order and epoch >= self.first_order_epochs
 
     def _flow_changes(self) -> bool:
-        return (self.msl_epochs > 0 and self.inner_steps > 1) or (not self.first_order and self.first_order_epochs > 0)
+        """Whether the flow differs anywhere from epoch 0's: by the later of the two switches, both have happened."""
+        return self._flow(0) != self._flow(max(self.msl_epochs, self.first_order_epochs))
 
     def graph_phase(self, iteration: int) -> Optional[tuple[bool, bool]]:
         """The flow of training iteration `iteration` (meta-iterations done before it: iteration - 1): a captured
