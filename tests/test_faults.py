@@ -111,6 +111,28 @@ def test_resume_refuses_other_validation_tasks(compose_cfg, tmp_path, change):
         train_run(compose_cfg("train", common + [change]), tmp_path)
 
 
+def _forget(path: Path, *keys: str) -> None:
+    """Rewrite a checkpoint as an older fewshot (or torch) wrote it: without the settings `keys` added since."""
+    state = load_checkpoint(path)
+    for key in keys:
+        group, name = key.split(".")
+        del state["config"][group][name]
+    save_checkpoint(path, state)
+
+
+def test_resume_after_an_upgrade_added_settings(compose_cfg, tmp_path):
+    # An old checkpoint lacks what fewshot added later (backbone.leaky_slope, eval.ensemble) and what a newer
+    # torch's Adam takes (decoupled_weight_decay): absent, they meant their defaults, so the run resumes.
+    train_run(compose_cfg("train", TINY + ["trainer.iterations=3"]), tmp_path)
+    last = tmp_path / "checkpoints" / "last.pt"
+    _forget(last, "backbone.leaky_slope", "eval.ensemble", "optim.decoupled_weight_decay")
+    assert train_run(compose_cfg("train", TINY + ["trainer.iterations=5"]), tmp_path)["iterations"] == 5
+    # A setting the run asks for away from its default was not what the old checkpoint meant: refused.
+    _forget(last, "backbone.leaky_slope")
+    with pytest.raises(CheckpointError, match=r"other settings \(backbone.leaky_slope: 0.0 -> 0.01\)"):
+        train_run(compose_cfg("train", TINY + ["trainer.iterations=6", "backbone.leaky_slope=0.01"]), tmp_path)
+
+
 def test_resume_may_change_test_only_settings(compose_cfg, tmp_path):
     train_run(compose_cfg("train", TINY + ["trainer.iterations=3"]), tmp_path)
     results = train_run(compose_cfg("train", TINY + ["eval.episodes=12", "eval.meta_batch_size=3"]), tmp_path)

@@ -127,6 +127,38 @@ def upgrade_config(config: dict) -> dict:
     if isinstance(algo, dict) and algo.get("name") in ("matching", "matching_fce") and "similarity" not in algo:
         # Before algo.similarity, Matching Networks used the plain cosine, unscaled.
         config["algo"] = {**algo, "similarity": "cosine", "scale": 1.0, "learn_scale": False}
+    return _with_defaults(config)
+
+
+def _with_defaults(config: dict) -> dict:
+    """Keys a checkpoint lacks because fewshot (or torch, for the optimizer) added them after it was written take
+    today's defaults: a new setting's default keeps the old behaviour (one that does not, like Matching Networks'
+    similarity above, is upgraded explicitly). Without this, a run could not be resumed after an upgrade."""
+    from hydra.utils import get_object
+    from omegaconf import OmegaConf
+
+    from fewshot.config import TrainConfig
+    from fewshot.schemas import schema_for
+
+    def known(node: dict) -> dict:  # the schema's values, without the ones it leaves unset (???)
+        return {k: v for k, v in node.items() if v != "???"}
+
+    top = OmegaConf.to_container(OmegaConf.structured(TrainConfig))
+    for key, default in known(top).items():
+        mine = config.get(key)
+        config[key] = (
+            {**default, **mine} if isinstance(default, dict) and isinstance(mine, dict) else config.get(key, default)
+        )
+    for kind in ("algo", "backbone", "dataset", "optim", "schedule"):
+        node = config.get(kind)
+        if not (isinstance(node, dict) and isinstance(node.get("_target_"), str)):
+            continue
+        try:
+            target = get_object(node["_target_"])
+        except Exception:  # a class that no longer exists: nothing to complete; the comparison names the key
+            continue
+        schema = OmegaConf.to_container(OmegaConf.structured(schema_for(target, str(node.get("name")), kind)))
+        config[kind] = {**known(schema), **node}
     return config
 
 
