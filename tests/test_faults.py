@@ -133,6 +133,13 @@ def test_resume_after_an_upgrade_added_settings(compose_cfg, tmp_path):
         train_run(compose_cfg("train", TINY + ["trainer.iterations=6", "backbone.leaky_slope=0.01"]), tmp_path)
 
 
+def test_resume_refuses_to_stretch_a_schedule(compose_cfg, tmp_path):
+    # cosine's T_max is trainer.iterations: training longer would change the steps already taken
+    train_run(compose_cfg("train", TINY + ["schedule=cosine", "trainer.iterations=3"]), tmp_path)
+    with pytest.raises(CheckpointError, match=r"schedule spans its 3 iterations \(schedule.T_max: 3 -> 5\)"):
+        train_run(compose_cfg("train", TINY + ["schedule=cosine", "trainer.iterations=5"]), tmp_path)
+
+
 def test_resume_may_change_test_only_settings(compose_cfg, tmp_path):
     train_run(compose_cfg("train", TINY + ["trainer.iterations=3"]), tmp_path)
     results = train_run(compose_cfg("train", TINY + ["eval.episodes=12", "eval.meta_batch_size=3"]), tmp_path)

@@ -183,6 +183,12 @@ def check_same_run(state: dict, config: dict, path: Path) -> None:
         diffs = ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in changed[:4]) + (
             " ..." if len(changed) > 4 else ""
         )
+        was, now = old.get("trainer.iterations"), new.get("trainer.iterations")
+        if was != now and all(k.startswith("schedule.") for k in changed):  # cosine's T_max, linear's total_iters
+            raise CheckpointError(
+                f"{path} holds a run whose learning-rate schedule spans its {was} iterations ({diffs}), so it "
+                f"cannot be trained to {now}: use a new run folder (the default)"
+            )
         raise CheckpointError(
             f"{path} holds a run with other settings ({diffs}); use a new run folder "
             "(the default) or the run's own settings to resume it"
