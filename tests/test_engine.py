@@ -73,8 +73,10 @@ def test_checkpoint_is_self_describing(tiny_run):
     assert {"python", "numpy", "torch", "cuda"} <= set(state["rng"])
 
 
-def test_eval_reproduces_training_test_number(tiny_run, compose_cfg, tmp_path):
-    cfg, run_dir, results = tiny_run("algo=maml")
+# reptile: its test draws inner mini-batches of 5 at random, out of 10 support images with 2 shots
+@pytest.mark.parametrize("algo, shots", [("maml", 1), ("reptile", 2)])
+def test_eval_reproduces_training_test_number(tiny_run, compose_cfg, tmp_path, algo, shots):
+    cfg, run_dir, results = tiny_run(f"algo={algo}", f"episode.shots={shots}")
     ecfg = compose_cfg("eval", [f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "device=cpu"])
     again = eval_run(ecfg, tmp_path / "eval")
     assert again["test"] == results["test"]
@@ -89,12 +91,15 @@ def test_eval_reproduces_training_test_number(tiny_run, compose_cfg, tmp_path):
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["test"] == results["test"]
 
 
-def test_same_seed_same_run(tiny_run):
-    _, a_dir, a = tiny_run("algo=protonet", "seed=3")
-    _, _, b = tiny_run("algo=protonet", "seed=3", "trainer.val_every=6")  # validation does not disturb training
-    wa = load_checkpoint(a_dir / "checkpoints" / "last.pt")["model"]
-    assert a["test"]["acc_mean"] != 0
-    assert all(torch.equal(v, load_checkpoint(a_dir / "checkpoints" / "last.pt")["model"][k]) for k, v in wa.items())
+@pytest.mark.parametrize("algo", ["protonet", "reptile", "mann"])  # reptile draws at random while it validates
+def test_validation_does_not_disturb_training(tiny_run, algo):
+    # validating at 3 and 6, or at 6 only: the same training, to the bit (two run folders)
+    _, a_dir, a = tiny_run(f"algo={algo}", "seed=3")
+    _, b_dir, b = tiny_run(f"algo={algo}", "seed=3", "trainer.val_every=6", "name=validated_once")
+    assert a_dir != b_dir
+    assert [len((d / "metrics.csv").read_text().splitlines()) for d in (a_dir, b_dir)] == [3, 2]  # header + rows
+    wa, wb = (load_checkpoint(d / "checkpoints" / "last.pt")["model"] for d in (a_dir, b_dir))
+    assert wa.keys() == wb.keys() and all(torch.equal(v, wb[k]) for k, v in wa.items())
 
 
 def test_cli_train_then_eval(tmp_path):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -85,3 +86,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def fixed_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """torch's generators (the CPU's and `device`'s) seeded with `seed` inside and restored after. Evaluation runs
+    in it: what an algorithm draws while it tests (Reptile's inner mini-batches) is then fixed by the seed, as the
+    tasks are, so fewshot-eval repeats a run's test, and validating leaves training's random stream as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield

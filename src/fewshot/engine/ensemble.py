@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from fewshot.algorithms.base import Algorithm, accuracy
 from fewshot.atomic import atomic_write_text
-from fewshot.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fewshot.checkpoint import CheckpointError, fixed_rng, load_checkpoint, save_checkpoint
 from fewshot.data.sampler import EpisodeSampler, batch_sizes
 from fewshot.engine.graphs import EvalGraphs
 from fewshot.errors import ConfigError
@@ -77,6 +77,7 @@ def evaluate_ensemble(
     are loaded in place, so one capture per batch shape serves them all."""
     was_training = algo.training
     algo.eval()
+    device = next(algo.parameters()).device
     logits: list[list[torch.Tensor]] = []  # [member][batch] (n, ways*queries, ways)
     labels: list[torch.Tensor] = []
     with tqdm(total=episodes * len(members), desc=f"{desc} (ensemble)", unit="task", leave=False) as bar:
@@ -84,21 +85,22 @@ def evaluate_ensemble(
             algo.load_state_dict(member["model"])
             sampler.generator.manual_seed(seed)
             logits.append([])
-            for n in batch_sizes(episodes, batch):
-                if graphs is None:
-                    episode = sampler.sample(n)
-                    out = algo(episode, train=False)
-                else:
-                    out, episode = graphs(sampler, n), graphs.episode
-                if out.logits is None:
-                    raise ConfigError(
-                        f"eval.ensemble={len(members)}: {type(algo).__name__} does not report its query logits "
-                        "(algo=maml_pp does); set eval.ensemble=1"
-                    )
-                logits[-1].append(out.logits.detach())
-                if len(logits) == 1:
-                    labels.append(episode.query_y.clone())  # static tasks are refilled by the next batch
-                bar.update(n)
+            with fixed_rng(seed, device):  # each member draws what evaluate would
+                for n in batch_sizes(episodes, batch):
+                    if graphs is None:
+                        episode = sampler.sample(n)
+                        out = algo(episode, train=False)
+                    else:
+                        out, episode = graphs(sampler, n), graphs.episode
+                    if out.logits is None:
+                        raise ConfigError(
+                            f"eval.ensemble={len(members)}: {type(algo).__name__} does not report its query "
+                            "logits (algo=maml_pp does); set eval.ensemble=1"
+                        )
+                    logits[-1].append(out.logits.detach())
+                    if len(logits) == 1:
+                        labels.append(episode.query_y.clone())  # static tasks are refilled by the next batch
+                    bar.update(n)
     algo.train(was_training)
     y = torch.cat(labels)
     per_member = [torch.cat(m) for m in logits]  # (episodes, ways*queries, ways) each

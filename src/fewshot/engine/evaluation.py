@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from fewshot.algorithms.base import Algorithm
 from fewshot.atomic import atomic_write_text
+from fewshot.checkpoint import fixed_rng
 from fewshot.data.sampler import EpisodeSampler, batch_sizes
 from fewshot.engine.builder import EvalRequest, Run, Settings, episode_seed, make_sampler
 from fewshot.engine.ensemble import evaluate_ensemble, load_top
@@ -39,7 +40,8 @@ def evaluate(
     was_training = algo.training
     algo.eval()
     values, steps, metric, kind = [], [], "acc", "step"  # the names the algorithm reports (fewshot.metrics)
-    with tqdm(total=episodes, desc=desc, unit="task", leave=False, dynamic_ncols=True) as bar:
+    device = next(algo.parameters()).device
+    with tqdm(total=episodes, desc=desc, unit="task", leave=False, dynamic_ncols=True) as bar, fixed_rng(seed, device):
         sampler.generator.manual_seed(seed)
         for n in batch_sizes(episodes, batch):
             out = algo(sampler.sample(n), train=False) if graphs is None else graphs(sampler, n)
@@ -123,7 +125,8 @@ def lake_benchmark(run: Run, state: dict, request: EvalRequest, out_dir: Path) -
     runs = load_lake_runs(lake_zip_path(run.record["data_root"]), image_size=run.record["image_size"])
     episode = lake_episode(runs, mean=run.dataset.mean, std=run.dataset.std, device=run.device)
     run.algo.eval()
-    acc = run.algo(episode, train=False).acc.detach().cpu().tolist()  # (20,) one task per run
+    with fixed_rng(run.settings.seed, run.device):
+        acc = run.algo(episode, train=False).acc.detach().cpu().tolist()  # (20,) one task per run
     report = lake_report(acc, runs)
     results = make_results(
         run,
