@@ -314,3 +314,31 @@ def test_resume_is_bit_for_bit_for_every_family(compose_cfg, tmp_path, algo):
     states that checkpoints keep."""
     straight, resumed, _, _ = straight_and_resumed(compose_cfg, tmp_path, TINY + algo)
     assert straight["test"] == resumed["test"]
+
+
+def test_evaluate_reports_the_mean_and_its_interval_by_hand():
+    # 5 tasks in batches of 2, 2, 1 (a ragged last batch): scores 1, 0, 1, 1, 0 -> mean 0.6; the sample standard
+    # deviation is sqrt(0.3), so the 95% interval is 1.96 * sqrt(0.3) / sqrt(5) = 0.48010
+    from fewshot.algorithms.base import Algorithm, AlgoOutput
+    from fewshot.engine.evaluation import evaluate
+
+    scores = iter([[1.0, 0.0], [1.0, 1.0], [0.0]])
+
+    class Fixed(Algorithm):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, episode, train=True):
+            assert not train and episode == "tasks"
+            return AlgoOutput(loss=self.w.sum(), score=torch.tensor(next(scores)))
+
+    class Tasks:
+        generator = torch.Generator()
+
+        def sample(self, n):
+            return "tasks"
+
+    result = evaluate(Fixed(), Tasks(), episodes=5, batch=2, seed=0)
+    assert result["episodes"] == 5 and result["acc_mean"] == pytest.approx(0.6)
+    assert result["acc_ci95"] == pytest.approx(0.48010, abs=1e-5)
