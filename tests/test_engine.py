@@ -248,6 +248,8 @@ def test_learning_rate_schedules(tiny_run, schedule, factor):
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(cfg.trainer.meta_lr * factor, abs=1e-12)
     assert (state["scheduler"] is None) == (schedule == "constant")
+    if state["scheduler"] is not None:  # cosine and linear both end at 0: the state names which one ran
+        assert {"step": "step_size", "cosine": "T_max", "linear": "total_iters"}[schedule] in state["scheduler"]
     assert json.loads((run_dir / "results.json").read_text())["schedule"] == schedule
 
 
@@ -319,7 +321,7 @@ def test_resume_is_bit_for_bit_for_every_family(compose_cfg, tmp_path, algo):
 def test_evaluate_reports_the_mean_and_its_interval_by_hand():
     # 5 tasks in batches of 2, 2, 1 (a ragged last batch): scores 1, 0, 1, 1, 0 -> mean 0.6; the sample standard
     # deviation is sqrt(0.3), so the 95% interval is 1.96 * sqrt(0.3) / sqrt(5) = 0.48010
-    from fewshot.algorithms.base import Algorithm, AlgoOutput
+    from fewshot.algorithms.base import AlgoOutput, Algorithm
     from fewshot.engine.evaluation import evaluate
 
     scores = iter([[1.0, 0.0], [1.0, 1.0], [0.0]])

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fewshot import engine
 from fewshot.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -159,6 +161,24 @@ def test_divergence_without_nan_stops_the_run(compose_cfg, tmp_path, algo, lower
     with pytest.raises(engine.FewshotError, match=rf"the run diverged and stopped; .* Lower {lower}$"):
         train_run(cfg, tmp_path)
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("graph_step", [False, True])
+def test_divergence_mid_run_keeps_the_last_good_checkpoint(compose_cfg, tmp_path, monkeypatch, graph_step):
+    # The meta step size jumps by 1e9 after iteration 3: the run has good checkpoints, then diverges.
+    if graph_step:  # the CUDA graph step's code (divergence recorded on the device, read at checks), eagerly
+        from fewshot.engine import loop
+        from fewshot.engine.steps import GraphStep
+
+        monkeypatch.setattr(loop, "make_step", lambda mode, device, *a, **k: GraphStep(*a, capture=False, **k))
+    schedule = ["schedule=step", "schedule.step_size=3", "schedule.gamma=1e9", "trainer.checkpoint_every=1"]
+    cfg = compose_cfg("train", TINY + ["algo=protonet", "trainer.iterations=40", *schedule])
+    with pytest.raises(engine.FewshotError, match=r"at iteration (\d+): the run diverged") as err:
+        train_run(cfg, tmp_path)
+    bad = int(re.search(r"at iteration (\d+)", str(err.value)).group(1))
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["iteration"] == bad - 1  # saved every iteration (checkpoint_every=1) up to the one before
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
 @pytest.mark.parametrize("key", ["eval.episodes", "trainer.val_episodes"])
