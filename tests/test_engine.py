@@ -91,6 +91,36 @@ def test_eval_reproduces_training_test_number(tiny_run, compose_cfg, tmp_path, a
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["test"] == results["test"]
 
 
+def test_the_test_reads_the_weights_asked_for(tiny_run, compose_cfg, tmp_path):
+    # eval.weights=last: the final weights, as Reptile's reference tests; best: validation's pick (the default)
+    _, run_dir, _ = tiny_run("algo=protonet")
+    best = run_dir / "checkpoints" / "best.pt"
+    state = load_checkpoint(best)
+    state["model"] = {k: v.zero_() if v.is_floating_point() else v for k, v in state["model"].items()}
+    state["iteration"] = 3
+    save_checkpoint(best, state)  # a best.pt unlike the final weights
+    tests = []
+    for weights, iteration in (("last", 6), ("best", 3)):
+        results = tiny_run("algo=protonet", f"eval.weights={weights}")[2]  # trained already: tests only
+        assert results["tested"] == {"checkpoint": f"{weights}.pt", "iteration": iteration}
+        ecfg = compose_cfg("eval", [f"checkpoint={run_dir / 'checkpoints' / f'{weights}.pt'}", "device=cpu"])
+        assert eval_run(ecfg, tmp_path / f"eval_{weights}")["test"] == results["test"]
+        tests.append(results["test"]["acc_mean"])
+    assert tests[0] != tests[1]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["eval.weights=final"], r"eval.weights=final: choose best \(best.pt\) or last"),
+        (["algo=maml_pp", "eval.weights=last", "eval.ensemble=2"], r"eval.weights=last with eval.ensemble=2"),
+    ],
+)
+def test_bad_test_weights_are_one_clear_error(compose_cfg, tmp_path, overrides, message):
+    with pytest.raises(engine.ConfigError, match=message):
+        train_run(compose_cfg("train", TINY + overrides), tmp_path)
+
+
 @pytest.mark.parametrize("algo", ["protonet", "reptile", "mann"])  # reptile draws at random while it validates
 def test_validation_does_not_disturb_training(tiny_run, algo):
     # validating at 3 and 6, or at 6 only: the same training, to the bit (two run folders)

@@ -58,6 +58,9 @@ class EvalConfig:
     # Test with the final query logits of the N best validation checkpoints averaged (MAML++'s protocol; needs an
     # algorithm that reports its logits: maml_pp). 1: best.pt alone. fewshot.engine.ensemble.
     ensemble: int = 1
+    # The weights the run's test reads: best (best.pt, validation's pick, as most papers' code tests) or last (the
+    # final weights, as Reptile's reference code tests, which has no validation).
+    weights: str = "best"
 
 
 @dataclass

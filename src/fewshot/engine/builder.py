@@ -74,6 +74,7 @@ class Settings:
     eval_batch: int  # tasks per forward pass at validation and test (memory, not results)
     eval_graph: bool  # replay validation/test batches as CUDA graphs (eval.cuda_graph)
     ensemble: int  # test checkpoints whose logits are averaged (eval.ensemble; 1: best.pt)
+    test_weights: str  # the checkpoint the test reads, best or last (eval.weights)
     train: Shape
     eval: Shape  # validation and test tasks
     logger: Optional[str] = None
@@ -149,6 +150,7 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
         eval_batch=cfg.eval.meta_batch_size,
         eval_graph=bool(cfg.eval.get("cuda_graph", False)),
         ensemble=int(cfg.eval.get("ensemble", 1)),
+        test_weights=str(cfg.eval.get("weights", "best")),
         train=train_shape,
         eval=eval_shape,
         logger=cfg.get("logger"),

@@ -110,6 +110,7 @@ RESUMABLE_CHANGES = (
     "eval.episodes",
     "eval.meta_batch_size",
     "eval.cuda_graph",
+    "eval.weights",
     "logger",
     "dry_run",
 )

@@ -61,6 +61,14 @@ def check_config(cfg: DictConfig) -> None:
     if clip is not None and not (math.isfinite(clip) and clip > 0):  # a negative norm would flip the gradient
         raise ConfigError(f"trainer.grad_clip={clip}: must be a positive gradient norm, or null for no clipping")
     cuda_graph_mode(cfg.trainer.get("cuda_graph", "auto"))
+    weights = cfg.eval.get("weights", "best")
+    if weights not in ("best", "last"):
+        raise ConfigError(f"eval.weights={weights}: choose best (best.pt) or last (the final weights)")
+    if weights == "last" and cfg.eval.get("ensemble", 1) > 1:
+        raise ConfigError(
+            f"eval.weights=last with eval.ensemble={cfg.eval.ensemble}: the ensemble is of the best validation "
+            "checkpoints; set eval.weights=best or eval.ensemble=1"
+        )
     for key, value in (("eval.episodes", cfg.eval.episodes), ("trainer.val_episodes", cfg.trainer.val_episodes)):
         if value < 2:
             raise ConfigError(f"{key}={value}: at least 2 episodes, since a 95% interval from one episode is undefined")

@@ -115,6 +115,7 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
     def state_at(it: int, extra_seconds: float = 0.0) -> dict:
         return checkpoint_state(run, optimizer, it, best, train_sampler, progress.state_dict(extra_seconds), scheduler)
 
+    tested = f"{t.test_weights}.pt"  # the checkpoint the test reads (eval.weights)
     state = find_resume_checkpoint(ckpt_dir)
     if state is None and t.resume:
         raise CheckpointError(
@@ -132,7 +133,7 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
         truncate_metrics(metrics_path, state["iteration"])
         signals.last_checkpoint = f"the last checkpoint is {ckpt_dir / 'last.pt'} (iteration {state['iteration']})"
         if start > t.iterations:
-            print(f"fewshot: {run_dir} finished training at iteration {state['iteration']}; testing best.pt only")
+            print(f"fewshot: {run_dir} finished training at iteration {state['iteration']}; testing {tested} only")
         else:
             print(f"fewshot: resuming {run_dir} at iteration {start} of {t.iterations}")
     if start <= t.iterations:
@@ -234,12 +235,14 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
     if start <= t.iterations:
         progress.train_seconds += time.perf_counter() - tic
 
-    # Test the best validation checkpoint, as the papers do. Nothing to save here: a signal stops at once.
+    # Test the best validation checkpoint, as most papers do, or the final weights (eval.weights=last). Nothing to
+    # save here: a signal stops at once.
     signals.immediate = (
-        f"during the test: training is complete ({ckpt_dir / 'best.pt'}); run the same command "
+        f"during the test: training is complete ({ckpt_dir / tested}); run the same command "
         f"with hydra.run.dir={run_dir} to test it again"
     )
-    algo.load_state_dict(load_checkpoint(ckpt_dir / "best.pt")["model"])
+    weights = load_checkpoint(ckpt_dir / tested)
+    algo.load_state_dict(weights["model"])
     test_sampler = make_sampler(run, "test")
     tic = time.perf_counter()
     seed = episode_seed(t.seed, "test")
@@ -253,6 +256,7 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
         test_seconds=time.perf_counter() - tic,
         train_devices=progress.devices,
     )
+    results["tested"] = {"checkpoint": tested, "iteration": weights["iteration"]}
     write_results(run_dir, results)
     if logger:
         m = METRICS[progress.metric].name
