@@ -8,6 +8,7 @@ import json
 import math
 import sysconfig
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -86,6 +87,85 @@ def test_two_heads_write_distinct_fresh_slots():
     torch.testing.assert_close(new, torch.tensor([[[1.5], [3.0], [1.0], [1.5]]]))
 
 
+def lrua_step_by_hand(h, mem, usage, read_prev, weight, bias, heads, gamma):
+    """The module docstring's LRUA step written out task by task and slot by slot, with none of mann.py's helpers:
+    the interface [key_0, alpha_0, key_1, alpha_1, ...] = weight h + bias, keys through tanh; head j's fresh slot
+    is the j-th least used by the *previous* usage, and the fresh slots are zeroed; w_w = sigmoid(alpha) w_r(t-1) +
+    (1 - sigmoid(alpha)) w_lu; M_t = M + sum_j w_w_j k_j; then, from the *new* memory, w_r = softmax cos(k, M_t(i))
+    (an all-zero slot: cosine 0) and r = sum_i w_r(i) M_t(i); w_u(t) = gamma w_u(t-1) + sum_j (w_r_j + w_w_j).
+    Returns memory, usage, read weights, reads (T, heads * W) and each task's fresh slots, head by head."""
+    slots, width = mem.shape[1:]
+    out = []
+    for t in range(h.shape[0]):
+        interface = weight @ h[t] + bias
+        keys = [interface[j * (width + 1) : j * (width + 1) + width].tanh() for j in range(heads)]
+        gates = [1 / (1 + torch.exp(-interface[j * (width + 1) + width])) for j in range(heads)]
+        fresh = sorted(range(slots), key=lambda i: usage[t, i].item())[:heads]
+        memory = [torch.zeros(width, dtype=mem.dtype) if i in fresh else mem[t, i].clone() for i in range(slots)]
+        write = []
+        for j in range(heads):
+            w = gates[j] * read_prev[t, j].clone()
+            w[fresh[j]] = w[fresh[j]] + (1 - gates[j])
+            write.append(w)
+        for i in range(slots):
+            for j in range(heads):
+                memory[i] = memory[i] + write[j][i] * keys[j]
+        read_w, reads = [], []
+        for j in range(heads):
+            zero = torch.zeros((), dtype=mem.dtype)  # an all-zero slot: cosine 0
+            cos = torch.stack([keys[j] @ m / (keys[j].norm() * m.norm()) if m.norm() > 0 else zero for m in memory])
+            w = cos.exp() / cos.exp().sum()
+            read_w.append(w)
+            reads.append(sum(w[i] * memory[i] for i in range(slots)))
+        new_usage = gamma * usage[t] + sum(read_w) + sum(write)
+        out.append((torch.stack(memory), new_usage, torch.stack(read_w), torch.cat(reads), fresh))
+    return *(torch.stack([o[k] for o in out]) for k in range(4)), [o[4] for o in out]
+
+
+def test_two_lrua_steps_by_hand():
+    """Two consecutive lrua_step calls, each carrying its own memory, usage and read weights to the next, against
+    the equations written out (lrua_step_by_hand): two tasks, 4 slots x 3, two heads, hand-chosen keys and gates
+    (sigmoid(alpha) from 0.18 to 0.82, so both the previous reads and the fresh slot take part of every write),
+    and usages under which each task's fresh slots change from step 1 to step 2. The order of the parts is what
+    is checked: reading after the write, the write from the previous step's read weights, the fresh slots from
+    the previous usage, the usage from this step's read and write weights."""
+    dtype = torch.float64
+    heads, gamma = 2, 0.95
+    weight = torch.eye(8, dtype=dtype).roll(1, 0)  # a permutation: not symmetric, so weight and its transpose differ
+    bias = torch.tensor([0.1, -0.2, 0.0, 0.3, -0.1, 0.2, 0.0, -0.3], dtype=dtype)
+    # The interface layer's outputs per task: [key_0 (3), alpha_0, key_1 (3), alpha_1], keys before tanh.
+    step1 = torch.tensor(
+        [[1.0, -0.5, 0.3, -1.0, -0.2, 0.8, 0.5, 1.0], [0.4, 0.9, -0.6, 0.5, 0.7, -0.3, 0.2, -0.5]], dtype=dtype
+    )
+    step2 = torch.tensor(
+        [[-0.6, 0.4, 1.2, 0.5, 0.9, 0.1, -0.7, -1.5], [-0.8, 0.2, 0.6, -1.0, 0.3, 1.1, -0.4, 1.5]], dtype=dtype
+    )
+    h1, h2 = (step1 - bias) @ weight, (step2 - bias) @ weight  # weight is orthogonal: weight h + bias = stepN
+    mem = torch.tensor(
+        [
+            [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]],
+            [[0.5, -0.5, 0.0], [0.0, 0.0, 0.0], [0.2, 0.3, -0.4], [-1.0, 0.0, 1.0]],  # slot 1 empty
+        ],
+        dtype=dtype,
+    )
+    usage = torch.tensor([[0.5, 0.1, 0.6, 0.3], [0.2, 0.7, 0.05, 0.4]], dtype=dtype)
+    read_prev = torch.tensor(
+        [[[0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.2, 0.6]], [[0.25, 0.25, 0.25, 0.25], [0.0, 0.9, 0.1, 0.0]]], dtype=dtype
+    )
+
+    *want1, fresh1 = lrua_step_by_hand(h1, mem, usage, read_prev, weight, bias, heads, gamma)
+    *want2, fresh2 = lrua_step_by_hand(h2, *want1[:3], weight, bias, heads, gamma)
+    assert fresh1 == [[1, 3], [2, 0]] and fresh2 == [[0, 2], [3, 2]]  # the fresh slots move between the steps
+    got1 = mann.lrua_step(h1, mem, usage, read_prev, weight, bias, heads, gamma)
+    got2 = mann.lrua_step(h2, *got1[:3], weight, bias, heads, gamma)
+    names = ("memory", "usage", "read weights", "reads")
+    for step, got, want in ((1, got1, want1), (2, got2, want2)):
+        assert len(got) == 4
+        for name, g, w in zip(names, got, want):
+            assert g.dtype == dtype
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=lambda m: f"step {step}, {name}: {m}")
+
+
 # ---- (2) the sequence -------------------------------------------------------------------------------------------
 
 
@@ -136,6 +216,46 @@ def test_output_shapes_and_every_parameter_learns(memory):
     out.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in algo.parameters())
     assert hasattr(algo, "interface") == memory
+
+
+def test_scores_by_instance_and_headline_accuracy_by_hand(monkeypatch):
+    """The scores of a sequence whose order and predictions are fixed by hand (eval_order and logits replaced):
+    2 tasks, 2 classes x 3 instances (1 shot + 2 queries). AlgoOutput.step_score is the accuracy at the 1st, 2nd,
+    3rd instance of each class, AlgoOutput.score the accuracy over instances >= 2 only, and evaluate() reports
+    their means over tasks as instance_acc and acc_mean."""
+    from fewshot.engine.evaluation import evaluate
+
+    ep = episode(tasks=2, ways=2, shots=1, queries=2)  # images 0..5, labels 0, 1 | 0, 0, 1, 1
+    order = torch.tensor([[1, 0, 2, 4, 3, 5], [0, 2, 3, 1, 4, 5]])
+    labels = torch.tensor([[1, 0, 0, 1, 0, 1], [0, 0, 0, 1, 1, 1]])  # the labels in that order
+    # instance (1-based):     1  1  2  2  3  3  |  1  2  3  1  2  3
+    right = torch.tensor([[1, 0, 1, 1, 0, 1], [0, 1, 0, 0, 0, 1]], dtype=torch.bool)
+    predicted = torch.where(right, labels, 1 - labels)
+    images = torch.cat([ep.support_x, ep.query_x], 1).flatten(2)
+
+    def fixed_order(x):
+        torch.testing.assert_close(x, images)
+        return order
+
+    def hand_logits(x, previous):
+        torch.testing.assert_close(x, torch.stack([images[t, order[t]] for t in range(2)]))
+        torch.testing.assert_close(previous[:, 1:], F.one_hot(labels[:, :-1], 2).float())  # labels as we wrote them
+        return F.one_hot(predicted, 2).float() * 3.0
+
+    monkeypatch.setattr(mann, "eval_order", fixed_order)
+    algo = MANN(PIXELS, 2, controller=4, slots=4, width=2, read_heads=1)
+    monkeypatch.setattr(algo, "logits", hand_logits)
+    out = algo(ep, train=False)
+    # task 0: 1st instances right 1 of 2, 2nd 2 of 2, 3rd 1 of 2; instances >= 2: 3 of 4
+    # task 1: 1st instances right 0 of 2, 2nd 1 of 2, 3rd 1 of 2; instances >= 2: 2 of 4
+    assert out.step_kind == "instance"
+    torch.testing.assert_close(out.step_score, torch.tensor([[0.5, 1.0, 0.5], [0.0, 0.5, 0.5]]))
+    torch.testing.assert_close(out.score, torch.tensor([0.75, 0.5]))
+
+    sampler = SimpleNamespace(generator=torch.Generator(), sample=lambda n: ep)  # the same 2 tasks, once
+    result = evaluate(algo, sampler, episodes=2, batch=2, seed=0)
+    assert result["instance_acc"] == pytest.approx([0.25, 0.75, 0.5], abs=1e-12)
+    assert result["acc_mean"] == pytest.approx(0.625, abs=1e-12)
 
 
 def skip_unless_inductor_compiles() -> None:
