@@ -285,3 +285,124 @@ def test_learns_omniglot_and_its_update_beats_sgd(
     # Even tiny steps fit 5 support images a good way (BatchNorm over 5 images); the learned update fits them
     # much further, from a start that is lower too.
     assert drop_trained > drop_init and trained_end < 0.2 * init_end, (trained_end, init_end)
+
+
+# ---- the learned update with non-zero gate weights, written out by hand --------------------------------------------
+
+# A learner small enough to differentiate by hand: logits = x W^T + b, 3 features, 2 ways, 8 coordinates, c_0 =
+# (W row-major, b) as flat_parameters() lays it out. Feature 3 is exactly 0 in task 0's support (its column of W
+# gets a zero gradient) and below 4e-5 in task 1's (|gradient| < e^-10), so both branches of the preprocessing run.
+HAND_W0 = [[0.3, -0.2, 0.5], [-0.4, 0.6, -0.1]]
+HAND_B0 = [0.05, -0.15]
+HAND_SUPPORT_X = [
+    [[1.0, 0.5, 0.0], [-0.5, 1.5, 0.0], [0.8, -1.2, 0.0]],
+    [[0.2, -0.9, 3e-5], [1.1, 0.4, -2e-5], [-0.7, 0.3, 4e-5]],
+]
+HAND_SUPPORT_Y = [[0, 1, 1], [1, 0, 1]]
+HAND_QUERY_X = [[[0.6, 0.1, 0.2], [-0.3, 0.9, -0.4]], [[1.2, -0.5, 0.7], [0.0, 0.8, 0.3]]]
+HAND_QUERY_Y = [[0, 1], [1, 0]]
+HAND_HIDDEN = 3
+# Layer 2, laid out as the gates read their input: [h_t (3 units), c_{t-1}, own gate pre-activation_{t-1}].
+HAND_W_F, HAND_B_F = [0.8, -0.5, 0.3, 0.4, 0.6], 1.5
+HAND_W_I, HAND_B_I = [-0.7, 0.9, 0.2, -0.3, -0.8], -1.0
+
+
+def hand_pattern(n: int, scale: float, phase: float) -> torch.Tensor:
+    """n distinct, non-zero, deterministic values in [-scale, scale] (float64)."""
+    return scale * torch.sin(1.3 * torch.arange(n, dtype=torch.float64) + phase)
+
+
+def hand_lstm_weights() -> dict[str, torch.Tensor]:
+    h = HAND_HIDDEN
+    return {
+        "weight_ih": hand_pattern(4 * h * 4, 0.9, 0.1).view(4 * h, 4),
+        "weight_hh": hand_pattern(4 * h * h, 0.7, 0.5).view(4 * h, h),
+        "bias_ih": hand_pattern(4 * h, 0.3, 0.9),
+        "bias_hh": hand_pattern(4 * h, 0.2, 1.7),
+    }
+
+
+def hand_preprocess(x: torch.Tensor, p: float = 10.0) -> torch.Tensor:
+    """Andrychowicz et al.: (log|x| / p, sign x) if |x| >= e^-p else (-1, e^p x); (...,) -> (..., 2)."""
+    out = torch.empty(*x.shape, 2, dtype=x.dtype)
+    for k, v in enumerate(x.reshape(-1).tolist()):
+        if abs(v) >= math.exp(-p):
+            out.view(-1, 2)[k] = torch.tensor([math.log(abs(v)) / p, math.copysign(1.0, v)], dtype=x.dtype)
+        else:
+            out.view(-1, 2)[k] = torch.tensor([-1.0, math.exp(p) * v], dtype=x.dtype)
+    return out
+
+
+def hand_loss_and_grad(c: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of the linear learner c = (W, b) on (x, y) and its gradient, written out (no autograd)."""
+    w, b = c[:6].view(2, 3), c[6:]
+    z = x @ w.T + b
+    log_p = z - torch.log(torch.exp(z).sum(1, keepdim=True))
+    onehot = torch.eye(2, dtype=x.dtype)[y]
+    loss = -(log_p * onehot).sum() / len(y)
+    dz = (torch.exp(log_p) - onehot) / len(y)
+    return loss, torch.cat([(dz.T @ x).reshape(-1), dz.sum(0)])
+
+
+def hand_meta_lstm(c0: torch.Tensor, x: torch.Tensor, y: torch.Tensor, updates: int) -> list[torch.Tensor]:
+    """c_0, c_1, ... c_updates of one task, from the module docstring's equations with the hand weights:
+    layer 1 an LSTM cell (PyTorch's gate rows i, f, g, o) over [preprocessed loss, preprocessed gradient] of each
+    coordinate; f_t = W_F [h_t, c_{t-1}, f_{t-1}] + b_F, i_t = W_I [h_t, c_{t-1}, i_{t-1}] + b_I (pre-activations,
+    0 before the first update); c_t = sigmoid(f_t) c_{t-1} - sigmoid(i_t) grad_t."""
+    lstm = hand_lstm_weights()
+    params, hid = c0.numel(), HAND_HIDDEN
+    h, cell = torch.zeros(params, hid, dtype=c0.dtype), torch.zeros(params, hid, dtype=c0.dtype)
+    f_prev, i_prev = torch.zeros(params, dtype=c0.dtype), torch.zeros(params, dtype=c0.dtype)
+    wf, wi = torch.tensor(HAND_W_F, dtype=c0.dtype), torch.tensor(HAND_W_I, dtype=c0.dtype)
+    cs = [c0]
+    for _ in range(updates):
+        c = cs[-1]
+        loss, grad = hand_loss_and_grad(c, x, y)
+        inputs = torch.cat([hand_preprocess(loss).expand(params, 2), hand_preprocess(grad)], 1)  # (P, 4)
+        z = inputs @ lstm["weight_ih"].T + lstm["bias_ih"] + h @ lstm["weight_hh"].T + lstm["bias_hh"]
+        zi, zf, zg, zo = z[:, :hid], z[:, hid : 2 * hid], z[:, 2 * hid : 3 * hid], z[:, 3 * hid :]
+        cell = torch.sigmoid(zf) * cell + torch.sigmoid(zi) * torch.tanh(zg)
+        h = torch.sigmoid(zo) * torch.tanh(cell)
+        f = h @ wf[:hid] + wf[hid] * c + wf[hid + 1] * f_prev + HAND_B_F
+        i = h @ wi[:hid] + wi[hid] * c + wi[hid + 1] * i_prev + HAND_B_I
+        cs.append(torch.sigmoid(f) * c - torch.sigmoid(i) * grad)
+        f_prev, i_prev = f, i
+    return cs
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_two_updates_with_nonzero_gates_match_hand_computation(strategy):
+    """Non-zero, distinct gate and LSTM weights, so the first layer (and its state carried from update 1 to 2),
+    the gates' inputs h_t, c_{t-1} and previous gates, the preprocessed loss and gradient and the sign of the update
+    all matter: c_1 and c_2 of two tasks, and the training loss at c_2, equal the equations written out in float64."""
+    learner = functools.partial(torch.nn.Linear, 3)  # learner(out_features=ways): no buffers, 8 coordinates
+    algo = MetaLSTM(learner, 2, updates=2, hidden_size=HAND_HIDDEN, strategy=strategy).double()
+    f64 = functools.partial(torch.tensor, dtype=torch.float64)
+    with torch.no_grad():
+        algo.net.weight.copy_(f64(HAND_W0))
+        algo.net.bias.copy_(f64(HAND_B0))
+        for name, value in hand_lstm_weights().items():
+            getattr(algo.lstm, name).copy_(value)
+        algo.forget_gate.weight.copy_(f64([HAND_W_F]))
+        algo.forget_gate.bias.fill_(HAND_B_F)
+        algo.input_gate.weight.copy_(f64([HAND_W_I]))
+        algo.input_gate.bias.fill_(HAND_B_I)
+    ep = Episode(f64(HAND_SUPPORT_X), torch.tensor(HAND_SUPPORT_Y), f64(HAND_QUERY_X), torch.tensor(HAND_QUERY_Y), 2)
+    c0 = torch.cat([f64(HAND_W0).reshape(-1), f64(HAND_B0)])
+    torch.testing.assert_close(algo.flat_parameters().detach(), c0, rtol=0, atol=0)
+
+    expected = [hand_meta_lstm(c0, ep.support_x[t], ep.support_y[t], 2) for t in range(2)]
+    # The hand computation exercises what it should: both preprocessing branches, and second updates that move
+    # every coordinate (the zero-gradient ones through the forget gate) by far more than the tolerance.
+    grads = torch.stack([hand_loss_and_grad(expected[t][1], ep.support_x[t], ep.support_y[t])[1] for t in range(2)])
+    assert (grads.abs() < math.exp(-10)).any() and (grads.abs() > 1e-2).any()
+    assert (torch.stack([e[2] - e[1] for e in expected]).abs() > 1e-3).all()
+
+    c1, _ = algo.adapt(ep.support_x, ep.support_y, 1)
+    c2, _ = algo.adapt(ep.support_x, ep.support_y, 2)
+    torch.testing.assert_close(c1.detach(), torch.stack([e[1] for e in expected]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c2.detach(), torch.stack([e[2] for e in expected]), rtol=1e-12, atol=1e-12)
+
+    # forward(train=True): the mean query loss of the learner at c_2 (hand loss per task, both tasks 2 queries).
+    query_loss = sum(hand_loss_and_grad(expected[t][2], ep.query_x[t], ep.query_y[t])[0] for t in range(2)) / 2
+    torch.testing.assert_close(algo(ep, train=True).loss.detach(), query_loss, rtol=1e-12, atol=1e-12)
