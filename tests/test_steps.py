@@ -327,6 +327,7 @@ def _static_and_plain_evaluation(cfg) -> tuple[dict, EvalGraphs]:
         ["algo=meta_lstm"],
         ["algo=meta_sgd", "algo.eval_inner_steps=2"],
         ["algo=maml_pp", "algo.inner_steps=2"],
+        ["algo=reptile", "algo.eval_inner_steps=3", "episode.shots=2"],  # random inner batches: seeded alike
     ],
     ids=[
         "maml-steps",
@@ -337,6 +338,7 @@ def _static_and_plain_evaluation(cfg) -> tuple[dict, EvalGraphs]:
         "meta_lstm-steps",
         "meta_sgd-steps",
         "maml_pp-steps",
+        "reptile",
     ],
 )
 def test_eval_graphs_static_path_is_the_plain_evaluation(compose_cfg, overrides):
@@ -359,9 +361,11 @@ def test_eval_graphs_static_path_on_the_sinusoids(compose_cfg, experiment):
 
 
 @cuda
-def test_eval_graphs_replay_on_cuda(compose_cfg):
-    """Captured for real (MAML, 10 inner steps at test): replayed batches score what the eager loop scores."""
-    cfg = compose_cfg("train", [*TINY, "device=cuda", "algo=maml", "eval.meta_batch_size=5"])
+@pytest.mark.parametrize("algo", [["algo=maml"], ["algo=reptile", "algo.eval_inner_steps=3", "episode.shots=2"]])
+def test_eval_graphs_replay_on_cuda(compose_cfg, algo):
+    """Captured for real (MAML, 10 inner steps at test; Reptile, whose inner batches are drawn on the device inside
+    the graph, from the generator evaluate seeds): replayed batches score what the eager loop scores."""
+    cfg = compose_cfg("train", [*TINY, "device=cuda", *algo, "eval.meta_batch_size=5"])
     torch.manual_seed(0)
     run = build(cfg)
     plain = evaluate(run.algo, make_sampler(run, "val"), 20, 5, seed=5)
