@@ -88,11 +88,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# Added to an evaluation's seed for the algorithm's own draws: the sampler draws the tasks from `seed` itself, and
+# two generators seeded alike would give the same numbers to both (task choice and mini-batch order correlated).
+ALGORITHM_STREAM = 0x5EED0000
+
+
 @contextlib.contextmanager
 def fixed_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """torch's generators (the CPU's and `device`'s) seeded with `seed` inside and restored after. Evaluation runs
+    """torch's generators (the CPU's and `device`'s) seeded from `seed` inside and restored after. Evaluation runs
     in it: what an algorithm draws while it tests (Reptile's inner mini-batches) is then fixed by the seed, as the
     tasks are, so fewshot-eval repeats a run's test, and validating leaves training's random stream as it was."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+        torch.manual_seed(seed + ALGORITHM_STREAM)
         yield
