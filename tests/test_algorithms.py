@@ -728,6 +728,88 @@ def test_matching_fce_steps_default_to_the_support_size():
     assert not torch.allclose(default(episode).loss, one(episode).loss)
 
 
+def test_matching_fce_embeddings_equal_appendix_a_written_out():
+    # Appendix A with every weight set (float64, D = 3, 3 support and 2 query points per task, 2 tasks), written
+    # out vector by vector: g(x_i) = h_fwd_i + h_bwd_i + g'(x_i) from a bidirectional LSTM over the support in its
+    # order (h_bwd_i from the LSTM run from the last item back to i, zero initial states, PyTorch's gate order
+    # i, f, g, o and its two biases); f(x, S) = h_K from the attention LSTM: h_0 = f'(x), c_0 = 0, and for
+    # k = 1..K: a = softmax over the support of h_{k-1}.g(x_i), r_{k-1} = sum_i a_i g(x_i), gates = W_x f'(x) + b
+    # + W_h [h_{k-1}, r_{k-1}] (one bias), c_k = s(f) c_{k-1} + s(i) tanh(g), h_k = s(o) tanh(c_k) + f'(x).
+    # Then P(y | x, S) with the default support cosine f.g/|g|. g' = f' = the (parameter-free) pixel embedding.
+    dim, shots, queries, tasks = 3, 3, 2, 2
+    gen = torch.Generator().manual_seed(7)
+    points = lambda n: torch.randn(tasks, n, 1, 1, dim, generator=gen, dtype=torch.float64)  # noqa: E731
+    support_y = torch.tensor([[0, 1, 0], [1, 1, 0]])
+    episode = Episode(points(shots), support_y, points(queries), torch.tensor([[0, 1], [1, 0]]))
+    sig = torch.sigmoid
+
+    def cell(gates, c):  # PyTorch's gate order
+        i, f, g, o = gates[:dim], gates[dim : 2 * dim], gates[2 * dim : 3 * dim], gates[3 * dim :]
+        c = sig(f) * c + sig(i) * torch.tanh(g)
+        return sig(o) * torch.tanh(c), c
+
+    for fce_steps, steps in ((2, 2), (None, shots)):  # None: K = the number of support examples
+        algo = MatchingNetworks(functools.partial(FlattenEmbedding, dim=dim), ways=2, fce=True, fce_steps=fce_steps)
+        algo = algo.double()
+        with torch.no_grad():  # distinct non-zero values, moderate so that no gate saturates
+            for _, p in sorted(algo.named_parameters()):
+                p.copy_(torch.rand(p.shape, generator=gen, dtype=torch.float64) * 1.6 - 0.8)
+        w = dict(algo.named_parameters())
+        kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        assert sorted(w) == sorted(
+            [f"support_lstm.{kind}_l0{d}" for kind in kinds for d in ("", "_reverse")]
+            + ["query_lstm.input.weight", "query_lstm.input.bias", "query_lstm.recurrent.weight"]
+        )  # every weight is in the hand computation below
+
+        def lstm_step(x, h, c, d):
+            gates = w[f"support_lstm.weight_ih_l0{d}"] @ x + w[f"support_lstm.bias_ih_l0{d}"]
+            return cell(gates + w[f"support_lstm.weight_hh_l0{d}"] @ h + w[f"support_lstm.bias_hh_l0{d}"], c)
+
+        base_s, base_q = embed_tasks(algo.net, episode.support_x, episode.query_x)
+        torch.testing.assert_close(base_s, episode.support_x.flatten(2), rtol=0, atol=0)
+        expected_g = torch.zeros(tasks, shots, dim, dtype=torch.float64)
+        expected_f = torch.zeros(tasks, queries, dim, dtype=torch.float64)
+        expected_p = torch.zeros(tasks, queries, 2, dtype=torch.float64)
+        for t in range(tasks):
+            x = [base_s[t, i] for i in range(shots)]
+            zero = torch.zeros(dim, dtype=torch.float64)
+            fwd, bwd = [None] * shots, [None] * shots
+            h, c = zero, zero
+            for i in range(shots):  # h_fwd_i from h_fwd_{i-1}
+                h, c = lstm_step(x[i], h, c, "")
+                fwd[i] = h
+            h, c = zero, zero
+            for i in reversed(range(shots)):  # h_bwd_i from h_bwd_{i+1}
+                h, c = lstm_step(x[i], h, c, "_reverse")
+                bwd[i] = h
+            g = [fwd[i] + bwd[i] + x[i] for i in range(shots)]
+            for i in range(shots):
+                expected_g[t, i] = g[i]
+            for q in range(queries):
+                fq = base_q[t, q]
+                h, c = fq, zero
+                for _ in range(steps):
+                    e = [torch.exp(h @ g[i]) for i in range(shots)]
+                    r = sum(e[i] / sum(e) * g[i] for i in range(shots))  # r_{k-1}, read with h_{k-1}
+                    gates = w["query_lstm.input.weight"] @ fq + w["query_lstm.input.bias"]
+                    gates = gates + w["query_lstm.recurrent.weight"] @ torch.cat([h, r])
+                    h_hat, c = cell(gates, c)
+                    h = h_hat + fq  # the skip connection
+                expected_f[t, q] = h
+                e = [torch.exp(h @ g[i] / torch.sqrt(g[i] @ g[i])) for i in range(shots)]
+                for i in range(shots):
+                    expected_p[t, q, support_y[t, i]] += e[i] / sum(e)
+
+        support, query = algo.full_context(base_s, base_q)
+        torch.testing.assert_close(support, expected_g, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(query, expected_f, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(algo.probabilities(support, support_y, query), expected_p, rtol=1e-12, atol=1e-12)
+        out = algo(episode, train=False)
+        picked = expected_p.gather(-1, episode.query_y.unsqueeze(-1))
+        torch.testing.assert_close(out.loss, -picked.log().mean(), rtol=1e-12, atol=1e-12)
+        assert (expected_p - 0.5).abs().min() > 0.02  # not a flat attention that many bugs would leave unchanged
+
+
 # ---- learning on a small synthetic problem ---------------------------------------------------------
 
 
