@@ -47,9 +47,37 @@ def test_full_reduced_and_modified_runs_are_told_apart():
     assert preset.iterations == 20000 and preset.episodes == 1000 and preset.paper_acc == 98.1
     assert differences(_result(), preset) == []
     assert differences(_result(iterations=500), preset) == ["500 of 20,000 iterations"]
+    assert differences(_result(iterations=40000), preset) == ["40,000 of 20,000 iterations"]  # more is not it either
+    assert differences(_result(command="fewshot-train experiment=matching_omniglot_5w1s seedx=1"), preset) == [
+        "overrides seedx=1"  # neutral keys match whole: seed, device.name, hydra.run.dir; not seedx
+    ]
     assert differences(_result(command=None), preset) == ["command not recorded"]
     modified = _result(command="fewshot-train experiment=matching_omniglot_5w1s algo.similarity=cosine seed=3")
     assert differences(modified, preset) == ["overrides algo.similarity=cosine"]
+
+
+def test_a_run_that_tested_other_weights_than_its_preset_is_not_the_cell(tmp_path):
+    # maml_omniglot_5w1s tests the final weights (eval.weights=last); runs from before the setting tested best.pt
+    preset = load_presets()["maml_omniglot_5w1s"]
+    assert preset.test_weights == "last" and load_presets()["matching_omniglot_5w1s"].test_weights == "best"
+    command = "fewshot-train experiment=maml_omniglot_5w1s seed=1 device=cuda"
+    old = _result(
+        name="maml_omniglot_5w1s",
+        iterations=60000,
+        command=command,
+        test={"episodes": 600, "acc_mean": 0.99, "acc_ci95": 0.003},
+    )
+    new = {**old, "tested": {"checkpoint": "last.pt", "iteration": 60000}}
+    assert differences(old, preset) == ["tested best.pt, the preset tests last.pt"]
+    assert differences(new, preset) == []
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text(json.dumps(old))
+    text = ledger_markdown(collect([tmp_path]), load_presets(), "runs")
+    assert "| maml_omniglot_5w1s | 5-way 1-shot | tested best.pt, the preset tests last.pt | 99.00 ± 0.30 |" in text
+    assert (
+        "| maml_omniglot_5w1s | 98.7 | Finn et al. 2017, Table 1 | run at full budget, but its test read best.pt"
+        in text
+    )
 
 
 def test_ledger_sections(tmp_path):
@@ -134,6 +162,7 @@ def test_regression_cells_have_their_own_table(tmp_path):
         command = f"fewshot-train experiment=maml_sinusoid_k10 seed={seed} device=cpu"
         run = dict(name="maml_sinusoid_k10", algo="maml", dataset="sinusoid", backbone="mlp_sinusoid", ways=1)
         run.update(shots=10, queries=100, iterations=70000, seed=seed, command=command, test=test, paper=None)
+        run.update(tested={"checkpoint": "last.pt", "iteration": 70000})  # the preset tests the final weights
         return _result(**{**run, **changes})
 
     runs = [sinusoid(1, 0.02), sinusoid(2, 0.04), sinusoid(3, 0.5, iterations=8000), _result()]

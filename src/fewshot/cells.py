@@ -241,7 +241,12 @@ def measured_overrides(command: Optional[str]) -> Optional[tuple[str, ...]]:
     was recorded): everything but the seed, the device, paths and logging (NEUTRAL_OVERRIDES)."""
     if command is None:
         return None
-    return tuple(o for o in shlex.split(command)[1:] if not o.lstrip("+~").startswith(NEUTRAL_OVERRIDES))
+
+    def neutral(override: str) -> bool:  # the key itself or a key below it: device.name, hydra.run.dir
+        key = override.lstrip("+~").split("=", 1)[0]
+        return any(key == n.rstrip(".") or key.startswith(n.rstrip(".") + ".") for n in NEUTRAL_OVERRIDES)
+
+    return tuple(o for o in shlex.split(command)[1:] if not neutral(o))
 
 
 def _streams(seed: int) -> tuple[int, ...]:

@@ -45,6 +45,7 @@ class Preset:
     paper_acc: Optional[float]
     paper_source: str
     paper_instance_acc: Optional[tuple[Optional[float], ...]] = None  # sequence presets: per instance of a class
+    test_weights: str = "best"  # eval.weights: the checkpoint its test reads, best.pt or the final weights
 
 
 def _conf_root() -> Path:
@@ -56,7 +57,7 @@ def load_presets(conf: Optional[Path] = None) -> dict[str, Preset]:
     conf = conf or _conf_root()
     from fewshot.config import EvalConfig, TrainerConfig  # the defaults a preset does not override
 
-    iterations, episodes = TrainerConfig().iterations, EvalConfig().episodes
+    iterations, episodes, weights = TrainerConfig().iterations, EvalConfig().episodes, EvalConfig().weights
     presets = {}
     for path in sorted((conf / "experiment").glob("*.yaml")):
         node = OmegaConf.load(path)
@@ -73,6 +74,7 @@ def load_presets(conf: Optional[Path] = None) -> dict[str, Preset]:
             paper_acc=paper.get("acc"),
             paper_source=paper.get("source", ""),
             paper_instance_acc=tuple(paper["instance_acc"]) if paper.get("instance_acc") else None,
+            test_weights=str(OmegaConf.select(node, "eval.weights", default=weights)),
         )
     return presets
 
@@ -89,17 +91,26 @@ def _experiment(command: Optional[str]) -> Optional[str]:
 def differences(result: dict, preset: Preset) -> list[str]:
     """What makes a run other than its preset's full-budget cell; empty when it is that cell."""
     diffs = []
-    if result.get("iterations", 0) < preset.iterations:
+    if result.get("iterations", 0) != preset.iterations:  # more is not the cell either
         diffs.append(f"{result.get('iterations'):,} of {preset.iterations:,} iterations")
-    if result["test"]["episodes"] < preset.episodes:
+    if result["test"]["episodes"] != preset.episodes:
         diffs.append(f"{result['test']['episodes']} of {preset.episodes} test episodes")
+    # Runs from before eval.weights tested best.pt.
+    tested, wanted = (result.get("tested") or {}).get("checkpoint", "best.pt"), f"{preset.test_weights}.pt"
+    if tested != wanted:
+        diffs.append(f"tested {tested}, the preset tests {wanted}")
     if result.get("command") is None:
         diffs.append("command not recorded")
-    budget = ("trainer.iterations=", "eval.episodes=")  # already said above, as a budget
+    budget = ("trainer.iterations=", "eval.episodes=", "eval.weights=")  # already said above
     changed = [o for o in measured_overrides(result.get("command")) or () if not o.startswith(budget)]
     if changed:
         diffs.append("overrides " + " ".join(changed))
     return diffs
+
+
+def _paper_number(x: float) -> str:
+    """A paper's number as it publishes it: one decimal, or two where it has two (97.68, 63.15)."""
+    return f"{x:.1f}" if round(x, 1) == x else f"{x:.2f}"
 
 
 def _cell(text: object) -> str:
@@ -112,7 +123,7 @@ def _joined(values: Sequence[object]) -> str:
 
 def _row_line(row: Row, runs: list[dict], extra: Optional[str] = None) -> str:
     value = row.shown + (" MSE" if row.metric == "mse" else "") + (" †" if row.pooled else "")
-    paper = "–" if row.paper_acc is None else f"{row.paper_acc:.1f}"
+    paper = "–" if row.paper_acc is None else _paper_number(row.paper_acc)
     diff = "–" if row.diff is None else f"{row.diff:+.2f}"
     cells = [row.name, row.setting, value, paper, diff, *_run_cells(row, runs)]
     if extra is not None:
@@ -230,7 +241,7 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
         lines = []
         for key, runs in groups.items():
             kept, replaced = newest_per_seed(runs, warn=lambda m: None)
-            (row,) = aggregate(kept, by="name", warn=lambda m: None)
+            (row,) = aggregate(kept, by="name")  # seeds that differ in a recorded setting: said on stderr
             lines.append((row, line(row, kept, key[1] if extra else None)))
             for r in replaced:
                 (old,) = aggregate([r], by="name", warn=lambda m: None)
@@ -286,6 +297,11 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
     out += ["", "## Not yet run at full budget", "", "| preset | paper (%) | source | reason |", "|---|---|---|---|"]
     for name, p in sorted(presets.items()):
         if name not in full:
-            paper = "–" if p.paper_acc is None else f"{p.paper_acc:.1f}"
-            out.append(f"| {name} | {paper} | {_cell(p.paper_source) or '–'} | {PENDING.get(p.dataset, NOT_RUN)} |")
+            paper = "–" if p.paper_acc is None else _paper_number(p.paper_acc)
+            # A full-budget run whose only difference is the checkpoint it tested (before eval.weights)
+            retest = any(n == name and d.startswith("tested ") and ";" not in d for n, d in other)
+            reason = PENDING.get(p.dataset, NOT_RUN)
+            if retest:
+                reason = f"run at full budget, but its test read best.pt: the preset tests {p.test_weights}.pt"
+            out.append(f"| {name} | {paper} | {_cell(p.paper_source) or '–'} | {reason} |")
     return "\n".join(out) + "\n"
