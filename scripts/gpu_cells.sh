@@ -46,14 +46,18 @@ export PYTHONUNBUFFERED=1
 DEVICE=${DEVICE:-cuda}
 $PY -c "import torch; print('torch', torch.__version__, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
 
-# The cell RESULTS.md still lacks that fits one session's device time: MAML 5-way 5-shot. On an H200 (2026-11-27)
-# it ran 28,870 iterations in 532 s beside fomaml_omniglot_5w5s, then about 105 a second (validation included)
-# alone: about 600 s for 60,000, so two calls back to back (the second with RESUME=, within the 30 s a warm machine
-# waits) finish it. The 20-way cells take 3 or more leases each (20w1s: 26.6 ms x 60,000 on an H100).
+# The default jobs: the three cells RESULTS.md had at full budget until the MAML presets came to test their final
+# weights (eval.weights=last, as cbfinn/maml; those runs tested best.pt), measured on an H100/H200 at 233 s (MAML
+# 5-way 1-shot), 117 s (first-order 5-way 1-shot) and 486 s (first-order 5-way 5-shot) of training alone; run
+# together they share the GPU, so one may need a second call (RESUME=.devrun, within the 30 s a warm machine
+# waits). MAML 5-way 5-shot is being finished on the CPU machine from its 52,500-iteration checkpoint. The 20-way
+# cells take 3 or more leases each (20w1s: 26.6 ms x 60,000 on an H100).
 # .devrun is git-ignored: a new checkout starts without it, so plan a cell's leases within one session.
 # A limit of 540 s is cut to what the call leaves (CALL_S).
 JOBS=(
-  "maml_omniglot_5w5s|540|experiment=maml_omniglot_5w5s"
+  "maml_omniglot_5w1s|540|experiment=maml_omniglot_5w1s"
+  "fomaml_omniglot_5w1s|540|experiment=fomaml_omniglot_5w1s"
+  "fomaml_omniglot_5w5s|540|experiment=fomaml_omniglot_5w5s"
 )
 [ $# -gt 0 ] && JOBS=("$@")
 
