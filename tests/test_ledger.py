@@ -186,3 +186,15 @@ def test_regression_cells_have_their_own_table(tmp_path):
     reduced, pending = text.split("## Reduced budget")[1].split("## Not yet run at full budget")
     assert "| maml_sinusoid_k10 | 10-shot regression | 8,000 of 70,000 iterations | 0.5000 ± 0.0020 MSE |" in reduced
     assert "| maml_sinusoid_k10 |" not in pending and "| maml_sinusoid_k5 | – |" in pending
+
+
+def test_a_run_on_another_split_than_its_preset_is_not_the_cell():
+    # protonet_omniglot_5w1s trains on the 1200 train+val characters (omniglot_vinyals_trainval); runs before, on 1028
+    preset = load_presets()["protonet_omniglot_5w1s"]
+    assert preset.split == "vinyals_trainval" and load_presets()["matching_omniglot_5w1s"].split == "vinyals"
+    run = _result(name="protonet_omniglot_5w1s", command="fewshot-train experiment=protonet_omniglot_5w1s seed=1")
+    run["tested"] = {"checkpoint": "last.pt", "iteration": 20000}
+    assert differences({**run, "dataset_split": "vinyals_trainval"}, preset) == []
+    assert differences({**run, "dataset_split": "vinyals"}, preset) == [
+        "trained on the vinyals split, the preset on vinyals_trainval"
+    ]

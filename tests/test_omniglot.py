@@ -224,6 +224,23 @@ def _root_with_real_zips(omniglot_root: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.omniglot
+def test_vinyals_trainval_trains_on_the_1200_characters(omniglot_root, omniglot_cache_dir, omniglot_28):
+    # Snell et al. (and Vinyals et al.) train on 1200 characters: trainval.txt, the train and val files together
+    plain = load_omniglot(str(omniglot_root), str(omniglot_cache_dir), split="vinyals", download=False)
+    ds = load_omniglot(str(omniglot_root), str(omniglot_cache_dir), split="vinyals_trainval", download=False)
+    train, val, test = (ds.split(s) for s in ("train", "val", "test"))
+    assert (train.num_classes, val.num_classes, test.num_classes) == (4800, 688, 1692)
+    assert set(train.class_names) == set(plain.split("train").class_names) | set(val.class_names)
+    assert len({n.rsplit("/", 1)[0] for n in train.class_names}) == 1200
+    assert test.class_names == plain.split("test").class_names and torch.equal(test.images, plain.split("test").images)
+    pos = {n: i for i, n in enumerate(plain.split("train").class_names)}
+    for ci in (0, 1, train.num_classes - 1):  # the same rotated drawings as the plain split's
+        name = train.class_names[ci]
+        other = plain.split("train") if name in pos else val
+        j = pos[name] if name in pos else val.class_names.index(name)
+        assert torch.equal(train.images[ci], other.images[j]), name
+
+
 def test_vinyals_bad_files(omniglot_root, omniglot_cache_dir, omniglot_28, tmp_path):
     root = _root_with_real_zips(omniglot_root, tmp_path)
     with pytest.raises(DataError, match=r"splits/vinyals/train\.txt.*download=true"):

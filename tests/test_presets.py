@@ -80,8 +80,10 @@ def test_preset_protocol(compose_cfg, preset):
         assert (cfg.schedule.name, cfg.schedule.eta_min) == ("cosine", 1e-5) and cfg.eval.episodes == 600
         assert cfg.backbone.max_pool and cfg.backbone.leaky_slope == 0.01 and cfg.backbone.hidden == 64
         assert cfg.eval.ensemble == 5  # the logits of the 5 best validation checkpoints
-    if cfg.dataset.name == "omniglot" and cfg.algo.name in ("matching", "matching_fce", "protonet"):
+    if cfg.dataset.name == "omniglot" and cfg.algo.name in ("matching", "matching_fce"):
         assert cfg.dataset.split == "vinyals"
+    if cfg.dataset.name == "omniglot" and cfg.algo.name == "protonet":  # Snell et al.: trained on 1200 characters
+        assert cfg.dataset.split == "vinyals_trainval" and cfg.eval.weights == "last"
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -46,6 +46,7 @@ class Preset:
     paper_source: str
     paper_instance_acc: Optional[tuple[Optional[float], ...]] = None  # sequence presets: per instance of a class
     test_weights: str = "best"  # eval.weights: the checkpoint its test reads, best.pt or the final weights
+    split: Optional[str] = None  # the dataset's split (omniglot: finn, vinyals, vinyals_trainval, ...), if it names one
 
 
 def _conf_root() -> Path:
@@ -75,8 +76,21 @@ def load_presets(conf: Optional[Path] = None) -> dict[str, Preset]:
             paper_source=paper.get("source", ""),
             paper_instance_acc=tuple(paper["instance_acc"]) if paper.get("instance_acc") else None,
             test_weights=str(OmegaConf.select(node, "eval.weights", default=weights)),
+            split=OmegaConf.select(node, "dataset.split", default=None) or _dataset_split(conf, dataset),
         )
     return presets
+
+
+def _dataset_split(conf: Path, dataset: str) -> Optional[str]:
+    """The split a dataset config names, through the configs it builds on (omniglot_vinyals -> omniglot)."""
+    path = conf / "dataset" / f"{dataset}.yaml"
+    if not path.exists():
+        return None
+    node = OmegaConf.to_container(OmegaConf.load(path))
+    if "split" in node:
+        return node["split"]
+    parents = [d for d in node.get("defaults", []) if isinstance(d, str) and not d.startswith("/") and d != "_self_"]
+    return _dataset_split(conf, parents[0]) if parents else None
 
 
 def _overrides(command: Optional[str]) -> list[str]:
@@ -95,6 +109,8 @@ def differences(result: dict, preset: Preset) -> list[str]:
         diffs.append(f"{result.get('iterations'):,} of {preset.iterations:,} iterations")
     if result["test"]["episodes"] != preset.episodes:
         diffs.append(f"{result['test']['episodes']} of {preset.episodes} test episodes")
+    if preset.split and result.get("dataset_split") and result["dataset_split"] != preset.split:
+        diffs.append(f"trained on the {result['dataset_split']} split, the preset on {preset.split}")
     # Runs from before eval.weights tested best.pt.
     tested, wanted = (result.get("tested") or {}).get("checkpoint", "best.pt"), f"{preset.test_weights}.pt"
     if tested != wanted:

@@ -42,8 +42,10 @@ DEFAULT_BASE_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/maste
 DEFAULT_SPLITS_URL = (
     "https://raw.githubusercontent.com/jakesnell/prototypical-networks/master/data/omniglot/splits/vinyals"
 )
-SPLIT_NAMES: tuple[str, ...] = ("finn", "vinyals", "background")
+SPLIT_NAMES: tuple[str, ...] = ("finn", "vinyals", "vinyals_trainval", "background")
 VINYALS_FILES: tuple[str, ...] = ("train.txt", "val.txt", "test.txt")
+# vinyals_trainval trains on trainval.txt (the train and val characters, 1200: the papers' training set) instead.
+VINYALS_TRAINVAL_FILES: tuple[str, ...] = ("trainval.txt", "val.txt", "test.txt")
 
 NUM_CHARACTERS = 1623
 DRAWINGS_PER_CHARACTER = 20
@@ -218,9 +220,11 @@ def _alphabets(zip_path: Path) -> set[str]:
         return {PurePosixPath(e).parts[1] for e in zf.namelist() if len(PurePosixPath(e).parts) == 4}
 
 
-def _ensure_vinyals_files(root: Path, splits_url: str, download: bool, timeout: float) -> Path:
+def _ensure_vinyals_files(
+    root: Path, splits_url: str, download: bool, timeout: float, files: tuple[str, ...] = VINYALS_FILES
+) -> Path:
     folder = root / "splits" / "vinyals"
-    missing = [n for n in VINYALS_FILES if not (folder / n).exists()]
+    missing = [n for n in files if not (folder / n).exists()]
     if missing and not download:
         raise DataError(
             f"Vinyals split files missing: put {', '.join(str(folder / n) for n in missing)} "
@@ -230,10 +234,12 @@ def _ensure_vinyals_files(root: Path, splits_url: str, download: bool, timeout: 
     return folder
 
 
-def _vinyals_splits(images: torch.Tensor, names: list[str], folder: Path) -> dict[str, SplitBank]:
+def _vinyals_splits(
+    images: torch.Tensor, names: list[str], folder: Path, files: tuple[str, ...] = VINYALS_FILES
+) -> dict[str, SplitBank]:
     index = {n: i for i, n in enumerate(names)}
     splits = {}
-    for split, file in zip(("train", "val", "test"), VINYALS_FILES):
+    for split, file in zip(("train", "val", "test"), files):
         path = folder / file
         classes, chars, ks = [], [], []
         for lineno, line in enumerate(path.read_text().splitlines(), 1):
@@ -284,9 +290,12 @@ def load_omniglot(
     image_size: S; drawings are resized from 105x105 with Lanczos and inverted (strokes 255, background 0).
     split: "finn" (1623 sorted characters shuffled with split_seed: 1100/100/423, a random rotation per class
         per task drawn by the sampler), "vinyals" (root/splits/vinyals/*.txt, each character rotation its own
-        class: 4112/688/1692 classes, no further rotation) or "background" (Koch et al.: the 30 background
-        alphabets' 964 characters for training, 10 evaluation alphabets for validation and the other 10 for test,
-        no rotation; Lake's one-shot runs come from the evaluation alphabets only).
+        class: 4112/688/1692 classes, no further rotation), "vinyals_trainval" (the same, training on
+        trainval.txt's 4800 classes, the 1200 characters the papers train on: validation's classes are then
+        among the training ones, so its curve is not a held-out measure; test the final weights) or
+        "background" (Koch et al.: the 30 background alphabets' 964 characters for training, 10 evaluation
+        alphabets for validation and the other 10 for test, no rotation; Lake's one-shot runs come from the
+        evaluation alphabets only).
     """
     if split not in SPLIT_NAMES:
         raise DataError(f"unknown Omniglot split {split!r}; choose one of {', '.join(SPLIT_NAMES)}")
@@ -303,7 +312,9 @@ def load_omniglot(
                 f"there (from {urls}) or set download=true"
             )
         download_omniglot(root_p, base_url, timeout)
-    vinyals_folder = _ensure_vinyals_files(root_p, splits_url, download, timeout) if split == "vinyals" else None
+    files = VINYALS_TRAINVAL_FILES if split == "vinyals_trainval" else VINYALS_FILES
+    vinyals = split.startswith("vinyals")
+    vinyals_folder = _ensure_vinyals_files(root_p, splits_url, download, timeout, files) if vinyals else None
     images, names = load_omniglot_images(root_p, Path(cache_dir).expanduser(), image_size)
     if split == "finn":
         splits = _finn_splits(images, names, split_seed)
@@ -311,5 +322,5 @@ def load_omniglot(
         splits = _background_splits(images, names, _alphabets(root_p / ZIP_NAMES[0]))
     else:
         assert vinyals_folder is not None
-        splits = _vinyals_splits(images, names, vinyals_folder)
+        splits = _vinyals_splits(images, names, vinyals_folder, files)
     return FewShotDataset(name="omniglot", splits=splits, channels=1, image_size=image_size, mean=(0.0,), std=(1.0,))
