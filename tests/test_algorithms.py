@@ -599,6 +599,31 @@ def test_protonet_is_invariant_to_the_support_order():
     )
 
 
+def test_running_statistics_train_task_by_task_and_test_with_the_averages():
+    # backbone.running_stats (Snell et al.'s BatchNorm under model.eval()): training updates the running statistics
+    # once per task, in turn, as the per-task loop; at test the net normalises with them, not with the batch.
+    torch.manual_seed(0)
+    net = functools.partial(Conv4, in_channels=1, image_size=28, hidden=8, running_stats=True)
+    algo = ProtoNet(net, WAYS).double()
+    reference = copy.deepcopy(algo.net)
+    episode = random_episode(tasks=2, shots=2, dtype=torch.float64)
+    out = algo(episode, train=True)
+    for t in range(2):  # the reference's one episode per step, its images one batch
+        reference(torch.cat([episode.support_x[t], episode.query_x[t]]))
+    for (name, mine), theirs in zip(algo.net.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0, msg=name)
+    assert out.loss.requires_grad and algo.net.features[1].running_mean.abs().sum() > 0
+    algo.eval()
+    support, query = embed_tasks(algo.net, episode.support_x, episode.query_x)
+    reference.eval()
+    for t in range(2):
+        expected = reference(torch.cat([episode.support_x[t], episode.query_x[t]]))
+        torch.testing.assert_close(torch.cat([support[t], query[t]]), expected, rtol=1e-12, atol=1e-12)
+        batch_stats = functools.partial(Conv4, in_channels=1, image_size=28, hidden=8)(out_features=None).double()
+        batch_stats.load_state_dict(reference.state_dict(), strict=False)
+        assert not torch.allclose(batch_stats(torch.cat([episode.support_x[t], episode.query_x[t]])), expected)
+
+
 def test_embed_tasks_keeps_batch_norm_statistics_per_task():
     torch.manual_seed(0)
     net = conv4()(out_features=None).double()

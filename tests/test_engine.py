@@ -374,3 +374,14 @@ def test_evaluate_reports_the_mean_and_its_interval_by_hand():
     result = evaluate(Fixed(), Tasks(), episodes=5, batch=2, seed=0)
     assert result["episodes"] == 5 and result["acc_mean"] == pytest.approx(0.6)
     assert result["acc_ci95"] == pytest.approx(0.48010, abs=1e-5)
+
+
+def test_running_statistics_run_and_are_refused_where_the_forward_is_functional(tiny_run, compose_cfg, tmp_path):
+    # backbone.running_stats: a protonet run keeps the statistics in its checkpoints, and fewshot-eval repeats its test
+    _, run_dir, results = tiny_run("algo=protonet", "backbone.running_stats=true")
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert state["model"]["net.features.1.running_mean"].abs().sum() > 0
+    ecfg = compose_cfg("eval", [f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "device=cpu"])
+    assert eval_run(ecfg, tmp_path / "eval")["test"] == results["test"]
+    with pytest.raises(engine.ConfigError, match=r"backbone.running_stats=true: algo=maml normalises with each batch"):
+        train_run(compose_cfg("train", TINY + ["algo=maml", "backbone.running_stats=true"]), tmp_path / "maml")

@@ -83,7 +83,7 @@ def test_preset_protocol(compose_cfg, preset):
     if cfg.dataset.name == "omniglot" and cfg.algo.name in ("matching", "matching_fce"):
         assert cfg.dataset.split == "vinyals"
     if cfg.dataset.name == "omniglot" and cfg.algo.name == "protonet":  # Snell et al.: trained on 1200 characters
-        assert cfg.dataset.split == "vinyals_trainval" and cfg.eval.weights == "last"
+        assert cfg.dataset.split == "vinyals_trainval" and cfg.eval.weights == "last" and cfg.backbone.running_stats
 
 
 @pytest.mark.parametrize("preset", PRESETS)

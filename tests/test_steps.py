@@ -328,6 +328,7 @@ def _static_and_plain_evaluation(cfg) -> tuple[dict, EvalGraphs]:
         ["algo=meta_sgd", "algo.eval_inner_steps=2"],
         ["algo=maml_pp", "algo.inner_steps=2"],
         ["algo=reptile", "algo.eval_inner_steps=3", "episode.shots=2"],  # random inner batches: seeded alike
+        ["algo=protonet", "backbone.running_stats=true"],  # BatchNorm's running statistics at test
     ],
     ids=[
         "maml-steps",
@@ -339,6 +340,7 @@ def _static_and_plain_evaluation(cfg) -> tuple[dict, EvalGraphs]:
         "meta_sgd-steps",
         "maml_pp-steps",
         "reptile",
+        "protonet-running_stats",
     ],
 )
 def test_eval_graphs_static_path_is_the_plain_evaluation(compose_cfg, overrides):

@@ -65,6 +65,9 @@ class Algorithm(nn.Module):
     fixed_ways: Optional[int] = None
     # Whether forward(train=False) fills AlgoOutput.logits, which eval.ensemble averages across checkpoints.
     reports_logits: bool = False
+    # Whether the backbone may keep BatchNorm running statistics (backbone.running_stats): only where the
+    # algorithm runs it as a module (protonet, matching, siamese), not through a functional forward.
+    running_stats_ok: bool = False
     # The setting that sets its inner-loop step size, which a diverging run's message names beside trainer.meta_lr.
     step_size_setting: Optional[str] = None
     # The training iteration a CUDA graph of the step is being captured for (set by engine.steps.GraphStep), for

@@ -81,6 +81,8 @@ class MatchingNetworks(Algorithm):
     learn_scale: learn the scale (stored as its log, so it stays positive), starting from `scale`.
     """
 
+    running_stats_ok = True  # embed_tasks runs the backbone as a module
+
     def __init__(
         self,
         backbone: BackboneFactory,

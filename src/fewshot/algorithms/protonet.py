@@ -11,6 +11,7 @@ from torch import nn
 
 from fewshot.algorithms.base import AlgoOutput, Algorithm, BackboneFactory, accuracy
 from fewshot.data.base import Episode
+from fewshot.models.backbones import tracks_running_stats
 
 
 def embed_tasks(net: nn.Module, support_x: torch.Tensor, query_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,7 +22,12 @@ def embed_tasks(net: nn.Module, support_x: torch.Tensor, query_x: torch.Tensor) 
     torch.func.vmap keeps tasks apart while the shared weights make every conv one batched call."""
     support = support_x.shape[1]
     x = torch.cat([support_x, query_x], dim=1)  # (T, S+Q, C, H, W)
-    z = torch.func.vmap(net, randomness="different")(x)  # (T, S+Q, D)
+    if net.training and tracks_running_stats(net):
+        # BatchNorm's running statistics are updated in place, which vmap cannot batch: task by task, each task's
+        # images one batch, as the reference's one episode per step.
+        z = torch.stack([net(task) for task in x])
+    else:
+        z = torch.func.vmap(net, randomness="different")(x)  # (T, S+Q, D)
     return z[:, :support], z[:, support:]
 
 
@@ -32,6 +38,8 @@ def one_hot(labels: torch.Tensor, ways: int, dtype: torch.dtype) -> torch.Tensor
 
 class ProtoNet(Algorithm):
     """logits(query, class c) = -||f(query) - mean of f(support of class c)||^2; cross-entropy on the query."""
+
+    running_stats_ok = True  # embed_tasks runs the backbone as a module
 
     def __init__(self, backbone: BackboneFactory, ways: int) -> None:
         super().__init__()

@@ -92,6 +92,8 @@ class Siamese(Algorithm):
     augment_p: the probability that each of the seven components is drawn (otherwise identity).
     """
 
+    running_stats_ok = True  # embed_tasks runs the backbone as a module
+
     def __init__(
         self,
         backbone: BackboneFactory,

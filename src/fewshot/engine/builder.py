@@ -30,6 +30,7 @@ from fewshot.engine.checks import (  # noqa: F401  (re-exported: the build step'
     episode_seed,
 )
 from fewshot.errors import ConfigError, FewshotError
+from fewshot.models.backbones import tracks_running_stats
 from fewshot.optim import make_optimizer, make_scheduler
 
 
@@ -124,6 +125,11 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
         _make("backbone", cfg.backbone), in_channels=dataset.channels, image_size=dataset.image_size
     )
     algo: Algorithm = _make("algo", cfg.algo, backbone=backbone, ways=cfg.episode.ways)
+    if not algo.running_stats_ok and tracks_running_stats(algo):
+        raise ConfigError(
+            f"backbone.running_stats=true: algo={cfg.algo.name} normalises with each batch's statistics "
+            "(its forward is functional); use it with protonet, matching or siamese, or drop it"
+        )
     if algo.fixed_ways is not None and eval_shape.ways != algo.fixed_ways:
         raise ConfigError(
             f"eval.ways={eval_shape.ways} but {cfg.algo.name}'s classifier head has {algo.fixed_ways} outputs; "

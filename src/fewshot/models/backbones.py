@@ -18,9 +18,14 @@ import torch
 from torch import nn
 
 
-def _batch_norm(dim: int, features: int) -> nn.Module:
-    bn = (nn.BatchNorm1d if dim == 1 else nn.BatchNorm2d)(features, track_running_stats=False)
+def _batch_norm(dim: int, features: int, running_stats: bool = False) -> nn.Module:
+    bn = (nn.BatchNorm1d if dim == 1 else nn.BatchNorm2d)(features, track_running_stats=running_stats)
     return bn
+
+
+def tracks_running_stats(net: nn.Module) -> bool:
+    """Whether a BatchNorm of `net` keeps running statistics (Conv4's running_stats=True)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in net.modules())
 
 
 class Conv4(nn.Module):
@@ -32,6 +37,9 @@ class Conv4(nn.Module):
     flatten=True with stride-2 convs (Reptile's Omniglot net): flatten instead of the mean -> (N, hidden * s * s),
         s = 2 for 28x28.
     leaky_slope > 0: LeakyReLU with that negative slope instead of ReLU (MAML++'s net: 0.01).
+    running_stats=True: BatchNorm keeps running statistics (momentum 0.1) and eval() normalises with them, as
+        PyTorch's default BatchNorm under Snell et al.'s model.eval() at test; for the algorithms that run the
+        backbone as a module (protonet, matching, siamese), not MAML's functional forward.
     """
 
     def __init__(
@@ -44,6 +52,7 @@ class Conv4(nn.Module):
         max_pool: bool = False,
         flatten: bool = False,
         leaky_slope: float = 0.0,
+        running_stats: bool = False,
     ) -> None:
         super().__init__()
         if layers < 1 or hidden < 1:
@@ -53,7 +62,7 @@ class Conv4(nn.Module):
         for _ in range(layers):
             blocks += [
                 nn.Conv2d(channels, hidden, 3, stride=1 if max_pool else 2, padding=1),
-                _batch_norm(2, hidden),
+                _batch_norm(2, hidden, running_stats),
                 nn.LeakyReLU(leaky_slope) if leaky_slope else nn.ReLU(),
             ]
             if max_pool:
