@@ -4,7 +4,8 @@ learn2learn.vision.models has the same layer stacks (OmniglotCNN, MiniImagenetCN
 tests check that our parameter counts equal theirs. We do not instantiate theirs because their conv
 BatchNorm tracks running statistics: that updates buffers in place (which torch.func.vmap cannot batch)
 and makes eval() use running averages, while MAML uses the current batch's statistics in training and
-at test. Here every BatchNorm has track_running_stats=False, so train() and eval() behave the same.
+at test. Here every BatchNorm has track_running_stats=False, so train() and eval() behave the same, unless
+Conv4's running_stats=True asks for ProtoNets' reference behaviour (the metric algorithms only).
 
 Every factory takes in_channels and image_size (bound from the dataset by the entrypoint) and
 out_features: an int gives a classifier head with that many logits, None gives the embedding only.
