@@ -52,8 +52,7 @@ $PY -c "import torch; print('torch', torch.__version__, 'device', torch.cuda.get
 # together they share the GPU, so one may need a second call (RESUME=.devrun, within the 30 s a warm machine
 # waits). So do ProtoNets' two cells since their presets train on the 1200 train and val characters and test the
 # final weights (about 390 s each on an H100). MAML 5-way 5-shot is being finished on the CPU machine from its
-# 52,500-iteration checkpoint. The 20-way
-# cells take 3 or more leases each (20w1s: 26.6 ms x 60,000 on an H100).
+# 52,500-iteration checkpoint. The 20-way cells take 3 or more leases each (20w1s: 26.6 ms x 60,000 on an H100).
 # .devrun is git-ignored: a new checkout starts without it, so plan a cell's leases within one session.
 # A limit of 540 s is cut to what the call leaves (CALL_S).
 JOBS=(

@@ -111,10 +111,9 @@ def differences(result: dict, preset: Preset) -> list[str]:
         diffs.append(f"{result['test']['episodes']} of {preset.episodes} test episodes")
     if preset.split and result.get("dataset_split") and result["dataset_split"] != preset.split:
         diffs.append(f"trained on the {result['dataset_split']} split, the preset on {preset.split}")
-    # Runs from before eval.weights tested best.pt.
-    tested, wanted = (result.get("tested") or {}).get("checkpoint", "best.pt"), f"{preset.test_weights}.pt"
-    if tested != wanted:
-        diffs.append(f"tested {tested}, the preset tests {wanted}")
+    tested = tested_difference(result, preset)
+    if tested:
+        diffs.append(tested)
     if result.get("command") is None:
         diffs.append("command not recorded")
     budget = ("trainer.iterations=", "eval.episodes=", "eval.weights=")  # already said above
@@ -122,6 +121,12 @@ def differences(result: dict, preset: Preset) -> list[str]:
     if changed:
         diffs.append("overrides " + " ".join(changed))
     return diffs
+
+
+def tested_difference(result: dict, preset: Preset) -> Optional[str]:
+    """What differs in the checkpoint a run tested from its preset's (runs from before eval.weights tested best.pt)."""
+    tested, wanted = (result.get("tested") or {}).get("checkpoint", "best.pt"), f"{preset.test_weights}.pt"
+    return f"tested {tested}, the preset tests {wanted}" if tested != wanted else None
 
 
 def _paper_number(x: float) -> str:
@@ -239,6 +244,7 @@ def _table(header: list[str], lines: list[str]) -> list[str]:
 
 def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source: str) -> str:
     full: dict[str, list[dict]] = {}
+    retested: set[str] = set()
     other: dict[tuple[str, str], list[dict]] = {}
     for r in results:
         preset = presets.get(r["name"]) or presets.get(_experiment(r.get("command")))
@@ -246,6 +252,8 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
             continue  # not a paper cell: fewshot-table shows it, the ledger does not
         r = {**r, "name": preset.name}  # a renamed run of a preset is listed with it, the rename as a difference
         diffs = differences(r, preset)
+        if diffs and diffs == [tested_difference(r, preset)]:
+            retested.add(preset.name)  # the full budget, tested on another checkpoint than the preset's
         if diffs:
             other.setdefault((r["name"], "; ".join(diffs)), []).append(r)
         else:
@@ -314,10 +322,8 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
     for name, p in sorted(presets.items()):
         if name not in full:
             paper = "–" if p.paper_acc is None else _paper_number(p.paper_acc)
-            # A full-budget run whose only difference is the checkpoint it tested (before eval.weights)
-            retest = any(n == name and d.startswith("tested ") and ";" not in d for n, d in other)
             reason = PENDING.get(p.dataset, NOT_RUN)
-            if retest:
+            if name in retested:
                 reason = f"run at full budget, but its test read best.pt: the preset tests {p.test_weights}.pt"
             out.append(f"| {name} | {paper} | {_cell(p.paper_source) or '–'} | {reason} |")
     return "\n".join(out) + "\n"
