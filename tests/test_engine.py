@@ -109,6 +109,19 @@ def test_the_test_reads_the_weights_asked_for(tiny_run, compose_cfg, tmp_path):
     assert tests[0] != tests[1]
 
 
+def test_a_finished_run_is_retested_with_other_test_steps(tiny_run):
+    # algo.eval_inner_steps only adapts at validation and test, so a finished run may be re-tested with the
+    # paper's steps; its weights are the same, and step_acc's first steps equal the longer test's
+    _, run_dir, ten = tiny_run("algo=maml", "algo.eval_inner_steps=4")
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+    _, _, two = tiny_run("algo=maml", "algo.eval_inner_steps=2")  # trained already: tests only
+    assert len(ten["test"]["step_acc"]) == 5 and len(two["test"]["step_acc"]) == 3
+    assert two["test"]["step_acc"] == ten["test"]["step_acc"][:3]
+    assert two["test"]["acc_mean"] == two["test"]["step_acc"][2]
+    after = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(last[k], after[k]) for k in last)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -70,13 +70,18 @@ def test_a_run_that_tested_other_weights_than_its_preset_is_not_the_cell(tmp_pat
     new = {**old, "tested": {"checkpoint": "last.pt", "iteration": 60000}}
     assert differences(old, preset) == ["tested best.pt, the preset tests last.pt"]
     assert differences(new, preset) == []
+    # Its test adapts with the paper's 3 steps; step_acc holds the score before adapting and after each step
+    assert preset.test_steps == 3 and load_presets()["maml_omniglot_20w1s"].test_steps == 5
+    ten = {**new, "test": {**new["test"], "step_acc": [0.2] + [0.99] * 10}}
+    assert differences(ten, preset) == ["tested after 10 inner steps, the preset after 3"]
+    assert differences({**new, "test": {**new["test"], "step_acc": [0.2, 0.98, 0.99, 0.99]}}, preset) == []
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "results.json").write_text(json.dumps(old))
     text = ledger_markdown(collect([tmp_path]), load_presets(), "runs")
     assert "| maml_omniglot_5w1s | 5-way 1-shot | tested best.pt, the preset tests last.pt | 99.00 ± 0.30 |" in text
     assert (
-        "| maml_omniglot_5w1s | 98.7 | Finn et al. 2017, Table 1 | run at full budget, but its test read best.pt"
-        in text
+        "| maml_omniglot_5w1s | 98.7 | Finn et al. 2017, Table 1 | run at full budget, but tested best.pt, the preset "
+        "tests last.pt |" in text
     )
 
 
@@ -158,7 +163,8 @@ def test_regression_cells_have_their_own_table(tmp_path):
     gets its own table, test MSE beside the MSE before adapting and after one step, never an accuracy column."""
 
     def sinusoid(seed: int, mse: float, **changes) -> dict:
-        test = {"episodes": 600, "metric": "mse", "mse_mean": mse, "mse_ci95": 0.002, "step_mse": [3.0, 0.4, mse]}
+        curve = [3.0, 0.4] + [mse] * 9  # before adapting and after each of the preset's 10 steps
+        test = {"episodes": 600, "metric": "mse", "mse_mean": mse, "mse_ci95": 0.002, "step_mse": curve}
         command = f"fewshot-train experiment=maml_sinusoid_k10 seed={seed} device=cpu"
         run = dict(name="maml_sinusoid_k10", algo="maml", dataset="sinusoid", backbone="mlp_sinusoid", ways=1)
         run.update(shots=10, queries=100, iterations=70000, seed=seed, command=command, test=test, paper=None)
@@ -178,7 +184,7 @@ def test_regression_cells_have_their_own_table(tmp_path):
         "maml_sinusoid_k10",
         "10-shot regression",
         "0.0300 ± 0.1271 †",
-        "2",
+        "10",
         "3.0000",
         "0.4000",
         "1, 2",

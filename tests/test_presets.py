@@ -50,15 +50,17 @@ def test_preset_protocol(compose_cfg, preset):
     assert cfg.paper.source, "each preset names its source"
     if cfg.algo.name in ("maml", "fomaml"):
         assert cfg.algo.first_order == (cfg.algo.name == "fomaml")
-        assert cfg.algo.eval_inner_steps == 10 and cfg.trainer.iterations == 60000
-        assert cfg.eval.episodes == 600
+        assert cfg.trainer.iterations == 60000 and cfg.eval.episodes == 600
         if cfg.dataset.name == "omniglot":
             assert cfg.dataset.split == "finn"
+            # Appendix A.1: 5-way "evaluated using 3 gradient steps", 20-way "trained and evaluated with 5"
+            assert cfg.algo.eval_inner_steps == (3 if cfg.episode.ways == 5 else 5)
             assert (cfg.algo.inner_steps, cfg.algo.inner_lr, cfg.trainer.meta_batch_size) == (
                 (1, 0.4, 32) if cfg.episode.ways == 5 else (5, 0.1, 16)
             )
         else:
             assert (cfg.algo.inner_steps, cfg.algo.inner_lr, cfg.episode.queries) == (5, 0.01, 15)
+            assert cfg.algo.eval_inner_steps == 10  # "evaluated using 10 gradient steps at test time"
             assert cfg.backbone.name == "conv4_pool" and cfg.backbone.hidden == 32
     if cfg.algo.name == "meta_sgd":  # Li et al.: one step in training and at test, step sizes from U[0.005, 0.1]
         assert (cfg.algo.inner_steps, cfg.algo.eval_inner_steps, cfg.algo.first_order) == (1, 1, False)

@@ -47,6 +47,7 @@ class Preset:
     paper_instance_acc: Optional[tuple[Optional[float], ...]] = None  # sequence presets: per instance of a class
     test_weights: str = "best"  # eval.weights: the checkpoint its test reads, best.pt or the final weights
     split: Optional[str] = None  # the dataset's split (omniglot: finn, vinyals, vinyals_trainval, ...), if it names one
+    test_steps: Optional[int] = None  # algo.eval_inner_steps where the preset sets it (step_acc holds one per step)
 
 
 def _conf_root() -> Path:
@@ -77,6 +78,7 @@ def load_presets(conf: Optional[Path] = None) -> dict[str, Preset]:
             paper_instance_acc=tuple(paper["instance_acc"]) if paper.get("instance_acc") else None,
             test_weights=str(OmegaConf.select(node, "eval.weights", default=weights)),
             split=OmegaConf.select(node, "dataset.split", default=None) or _dataset_split(conf, dataset),
+            test_steps=OmegaConf.select(node, "algo.eval_inner_steps", default=None),
         )
     return presets
 
@@ -111,9 +113,7 @@ def differences(result: dict, preset: Preset) -> list[str]:
         diffs.append(f"{result['test']['episodes']} of {preset.episodes} test episodes")
     if preset.split and result.get("dataset_split") and result["dataset_split"] != preset.split:
         diffs.append(f"trained on the {result['dataset_split']} split, the preset on {preset.split}")
-    tested = tested_difference(result, preset)
-    if tested:
-        diffs.append(tested)
+    diffs += test_differences(result, preset)
     if result.get("command") is None:
         diffs.append("command not recorded")
     budget = ("trainer.iterations=", "eval.episodes=", "eval.weights=")  # already said above
@@ -123,10 +123,17 @@ def differences(result: dict, preset: Preset) -> list[str]:
     return diffs
 
 
-def tested_difference(result: dict, preset: Preset) -> Optional[str]:
-    """What differs in the checkpoint a run tested from its preset's (runs from before eval.weights tested best.pt)."""
+def test_differences(result: dict, preset: Preset) -> list[str]:
+    """How a run's test differs from its preset's: the inner steps it adapted with (step_acc holds the score before
+    and after each) and the checkpoint it read (runs from before eval.weights read best.pt)."""
+    diffs = []
+    steps = len(result["test"].get("step_acc") or result["test"].get("step_mse") or []) - 1
+    if preset.test_steps is not None and steps >= 0 and steps != preset.test_steps:
+        diffs.append(f"tested after {steps} inner steps, the preset after {preset.test_steps}")
     tested, wanted = (result.get("tested") or {}).get("checkpoint", "best.pt"), f"{preset.test_weights}.pt"
-    return f"tested {tested}, the preset tests {wanted}" if tested != wanted else None
+    if tested != wanted:
+        diffs.append(f"tested {tested}, the preset tests {wanted}")
+    return diffs
 
 
 def _paper_number(x: float) -> str:
@@ -244,7 +251,7 @@ def _table(header: list[str], lines: list[str]) -> list[str]:
 
 def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source: str) -> str:
     full: dict[str, list[dict]] = {}
-    retested: set[str] = set()
+    retested: dict[str, list[str]] = {}  # presets run at full budget whose only differences are in the test
     other: dict[tuple[str, str], list[dict]] = {}
     for r in results:
         preset = presets.get(r["name"]) or presets.get(_experiment(r.get("command")))
@@ -252,8 +259,8 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
             continue  # not a paper cell: fewshot-table shows it, the ledger does not
         r = {**r, "name": preset.name}  # a renamed run of a preset is listed with it, the rename as a difference
         diffs = differences(r, preset)
-        if diffs and diffs == [tested_difference(r, preset)]:
-            retested.add(preset.name)  # the full budget, tested on another checkpoint than the preset's
+        if diffs and diffs == test_differences(r, preset):
+            retested[preset.name] = diffs
         if diffs:
             other.setdefault((r["name"], "; ".join(diffs)), []).append(r)
         else:
@@ -324,6 +331,6 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
             paper = "–" if p.paper_acc is None else _paper_number(p.paper_acc)
             reason = PENDING.get(p.dataset, NOT_RUN)
             if name in retested:
-                reason = f"run at full budget, but its test read best.pt: the preset tests {p.test_weights}.pt"
+                reason = "run at full budget, but " + "; ".join(retested[name])
             out.append(f"| {name} | {paper} | {_cell(p.paper_source) or '–'} | {reason} |")
     return "\n".join(out) + "\n"

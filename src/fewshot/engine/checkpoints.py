@@ -111,6 +111,7 @@ RESUMABLE_CHANGES = (
     "eval.meta_batch_size",
     "eval.cuda_graph",
     "eval.weights",
+    "algo.eval_inner_steps",  # test-time adaptation only: the trained weights never see it
     "logger",
     "dry_run",
 )
