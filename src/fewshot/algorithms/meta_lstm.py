@@ -9,23 +9,25 @@ meta-learner, a coordinate-wise two-layer LSTM whose second layer's cell state I
 where grad_t is the gradient of the support loss at c_{t-1} and h_t the hidden state of the first layer, an
 ordinary LSTM (20 units) reading the preprocessed loss and gradient of its coordinate (Andrychowicz et al. 2016:
 x -> (log|x| / p, sign x) if |x| >= e^-p else (-1, e^p x), with p = 10). Every coordinate has its own states and
-shares the LSTM's weights. b_F starts in U(4, 6) and b_I in U(-5, -4), so at initialisation the update is SGD with
+shares the LSTM's weights. b_F starts in U(4, 5) and b_I in U(-5, -4), so at initialisation the update is SGD with
 a small learning rate sigmoid(b_I) and a decay sigmoid(b_F) close to 1. The initial parameters c_0 are learned too.
 After T updates the query loss at c_T trains everything with Adam; the loss and gradient inputs are treated as
 constants (no second derivatives of the learner), as the paper does. The same T updates run at test.
 
-fewshot's choices, where the paper or the reference code (markdtw/meta-learning-lstm-pytorch) leave room:
+fewshot's choices, where the paper or the authors' code (twitter/meta-learning-lstm, Lua) leave room:
 - c_0 is the learner net's own parameters (self.net), so a checkpoint holds c_0 like any other algorithm's weights.
-- f_{t-1} and i_{t-1} fed back to the gates are the pre-activations, as the formula above and the reference code's
+- f_{t-1} and i_{t-1} fed back to the gates are the pre-activations, as the formula above and the authors' code's
   c_t = sigmoid(f_t) ... reads; they start at 0. (The paper writes the gate values; a monotone squash apart.)
 - BatchNorm: the backbones normalise with the current batch's statistics in training and at test
   (track_running_stats=False), and BatchNorm's scale and shift are coordinates of c like every other weight.
-  The reference code keeps running statistics in its BatchNorm layers but never switches the learner to eval
-  mode, so it too normalises with batch statistics everywhere; the paper's own scheme (statistics of the support
-  set at meta-test) would need per-task running buffers that the functional learner does not carry. Query
-  images are normalised as one batch per task, as fewshot's MAML does (transductive).
+  Query images are normalised as one batch per task, as fewshot's MAML does (transductive). This differs from
+  the authors' code at meta-test: it resets the learner's running statistics for each task, gathers them over
+  the support passes (BN momentum 0.9 for 1-shot, 0.95 for 5-shot) and normalises the queries with them
+  (learner.set('evaluate'), model/lstm/meta-learner-lstm.lua), which needs per-task running buffers the
+  functional learner does not carry. (The PyTorch port markdtw/meta-learning-lstm-pytorch never switches to eval
+  mode, as here.) Unmeasured: miniImageNet's images have not been on fewshot's machines.
 - Each update uses the whole support set: the authors' inner batch (5 for 1-shot, 25 for 5-shot) is the whole
-  5-way support set in both settings. The reference code divides the gradient by the batch size once more; here
+  5-way support set in both settings. The authors' code divides the gradient by the batch size once more; here
   grad_t is the gradient of the mean support loss.
 - Tasks of a meta-batch share nothing: the meta-learner runs over all their coordinates at once, and the learner's
   gradients come from a loop over tasks (CPU) or torch.func.vmap (CUDA), see `strategy`.
@@ -108,8 +110,8 @@ class MetaLSTM(Algorithm):
         # Layer 2: the gates of the cell whose state is the learner, reading [h_t, c_{t-1}, own gate_{t-1}].
         self.forget_gate = nn.Linear(hidden_size + 2, 1)
         self.input_gate = nn.Linear(hidden_size + 2, 1)
-        for gate, (lo, hi) in ((self.forget_gate, (4.0, 6.0)), (self.input_gate, (-5.0, -4.0))):
-            nn.init.uniform_(gate.weight, -0.01, 0.01)  # as the reference code: small, so it starts as SGD
+        for gate, (lo, hi) in ((self.forget_gate, (4.0, 5.0)), (self.input_gate, (-5.0, -4.0))):  # bF, bI there
+            nn.init.uniform_(gate.weight, -0.01, 0.01)  # as the authors' code: small, so it starts as SGD
             nn.init.uniform_(gate.bias, lo, hi)
         self._layout = [(name, p.shape, p.numel()) for name, p in self.net.named_parameters()]
 
