@@ -204,3 +204,12 @@ def test_a_run_on_another_split_than_its_preset_is_not_the_cell():
     assert differences({**run, "dataset_split": "vinyals"}, preset) == [
         "trained on the vinyals split, the preset on vinyals_trainval"
     ]
+
+
+def test_paper_numbers_keep_their_published_decimals(tmp_path):
+    # YAML reads 43.40 as 43.4; the interval's decimals (0.78) say how the paper printed it
+    text = ledger_markdown([], load_presets(), "runs")
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in text.splitlines() if line.startswith("| ")}
+    assert rows["matching_miniimagenet_5w1s"] == "43.40" and rows["meta_lstm_miniimagenet_5w5s"] == "60.60"
+    assert rows["maml_omniglot_5w1s"] == "98.7" and rows["reptile_omniglot_5w1s"] == "97.68"
+    assert rows["maml_pp_omniglot_5w5s"] == "99.85" and rows["meta_sgd_omniglot_5w5s"] == "99.93"  # no interval

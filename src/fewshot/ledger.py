@@ -44,6 +44,7 @@ class Preset:
     episodes: int
     paper_acc: Optional[float]
     paper_source: str
+    paper_ci95: Optional[float] = None
     paper_instance_acc: Optional[tuple[Optional[float], ...]] = None  # sequence presets: per instance of a class
     test_weights: str = "best"  # eval.weights: the checkpoint its test reads, best.pt or the final weights
     split: Optional[str] = None  # the dataset's split (omniglot: finn, vinyals, vinyals_trainval, ...), if it names one
@@ -74,6 +75,7 @@ def load_presets(conf: Optional[Path] = None) -> dict[str, Preset]:
             iterations=int(OmegaConf.select(node, "trainer.iterations", default=iterations)),
             episodes=int(OmegaConf.select(node, "eval.episodes", default=episodes)),
             paper_acc=paper.get("acc"),
+            paper_ci95=paper.get("ci95"),
             paper_source=paper.get("source", ""),
             paper_instance_acc=tuple(paper["instance_acc"]) if paper.get("instance_acc") else None,
             test_weights=str(OmegaConf.select(node, "eval.weights", default=weights)),
@@ -136,9 +138,14 @@ def test_differences(result: dict, preset: Preset) -> list[str]:
     return diffs
 
 
-def _paper_number(x: float) -> str:
-    """A paper's number as it publishes it: one decimal, or two where it has two (97.68, 63.15)."""
-    return f"{x:.1f}" if round(x, 1) == x else f"{x:.2f}"
+def _decimals(x: Optional[float]) -> int:
+    return 0 if x is None else len(repr(float(x)).split(".")[1].rstrip("0"))
+
+
+def _paper_number(x: float, ci95: Optional[float] = None) -> str:
+    """A paper's number as it publishes it: its own decimals (97.68, 98.7), or its interval's where YAML's float
+    dropped a trailing zero (43.40 ± 0.78 reads 43.4)."""
+    return f"{x:.{max(1, _decimals(x), _decimals(ci95))}f}"
 
 
 def _cell(text: object) -> str:
@@ -151,7 +158,7 @@ def _joined(values: Sequence[object]) -> str:
 
 def _row_line(row: Row, runs: list[dict], extra: Optional[str] = None) -> str:
     value = row.shown + (" MSE" if row.metric == "mse" else "") + (" †" if row.pooled else "")
-    paper = "–" if row.paper_acc is None else _paper_number(row.paper_acc)
+    paper = "–" if row.paper_acc is None else _paper_number(row.paper_acc, row.paper_ci95)
     diff = "–" if row.diff is None else f"{row.diff:+.2f}"
     cells = [row.name, row.setting, value, paper, diff, *_run_cells(row, runs)]
     if extra is not None:
@@ -328,7 +335,7 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
     out += ["", "## Not yet run at full budget", "", "| preset | paper (%) | source | reason |", "|---|---|---|---|"]
     for name, p in sorted(presets.items()):
         if name not in full:
-            paper = "–" if p.paper_acc is None else _paper_number(p.paper_acc)
+            paper = "–" if p.paper_acc is None else _paper_number(p.paper_acc, p.paper_ci95)
             reason = PENDING.get(p.dataset, NOT_RUN)
             if name in retested:
                 reason = "run at full budget, but " + "; ".join(retested[name])
