@@ -14,7 +14,7 @@ import torch
 
 from conftest import assert_learns, cuda_generator_state, straight_and_resumed
 from fewshot import engine
-from fewshot.checkpoint import load_checkpoint, save_checkpoint
+from fewshot.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fewshot.eval import run as eval_run
 from fewshot.train import run as train_run
 
@@ -112,14 +112,22 @@ def test_the_test_reads_the_weights_asked_for(tiny_run, compose_cfg, tmp_path):
 def test_a_finished_run_is_retested_with_other_test_steps(tiny_run):
     # algo.eval_inner_steps only adapts at validation and test, so a finished run may be re-tested with the
     # paper's steps; its weights are the same, and step_acc's first steps equal the longer test's
-    _, run_dir, ten = tiny_run("algo=maml", "algo.eval_inner_steps=4")
-    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+    _, run_dir, four = tiny_run("algo=maml", "algo.eval_inner_steps=4")
+    trained = (run_dir / "metrics.csv").read_text(), (run_dir / "checkpoints" / "last.pt").stat().st_mtime_ns
     _, _, two = tiny_run("algo=maml", "algo.eval_inner_steps=2")  # trained already: tests only
-    assert len(ten["test"]["step_acc"]) == 5 and len(two["test"]["step_acc"]) == 3
-    assert two["test"]["step_acc"] == ten["test"]["step_acc"][:3]
+    assert ((run_dir / "metrics.csv").read_text(), (run_dir / "checkpoints" / "last.pt").stat().st_mtime_ns) == trained
+    assert four["tested"]["inner_steps"] == 4 and two["tested"]["inner_steps"] == 2
+    assert len(four["test"]["step_acc"]) == 5 and len(two["test"]["step_acc"]) == 3
+    assert two["test"]["step_acc"] == four["test"]["step_acc"][:3]
     assert two["test"]["acc_mean"] == two["test"]["step_acc"][2]
-    after = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
-    assert all(torch.equal(last[k], after[k]) for k in last)
+
+
+def test_a_run_in_progress_keeps_its_test_steps(tiny_run):
+    # Mid-run, algo.eval_inner_steps would give validation scores of two meanings in one metrics.csv column
+    tiny_run("algo=maml", "algo.eval_inner_steps=4", "trainer.iterations=3")
+    with pytest.raises(CheckpointError, match=r"algo.eval_inner_steps: 4 -> 2"):
+        tiny_run("algo=maml", "algo.eval_inner_steps=2")
+    assert tiny_run("algo=maml", "algo.eval_inner_steps=4")[2]["tested"]["inner_steps"] == 4  # its own: resumes
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import copy
 import json
 from pathlib import Path
 
-from fewshot.ledger import differences, ledger_markdown, load_presets
+from fewshot.ledger import _paper_number, differences, ledger_markdown, load_presets
 from fewshot.table import collect, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,6 +75,16 @@ def test_a_run_that_tested_other_weights_than_its_preset_is_not_the_cell(tmp_pat
     ten = {**new, "test": {**new["test"], "step_acc": [0.2] + [0.99] * 10}}
     assert differences(ten, preset) == ["tested after 10 inner steps, the preset after 3"]
     assert differences({**new, "test": {**new["test"], "step_acc": [0.2, 0.98, 0.99, 0.99]}}, preset) == []
+    # results.json's tested.inner_steps says it where step_acc cannot (Reptile reports no curve)
+    reptile = load_presets()["reptile_omniglot_5w1s"]
+    run = {**new, "name": reptile.name, "iterations": reptile.iterations, "tested": {"checkpoint": "last.pt"}}
+    run["test"] = {"episodes": reptile.episodes, "acc_mean": 0.97, "acc_ci95": 0.003}
+    run["command"] = "fewshot-train experiment=reptile_omniglot_5w1s seed=1 algo.eval_inner_steps=20"
+    assert differences(run, reptile) == ["overrides algo.eval_inner_steps=20"]  # no record: said as an override
+    run["tested"]["inner_steps"] = 20
+    assert differences(run, reptile) == ["tested after 20 inner steps, the preset after 50"]
+    run["tested"]["inner_steps"], run["command"] = 50, run["command"].replace("=20", "=50")
+    assert differences(run, reptile) == []  # the preset's own steps, asked for again: the cell
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "results.json").write_text(json.dumps(old))
     text = ledger_markdown(collect([tmp_path]), load_presets(), "runs")
@@ -213,3 +223,4 @@ def test_paper_numbers_keep_their_published_decimals(tmp_path):
     assert rows["matching_miniimagenet_5w1s"] == "43.40" and rows["meta_lstm_miniimagenet_5w5s"] == "60.60"
     assert rows["maml_omniglot_5w1s"] == "98.7" and rows["reptile_omniglot_5w1s"] == "97.68"
     assert rows["maml_pp_omniglot_5w5s"] == "99.85" and rows["meta_sgd_omniglot_5w5s"] == "99.93"  # no interval
+    assert _paper_number(0.5, 1e-05) == "0.50000" and _paper_number(99, 0.4) == "99.0"

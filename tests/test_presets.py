@@ -8,6 +8,7 @@ import pytest
 
 from conftest import group_choices, load_script
 from fewshot import engine
+from fewshot.ledger import load_presets
 from fewshot.train import run as train_run
 
 # The sinusoid regression presets (<algo>_sinusoid_k<K>) have their own protocol and smoke test: tests/test_sinusoid.py.
@@ -48,6 +49,8 @@ def test_preset_protocol(compose_cfg, preset):
         assert cfg.algo.name in ("mann", "lstm_baseline") and cfg.episode.shots + cfg.episode.queries == 10
         assert cfg.dataset.image_size == 20 and cfg.algo.memory == (cfg.algo.name == "mann")
     assert cfg.paper.source, "each preset names its source"
+    if "eval_inner_steps" in cfg.algo:  # the ledger checks a run's test steps against the preset's own value
+        assert load_presets()[preset].test_steps == cfg.algo.eval_inner_steps
     if cfg.algo.name in ("maml", "fomaml"):
         assert cfg.algo.first_order == (cfg.algo.name == "fomaml")
         assert cfg.trainer.iterations == 60000 and cfg.eval.episodes == 600

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.resources
 import shlex
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -48,7 +49,7 @@ class Preset:
     paper_instance_acc: Optional[tuple[Optional[float], ...]] = None  # sequence presets: per instance of a class
     test_weights: str = "best"  # eval.weights: the checkpoint its test reads, best.pt or the final weights
     split: Optional[str] = None  # the dataset's split (omniglot: finn, vinyals, vinyals_trainval, ...), if it names one
-    test_steps: Optional[int] = None  # algo.eval_inner_steps where the preset sets it (step_acc holds one per step)
+    test_steps: Optional[int] = None  # algo.eval_inner_steps, where the preset sets it
 
 
 def _conf_root() -> Path:
@@ -119,18 +120,30 @@ def differences(result: dict, preset: Preset) -> list[str]:
     if result.get("command") is None:
         diffs.append("command not recorded")
     budget = ("trainer.iterations=", "eval.episodes=", "eval.weights=")  # already said above
+    if preset.test_steps is not None and tested_steps(result) is not None:  # so are the test's inner steps
+        budget += ("algo.eval_inner_steps=",)
     changed = [o for o in measured_overrides(result.get("command")) or () if not o.startswith(budget)]
     if changed:
         diffs.append("overrides " + " ".join(changed))
     return diffs
 
 
+def tested_steps(result: dict) -> Optional[int]:
+    """The inner steps a run's test adapted with: results.json's tested.inner_steps or, in files from before it,
+    the length of step_acc / step_mse (the score before adapting and after each step); None where neither says."""
+    steps = (result.get("tested") or {}).get("inner_steps")
+    if steps is None:
+        curve = result["test"].get("step_acc") or result["test"].get("step_mse")
+        steps = len(curve) - 1 if curve else None
+    return steps
+
+
 def test_differences(result: dict, preset: Preset) -> list[str]:
-    """How a run's test differs from its preset's: the inner steps it adapted with (step_acc holds the score before
-    and after each) and the checkpoint it read (runs from before eval.weights read best.pt)."""
+    """How a run's test differs from its preset's: the inner steps it adapted with (tested_steps) and the checkpoint
+    it read (runs from before eval.weights read best.pt)."""
     diffs = []
-    steps = len(result["test"].get("step_acc") or result["test"].get("step_mse") or []) - 1
-    if preset.test_steps is not None and steps >= 0 and steps != preset.test_steps:
+    steps = tested_steps(result)
+    if preset.test_steps is not None and steps is not None and steps != preset.test_steps:
         diffs.append(f"tested after {steps} inner steps, the preset after {preset.test_steps}")
     tested, wanted = (result.get("tested") or {}).get("checkpoint", "best.pt"), f"{preset.test_weights}.pt"
     if tested != wanted:
@@ -139,7 +152,7 @@ def test_differences(result: dict, preset: Preset) -> list[str]:
 
 
 def _decimals(x: Optional[float]) -> int:
-    return 0 if x is None else len(repr(float(x)).split(".")[1].rstrip("0"))
+    return 0 if x is None else max(0, -Decimal(repr(float(x))).normalize().as_tuple().exponent)
 
 
 def _paper_number(x: float, ci95: Optional[float] = None) -> str:
@@ -267,7 +280,7 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
         r = {**r, "name": preset.name}  # a renamed run of a preset is listed with it, the rename as a difference
         diffs = differences(r, preset)
         if diffs and diffs == test_differences(r, preset):
-            retested[preset.name] = diffs
+            retested.setdefault(preset.name, []).extend(d for d in diffs if d not in retested[preset.name])
         if diffs:
             other.setdefault((r["name"], "; ".join(diffs)), []).append(r)
         else:

@@ -94,6 +94,8 @@ def save_last(ckpt_dir: Path, state: dict) -> None:
 # evaluated, and how long it trains (training longer continues the same trajectory).
 # Validation tasks (eval.ways, eval.queries, trainer.val_episodes) may not change: they would put numbers of
 # another meaning in one metrics.csv column and pick best.pt across them. Test-only settings may.
+# Changes a finished run may take when it is run again to re-test it: they change validation too, so not mid-run.
+TEST_ONLY_CHANGES = ("algo.eval_inner_steps",)
 RESUMABLE_CHANGES = (
     "resume",
     "device.",
@@ -111,7 +113,6 @@ RESUMABLE_CHANGES = (
     "eval.meta_batch_size",
     "eval.cuda_graph",
     "eval.weights",
-    "algo.eval_inner_steps",  # test-time adaptation only: the trained weights never see it
     "logger",
     "dry_run",
 )
@@ -178,9 +179,9 @@ def check_same_run(state: dict, config: dict, path: Path) -> None:
     another experiment's weights would silently mix two runs."""
     old = _flatten(upgrade_config(state["config"]))
     new = _flatten(config)
-    changed = [
-        k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)
-    ]
+    finished = state["iteration"] >= config["trainer"]["iterations"]  # it will only test
+    free = RESUMABLE_CHANGES + (TEST_ONLY_CHANGES if finished else ())
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not k.startswith(free)]
     if changed:
         diffs = ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in changed[:4]) + (
             " ..." if len(changed) > 4 else ""

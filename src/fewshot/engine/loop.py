@@ -257,6 +257,8 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
         train_devices=progress.devices,
     )
     results["tested"] = {"checkpoint": tested, "iteration": weights["iteration"]}
+    if getattr(algo, "eval_inner_steps", None) is not None:  # the steps it adapted with (MAML, Reptile, ...)
+        results["tested"]["inner_steps"] = algo.eval_inner_steps
     write_results(run_dir, results)
     if logger:
         m = METRICS[progress.metric].name
