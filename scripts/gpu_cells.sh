@@ -62,6 +62,11 @@ JOBS=(
   "protonet_omniglot_5w1s|540|experiment=protonet_omniglot_5w1s"
   "protonet_omniglot_20w1s|540|experiment=protonet_omniglot_20w1s"
 )
+# The open question of MAML's inner step (its presets step alpha on the mean loss; cbfinn/maml's sum over the
+# support makes that alpha*N, 2.0 on Omniglot): a full-budget pair, named apart so the ledger files the variant as
+# modified, e.g. as the jobs of a second call:
+#   "maml_omniglot_5w1s_alphaN|540|experiment=maml_omniglot_5w1s algo.inner_lr=2.0 name=maml_omniglot_5w1s_alphaN"
+#   "fomaml_omniglot_5w1s_alphaN|540|experiment=fomaml_omniglot_5w1s algo.inner_lr=2.0 name=fomaml_omniglot_5w1s_alphaN"
 [ $# -gt 0 ] && JOBS=("$@")
 
 names=()
