@@ -4,6 +4,7 @@ learned update against SGD, fewshot-eval and resume, and one-line errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import subprocess
@@ -16,10 +17,12 @@ import torch.nn.functional as F
 
 from conftest import assert_learns, straight_and_resumed
 from fewshot import engine
+from fewshot.algorithms.functional import _StatelessCall
 from fewshot.algorithms.meta_lstm import MetaLSTM, preprocess
 from fewshot.checkpoint import load_checkpoint
 from fewshot.data.base import Episode
 from fewshot.data.sampler import fixed_episodes
+from fewshot.engine.checkpoints import upgrade_config
 from fewshot.eval import run as eval_run
 from fewshot.models.backbones import Conv4
 
@@ -149,6 +152,49 @@ def test_meta_gradient_has_no_second_order_terms():
     torch.testing.assert_close(
         algo.input_gate.bias.grad, (s * (1 - s) * dc2 @ (-a * g0 - g1)).reshape(1), rtol=1e-3, atol=1e-9
     )
+
+
+def test_support_statistics_are_pytorchs_running_statistics_after_one_support_pass():
+    # stats_rows=S normalises every row with the first S rows' statistics: what PyTorch's own BatchNorm gives in
+    # eval() after one train() pass over those rows with momentum 1 (unbiased running variance), layer by layer
+    torch.manual_seed(0)
+    net = Conv4(in_channels=1, image_size=28, out_features=5, hidden=8, max_pool=True)
+    reference = Conv4(in_channels=1, image_size=28, out_features=5, hidden=8, max_pool=True, running_stats=True)
+    reference.load_state_dict(net.state_dict(), strict=False)
+    for m in reference.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 1.0
+            m.weight.data.uniform_(0.5, 1.5)  # scale and shift away from 1 and 0, in both nets
+            m.bias.data.uniform_(-0.5, 0.5)
+    net.load_state_dict(reference.state_dict(), strict=False)
+    support, query = torch.rand(5, 1, 28, 28), torch.rand(7, 1, 28, 28)
+    reference.train()(support)
+    want = reference.eval()(query)
+    call = _StatelessCall(net, stats_rows=5)
+    got = call(dict(net.named_parameters()), torch.cat([support, query]))[5:]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(net(torch.cat([support, query]))[5:], want, atol=1e-3)  # the batch's own: another
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_test_queries_are_normalised_with_the_support_not_with_each_other(strategy):
+    # test_bn="support" (the authors' code): a query's logits do not depend on the other queries of its task;
+    # test_bn="batch" normalises the queries as one batch, so they do
+    ep = random_episode(tasks=2, queries=3)
+    swapped = dataclasses.replace(ep, query_x=torch.cat([ep.query_x[:, :1], torch.rand_like(ep.query_x[:, 1:])], 1))
+    for test_bn, independent in (("support", True), ("batch", False)):
+        algo = small_algo(strategy=strategy)
+        algo.test_bn = test_bn
+        first = [algo.adapt(e.support_x, e.support_y, 2, e.query_x)[1] for e in (ep, swapped)]
+        same = all(torch.allclose(a[:, 0], b[:, 0], atol=1e-6) for a, b in zip(*first))
+        assert same == independent, test_bn
+
+
+def test_old_checkpoints_keep_the_batch_statistics_test():
+    # Before algo.test_bn, the Meta-Learner LSTM normalised its test queries as one batch: an old checkpoint says so
+    config = {"algo": {"_target_": "fewshot.algorithms.meta_lstm.MetaLSTM", "name": "meta_lstm", "updates": 12}}
+    assert upgrade_config(config)["algo"]["test_bn"] == "batch"
+    assert upgrade_config({"algo": {**config["algo"], "test_bn": "support"}})["algo"]["test_bn"] == "support"
 
 
 def test_loop_and_vmap_agree():

@@ -106,6 +106,22 @@ def _batch_norm_forward(form: str) -> Optional[Callable]:
     return {"native": None, "decomposed": _batch_norm_from_batch, "function": _batch_norm_function}[form]
 
 
+def _batch_norm_from_rows(rows: int) -> Callable:
+    """A batch-statistics BatchNorm's forward that normalises the rows after the first `rows` with those rows'
+    statistics, as running statistics gathered over them would (the unbiased variance), and the first `rows` with
+    their own batch statistics, as in training: a support set's pass in train(), then its queries' in eval()."""
+
+    def forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+        dims, shape = _channel_dims(x)
+        var, mean = torch.var_mean(x[:rows], dims, correction=0, keepdim=True)
+        n = x[:rows].numel() // x.shape[1]
+        own, running = torch.rsqrt(var + bn.eps), torch.rsqrt(var * (n / max(n - 1, 1)) + bn.eps)
+        out = torch.cat([(x[:rows] - mean) * own, (x[rows:] - mean) * running])
+        return out * bn.weight.view(shape) + bn.bias.view(shape) if bn.affine else out
+
+    return forward
+
+
 def _batch_statistics(m: nn.Module) -> bool:
     """A BatchNorm that normalises with its batch's statistics (no running statistics)."""
     return isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
@@ -127,15 +143,20 @@ class _StatelessCall:
     batched native_batch_norm backward gives wrong meta-gradients (off by ~1e-2 relative in float64; see
     pytorch/functorch#534 and tests/test_algorithms.py), while the decomposition agrees with the loop.
 
-    conv: how every plain Conv2d runs, a key of CONV_FORMS ("cudnn": as the module does)."""
+    conv: how every plain Conv2d runs, a key of CONV_FORMS ("cudnn": as the module does).
 
-    def __init__(self, net: nn.Module, batch_norm: str = "native", conv: str = "cudnn") -> None:
+    stats_rows: every batch-statistics BatchNorm normalises the rows after the first `stats_rows` with those rows'
+    statistics (_batch_norm_from_rows), e.g. a task's queries with its support images'; instead of batch_norm's."""
+
+    def __init__(
+        self, net: nn.Module, batch_norm: str = "native", conv: str = "cudnn", stats_rows: Optional[int] = None
+    ) -> None:
         self.net = net
         self.slots = []
         for name, _ in net.named_parameters():
             module_path, _, attr = name.rpartition(".")
             self.slots.append((name, net.get_submodule(module_path), attr))
-        bn_forward = _batch_norm_forward(batch_norm)
+        bn_forward = _batch_norm_forward(batch_norm) if stats_rows is None else _batch_norm_from_rows(stats_rows)
         self.batch_norms = [m for m in net.modules() if bn_forward is not None and _batch_statistics(m)]
         conv_forward = CONV_FORMS[conv]
         convs = [m for m in net.modules() if conv_forward is not None and _plain_conv(m)]

@@ -18,14 +18,17 @@ fewshot's choices, where the paper or the authors' code (twitter/meta-learning-l
 - c_0 is the learner net's own parameters (self.net), so a checkpoint holds c_0 like any other algorithm's weights.
 - f_{t-1} and i_{t-1} fed back to the gates are the pre-activations, as the formula above and the authors' code's
   c_t = sigmoid(f_t) ... reads; they start at 0. (The paper writes the gate values; a monotone squash apart.)
-- BatchNorm: the backbones normalise with the current batch's statistics in training and at test
-  (track_running_stats=False), and BatchNorm's scale and shift are coordinates of c like every other weight.
-  Query images are normalised as one batch per task, as fewshot's MAML does (transductive). This differs from
-  the authors' code at meta-test: it resets the learner's running statistics for each task, gathers them over
-  the support passes (BN momentum 0.9 for 1-shot, 0.95 for 5-shot) and normalises the queries with them
-  (learner.set('evaluate'), model/lstm/meta-learner-lstm.lua), which needs per-task running buffers the
-  functional learner does not carry. (The PyTorch port markdtw/meta-learning-lstm-pytorch never switches to eval
-  mode, as here.) Unmeasured: miniImageNet's images have not been on fewshot's machines.
+- BatchNorm: the backbones normalise with the current batch's statistics (track_running_stats=False), and
+  BatchNorm's scale and shift are coordinates of c like every other weight. In meta-training the queries are
+  normalised as one batch per task, as the authors' code does. At validation and test (test_bn="support", the
+  default) they are normalised with the support set's statistics under the same weights, not with their own
+  batch's: the authors' code resets the learner's running statistics for each task, gathers them over the
+  support passes and normalises the queries with them (learner.set('evaluate'), model/lstm/meta-learner-lstm.lua).
+  Its running statistics are an average over the passes (BN momentum 0.9 for 1-shot, 0.95 for 5-shot: mostly the
+  last pass, at the weights before the last update); here they are the support set's at the weights tested, which
+  needs no per-task buffers in the functional learner. test_bn="batch" normalises the queries as one batch
+  (transductive, as fewshot's MAML and the PyTorch port markdtw/meta-learning-lstm-pytorch, which never switches
+  to eval mode).
 - Each update uses the whole support set: the authors' inner batch (5 for 1-shot, 25 for 5-shot) is the whole
   5-way support set in both settings. The authors' code divides the gradient by the batch size once more; here
   grad_t is the gradient of the mean support loss.
@@ -70,6 +73,8 @@ class MetaLSTM(Algorithm):
     preprocess_p: p of the log/sign preprocessing (10 in the paper).
     strategy: how the learner's support gradients are taken over tasks: "loop", "vmap" or "auto" (vmap on CUDA,
         loop elsewhere, as fewshot's MAML decides).
+    test_bn: how BatchNorm normalises the queries at validation and test: "support" (the support set's statistics
+        under the same weights, as the authors' code's running statistics) or "batch" (the queries' own batch).
     """
 
     def __init__(
@@ -81,8 +86,11 @@ class MetaLSTM(Algorithm):
         hidden_size: int = 20,
         preprocess_p: float = 10.0,
         strategy: str = "auto",
+        test_bn: str = "support",
     ) -> None:
         super().__init__()
+        if test_bn not in ("support", "batch"):
+            raise ValueError(f"MetaLSTM test_bn must be 'support' or 'batch', got {test_bn!r}")
         if updates < 1 or (eval_updates is not None and eval_updates < 1):
             raise ValueError(
                 f"MetaLSTM needs updates >= 1 and eval_updates >= 1 (or null), got {updates}, {eval_updates}"
@@ -105,6 +113,7 @@ class MetaLSTM(Algorithm):
         self.hidden_size = int(hidden_size)
         self.preprocess_p = float(preprocess_p)
         self.strategy = strategy
+        self.test_bn = test_bn
         # Layer 1: an ordinary LSTM over (preprocessed loss, preprocessed gradient) of one coordinate.
         self.lstm = nn.LSTMCell(4, hidden_size)
         # Layer 2: the gates of the cell whose state is the learner, reading [h_t, c_{t-1}, own gate_{t-1}].
@@ -119,6 +128,7 @@ class MetaLSTM(Algorithm):
         return (
             f"ways={self.ways}, updates={self.updates}, eval_updates={self.eval_updates}, "
             f"hidden_size={self.hidden_size}, preprocess_p={self.preprocess_p}, strategy={self.strategy!r}, "
+            f"test_bn={self.test_bn!r}, "
             f"learner_parameters={self.num_learner_parameters}"
         )
 
@@ -166,12 +176,18 @@ class MetaLSTM(Algorithm):
                 losses.append(value.detach())
         return torch.stack(losses), torch.stack(grads)
 
-    def query_logits(self, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The learner with weights c (T, P) on x (T, N, C, H, W) -> logits (T, N, ways); differentiable in c."""
-        call = _StatelessCall(self.net)
+    def query_logits(self, c: torch.Tensor, x: torch.Tensor, support_x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The learner with weights c (T, P) on x (T, N, C, H, W) -> logits (T, N, ways); differentiable in c.
+        With support_x (T, S, C, H, W), BatchNorm normalises x with the support images' statistics."""
+        rows = None if support_x is None else support_x.shape[1]
+        if rows is not None:
+            x = torch.cat([support_x, x], 1)
+        call = _StatelessCall(self.net, stats_rows=rows)
         if self._resolve(c.device) == "vmap":
-            return torch.func.vmap(lambda flat, xt: self._learner_call(call, flat, xt), randomness="error")(c, x)
-        return torch.stack([self._learner_call(call, c[t], x[t]) for t in range(c.shape[0])])
+            out = torch.func.vmap(lambda flat, xt: self._learner_call(call, flat, xt), randomness="error")(c, x)
+        else:
+            out = torch.stack([self._learner_call(call, c[t], x[t]) for t in range(c.shape[0])])
+        return out if rows is None else out[:, rows:]
 
     # ---- the meta-learner ---------------------------------------------------------------------------------
 
@@ -199,17 +215,19 @@ class MetaLSTM(Algorithm):
         self, support_x: torch.Tensor, support_y: torch.Tensor, updates: int, query_x: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """c_updates for a meta-batch (support (T, S, C, H, W), (T, S)), differentiable w.r.t. the meta-parameters
-        when autograd is on; with query_x, also the query logits before the first and after every update."""
+        when autograd is on; with query_x, also the query logits before the first and after every update
+        (BatchNorm as test_bn says)."""
         tasks = support_x.shape[0]
         c = self.flat_parameters().unsqueeze(0).expand(tasks, -1)
         state, logits = None, []
+        stats = support_x if self.test_bn == "support" else None  # whose statistics normalise the queries
         for _ in range(updates):
             if query_x is not None:
-                logits.append(self.query_logits(c, query_x))
+                logits.append(self.query_logits(c, query_x, stats))
             loss, grad = self._support_gradients(c, support_x, support_y)
             c, state = self.step(c, loss, grad, state)
         if query_x is not None:
-            logits.append(self.query_logits(c, query_x))
+            logits.append(self.query_logits(c, query_x, stats))
         return c, logits
 
     def forward(self, episode: Episode, train: bool = True) -> AlgoOutput:

@@ -130,6 +130,9 @@ def upgrade_config(config: dict) -> dict:
     if isinstance(algo, dict) and algo.get("name") in ("matching", "matching_fce") and "similarity" not in algo:
         # Before algo.similarity, Matching Networks used the plain cosine, unscaled.
         config["algo"] = {**algo, "similarity": "cosine", "scale": 1.0, "learn_scale": False}
+    if isinstance(algo, dict) and algo.get("name") == "meta_lstm" and "test_bn" not in algo:
+        # Before algo.test_bn, the Meta-Learner LSTM normalised its test queries as one batch.
+        config["algo"] = {**algo, "test_bn": "batch"}
     return _with_defaults(config)
 
 
