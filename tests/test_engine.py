@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +121,25 @@ def test_a_finished_run_is_retested_with_other_test_steps(tiny_run):
     assert len(four["test"]["step_acc"]) == 5 and len(two["test"]["step_acc"]) == 3
     assert two["test"]["step_acc"] == four["test"]["step_acc"][:3]
     assert two["test"]["acc_mean"] == two["test"]["step_acc"][2]
+
+
+def test_a_finished_run_copied_is_tested_as_its_twin_cell(compose_cfg, tmp_path):
+    # Validation never touches training (fixed_rng), so runs that differ only in their test tasks' shape train the
+    # same weights: a finished run's copy, run again as the other cell, gives that cell's number exactly.
+    common = TINY + ["algo=protonet", "backbone.running_stats=true", "eval.weights=last"]
+    twin = ["eval.ways=3", "name=twin"]
+    five = train_run(compose_cfg("train", common), tmp_path / "five")
+    alone = train_run(compose_cfg("train", common + twin), tmp_path / "alone")
+    shutil.copytree(tmp_path / "five", tmp_path / "copy")
+    copied = train_run(compose_cfg("train", common + twin), tmp_path / "copy")  # trained already: tests only
+    weights = [load_checkpoint(tmp_path / d / "checkpoints" / "last.pt")["model"] for d in ("five", "alone")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert copied["test"] == alone["test"] != five["test"] and copied["ways"] == 3 and copied["name"] == "twin"
+    assert copied["tested"]["changed_since_training"] == [
+        "eval.ways: None -> 3",
+        "name: protonet_synthetic_5w1s -> twin",
+    ]
+    assert "changed_since_training" not in alone["tested"]
 
 
 def test_a_run_in_progress_keeps_its_test_steps(tiny_run):

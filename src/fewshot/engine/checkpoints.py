@@ -95,7 +95,9 @@ def save_last(ckpt_dir: Path, state: dict) -> None:
 # Validation tasks (eval.ways, eval.queries, trainer.val_episodes) may not change: they would put numbers of
 # another meaning in one metrics.csv column and pick best.pt across them. Test-only settings may.
 # Changes a finished run may take when it is run again to re-test it: they change validation too, so not mid-run.
-TEST_ONLY_CHANGES = ("algo.eval_inner_steps",)
+# The test's task shape and the run's name among them: ProtoNets' 5-way and 20-way presets train alike (the same
+# weights, seed for seed), so one finished run, copied, gives both cells, as Snell et al.'s code tests one model.
+TEST_ONLY_CHANGES = ("algo.eval_inner_steps", "eval.ways", "eval.queries", "name")
 RESUMABLE_CHANGES = (
     "resume",
     "device.",
@@ -115,6 +117,7 @@ RESUMABLE_CHANGES = (
     "eval.weights",
     "logger",
     "dry_run",
+    "paper.",  # the published number a preset quotes: a label, not a setting
 )
 
 
@@ -177,9 +180,10 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
-def check_same_run(state: dict, config: dict, path: Path) -> None:
+def check_same_run(state: dict, config: dict, path: Path) -> list[str]:
     """Refuse to resume a run folder with other settings than the ones requested (`config`, resolved): continuing
-    another experiment's weights would silently mix two runs."""
+    another experiment's weights would silently mix two runs. Returns the test-only changes a finished run takes
+    ("key: old -> new"), for its results.json."""
     old = _flatten(upgrade_config(state["config"]))
     new = _flatten(config)
     finished = state["iteration"] >= config["trainer"]["iterations"]  # it will only test
@@ -204,6 +208,11 @@ def check_same_run(state: dict, config: dict, path: Path) -> None:
         raise CheckpointError(
             f"{path} is already at iteration {state['iteration']}, past trainer.iterations={iterations}"
         )
+    return [
+        f"{k}: {old.get(k)} -> {new.get(k)}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k) and k.startswith(TEST_ONLY_CHANGES)
+    ]
 
 
 def truncate_metrics(path: Path, iteration: int) -> None:

@@ -117,12 +117,13 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
 
     tested = f"{t.test_weights}.pt"  # the checkpoint the test reads (eval.weights)
     state = find_resume_checkpoint(ckpt_dir)
+    retest: list[str] = []  # test-only changes since training (a finished run tested another way)
     if state is None and t.resume:
         raise CheckpointError(
             f"resume=true but {ckpt_dir} holds no last.pt; point hydra.run.dir at the run folder to resume"
         )
     if state is not None:
-        check_same_run(state, run.config, ckpt_dir / "last.pt")
+        retest = check_same_run(state, run.config, ckpt_dir / "last.pt")
         algo.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
@@ -259,6 +260,8 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
     results["tested"] = {"checkpoint": tested, "iteration": weights["iteration"]}
     if getattr(algo, "eval_inner_steps", None) is not None:  # the steps it adapted with (MAML, Reptile, ...)
         results["tested"]["inner_steps"] = algo.eval_inner_steps
+    if retest:  # its validation (metrics.csv, best_val) ran as trained, before these
+        results["tested"]["changed_since_training"] = retest
     write_results(run_dir, results)
     if logger:
         m = METRICS[progress.metric].name
