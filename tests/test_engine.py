@@ -142,6 +142,15 @@ def test_a_finished_run_copied_is_tested_as_its_twin_cell(compose_cfg, tmp_path)
     assert "changed_since_training" not in alone["tested"]
 
 
+def test_a_run_tested_on_best_pt_is_not_copied_into_another_cell(compose_cfg, tmp_path):
+    # best.pt was picked by the validation the run trained with: another cell's own run would pick another
+    common = TINY + ["algo=protonet"]
+    train_run(compose_cfg("train", common), tmp_path)
+    with pytest.raises(CheckpointError, match=r"as another cell \(eval.ways, name\) needs eval.weights=last"):
+        train_run(compose_cfg("train", common + ["eval.ways=3", "name=twin"]), tmp_path)
+    assert "changed_since_training" not in train_run(compose_cfg("train", common), tmp_path)["tested"]
+
+
 def test_a_run_in_progress_keeps_its_test_steps(tiny_run):
     # Mid-run, algo.eval_inner_steps would give validation scores of two meanings in one metrics.csv column
     tiny_run("algo=maml", "algo.eval_inner_steps=4", "trainer.iterations=3")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import subprocess
 import sys
@@ -188,6 +189,13 @@ def test_test_queries_are_normalised_with_the_support_not_with_each_other(strate
         first = [algo.adapt(e.support_x, e.support_y, 2, e.query_x)[1] for e in (ep, swapped)]
         same = all(torch.allclose(a[:, 0], b[:, 0], atol=1e-6) for a, b in zip(*first))
         assert same == independent, test_bn
+    # Each query's logits, after the updates, are the learner's on its task's support and that query alone
+    algo.test_bn = "support"
+    c, logits = algo.adapt(ep.support_x, ep.support_y, 2, ep.query_x)
+    call, rows = _StatelessCall(algo.net, stats_rows=ep.support_x.shape[1]), ep.support_x.shape[1]
+    for t, q in itertools.product(range(2), range(ep.query_x.shape[1])):
+        alone = call(algo.unflatten(c[t]), torch.cat([ep.support_x[t], ep.query_x[t, q : q + 1]]))[rows]
+        torch.testing.assert_close(logits[-1][t, q], alone, rtol=1e-5, atol=1e-6)
 
 
 def test_old_checkpoints_keep_the_batch_statistics_test():

@@ -156,6 +156,8 @@ class _StatelessCall:
         for name, _ in net.named_parameters():
             module_path, _, attr = name.rpartition(".")
             self.slots.append((name, net.get_submodule(module_path), attr))
+        if stats_rows is not None and batch_norm != "native":
+            raise ValueError(f"_StatelessCall: stats_rows replaces batch_norm's form; got both ({batch_norm!r})")
         bn_forward = _batch_norm_forward(batch_norm) if stats_rows is None else _batch_norm_from_rows(stats_rows)
         self.batch_norms = [m for m in net.modules() if bn_forward is not None and _batch_statistics(m)]
         conv_forward = CONV_FORMS[conv]

@@ -26,7 +26,8 @@ fewshot's choices, where the paper or the authors' code (twitter/meta-learning-l
   support passes and normalises the queries with them (learner.set('evaluate'), model/lstm/meta-learner-lstm.lua).
   Its running statistics are an average over the passes (BN momentum 0.9 for 1-shot, 0.95 for 5-shot: mostly the
   last pass, at the weights before the last update); here they are the support set's at the weights tested, which
-  needs no per-task buffers in the functional learner. test_bn="batch" normalises the queries as one batch
+  needs no per-task buffers in the functional learner; its BatchNorm eps is 1e-3 (model/lstm-classifier.lua),
+  PyTorch's 1e-5 here. test_bn="batch" normalises the queries as one batch
   (transductive, as fewshot's MAML and the PyTorch port markdtw/meta-learning-lstm-pytorch, which never switches
   to eval mode).
 - Each update uses the whole support set: the authors' inner batch (5 for 1-shot, 25 for 5-shot) is the whole

@@ -95,9 +95,10 @@ def save_last(ckpt_dir: Path, state: dict) -> None:
 # Validation tasks (eval.ways, eval.queries, trainer.val_episodes) may not change: they would put numbers of
 # another meaning in one metrics.csv column and pick best.pt across them. Test-only settings may.
 # Changes a finished run may take when it is run again to re-test it: they change validation too, so not mid-run.
-# The test's task shape and the run's name among them: ProtoNets' 5-way and 20-way presets train alike (the same
-# weights, seed for seed), so one finished run, copied, gives both cells, as Snell et al.'s code tests one model.
-TEST_ONLY_CHANGES = ("algo.eval_inner_steps", "eval.ways", "eval.queries", "name")
+TEST_ONLY_CHANGES = ("algo.eval_inner_steps", "algo.test_bn", *(CELL_CHANGES := ("eval.ways", "eval.queries", "name")))
+# CELL_CHANGES make the run another cell: ProtoNets' 5-way and 20-way presets train alike (the same final weights,
+# seed for seed, on a deterministic device), so one finished run, copied, gives both cells, as Snell et al.'s code
+# tests one model. Only where the test reads the final weights: best.pt was picked by the other cell's validation.
 RESUMABLE_CHANGES = (
     "resume",
     "device.",
@@ -188,13 +189,14 @@ def check_same_run(state: dict, config: dict, path: Path) -> list[str]:
     new = _flatten(config)
     finished = state["iteration"] >= config["trainer"]["iterations"]  # it will only test
     free = RESUMABLE_CHANGES + (TEST_ONLY_CHANGES if finished else ())
-    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not k.startswith(free)]
+    differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    changed = [k for k in differ if not _among(k, free)]
     if changed:
         diffs = ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in changed[:4]) + (
             " ..." if len(changed) > 4 else ""
         )
         was, now = old.get("trainer.iterations"), new.get("trainer.iterations")
-        if was != now and all(k.startswith("schedule.") for k in changed):  # cosine's T_max, linear's total_iters
+        if was != now and all(_among(k, ("schedule.",)) for k in changed):  # cosine's T_max, linear's total_iters
             raise CheckpointError(
                 f"{path} holds a run whose learning-rate schedule spans its {was} iterations ({diffs}), so it "
                 f"cannot be trained to {now}: use a new run folder (the default)"
@@ -208,11 +210,20 @@ def check_same_run(state: dict, config: dict, path: Path) -> list[str]:
         raise CheckpointError(
             f"{path} is already at iteration {state['iteration']}, past trainer.iterations={iterations}"
         )
-    return [
-        f"{k}: {old.get(k)} -> {new.get(k)}"
-        for k in sorted(set(old) | set(new))
-        if old.get(k) != new.get(k) and k.startswith(TEST_ONLY_CHANGES)
-    ]
+    retest = [k for k in differ if _among(k, TEST_ONLY_CHANGES)]
+    if any(_among(k, CELL_CHANGES) for k in retest) and (
+        config["eval"]["weights"] != "last" or config["eval"]["ensemble"] > 1
+    ):
+        raise CheckpointError(
+            f"{path}: testing a finished run as another cell ({', '.join(retest)}) needs eval.weights=last: its "
+            "best.pt was picked by the validation it trained with"
+        )
+    return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in retest]
+
+
+def _among(key: str, names: tuple[str, ...]) -> bool:
+    """Whether a flattened key is one of `names` or under one ending in a dot ("device.")."""
+    return any(key == n or (n.endswith(".") and key.startswith(n)) for n in names)
 
 
 def truncate_metrics(path: Path, iteration: int) -> None:
