@@ -280,7 +280,8 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
         r = {**r, "name": preset.name}  # a renamed run of a preset is listed with it, the rename as a difference
         diffs = differences(r, preset)
         if diffs and diffs == test_differences(r, preset):
-            retested.setdefault(preset.name, []).extend(d for d in diffs if d not in retested[preset.name])
+            known = retested.setdefault(preset.name, [])
+            known += [d for d in diffs if d not in known]
         if diffs:
             other.setdefault((r["name"], "; ".join(diffs)), []).append(r)
         else:

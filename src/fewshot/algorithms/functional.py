@@ -113,10 +113,11 @@ def _batch_norm_from_rows(rows: int) -> Callable:
 
     def forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
         dims, shape = _channel_dims(x)
-        var, mean = torch.var_mean(x[:rows], dims, correction=0, keepdim=True)
-        n = x[:rows].numel() // x.shape[1]
+        support, rest = x[:rows], x[rows:]
+        var, mean = torch.var_mean(support, dims, correction=0, keepdim=True)
+        n = support.numel() // x.shape[1]  # values per channel
         own, running = torch.rsqrt(var + bn.eps), torch.rsqrt(var * (n / max(n - 1, 1)) + bn.eps)
-        out = torch.cat([(x[:rows] - mean) * own, (x[rows:] - mean) * running])
+        out = torch.cat([(support - mean) * own, (rest - mean) * running])
         return out * bn.weight.view(shape) + bn.bias.view(shape) if bn.affine else out
 
     return forward

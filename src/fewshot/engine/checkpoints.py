@@ -94,11 +94,12 @@ def save_last(ckpt_dir: Path, state: dict) -> None:
 # evaluated, and how long it trains (training longer continues the same trajectory).
 # Validation tasks (eval.ways, eval.queries, trainer.val_episodes) may not change: they would put numbers of
 # another meaning in one metrics.csv column and pick best.pt across them. Test-only settings may.
-# Changes a finished run may take when it is run again to re-test it: they change validation too, so not mid-run.
-TEST_ONLY_CHANGES = ("algo.eval_inner_steps", "algo.test_bn", *(CELL_CHANGES := ("eval.ways", "eval.queries", "name")))
 # CELL_CHANGES make the run another cell: ProtoNets' 5-way and 20-way presets train alike (the same final weights,
 # seed for seed, on a deterministic device), so one finished run, copied, gives both cells, as Snell et al.'s code
 # tests one model. Only where the test reads the final weights: best.pt was picked by the other cell's validation.
+CELL_CHANGES = ("eval.ways", "eval.queries", "name")
+# Changes a finished run may take when it is run again to re-test it: they change validation too, so not mid-run.
+TEST_ONLY_CHANGES = ("algo.eval_inner_steps", "algo.test_bn", *CELL_CHANGES)
 RESUMABLE_CHANGES = (
     "resume",
     "device.",
