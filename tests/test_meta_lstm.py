@@ -323,7 +323,9 @@ def test_learns_omniglot_and_its_update_beats_sgd(
     sampler = engine.make_sampler(untrained, "test")
 
     # The learned update on 20 fixed test tasks: at initialisation it lowers the support loss as SGD at the
-    # implied rate sigmoid(b_I) does; after meta-training it lowers it far more.
+    # implied rate sigmoid(b_I) does; after meta-training it fits the support far further than SGD at the trained
+    # rate does from the same trained start (the start alone is not the update: meta-training lowers it too, by how
+    # much varies with the run, e.g. with the thread count's float reductions).
     trained = engine.build(cfg)
     trained.algo.load_state_dict(load_checkpoint(tmp_path / "checkpoints" / "best.pt")["model"])
     (episode,) = fixed_episodes(sampler, 20, 20, 1234)
@@ -331,17 +333,24 @@ def test_learns_omniglot_and_its_update_beats_sgd(
     rate = torch.sigmoid(untrained.algo.input_gate.bias).item()
     sgd_end = sgd_support_loss(untrained.algo, episode, rate, 5)
     trained_start, trained_end = support_loss_drop(trained.algo, episode, 5)
-    drop_init, drop_sgd, drop_trained = init_start - init_end, init_start - sgd_end, trained_start - trained_end
+    trained_rate = torch.sigmoid(trained.algo.input_gate.bias).item()
+    trained_sgd_end = sgd_support_loss(trained.algo, episode, trained_rate, 5)
+    drop_init, drop_sgd = init_start - init_end, init_start - sgd_end
     print(
         f"support loss over 5 updates: untrained {init_start:.4f} -> {init_end:.4f} (drop {drop_init:.4f}), "
         f"SGD at lr sigmoid(b_I)={rate:.4f} -> {sgd_end:.4f} (drop {drop_sgd:.4f}); "
-        f"trained {trained_start:.4f} -> {trained_end:.4f} (drop {drop_trained:.4f})"
+        f"trained {trained_start:.4f} -> {trained_end:.4f}, SGD from there at sigmoid(b_I)={trained_rate:.4f} -> "
+        f"{trained_sgd_end:.4f}"
     )
     assert drop_init > 0 and drop_sgd > 0
     assert 0.8 < drop_init / drop_sgd < 1.25, (drop_init, drop_sgd)
     # Even tiny steps fit 5 support images a good way (BatchNorm over 5 images); the learned update fits them
-    # much further, from a start that is lower too.
-    assert drop_trained > drop_init and trained_end < 0.2 * init_end, (trained_end, init_end)
+    # much further than SGD from the same start, and further than the untrained update does.
+    assert trained_end < 0.2 * trained_sgd_end and trained_end < 0.2 * init_end, (
+        trained_end,
+        trained_sgd_end,
+        init_end,
+    )
 
 
 # ---- the learned update with non-zero gate weights, written out by hand --------------------------------------------
