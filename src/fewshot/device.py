@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
 import torch
 
@@ -23,6 +24,14 @@ def resolve_device(name: str) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     raise ConfigError(f"device.name={name!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+def use_channels_last(setting: Optional[bool], device: torch.device, cpu_default: bool) -> bool:
+    """device.channels_last: true or false as set; null: the algorithm's measured choice on a CPU (cpu_default,
+    Algorithm.cpu_channels_last), off on CUDA, where it is unmeasured (vmap refused NHWC inputs on an H100)."""
+    if setting is not None:
+        return bool(setting)
+    return cpu_default and device.type == "cpu"
 
 
 def device_label(device: torch.device) -> str:

@@ -68,6 +68,10 @@ class Algorithm(nn.Module):
     # Whether the backbone may keep BatchNorm running statistics (backbone.running_stats): only where the
     # algorithm runs it as a module (protonet, matching, siamese), not through a functional forward.
     running_stats_ok: bool = False
+    # Whether device.channels_last=null puts its convolution weights in NHWC on a CPU: where
+    # scripts/bench_channels_last.py measured its presets' training step faster so (protonet, reptile); slower
+    # where the backbone runs small per-task batches under vmap (matching's 5-way step 0.88x, siamese 5-way 0.92x).
+    cpu_channels_last: bool = False
     # The setting that sets its inner-loop step size, which a diverging run's message names beside trainer.meta_lr.
     step_size_setting: Optional[str] = None
     # The training iteration a CUDA graph of the step is being captured for (set by engine.steps.GraphStep), for

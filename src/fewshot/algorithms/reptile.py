@@ -52,6 +52,7 @@ class Reptile(Algorithm):
     """
 
     step_size_setting = "algo.inner_lr"
+    cpu_channels_last = True  # its training and test steps 1.10x faster on a 2-core CPU (bench_channels_last.py)
 
     def __init__(
         self,

@@ -18,7 +18,7 @@ from fewshot.algorithms.base import Algorithm
 from fewshot.config import META_KEYS
 from fewshot.data.dataset import TaskSource
 from fewshot.data.sampler import EpisodeSampler
-from fewshot.device import available_memory, resolve_device
+from fewshot.device import available_memory, resolve_device, use_channels_last
 from fewshot.engine.checks import (  # noqa: F401  (re-exported: the build step's API)
     MAX_SEED,
     REGRESSION_DATASETS,
@@ -140,6 +140,8 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
             f"eval.ensemble={cfg.eval.ensemble} averages the test logits of several checkpoints, which "
             f"algo={cfg.algo.name} does not report (algo=maml_pp does); set eval.ensemble=1"
         )
+    nhwc = use_channels_last(cfg.device.get("channels_last"), device, algo.cpu_channels_last)
+    memory_format = torch.channels_last if nhwc else torch.preserve_format
     t = cfg.trainer
     settings = Settings(
         name=cfg.name,
@@ -177,7 +179,7 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
     return Run(
         device=device,
         dataset=dataset,
-        algo=algo.to(device),
+        algo=algo.to(device, memory_format=memory_format),
         settings=settings,
         optimizer=functools.partial(make_optimizer, _plain_dict(cfg.optim)),
         scheduler=functools.partial(make_scheduler, _plain_dict(cfg.schedule)),

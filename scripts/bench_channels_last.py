@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Time each preset's training step and test forward with its convolution weights in PyTorch's default layout
+against channels_last (NHWC), in the same process, from the same initial weights, on the same tasks.
+
+For every preset named: the run is built as fewshot-train builds it (real data from FEWSHOT_DATA_ROOT), twice from
+the same seed; one copy's 4-d weights are converted with Module.to(memory_format=torch.channels_last), which is what
+device.channels_last=true does. A training step is the forward over one meta-batch of the preset's training shape,
+backward and an Adam step; a test step is the forward over one test batch of the preset's test shape without
+gradients (MAML-family: with its inner steps). Steps are timed in turns (bench_maml.time_interleaved), so a busy
+machine slows both alike. Prints one JSON object: the median ms of each and default / channels_last (above 1:
+channels_last is faster).
+
+    python scripts/bench_channels_last.py [--device cpu] [--iters 6] [--warmup 2] [PRESET ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from hydra import compose, initialize_config_module
+
+from fewshot import engine
+from fewshot.config import register_configs
+from fewshot.device import device_label
+
+_spec = importlib.util.spec_from_file_location("bench_maml", Path(__file__).with_name("bench_maml.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+PRESETS = [
+    "protonet_omniglot_5w1s",
+    "protonet_omniglot_5w5s",
+    "matching_omniglot_5w1s",
+    "matching_fce_omniglot_5w1s",
+    "siamese_omniglot_5w1s",
+    "siamese_omniglot_20w1s",
+    "maml_omniglot_5w1s",
+    "fomaml_omniglot_5w1s",
+    "reptile_omniglot_5w1s",
+    "meta_sgd_omniglot_5w1s",
+    "meta_lstm_omniglot_5w1s",
+    "maml_pp_omniglot_5w1s",
+]
+
+
+def build(preset: str, device: str, channels_last: bool) -> engine.Run:
+    with initialize_config_module(config_module="fewshot.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={preset}", f"device={device}", "seed=1"])
+    cfg.device.channels_last = channels_last
+    engine.seed_everything(1)
+    return engine.build(cfg)
+
+
+def steps_for(preset: str, device: str) -> dict[str, Callable[[], float]]:
+    """{'train default', 'train channels_last', 'test default', 'test channels_last'} -> closure returning ms."""
+    closures = {}
+    for layout, on in (("default", False), ("channels_last", True)):
+        run = build(preset, device, on)
+        s = run.settings
+        train_ep = engine.make_sampler(run, "train", seed=7).sample(s.meta_batch_size)
+        test_ep = engine.make_sampler(run, "test", seed=8).sample(min(s.eval_batch, s.test_episodes))
+        algo, opt = run.algo, run.optimizer(run.algo.parameters())
+
+        def train(algo=algo, opt=opt, ep=train_ep, dev=run.device) -> float:
+            algo.train()
+            t = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            algo(ep).loss.backward()
+            opt.step()
+            bench.sync(dev)
+            return (time.perf_counter() - t) * 1e3
+
+        def test(algo=algo, ep=test_ep, dev=run.device) -> float:
+            algo.eval()
+            t = time.perf_counter()
+            algo(ep, train=False)
+            bench.sync(dev)
+            return (time.perf_counter() - t) * 1e3
+
+        closures[f"train {layout}"], closures[f"test {layout}"] = train, test
+    return closures
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("presets", nargs="*", default=PRESETS)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--iters", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    args = p.parse_args()
+    register_configs()
+    device = torch.device(args.device)
+    out: dict = {"device": device_label(device), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    for preset in args.presets:
+        res = bench.time_interleaved(steps_for(preset, args.device), device, args.iters, args.warmup)
+        row = {k: round(v["ms_median"], 1) for k, v in res.items()}
+        for part in ("train", "test"):
+            row[f"{part} default/channels_last"] = round(row[f"{part} default"] / row[f"{part} channels_last"], 2)
+        out[preset] = row
+        print(json.dumps({preset: row}), flush=True)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
