@@ -5,6 +5,8 @@
 #      Meta-SGD's, the replayed ensemble test, samplers' states across devices), whole output in $OUT/tests.txt;
 #   descendants (not in the default STEPS): scripts/bench_descendants.py and bench_reptile.py --device cuda
 #      (Meta-SGD, MAML++; Reptile's per-tensor inner Adam against torch.optim.Adam's loop and foreach forms);
+#   layout (not in the default STEPS): scripts/bench_channels_last.py --device cuda for the presets whose CPU step
+#      NHWC speeds (protonet, reptile) and one it slows (matching): what device.channels_last=null should do on CUDA;
 #   bench: scripts/bench_maml.py --device cuda: learn2learn vs our eager step vs our CUDA-graph step
 #      (trainer.cuda_graph=on), same process, same tasks: ms per meta-iteration, speedups, step memory; at 1 query
 #      per class (the presets: MAML's own code draws queries = shots) and 15 (the issue's bench), with the graph
@@ -62,6 +64,12 @@ descendants() {  # Meta-SGD vs learn2learn, MAML++ (MSL and after it; loop, vmap
     timeout 200 python3 "scripts/$script.py" --device cuda 2>&1 | tee -a "$OUT/bench.log" | grep '^{' \
       | tee -a "$OUT/bench.jsonl"
   done
+}
+
+layout() {  # NHWC against the default layout on CUDA (device.channels_last); errors are reported per preset
+  echo "== bench_channels_last.py" >>"$OUT/bench.log"
+  timeout 240 python3 scripts/bench_channels_last.py --device cuda protonet_omniglot_5w1s reptile_omniglot_5w1s \
+    matching_omniglot_5w1s 2>&1 | tee -a "$OUT/bench.log" | grep '^{' | tee -a "$OUT/bench.jsonl"
 }
 
 bench_one() {  # bench_maml.py arguments; its JSON lines to stdout and bench.jsonl, everything to bench.log
