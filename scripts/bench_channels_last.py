@@ -3,16 +3,16 @@
 against channels_last (NHWC), in the same process, from the same initial weights, on the same tasks.
 
 For every preset named: the run is built as fewshot-train builds it (real data from FEWSHOT_DATA_ROOT), twice from
-the same seed; one copy's 4-d weights are converted with Module.to(memory_format=torch.channels_last), which is what
-device.channels_last=true does. A training step is the forward over one meta-batch of the preset's training shape,
-backward and an Adam step; a test step is the forward over one test batch of the preset's test shape without
+the same seed; one copy's 4-d weights are converted with Module.to(memory_format=torch.channels_last), as
+device.channels_last=true converts them. A training step is the forward over one meta-batch of the preset's training
+shape, backward and an Adam step; a test step is the forward over one test batch of the preset's test shape without
 gradients (MAML-family: with its inner steps). Steps are timed in turns (bench_maml.time_interleaved), so a busy
 machine slows both alike. Prints one JSON object: the median ms of each and default / channels_last (above 1:
-channels_last is faster), a line per preset as it finishes and all of them in the last line; a preset that fails
-in either layout is reported as {"error": ...}. Measured on the 2-core CPU (torch 2.14.1, 2 threads, 2026-11-28),
-train / test default-to-channels_last: protonet 5w1s 1.24-1.27 / 1.03-1.06, 5w5s 1.31 / 1.03; reptile 5w1s
-1.10 / 1.10; siamese 20w1s 1.13 / 0.97, 5w1s 0.92 / 1.04; matching 5w1s 0.88 / 1.06, FCE 0.86 / 1.04; MAML 5w1s
-1.02 / 1.04, first-order 1.05 / 1.04; Meta-SGD 0.98 / 1.11; Meta-LSTM 1.00 / 1.00; MAML++ 0.94 / 1.10. Hence
+channels_last is faster), a line per preset as it finishes and all of them in the last line; a preset that fails in
+either layout is reported as {"error": ...}. Measured on the 2-core CPU (torch 2.14.1, 2 threads, 2026-11-28), train
+/ test default-to-channels_last: protonet 5w1s 1.24-1.27 / 1.03-1.06, 5w5s 1.31 / 1.03; reptile 5w1s 1.10 / 1.10;
+siamese 20w1s 1.13 / 0.97, 5w1s 0.92 / 1.04; matching 5w1s 0.88 / 1.06, FCE 0.86 / 1.04; MAML 5w1s 1.02 / 1.04,
+first-order 1.05 / 1.04; Meta-SGD 0.98 / 1.11; Meta-LSTM 1.00 / 1.00; MAML++ 0.94 / 1.10. Hence
 Algorithm.cpu_channels_last on for protonet and reptile only.
 
     python scripts/bench_channels_last.py [--device cpu] [--iters 6] [--warmup 2] [PRESET ...]
@@ -55,11 +55,16 @@ PRESETS = [
 
 
 def build(preset: str, device: str, channels_last: bool) -> engine.Run:
+    """The run in the default layout, its weights then converted as device.channels_last=true converts them (which
+    the config refuses on CUDA until this script has measured it there)."""
     with initialize_config_module(config_module="fewshot.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={preset}", f"device={device}", "seed=1"])
-    cfg.device.channels_last = channels_last
+    cfg.device.channels_last = False
     engine.seed_everything(1)
-    return engine.build(cfg)
+    run = engine.build(cfg)
+    if channels_last:
+        run.algo.to(memory_format=torch.channels_last)
+    return run
 
 
 def steps_for(preset: str, device: str) -> dict[str, Callable[[], float]]:

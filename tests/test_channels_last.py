@@ -38,25 +38,38 @@ def test_the_setting_picks_the_layout(compose_cfg, algo, setting, expected):
     assert nhwc(run.algo) is expected
 
 
-def test_the_auto_choice_is_off_on_cuda():
+def test_the_auto_choice_is_off_on_cuda_and_true_is_refused_there():
     from fewshot.device import use_channels_last
 
     assert use_channels_last(None, torch.device("cpu"), True)
     assert not use_channels_last(None, torch.device("cuda"), True)
     assert not use_channels_last(None, torch.device("cpu"), False)
-    assert use_channels_last(True, torch.device("cuda"), False)
+    assert not use_channels_last(False, torch.device("cuda"), True)
+    with pytest.raises(engine.ConfigError, match="device.channels_last=true is not measured on CUDA"):
+        use_channels_last(True, torch.device("cuda"), True)
 
 
 PRE_BATCH_NORM_BIASES = {f"net.features.{3 * i}.bias" for i in range(4)}  # Conv4: [conv, BatchNorm, ReLU] x 4
 
 
-@pytest.mark.parametrize("algo", ["protonet", "reptile", "maml", "matching", "siamese"])
-def test_either_layout_gives_the_same_step_to_float_rounding(compose_cfg, algo):
+@pytest.mark.parametrize(
+    "algo, extra",
+    [
+        ("protonet", []),
+        ("protonet", ["backbone.running_stats=true"]),  # as its presets: a task per call in training
+        ("reptile", ["backbone.flatten=true"]),  # as its presets, transductive
+        ("reptile", ["backbone.flatten=true", "algo.transductive=false"]),  # each query beside the support, vmap
+        ("maml", []),
+        ("matching", []),
+        ("siamese", []),
+    ],
+)
+def test_either_layout_gives_the_same_step_to_float_rounding(compose_cfg, algo, extra):
     """From the same weights and task: the training loss and every gradient agree to rounding, and so do the test
     step's per-task scores; the layouts really differ (else this would compare a thing with itself)."""
     out = {}
     for setting in ("false", "true"):
-        cfg = compose_cfg("train", [*TINY, f"algo={algo}", f"device.channels_last={setting}", "seed=3"])
+        cfg = compose_cfg("train", [*TINY, f"algo={algo}", *extra, f"device.channels_last={setting}", "seed=3"])
         engine.seed_everything(cfg.seed)
         run = engine.build(cfg)
         assert nhwc(run.algo) is (setting == "true")
@@ -98,7 +111,11 @@ def test_a_run_resumes_and_retests_in_the_other_layout(compose_cfg, tmp_path):
         if k not in PRE_BATCH_NORM_BIASES:  # Adam's steps on their rounding-level gradients (see above)
             torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-3, atol=1e-5, msg=k)
     best = tmp_path / "straight" / "checkpoints" / "best.pt"
+    assert straight["channels_last"] is True
     ecfg = compose_cfg("eval", [f"checkpoint={best}", "device=cpu", "device.channels_last=false"])
-    again = eval_run(ecfg, tmp_path / "eval")["test"]
+    assert not nhwc(engine.build_from_checkpoint(ecfg)[0].algo)  # the re-test really runs the other layout
+    retest = eval_run(ecfg, tmp_path / "eval")
+    assert retest["channels_last"] is False
+    again = retest["test"]
     assert again["episodes"] == straight["test"]["episodes"]
     assert again["acc_mean"] == pytest.approx(straight["test"]["acc_mean"], abs=1e-6)

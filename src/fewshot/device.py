@@ -27,8 +27,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def use_channels_last(setting: Optional[bool], device: torch.device, cpu_default: bool) -> bool:
-    """device.channels_last: true or false as set; null: the algorithm's measured choice on a CPU (cpu_default,
-    Algorithm.cpu_channels_last), off on CUDA, where it is unmeasured (vmap refused NHWC inputs on an H100)."""
+    """device.channels_last: null is the algorithm's measured choice on a CPU (cpu_default,
+    Algorithm.cpu_channels_last); false is off; true is on, refused on CUDA, where NHWC is unmeasured and vmap, which
+    the metric algorithms' evaluation runs, refused NHWC inputs on an H100 (scripts/bench_maml.py)."""
+    if setting and device.type == "cuda":
+        raise ConfigError(
+            "device.channels_last=true is not measured on CUDA and may fail under vmap there; drop it "
+            "(STEPS=layout bash scripts/bench_gpu.sh measures it)"
+        )
     if setting is not None:
         return bool(setting)
     return cpu_default and device.type == "cpu"

@@ -174,6 +174,7 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
         "optim": cfg.optim.name,
         "data_root": cfg.get("data_root"),
         "image_size": cfg.dataset.get("image_size"),
+        "channels_last": nhwc,
         "paper": OmegaConf.to_container(cfg.paper, resolve=True) if "paper" in cfg else None,
     }
     return Run(
