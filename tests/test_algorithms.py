@@ -624,11 +624,12 @@ def test_running_statistics_train_task_by_task_and_test_with_the_averages():
         assert not torch.allclose(batch_stats(torch.cat([episode.support_x[t], episode.query_x[t]])), expected)
 
 
-def test_embed_tasks_keeps_batch_norm_statistics_per_task():
+@pytest.mark.parametrize("per_task", [False, True])  # vmap over the tasks (CUDA's default), the loop (a CPU's)
+def test_embed_tasks_keeps_batch_norm_statistics_per_task(per_task):
     torch.manual_seed(0)
     net = conv4()(out_features=None).double()
     episode = random_episode(tasks=3, dtype=torch.float64)
-    support, query = embed_tasks(net, episode.support_x, episode.query_x)
+    support, query = embed_tasks(net, episode.support_x, episode.query_x, per_task=per_task)
     for t in range(3):
         z = net(torch.cat([episode.support_x[t], episode.query_x[t]]))
         torch.testing.assert_close(torch.cat([support[t], query[t]]), z)
@@ -641,6 +642,25 @@ def test_embed_tasks_keeps_batch_norm_statistics_per_task():
         for s, q in zip(episode.support_x, episode.query_x)
     ).backward()
     assert_grads_close(g_vmap, {k: p.grad for k, p in net.named_parameters()}, rtol=1e-9, atol=1e-11)
+
+
+def test_embed_tasks_loop_and_vmap_agree_with_running_statistics_at_test():
+    """In eval() with running statistics (the ProtoNets presets' test), the per-task loop a CPU runs and vmap give
+    the same embeddings; the running statistics are used (not the batch's)."""
+    torch.manual_seed(0)
+    net = conv4()(out_features=None, running_stats=True).double()
+    episode = random_episode(tasks=3, dtype=torch.float64)
+    net.train()
+    embed_tasks(net, episode.support_x, episode.query_x)  # moves the running statistics off their start
+    net.eval()
+    loop = embed_tasks(net, episode.support_x, episode.query_x, per_task=True)
+    vmapped = embed_tasks(net, episode.support_x, episode.query_x, per_task=False)
+    default = embed_tasks(net, episode.support_x, episode.query_x)
+    for a, b, c in zip(loop, vmapped, default):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+        assert torch.equal(c, a)  # a CPU's default is the loop
+    net.train()
+    assert not torch.allclose(embed_tasks(net, episode.support_x, episode.query_x, per_task=True)[0], loop[0])
 
 
 # ---- Matching Networks ----------------------------------------------------------------------------

@@ -28,7 +28,9 @@ def nhwc(algo: torch.nn.Module) -> bool:
         ("protonet", "null", True),  # measured faster on a CPU
         ("reptile", "null", True),
         ("maml", "null", False),  # measured no faster (1.02x): stays as it was
-        ("matching", "null", False),  # measured slower (0.88x)
+        ("matching", "null", True),
+        ("siamese", "null", True),
+        ("meta_sgd", "null", False),
         ("maml", "true", True),
         ("protonet", "false", False),
     ],

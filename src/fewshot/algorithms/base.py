@@ -69,8 +69,8 @@ class Algorithm(nn.Module):
     # algorithm runs it as a module (protonet, matching, siamese), not through a functional forward.
     running_stats_ok: bool = False
     # Whether device.channels_last=null puts its convolution weights in NHWC on a CPU: where
-    # scripts/bench_channels_last.py measured its presets' training step faster so (protonet, reptile); slower
-    # where the backbone runs small per-task batches under vmap (matching's 5-way step 0.88x, siamese 5-way 0.92x).
+    # scripts/bench_channels_last.py measured its presets' steps faster so (protonet, matching, siamese, reptile),
+    # not where it was no faster (MAML 1.02x, Meta-SGD 0.98x, MAML++ 0.94x, Meta-LSTM 1.00x training steps).
     cpu_channels_last: bool = False
     # The setting that sets its inner-loop step size, which a diverging run's message names beside trainer.meta_lr.
     step_size_setting: Optional[str] = None

@@ -13,18 +13,27 @@ from fewshot.algorithms.base import AlgoOutput, Algorithm, BackboneFactory, accu
 from fewshot.data.base import Episode
 from fewshot.models.backbones import tracks_running_stats
 
+# On a CPU each task's images go through the net in a call of their own: vmap over the tasks ran slower there
+# (scripts/bench_channels_last.py --tasks, 2-core CPU, 2026-11-28: the presets' test steps 2.3-2.9x slower than the
+# loop in NCHW, training 1.16-1.67x where vmap ran it). False: vmap on a CPU too (the benchmark's baseline).
+CPU_TASK_LOOP = True
 
-def embed_tasks(net: nn.Module, support_x: torch.Tensor, query_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+
+def embed_tasks(
+    net: nn.Module, support_x: torch.Tensor, query_x: torch.Tensor, per_task: Optional[bool] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Embed each task's support and query images in one pass per task, all tasks at once.
 
     (T, S, C, H, W), (T, Q, C, H, W) -> (T, S, D), (T, Q, D). As in Snell et al.'s code, a task's support
-    and query images go through the net together, so BatchNorm's batch statistics are those of the task;
-    torch.func.vmap keeps tasks apart while the shared weights make every conv one batched call."""
+    and query images go through the net together, so BatchNorm's batch statistics are those of the task.
+    per_task: a loop of one call per task (True) or torch.func.vmap over the tasks (False), the same numbers; None
+    picks the loop on a CPU (CPU_TASK_LOOP) and where BatchNorm updates running statistics, which vmap cannot batch,
+    and vmap elsewhere (CUDA), where the shared weights make every conv one batched call."""
     support = support_x.shape[1]
     x = torch.cat([support_x, query_x], dim=1)  # (T, S+Q, C, H, W)
-    if net.training and tracks_running_stats(net):
-        # BatchNorm's running statistics are updated in place, which vmap cannot batch: task by task, each task's
-        # images one batch, as the reference's one episode per step.
+    if per_task is None:
+        per_task = (CPU_TASK_LOOP and x.device.type == "cpu") or (net.training and tracks_running_stats(net))
+    if per_task:
         z = torch.stack([net(task) for task in x])
     else:
         z = torch.func.vmap(net, randomness="different")(x)  # (T, S+Q, D)
@@ -40,7 +49,8 @@ class ProtoNet(Algorithm):
     """logits(query, class c) = -||f(query) - mean of f(support of class c)||^2; cross-entropy on the query."""
 
     running_stats_ok = True  # embed_tasks runs the backbone as a module
-    cpu_channels_last = True  # 60-way training steps 1.24-1.31x faster on a 2-core CPU (bench_channels_last.py)
+    # NHWC on a CPU: 60-way training steps 1.24-1.31x faster, tests 1.46-1.71x (bench_channels_last.py)
+    cpu_channels_last = True
 
     def __init__(self, backbone: BackboneFactory, ways: int) -> None:
         super().__init__()
