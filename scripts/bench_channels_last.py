@@ -117,6 +117,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--tasks", action="store_true", help="also time vmap over the tasks (the per-task loop's baseline)")
     args = p.parse_args()
+    if args.tasks and args.device != "cpu":
+        p.error("--tasks compares the per-task loop with vmap, which only a CPU runs both of (CUDA always vmaps)")
     register_configs()
     device = torch.device(args.device)
     out: dict = {"device": device_label(device), "threads": torch.get_num_threads(), "torch": torch.__version__}

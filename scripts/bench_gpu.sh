@@ -5,8 +5,8 @@
 #      Meta-SGD's, the replayed ensemble test, samplers' states across devices), whole output in $OUT/tests.txt;
 #   descendants (not in the default STEPS): scripts/bench_descendants.py and bench_reptile.py --device cuda
 #      (Meta-SGD, MAML++; Reptile's per-tensor inner Adam against torch.optim.Adam's loop and foreach forms);
-#   layout (not in the default STEPS): scripts/bench_channels_last.py --device cuda for the presets whose CPU step
-#      NHWC speeds (protonet, reptile) and one it slows (matching): what device.channels_last=null should do on CUDA;
+#   layout (not in the default STEPS): scripts/bench_channels_last.py --device cuda for ProtoNets, Reptile and
+#      Matching Networks, whose CPU steps NHWC speeds: what device.channels_last=null should do on CUDA;
 #   bench: scripts/bench_maml.py --device cuda: learn2learn vs our eager step vs our CUDA-graph step
 #      (trainer.cuda_graph=on), same process, same tasks: ms per meta-iteration, speedups, step memory; at 1 query
 #      per class (the presets: MAML's own code draws queries = shots) and 15 (the issue's bench), with the graph

@@ -624,12 +624,21 @@ def test_running_statistics_train_task_by_task_and_test_with_the_averages():
         assert not torch.allclose(batch_stats(torch.cat([episode.support_x[t], episode.query_x[t]])), expected)
 
 
+def count_calls(net: torch.nn.Module) -> list:
+    """A list that grows by one per call of net (a forward hook): the loop calls it once per task, vmap once."""
+    calls: list = []
+    net.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
 @pytest.mark.parametrize("per_task", [False, True])  # vmap over the tasks (CUDA's default), the loop (a CPU's)
 def test_embed_tasks_keeps_batch_norm_statistics_per_task(per_task):
     torch.manual_seed(0)
     net = conv4()(out_features=None).double()
     episode = random_episode(tasks=3, dtype=torch.float64)
+    calls = count_calls(net)
     support, query = embed_tasks(net, episode.support_x, episode.query_x, per_task=per_task)
+    assert len(calls) == (3 if per_task else 1)  # the form asked for ran
     for t in range(3):
         z = net(torch.cat([episode.support_x[t], episode.query_x[t]]))
         torch.testing.assert_close(torch.cat([support[t], query[t]]), z)
@@ -653,14 +662,19 @@ def test_embed_tasks_loop_and_vmap_agree_with_running_statistics_at_test():
     net.train()
     embed_tasks(net, episode.support_x, episode.query_x)  # moves the running statistics off their start
     net.eval()
+    calls = count_calls(net)
     loop = embed_tasks(net, episode.support_x, episode.query_x, per_task=True)
     vmapped = embed_tasks(net, episode.support_x, episode.query_x, per_task=False)
+    assert len(calls) == 3 + 1
     default = embed_tasks(net, episode.support_x, episode.query_x)
+    assert len(calls) == 3 + 1 + 3  # a CPU's default is the loop
     for a, b, c in zip(loop, vmapped, default):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
-        assert torch.equal(c, a)  # a CPU's default is the loop
+        assert torch.equal(c, a)
     net.train()
     assert not torch.allclose(embed_tasks(net, episode.support_x, episode.query_x, per_task=True)[0], loop[0])
+    with pytest.raises(ValueError, match="running statistics"):
+        embed_tasks(net, episode.support_x, episode.query_x, per_task=False)
 
 
 # ---- Matching Networks ----------------------------------------------------------------------------

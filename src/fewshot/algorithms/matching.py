@@ -82,8 +82,8 @@ class MatchingNetworks(Algorithm):
     """
 
     running_stats_ok = True  # embed_tasks runs the backbone as a module
-    # NHWC on a CPU: its tests 1.74-1.83x faster, training 1.11-1.27x (FCE 5w1s, 20w5s) and 0.90x (5w1s), which the
-    # test's gain outweighs over a run (bench_channels_last.py)
+    # NHWC on a CPU: its tests 1.74-1.83x faster, training 1.11-1.27x (FCE 5w1s, 20w5s) but 0.90x at 5w1s, whose
+    # whole run the step times put about 7% slower in NHWC (device.channels_last=false; bench_channels_last.py)
     cpu_channels_last = True
 
     def __init__(

@@ -14,7 +14,7 @@ from fewshot.data.base import Episode
 from fewshot.models.backbones import tracks_running_stats
 
 # On a CPU each task's images go through the net in a call of their own: vmap over the tasks ran slower there
-# (scripts/bench_channels_last.py --tasks, 2-core CPU, 2026-11-28: the presets' test steps 2.3-2.9x slower than the
+# (scripts/bench_channels_last.py --tasks, 2-core CPU, 2026-11-28: the presets' test steps 1.8-2.9x slower than the
 # loop in NCHW, training 1.16-1.67x where vmap ran it). False: vmap on a CPU too (the benchmark's baseline).
 CPU_TASK_LOOP = True
 
@@ -31,8 +31,11 @@ def embed_tasks(
     and vmap elsewhere (CUDA), where the shared weights make every conv one batched call."""
     support = support_x.shape[1]
     x = torch.cat([support_x, query_x], dim=1)  # (T, S+Q, C, H, W)
+    running = net.training and tracks_running_stats(net)
     if per_task is None:
-        per_task = (CPU_TASK_LOOP and x.device.type == "cpu") or (net.training and tracks_running_stats(net))
+        per_task = (CPU_TASK_LOOP and x.device.type == "cpu") or running
+    elif not per_task and running:
+        raise ValueError("embed_tasks(per_task=False): vmap cannot update BatchNorm's running statistics in train()")
     if per_task:
         z = torch.stack([net(task) for task in x])
     else:
