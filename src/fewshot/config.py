@@ -68,9 +68,8 @@ class DeviceConfig:
     name: str = "auto"  # auto | cpu | cuda | cuda:N
     # Convolution weights (and so activations) in NHWC: null picks what scripts/bench_channels_last.py measured
     # faster (on a CPU for protonet, matching, siamese and reptile; off elsewhere: fewshot.device.use_channels_last);
-    # false turns it
-    # off, true on (refused on CUDA, unmeasured). A step agrees to float rounding, not bit for bit, in either layout;
-    # a run may resume with another setting.
+    # false turns it off, true on (refused on CUDA, unmeasured). A step agrees to float rounding, not bit for bit, in
+    # either layout; a run may resume with another setting.
     channels_last: Optional[bool] = None
 
 
