@@ -35,7 +35,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from fewshot import engine
-from fewshot.algorithms import protonet
+from fewshot.algorithms import functional
 from fewshot.config import register_configs
 from fewshot.device import device_label
 
@@ -74,31 +74,28 @@ def build(preset: str, device: str, channels_last: bool) -> engine.Run:
 
 def steps_for(preset: str, device: str, tasks: bool) -> dict[str, Callable[[], float]]:
     """'{train|test} {variant}' -> closure returning ms. Variants: default, channels_last; with tasks also each
-    with the metric algorithms' tasks under vmap on a CPU too (protonet.CPU_TASK_LOOP = False: fewshot before the
-    per-task loop), named '... vmap'."""
-    variants = [("default", False, True), ("channels_last", True, True)]
+    with the tasks under vmap on a CPU too (functional.CPU_STRATEGY = "vmap", what strategy "auto" and the metric
+    algorithms' embed_tasks then run: fewshot's metric algorithms before the per-task loop), named '... vmap'."""
+    variants = [("default", False, "loop"), ("channels_last", True, "loop")]
     if tasks:
-        variants += [("default vmap", False, False), ("channels_last vmap", True, False)]
+        variants += [("default vmap", False, "vmap"), ("channels_last vmap", True, "vmap")]
     closures = {}
-    for name, nhwc, loop in variants:
+    for name, nhwc, strategy in variants:
         run = build(preset, device, nhwc)
         s = run.settings
         train_ep = engine.make_sampler(run, "train", seed=7).sample(s.meta_batch_size)
         test_ep = engine.make_sampler(run, "test", seed=8).sample(min(s.eval_batch, s.test_episodes))
-        algo, opt = run.algo, run.optimizer(run.algo.parameters())
+        optimizer = run.optimizer(run.algo.parameters())
 
-        def train(algo=algo, opt=opt, ep=train_ep, dev=run.device, loop=loop) -> float:
-            protonet.CPU_TASK_LOOP = loop
+        def train(
+            algo=run.algo, step=bench.meta_step(run.algo, train_ep, run.device, optimizer=optimizer), strategy=strategy
+        ) -> float:
+            functional.CPU_STRATEGY = strategy
             algo.train()
-            t = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            algo(ep).loss.backward()
-            opt.step()
-            bench.sync(dev)
-            return (time.perf_counter() - t) * 1e3
+            return step()
 
-        def test(algo=algo, ep=test_ep, dev=run.device, loop=loop) -> float:
-            protonet.CPU_TASK_LOOP = loop
+        def test(algo=run.algo, ep=test_ep, dev=run.device, strategy=strategy) -> float:
+            functional.CPU_STRATEGY = strategy
             algo.eval()
             t = time.perf_counter()
             algo(ep, train=False)
@@ -131,7 +128,7 @@ def main() -> None:
             row = {k: round(v["ms_median"], 1) for k, v in res.items()}
             for part in ("train", "test"):
                 names = [k.split(" ", 1)[1] for k in res if k.startswith(part)]
-                for base in ("default", "default vmap")[: 1 + args.tasks]:
+                for base in ["default", "default vmap"] if args.tasks else ["default"]:
                     for other in names:
                         if other != base:
                             row[f"{part} {base}/{other}"] = round(row[f"{part} {base}"] / row[f"{part} {other}"], 2)

@@ -10,13 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot.algorithms.base import AlgoOutput, Algorithm, BackboneFactory, accuracy
+from fewshot.algorithms.functional import resolve_strategy
 from fewshot.data.base import Episode
 from fewshot.models.backbones import tracks_running_stats
-
-# On a CPU each task's images go through the net in a call of their own: vmap over the tasks ran slower there
-# (scripts/bench_channels_last.py --tasks, 2-core CPU, 2026-11-28: the presets' test steps 1.8-2.9x slower than the
-# loop in NCHW, training 1.16-1.67x where vmap ran it). False: vmap on a CPU too (the benchmark's baseline).
-CPU_TASK_LOOP = True
 
 
 def embed_tasks(
@@ -27,13 +23,15 @@ def embed_tasks(
     (T, S, C, H, W), (T, Q, C, H, W) -> (T, S, D), (T, Q, D). As in Snell et al.'s code, a task's support
     and query images go through the net together, so BatchNorm's batch statistics are those of the task.
     per_task: a loop of one call per task (True) or torch.func.vmap over the tasks (False), the same numbers; None
-    picks the loop on a CPU (CPU_TASK_LOOP) and where BatchNorm updates running statistics, which vmap cannot batch,
-    and vmap elsewhere (CUDA), where the shared weights make every conv one batched call."""
+    picks what the MAML family's strategy "auto" picks on the device (resolve_strategy: the loop on a CPU, where
+    scripts/bench_channels_last.py --tasks measured vmap's test steps 1.8-2.9x slower and its training steps
+    1.16-1.67x, 2-core CPU, 2026-11-28; vmap on CUDA, where the shared weights make every conv one batched call),
+    and the loop wherever BatchNorm updates running statistics, which vmap cannot batch."""
     support = support_x.shape[1]
     x = torch.cat([support_x, query_x], dim=1)  # (T, S+Q, C, H, W)
     running = net.training and tracks_running_stats(net)
     if per_task is None:
-        per_task = (CPU_TASK_LOOP and x.device.type == "cpu") or running
+        per_task = resolve_strategy("auto", x.device) == "loop" or running
     elif not per_task and running:
         raise ValueError("embed_tasks(per_task=False): vmap cannot update BatchNorm's running statistics in train()")
     if per_task:

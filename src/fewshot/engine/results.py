@@ -75,7 +75,7 @@ def make_results(
         },
         "best_val": best,
         "device": device_label(device),
-        "channels_last": run.record.get("channels_last"),  # the layout the run ended and tested in
+        "channels_last": run.record["channels_last"],  # the layout the run ended and tested in
         **({} if train_devices is None else {"train_devices": train_devices}),
         "optim": run.record["optim"],
         "schedule": run.record["schedule"],
