@@ -29,7 +29,7 @@ import importlib.util
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import torch
 from hydra import compose, initialize_config_module
@@ -59,12 +59,14 @@ PRESETS = [
 ]
 
 
-def build(preset: str, device: str, channels_last: bool) -> engine.Run:
+def build(preset: str, device: str, channels_last: Optional[bool], overrides: Sequence[str] = ()) -> engine.Run:
     """The run in the default layout, its weights then converted as device.channels_last=true converts them (which
-    the config refuses on CUDA until this script has measured it there)."""
+    the config refuses on CUDA until this script has measured it there); channels_last None: in the layout
+    fewshot-train picks. overrides: further config overrides."""
     with initialize_config_module(config_module="fewshot.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={preset}", f"device={device}", "seed=1"])
-    cfg.device.channels_last = False
+        cfg = compose("train", overrides=[f"experiment={preset}", f"device={device}", "seed=1", *overrides])
+    if channels_last is not None:
+        cfg.device.channels_last = False
     engine.seed_everything(1)
     run = engine.build(cfg)
     if channels_last:

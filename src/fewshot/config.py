@@ -71,6 +71,9 @@ class DeviceConfig:
     # false turns it off, true on (refused on CUDA, unmeasured). A step agrees to float rounding, not bit for bit, in
     # either layout; a run may resume with another setting.
     channels_last: Optional[bool] = None
+    # Keep freed memory in the process for the next step instead of glibc returning each block over 32 MB to the OS
+    # (fewshot.device.keep_freed_memory): null is on for CPU runs; false leaves malloc as is. Same numbers either way.
+    keep_freed_memory: Optional[bool] = None
 
 
 @dataclass

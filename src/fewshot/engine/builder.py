@@ -18,7 +18,7 @@ from fewshot.algorithms.base import Algorithm
 from fewshot.config import META_KEYS
 from fewshot.data.dataset import TaskSource
 from fewshot.data.sampler import EpisodeSampler
-from fewshot.device import available_memory, resolve_device, use_channels_last
+from fewshot.device import available_memory, keep_freed_memory, resolve_device, use_channels_last
 from fewshot.engine.checks import (  # noqa: F401  (re-exported: the build step's API)
     MAX_SEED,
     REGRESSION_DATASETS,
@@ -142,6 +142,7 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
         )
     nhwc = use_channels_last(cfg.device.get("channels_last"), device, algo.cpu_channels_last)
     memory_format = torch.channels_last if nhwc else torch.preserve_format
+    kept = keep_freed_memory(cfg.device.get("keep_freed_memory"), device)
     t = cfg.trainer
     settings = Settings(
         name=cfg.name,
@@ -175,6 +176,7 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
         "data_root": cfg.get("data_root"),
         "image_size": cfg.dataset.get("image_size"),
         "channels_last": nhwc,
+        "keep_freed_memory": kept,
         "paper": OmegaConf.to_container(cfg.paper, resolve=True) if "paper" in cfg else None,
     }
     return Run(

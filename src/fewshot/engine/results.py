@@ -76,6 +76,7 @@ def make_results(
         "best_val": best,
         "device": device_label(device),
         "channels_last": run.record["channels_last"],  # the layout the run ended and tested in
+        "keep_freed_memory": run.record["keep_freed_memory"],  # in the last process; a speed setting, as the seconds
         **({} if train_devices is None else {"train_devices": train_devices}),
         "optim": run.record["optim"],
         "schedule": run.record["schedule"],
