@@ -74,37 +74,46 @@ def build(preset: str, device: str, channels_last: Optional[bool], overrides: Se
     return run
 
 
+def steps(run: engine.Run, setup: Callable[[], None] = lambda: None) -> dict[str, Callable[[], float]]:
+    """'train' and 'test' -> closure returning the ms of one step of run, after setup(): a training step is the
+    forward over one meta-batch of the preset's training shape, backward and an Adam step; a test step the forward
+    over one test batch of its test shape without gradients (MAML-family: with its inner steps)."""
+    s = run.settings
+    train_ep = engine.make_sampler(run, "train", seed=7).sample(s.meta_batch_size)
+    test_ep = engine.make_sampler(run, "test", seed=8).sample(min(s.eval_batch, s.test_episodes))
+    train_step = bench.meta_step(run.algo, train_ep, run.device, optimizer=run.optimizer(run.algo.parameters()))
+
+    def train() -> float:
+        setup()
+        run.algo.train()
+        return train_step()
+
+    def test() -> float:
+        setup()
+        run.algo.eval()
+        t = time.perf_counter()
+        run.algo(test_ep, train=False)
+        bench.sync(run.device)
+        return (time.perf_counter() - t) * 1e3
+
+    return {"train": train, "test": test}
+
+
 def steps_for(preset: str, device: str, tasks: bool) -> dict[str, Callable[[], float]]:
     """'{train|test} {variant}' -> closure returning ms. Variants: default, channels_last; with tasks also each
     with the tasks under vmap on a CPU too (functional.CPU_STRATEGY = "vmap", what strategy "auto" and the metric
-    algorithms' embed_tasks then run: fewshot's metric algorithms before the per-task loop), named '... vmap'."""
+    algorithms' embed_tasks then run: fewshot's metric algorithms before the per-task loop), named '... vmap'.
+    Malloc as glibc leaves it (device.keep_freed_memory=false), as the figures above were measured."""
     variants = [("default", False, "loop"), ("channels_last", True, "loop")]
     if tasks:
         variants += [("default vmap", False, "vmap"), ("channels_last vmap", True, "vmap")]
     closures = {}
     for name, nhwc, strategy in variants:
-        run = build(preset, device, nhwc)
-        s = run.settings
-        train_ep = engine.make_sampler(run, "train", seed=7).sample(s.meta_batch_size)
-        test_ep = engine.make_sampler(run, "test", seed=8).sample(min(s.eval_batch, s.test_episodes))
-        optimizer = run.optimizer(run.algo.parameters())
-
-        def train(
-            algo=run.algo, step=bench.meta_step(run.algo, train_ep, run.device, optimizer=optimizer), strategy=strategy
-        ) -> float:
-            functional.CPU_STRATEGY = strategy
-            algo.train()
-            return step()
-
-        def test(algo=run.algo, ep=test_ep, dev=run.device, strategy=strategy) -> float:
-            functional.CPU_STRATEGY = strategy
-            algo.eval()
-            t = time.perf_counter()
-            algo(ep, train=False)
-            bench.sync(dev)
-            return (time.perf_counter() - t) * 1e3
-
-        closures[f"train {name}"], closures[f"test {name}"] = train, test
+        run = build(preset, device, nhwc, overrides=["device.keep_freed_memory=false"])
+        for part, step in steps(
+            run, setup=lambda strategy=strategy: setattr(functional, "CPU_STRATEGY", strategy)
+        ).items():
+            closures[f"{part} {name}"] = step
     return closures
 
 

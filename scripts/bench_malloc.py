@@ -4,20 +4,26 @@ memory kept in the process for the next step), in the same process, on the same 
 
 glibc serves each block over its mmap threshold (at most 32 MB) with a fresh mmap and unmaps it when freed, so the
 next step faults every page in again and the kernel zeroes it. The two arms set glibc's malloc by mallopt before
-each timed step: "glibc" as glibc settles by itself once large blocks have been freed (mmap threshold 32 MB, trim
-threshold 64 MB), "kept" as fewshot.device.keep_freed_memory sets it (no mmap, no trimming). Each timed step follows
-an untimed one in the same arm, so that it does not pay for the other arm's heap; the arms are timed in turns
+each timed step: "glibc" near where glibc settles by itself once large blocks have been freed (its threshold rises to
+the largest freed mapped block, at most 32 MB; the arm fixes it at 32 MB, trimming at 64 MB, as glibc pairs them),
+"kept" as fewshot.device.keep_freed_memory sets it (no mmap, no trimming). Each timed step follows an untimed one in
+the same arm, so that it does not pay for the other arm's heap; the arms are timed in turns
 (bench_maml.time_interleaved). A block the "kept" arm leaves free in the heap can serve the "glibc" arm's next
-request too (glibc looks in its bins before it maps), so before any mallopt call the first preset's training step is
-also timed untouched ("train untouched"): where the "glibc" arm's page faults match its, that arm is what a run
-without the setting gets. Prints one JSON object: per preset the median ms and minor page faults per step of each,
-and glibc / kept (above 1: keeping is faster), a line per preset as it finishes and all of them in the last line,
-with the process's peak resident memory. On the 2-core CPU (torch 2.14.1, 2 threads, 2026-11-28), glibc / kept:
-training steps of protonet_omniglot_5w1s (60-way, 136,686 faults against 0; untouched 127,866) 1.53, matching
-20w5s 1.52, its test 1.24, the Meta-LSTM's test 1.07; matching 5w1s, siamese 20w1s, MAML, Reptile and the
-Meta-LSTM's training step, without faults in either arm, 0.99-1.05. Hence device.keep_freed_memory's default.
+request too (glibc looks in its bins before it maps). So before any mallopt call the first preset's training step is
+timed untouched as well ("train untouched", and untouched / kept): where an arm's page faults match the untouched
+step's, that arm is what a run without the setting gets; a later preset's "glibc" arm has only its own faults to show
+it. Prints one JSON object: per preset the median ms and minor page faults per step of each, and glibc / kept (above
+1: keeping is faster), a line per preset as it finishes and all of them in the last line, with the process's peak
+resident memory. --whole-run N also trains the first preset N iterations in two processes of their own, malloc as
+glibc leaves it and kept, and prints each one's training seconds and peak resident memory: a user's view, not a
+same-process ratio. On the 2-core CPU (torch 2.14.1, 2 threads, 2026-11-28), glibc / kept: training steps of
+protonet_omniglot_5w1s (60-way, 136,686 faults against 0; untouched 127,866 and 316.7 ms against glibc's 310.2)
+1.53, matching 20w5s 1.52, its test 1.24, the Meta-LSTM's test 1.07; matching 5w1s, siamese 20w1s, MAML, Reptile
+and the Meta-LSTM's training step, without faults in either arm, 0.99-1.05. Hence device.keep_freed_memory's
+default. Again with --whole-run 150: glibc / kept 1.54, untouched / kept 1.52; protonet_omniglot_5w1s trained in
+46.0 s against 27.7 s and peaked at 1,326 MiB resident against 1,569.
 
-    python scripts/bench_malloc.py [--iters 6] [--warmup 1] [PRESET ...]
+    python scripts/bench_malloc.py [--iters 6] [--warmup 1] [--whole-run N] [PRESET ...]
 """
 
 from __future__ import annotations
@@ -25,17 +31,19 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import resource
 import statistics
-import time
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from fewshot import engine
 from fewshot.config import register_configs
-from fewshot.device import _M_MMAP_MAX, _M_TRIM_THRESHOLD, _glibc, device_label, keep_freed_memory
+from fewshot.device import _M_MMAP_MAX, _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, _glibc, device_label, keep_freed_memory
 
 _here = Path(__file__).parent
 
@@ -59,7 +67,6 @@ PRESETS = [
     "reptile_omniglot_5w1s",
     "meta_lstm_omniglot_5w1s",
 ]
-_M_MMAP_THRESHOLD = -3
 CPU = torch.device("cpu")
 
 
@@ -75,27 +82,6 @@ def set_malloc(kept: bool) -> None:
 
 def faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def bare_steps(preset: str) -> dict[str, Callable[[], float]]:
-    """'train' and 'test' -> closure returning the ms of one step of the preset as fewshot-train builds it."""
-    run = layouts.build(preset, "cpu", None, overrides=["device.keep_freed_memory=false"])
-    s = run.settings
-    train_ep = engine.make_sampler(run, "train", seed=7).sample(s.meta_batch_size)
-    test_ep = engine.make_sampler(run, "test", seed=8).sample(min(s.eval_batch, s.test_episodes))
-    train_step = bench.meta_step(run.algo, train_ep, run.device, optimizer=run.optimizer(run.algo.parameters()))
-
-    def train() -> float:
-        run.algo.train()
-        return train_step()
-
-    def test() -> float:
-        run.algo.eval()
-        t = time.perf_counter()
-        run.algo(test_ep, train=False)
-        return (time.perf_counter() - t) * 1e3
-
-    return {"train": train, "test": test}
 
 
 def arms(steps: dict[str, Callable[[], float]]) -> tuple[dict[str, Callable[[], float]], dict[str, list[int]]]:
@@ -131,11 +117,35 @@ def untouched(step: Callable[[], float], iters: int, warmup: int) -> dict:
     return {"train untouched": round(statistics.median(times), 1), "faults train untouched": statistics.median(counts)}
 
 
+def whole_run(preset: str, iterations: int) -> dict:
+    """fewshot-train of preset for `iterations` iterations in a process of its own with device.keep_freed_memory
+    false, then null: training seconds (results.json) and peak resident memory of each."""
+    out = {}
+    for setting in ("false", "null"):
+        with tempfile.TemporaryDirectory() as folder:
+            command = [sys.executable, "-m", "fewshot.train", f"experiment={preset}", "seed=1", "device=cpu"]
+            command += [f"device.keep_freed_memory={setting}", f"trainer.iterations={iterations}"]
+            command += [f"trainer.val_every={iterations + 1}", "eval.episodes=100", f"hydra.run.dir={folder}"]
+            with open(Path(folder) / "stderr.log", "w+") as log:
+                child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+                _, status, usage = os.wait4(child.pid, 0)  # this child's own peak, not the largest child's
+                child.returncode = os.waitstatus_to_exitcode(status)
+                if child.returncode:
+                    log.seek(0)
+                    sys.exit(f"{' '.join(command)} failed:\n{log.read()[-2000:]}")
+            results = json.loads((Path(folder) / "results.json").read_text())
+        arm = "kept" if setting == "null" else "glibc"
+        out[f"whole run train s {arm}"] = results["train_seconds"]
+        out[f"whole run peak rss mib {arm}"] = round(usage.ru_maxrss / 1024)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("presets", nargs="*", default=PRESETS)
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--whole-run", type=int, default=0, metavar="N", help="also train the first preset N iterations")
     args = p.parse_args()
     if _glibc() is None:
         p.error("this compares glibc's malloc settings, and this system's C library is not glibc")
@@ -143,7 +153,7 @@ def main() -> None:
     out: dict = {"device": device_label(CPU), "threads": torch.get_num_threads(), "torch": torch.__version__}
     first = None
     for preset in args.presets:
-        steps = bare_steps(preset)
+        steps = layouts.steps(layouts.build(preset, "cpu", None, overrides=["device.keep_freed_memory=false"]))
         if first is None:
             first = untouched(steps["train"], args.iters, args.warmup)
         closures, counts = arms(steps)
@@ -153,10 +163,12 @@ def main() -> None:
         for part in ("train", "test"):
             row[f"{part} glibc/kept"] = round(row[f"{part} glibc"] / row[f"{part} kept"], 2)
         if preset == args.presets[0]:
-            row |= first
+            row |= first | {"train untouched/kept": round(first["train untouched"] / row["train kept"], 2)}
         out[preset] = row
         print(json.dumps({preset: row}), flush=True)
     out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if args.whole_run:
+        out[args.presets[0]] |= whole_run(args.presets[0], args.whole_run)
     print(json.dumps(out))
 
 

@@ -72,7 +72,8 @@ class DeviceConfig:
     # either layout; a run may resume with another setting.
     channels_last: Optional[bool] = None
     # Keep freed memory in the process for the next step instead of glibc returning each block over 32 MB to the OS
-    # (fewshot.device.keep_freed_memory): null is on for CPU runs; false leaves malloc as is. Same numbers either way.
+    # (fewshot.device.keep_freed_memory): null is on for CPU runs under glibc; false leaves malloc as it is. Same
+    # numbers either way.
     keep_freed_memory: Optional[bool] = None
 
 

@@ -43,8 +43,10 @@ def use_channels_last(setting: Optional[bool], device: torch.device, cpu_default
     return cpu_default and device.type == "cpu"
 
 
-# glibc's mallopt parameters (malloc.h): the heap's top kept before trimming, and how many blocks may be mmap'd.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+# glibc's mallopt parameters (malloc.h): the heap's top kept before trimming, the size from which blocks are mmap'd,
+# and how many blocks may be mmap'd.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_kept = False  # whether this process keeps freed memory: mallopt has no undo that restores glibc's own behaviour
 
 
 @functools.cache
@@ -56,17 +58,19 @@ def _glibc() -> Optional[ctypes.CDLL]:
 
 
 def keep_freed_memory(setting: Optional[bool], device: torch.device) -> bool:
-    """device.keep_freed_memory, whether to apply it; applies it. glibc serves each block over 32 MB (a 60-way
-    Conv4 step's activations) with its own mmap and returns it to the OS when freed, so the next step faults it in
-    again page by page and zeroes it: 128,000-137,000 page faults per 60-way ProtoNets training step. On,
-    freed blocks stay in the heap for the next step (mallopt: no mmap, no trimming), as CUDA's caching allocator
-    keeps its blocks. null is on for a CPU run under glibc and off otherwise; false leaves malloc as it is; true
-    without glibc is refused. Process-wide: once on, the memory stays the process's until it exits, and the heap
-    holds more than the peak: glibc reuses freed blocks once several lie free (8 for a 40 MB tensor made and freed
-    over and over; 150 iterations of 60-way ProtoNets peaked at 1,600 MiB resident against 1,299). The numbers are
-    the same either way; scripts/bench_malloc.py measures the time."""
+    """Applies device.keep_freed_memory; returns whether this process now keeps freed memory. glibc serves each block
+    over 32 MB (a 60-way Conv4 step's activations) with its own mmap and returns it to the OS when freed, so the next
+    step faults it in again page by page and zeroes it: 128,000-137,000 page faults per 60-way ProtoNets training
+    step. On, the blocks the main thread frees stay in the heap for its next step (mallopt: no mmap, no trimming;
+    threads' arenas still map what does not fit them), as CUDA's caching allocator keeps its blocks. null is on for
+    a CPU run under glibc and off otherwise; true without glibc is refused; false leaves malloc as it is, which is
+    still kept where an earlier run in this process (a sweep's job) turned it on. Once on, the memory stays the
+    process's until it exits, and the heap holds more than the peak: glibc reuses freed blocks once several lie free
+    (8 for a 40 MB tensor made and freed over and over; 150 iterations of 60-way ProtoNets peaked at 1,569 MiB
+    resident against 1,326). The numbers are the same either way; scripts/bench_malloc.py measures the time."""
+    global _kept
     if not (device.type == "cpu" if setting is None else setting):
-        return False
+        return _kept
     libc = _glibc()
     if libc is None:
         if setting:
@@ -74,9 +78,10 @@ def keep_freed_memory(setting: Optional[bool], device: torch.device) -> bool:
                 f"device.keep_freed_memory=true sets glibc's malloc, and this is {platform.system()} "
                 f"({platform.libc_ver()[0] or 'no glibc'}); drop it"
             )
-        return False
+        return _kept
     libc.mallopt(_M_MMAP_MAX, 0)
     libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # int: the largest value mallopt takes
+    _kept = True
     return True
 
 
