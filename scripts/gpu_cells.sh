@@ -50,23 +50,21 @@ $PY -c "import torch; print('torch', torch.__version__, 'device', torch.cuda.get
 # weights (eval.weights=last, as cbfinn/maml; those runs tested best.pt), measured on an H100/H200 at 233 s (MAML
 # 5-way 1-shot), 117 s (first-order 5-way 1-shot) and 486 s (first-order 5-way 5-shot) of training alone; run
 # together they share the GPU, so one may need a second call (RESUME=.devrun, within the 30 s a warm machine
-# waits). So do ProtoNets' two cells since their presets train on the 1200 train and val characters and test the
-# final weights (about 390 s each on an H100). MAML 5-way 5-shot is being finished on the CPU machine from its
-# 52,500-iteration checkpoint. The 20-way cells take 3 or more leases each (20w1s: 26.6 ms x 60,000 on an H100).
+# waits). ProtoNets' 1-shot cells, which were here too, ran at full budget on the CPU machine (2026-11-28, RESULTS.md);
+# in their place, the full-budget pair for the open question of MAML's inner step (below). The 20-way cells take 3 or
+# more leases each (20w1s: 26.6 ms x 60,000 on an H100).
 # .devrun is git-ignored: a new checkout starts without it, so plan a cell's leases within one session.
 # A limit of 540 s is cut to what the call leaves (CALL_S).
 JOBS=(
   "maml_omniglot_5w1s|540|experiment=maml_omniglot_5w1s"
   "fomaml_omniglot_5w1s|540|experiment=fomaml_omniglot_5w1s"
   "fomaml_omniglot_5w5s|540|experiment=fomaml_omniglot_5w5s"
-  "protonet_omniglot_5w1s|540|experiment=protonet_omniglot_5w1s"
-  "protonet_omniglot_20w1s|540|experiment=protonet_omniglot_20w1s"
+  # The open question of MAML's inner step (its presets step alpha on the mean loss; cbfinn/maml's sum over the
+  # support makes that alpha*N, 2.0 on Omniglot): a full-budget pair, named apart so the ledger files the variant as
+  # modified.
+  "maml_omniglot_5w1s_alphaN|540|experiment=maml_omniglot_5w1s algo.inner_lr=2.0 name=maml_omniglot_5w1s_alphaN"
+  "fomaml_omniglot_5w1s_alphaN|540|experiment=fomaml_omniglot_5w1s algo.inner_lr=2.0 name=fomaml_omniglot_5w1s_alphaN"
 )
-# The open question of MAML's inner step (its presets step alpha on the mean loss; cbfinn/maml's sum over the
-# support makes that alpha*N, 2.0 on Omniglot): a full-budget pair, named apart so the ledger files the variant as
-# modified, e.g. as the jobs of a second call:
-#   "maml_omniglot_5w1s_alphaN|540|experiment=maml_omniglot_5w1s algo.inner_lr=2.0 name=maml_omniglot_5w1s_alphaN"
-#   "fomaml_omniglot_5w1s_alphaN|540|experiment=fomaml_omniglot_5w1s algo.inner_lr=2.0 name=fomaml_omniglot_5w1s_alphaN"
 [ $# -gt 0 ] && JOBS=("$@")
 
 names=()
