@@ -45,18 +45,10 @@ import torch
 from fewshot.config import register_configs
 from fewshot.device import _M_MMAP_MAX, _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, _glibc, device_label, keep_freed_memory
 
-_here = Path(__file__).parent
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, _here / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load("bench_maml")
-layouts = _load("bench_channels_last")
+_spec = importlib.util.spec_from_file_location("layouts", Path(__file__).with_name("bench_channels_last.py"))
+layouts = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(layouts)
+bench = layouts.bench  # bench_maml, as bench_channels_last loaded it
 
 PRESETS = [
     "protonet_omniglot_5w1s",
@@ -151,18 +143,16 @@ def main() -> None:
         p.error("this compares glibc's malloc settings, and this system's C library is not glibc")
     register_configs()
     out: dict = {"device": device_label(CPU), "threads": torch.get_num_threads(), "torch": torch.__version__}
-    first = None
-    for preset in args.presets:
+    for i, preset in enumerate(args.presets):
         steps = layouts.steps(layouts.build(preset, "cpu", None, overrides=["device.keep_freed_memory=false"]))
-        if first is None:
-            first = untouched(steps["train"], args.iters, args.warmup)
+        first = untouched(steps["train"], args.iters, args.warmup) if i == 0 else None
         closures, counts = arms(steps)
         res = bench.time_interleaved(closures, CPU, args.iters, args.warmup)
         row = {k: round(v["ms_median"], 1) for k, v in res.items()}
         row |= {f"faults {k}": statistics.median(v[-args.iters :]) for k, v in counts.items()}
         for part in ("train", "test"):
             row[f"{part} glibc/kept"] = round(row[f"{part} glibc"] / row[f"{part} kept"], 2)
-        if preset == args.presets[0]:
+        if first:
             row |= first | {"train untouched/kept": round(first["train untouched"] / row["train kept"], 2)}
         out[preset] = row
         print(json.dumps({preset: row}), flush=True)
