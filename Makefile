@@ -59,6 +59,6 @@ reproduce: install  ## run a paper table (TABLE=maml-omniglot|protonet-omniglot|
 ledger: install  ## regenerate RESULTS.md from the runs kept under results/ (fewshot-table --ledger)
 	$(VENV)/bin/fewshot-table --ledger results -o RESULTS.md
 
-clean:  ## remove caches (keeps .venv, data and outputs/)
+clean:  ## remove .pytest_cache, egg-info and __pycache__ (keeps .venv, data, outputs/ and the image cache)
 	rm -rf .pytest_cache src/*.egg-info
 	find . -name __pycache__ -prune -exec rm -rf {} +
