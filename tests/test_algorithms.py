@@ -108,14 +108,16 @@ def test_one_inner_step_lowers_the_support_loss():
     torch.manual_seed(0)
     algo = MAML(conv4(), WAYS, inner_lr=0.4)
     episode = random_episode(tasks=4)
+    meta = {k: v.clone() for k, v in algo.state_dict().items()}
     for t in range(4):
         x, y = episode.support_x[t], episode.support_y[t]
         before = F.cross_entropy(algo.net(x), y)
         adapted = algo.adapt(x, y, steps=1)
         after = F.cross_entropy(functional_call(algo.net, adapted, (x,)), y)
         assert after < before - 0.05, (before.item(), after.item())
-    # adapt() leaves the meta-parameters alone
+    # adapt() returns new weights and leaves the meta-parameters (and BatchNorm's buffers) alone
     assert all(not torch.equal(adapted[k], p) for k, p in algo.net.named_parameters() if k.endswith("weight"))
+    assert all(torch.equal(v, meta[k]) for k, v in algo.state_dict().items())
 
 
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])

@@ -211,7 +211,7 @@ def test_interrupted_download_leaves_nothing(server, fake_zips, tmp_path, monkey
 def test_missing_folder_unwritable(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match=r"cannot write to .*sub \(.*\); make it writable or put x.zip there by hand"):
         download_file("http://127.0.0.1:9/x", blocker / "sub" / "x.zip")
 
 

@@ -286,7 +286,44 @@ def test_sigterm_during_the_test_says_what_happened_and_the_rerun_only_tests(tmp
     assert "resuming" not in rerun.stdout
 
 
-def test_second_sigint_is_one_line_naming_the_last_checkpoint(tmp_path):
+@pytest.fixture
+def restore_signal_handlers():
+    """An interrupted run leaves SIGINT and SIGTERM ignored on its way out: give this worker its handlers back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
+def test_second_sigint_mid_iteration_stops_at_once_naming_the_last_checkpoint(
+    compose_cfg, tmp_path, monkeypatch, restore_signal_handlers
+):
+    # Both SIGINTs arrive inside iteration 5 (checkpoints at 3 and 6): the first is only recorded, the second
+    # stops the run there, without writing iteration 5, and names iteration 3's checkpoint.
+    from fewshot.engine import loop, steps
+
+    class TwoSigints(steps.EagerStep):
+        def __call__(self, it):
+            if it == 5:
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().__call__(it)
+
+    monkeypatch.setattr(loop, "make_step", lambda mode, device, *a, **k: TwoSigints(*a, **k))
+    last = tmp_path / "checkpoints" / "last.pt"
+    with pytest.raises(engine.Interrupted) as err:
+        train_run(compose_cfg("train", TINY + ["algo=protonet"]), tmp_path)
+    assert str(err.value) == (
+        f"second SIGINT: stopped at once without a new checkpoint; the last checkpoint is {last} (iteration 3)"
+    )
+    assert err.value.exit_code == 128 + signal.SIGINT
+    assert load_checkpoint(last)["iteration"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # one more Ctrl-C on the way out is not a traceback
+
+
+def test_second_sigint_is_one_line_on_the_command_line(tmp_path):
+    # The command line's side of a second SIGINT: one line, no traceback, exit 130, a checkpoint named (the
+    # first SIGINT may already have ended the run by the time the second comes: either line is the CLI's).
     args = [*SMOKE, "trainer.iterations=100000", "trainer.val_every=100000", "hydra.run.dir=run"]
     proc = _popen(tmp_path, *args)
     _wait_for(tmp_path / "run" / "checkpoints" / "last.pt", proc)

@@ -343,7 +343,8 @@ def test_fewshot_eval_turns_the_compiled_step_on_or_off(compose_cfg, tmp_path, m
         assert bool(calls) == (flag == "true"), flag
         assert result["test"]["episodes"] == trained["test"]["episodes"]
         got, want = result["test"]["instance_acc"], trained["test"]["instance_acc"]
-        assert got == pytest.approx(want, abs=0.02), (flag, got, want)
+        # 20 tasks: 100 answers per instance; rounding may flip at most one of them (0.01), a wrong step far more
+        assert got == pytest.approx(want, abs=0.0101), (flag, got, want)
     train_run(compose_cfg("train", [*tiny, "algo=protonet"]), tmp_path / "protonet")
     ckpt = f"checkpoint={tmp_path / 'protonet/checkpoints/best.pt'}"
     with pytest.raises(ConfigError, match=r"eval.compile_step: .*algo=protonet model, which has no compiled step"):
@@ -422,12 +423,17 @@ def test_test_ways_must_be_the_trained_ways(compose_cfg, tmp_path):
 # paper's size learns too slowly for a CPU test (0.13 s per meta-batch; at 300 meta-batches every instance after the
 # 1st was still within 5 points of chance). This one leaves its plateau after about 2,000 meta-batches (the test: 2,600,
 # about 100 s).
+# What it does not show is the memory's gain over the plain LSTM: at this budget the LSTM baseline of the same size
+# (lstm_baseline_omniglot_5way with SMALL, same data, seed and steps) scores as well or better, instances 1-5
+# 0.362 / 0.440 / 0.493 / 0.505 / 0.529 against MANN's 0.403 / 0.423 / 0.456 / 0.479 / 0.483 (measured 2026-11-28).
+# The LRUA step's arithmetic is checked by hand above; the paper's gap (82.8 against 49.5% at the 2nd instance) comes
+# after 100,000 episodes, far beyond a CPU test.
 SMALL = ["algo.controller=100", "algo.slots=32", "algo.width=20", "algo.read_heads=1"]
 
 
 @pytest.mark.slow
 @pytest.mark.omniglot
-def test_mann_learns_to_bind_labels_on_omniglot(compose_cfg, tmp_path, omniglot_root, omniglot_cache_dir):
+def test_mann_learns_the_sequence_task_on_omniglot(compose_cfg, tmp_path, omniglot_root, omniglot_cache_dir):
     common = [
         f"data_root={omniglot_root.parent}",
         f"cache_dir={omniglot_cache_dir}",
@@ -455,7 +461,8 @@ def test_mann_learns_to_bind_labels_on_omniglot(compose_cfg, tmp_path, omniglot_
     # The 1st instance comes before its label: at best a guess among the labels not yet seen, on average
     # (1/5 + 1/4 + 1/3 + 1/2 + 1) / 5 = 0.457. Above that the sequence would leak the current label.
     assert after[0] < 0.5, after
-    # What the memory buys: once a class's label has been shown, its later instances are answered better.
+    # Once a class's label has been shown, its later instances are answered better (by the controller and the
+    # memory together: see above for what this does not separate).
     assert sum(after[1:]) / 4 > after[0] + 0.05 and after[4] > after[1], after
     assert trained["test"]["acc_mean"] > 0.3  # instances >= 2, against chance 0.2
 

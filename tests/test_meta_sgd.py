@@ -89,6 +89,8 @@ def test_the_step_sizes_are_what_adapts_at_test():
     torch.manual_seed(0)
     algo = MetaSGD(conv4(), WAYS, eval_inner_steps=1).double()
     episode = random_episode(tasks=4, dtype=torch.float64, seed=3)
+    adapting = algo(episode, train=False)  # the step sizes as drawn, U[0.005, 0.1]: some answers change
+    assert not torch.equal(adapting.step_score[:, 0], adapting.step_score[:, 1])
     with torch.no_grad():
         for lr in algo.lrs:
             lr.zero_()

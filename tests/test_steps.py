@@ -248,15 +248,16 @@ def test_divergence_is_recorded_on_the_device_and_raised_at_the_next_check(compo
     print(graph_error.value)
 
 
-def test_cuda_graph_setting_is_checked(compose_cfg, tmp_path):
+def test_cuda_graph_setting_is_checked(compose_cfg, tmp_path, monkeypatch):
     with pytest.raises(engine.ConfigError, match=r"trainer.cuda_graph=sometimes: choose off, on or auto"):
         train_run(compose_cfg("train", [*TINY, "device=cpu", "trainer.cuda_graph=sometimes"]), tmp_path / "a")
     with pytest.raises(engine.FewshotError, match=r"trainer.cuda_graph=on needs device=cuda"):
         train_run(compose_cfg("train", [*TINY, "device=cpu", "trainer.cuda_graph=on"]), tmp_path / "b")
-    # auto on a CPU is the eager step, with the eager run's results
-    auto = train_run(compose_cfg("train", [*TINY, "device=cpu", "trainer.cuda_graph=auto"]), tmp_path / "c")
-    off = train_run(compose_cfg("train", [*TINY, "device=cpu"]), tmp_path / "d")
-    assert auto["test"]["acc_mean"] == off["test"]["acc_mean"]
+    # auto on a CPU is the eager step (the static-buffer step gives the same numbers, so ask for its kind)
+    made = []
+    monkeypatch.setattr(loop, "make_step", lambda *a, **k: made.append(steps.make_step(*a, **k)) or made[-1])
+    train_run(compose_cfg("train", [*TINY, "device=cpu", "trainer.cuda_graph=auto"]), tmp_path / "c")
+    assert [type(s) for s in made] == [steps.EagerStep]
 
 
 class _StopAt(steps.GraphStep):
