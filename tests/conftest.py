@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,19 @@ def _share_the_cores_among_workers() -> None:
 
 
 _share_the_cores_among_workers()
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers():
+    """A run interrupted in-process leaves SIGINT and SIGTERM ignored on its way out (fewshot.engine.signals): each
+    test gets the worker's handlers back, so none starts with another's."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
 
 
 @pytest.fixture

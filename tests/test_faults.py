@@ -286,18 +286,7 @@ def test_sigterm_during_the_test_says_what_happened_and_the_rerun_only_tests(tmp
     assert "resuming" not in rerun.stdout
 
 
-@pytest.fixture
-def restore_signal_handlers():
-    """An interrupted run leaves SIGINT and SIGTERM ignored on its way out: give this worker its handlers back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, h in saved.items():
-        signal.signal(s, h)
-
-
-def test_second_sigint_mid_iteration_stops_at_once_naming_the_last_checkpoint(
-    compose_cfg, tmp_path, monkeypatch, restore_signal_handlers
-):
+def test_second_sigint_mid_iteration_stops_at_once_naming_the_last_checkpoint(compose_cfg, tmp_path, monkeypatch):
     # Both SIGINTs arrive inside iteration 5 (checkpoints at 3 and 6): the first is only recorded, the second
     # stops the run there, without writing iteration 5, and names iteration 3's checkpoint.
     from fewshot.engine import loop, steps
@@ -311,6 +300,7 @@ def test_second_sigint_mid_iteration_stops_at_once_naming_the_last_checkpoint(
 
     monkeypatch.setattr(loop, "make_step", lambda mode, device, *a, **k: TwoSigints(*a, **k))
     last = tmp_path / "checkpoints" / "last.pt"
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # conftest's fixture restores it after each test
     with pytest.raises(engine.Interrupted) as err:
         train_run(compose_cfg("train", TINY + ["algo=protonet"]), tmp_path)
     assert str(err.value) == (

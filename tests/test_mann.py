@@ -424,8 +424,8 @@ def test_test_ways_must_be_the_trained_ways(compose_cfg, tmp_path):
 # 1st was still within 5 points of chance). This one leaves its plateau after about 2,000 meta-batches (the test: 2,600,
 # about 100 s).
 # What it does not show is the memory's gain over the plain LSTM: at this budget the LSTM baseline of the same size
-# (lstm_baseline_omniglot_5way with SMALL, same data, seed and steps) scores as well or better, instances 1-5
-# 0.362 / 0.440 / 0.493 / 0.505 / 0.529 against MANN's 0.403 / 0.423 / 0.456 / 0.479 / 0.483 (measured 2026-11-28).
+# (lstm_baseline_omniglot_5way with SMALL, same data, seed and steps) scores as well or better at instances 2-5
+# (1-5: 0.362 / 0.440 / 0.493 / 0.505 / 0.529 against MANN's 0.403 / 0.423 / 0.456 / 0.479 / 0.483; 2026-11-28).
 # The LRUA step's arithmetic is checked by hand above; the paper's gap (82.8 against 49.5% at the 2nd instance) comes
 # after 100,000 episodes, far beyond a CPU test.
 SMALL = ["algo.controller=100", "algo.slots=32", "algo.width=20", "algo.read_heads=1"]

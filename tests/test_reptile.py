@@ -5,6 +5,7 @@ the presets' meta step size, resume, one-line errors, and real learning on Omnig
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 
 import pytest
@@ -17,6 +18,7 @@ from fewshot.algorithms.reptile import Reptile, mini_batches
 from fewshot.data.base import Episode
 from fewshot.models.backbones import Conv4
 from fewshot.optim import make_optimizer, make_scheduler
+from test_algorithms import bias_before_batch_norm
 
 TINY = [
     "experiment=reptile_omniglot_5w1s",
@@ -94,8 +96,10 @@ def test_meta_step_is_the_references_and_carries_the_inner_adam_over():
 
 
 def test_loss_is_the_mean_inner_loss_and_its_gradient_the_reptile_direction():
-    algo = small(inner_steps=2, inner_batch=5)
+    # float64: the two Adams (torch.optim's and the algorithm's own) round differently, far below what is compared
+    algo = small(inner_steps=2, inner_batch=5).double()
     episode = random_episode()
+    episode = dataclasses.replace(episode, support_x=episode.support_x.double(), query_x=episode.query_x.double())
     theta = [p.detach().clone() for p in algo.parameters()]
     torch.manual_seed(3)
     batches = mini_batches(3, 20, 2, 5, torch.device("cpu"))
@@ -118,14 +122,15 @@ def test_loss_is_the_mean_inner_loss_and_its_gradient_the_reptile_direction():
         net.load_state_dict(start)
     torch.manual_seed(3)  # the algorithm draws the same batches
     out = algo(episode, train=True)
-    assert out.loss.item() == pytest.approx(sum(seen) / len(seen), rel=1e-5)
+    assert out.loss.item() == pytest.approx(sum(seen) / len(seen), rel=1e-10)
     out.loss.backward()
-    # theta - mean phi: a step of size 1 lands on the mean of the adapted weights, which differ from theta
+    # theta - mean phi: a step of size 1 lands on the mean of the adapted weights, which differ from theta (but for
+    # the conv biases before BatchNorm, whose gradients are rounding noise that Adam's eps all but silences)
+    pre_bn = {f"net.{n}" for n in bias_before_batch_norm(algo.net)}
     for (name, p), t, *phis in zip(algo.named_parameters(), theta, *adapted):
         want = t - torch.stack(phis).mean(0)
-        scale = want.abs().max().item()
-        assert scale > 0 or name.endswith("bias"), f"{name}: the tasks' adapted weights equal theta"
-        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-5 * max(scale, 1e-3), msg=lambda m: f"{name}: {m}")
+        assert name in pre_bn or want.abs().max() > 1e-4, f"{name}: the tasks' adapted weights equal theta"
+        torch.testing.assert_close(p.grad, want, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
     for p, t in zip(algo.parameters(), theta):
         assert torch.equal(p, t)  # the forward moved nothing: the engine's optimizer makes the step
 
