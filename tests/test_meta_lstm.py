@@ -53,12 +53,14 @@ def small_algo(updates: int = 3, strategy: str = "loop", seed: int = 0) -> MetaL
     return MetaLSTM(backbone, 5, updates=updates, strategy=strategy)
 
 
-def random_episode(tasks: int = 2, shots: int = 1, queries: int = 3, seed: int = 1) -> Episode:
+def random_episode(
+    tasks: int = 2, shots: int = 1, queries: int = 3, seed: int = 1, dtype: torch.dtype = torch.float32
+) -> Episode:
     g = torch.Generator().manual_seed(seed)
     return Episode(
-        torch.rand(tasks, 5 * shots, 1, 28, 28, generator=g),
+        torch.rand(tasks, 5 * shots, 1, 28, 28, generator=g).to(dtype),
         torch.arange(5).repeat_interleave(shots).repeat(tasks, 1),
-        torch.rand(tasks, 5 * queries, 1, 28, 28, generator=g),
+        torch.rand(tasks, 5 * queries, 1, 28, 28, generator=g).to(dtype),
         torch.arange(5).repeat_interleave(queries).repeat(tasks, 1),
         ways=5,
     )
@@ -210,8 +212,7 @@ def test_loop_and_vmap_agree():
     # float64, each parameter's gradient against its own size: the LSTM's and the gates' gradients pass through
     # W_F and W_I (at most 0.01 at init) and sit orders below the learner's, so one flat tolerance over all of
     # them would pass a vmap that got exactly those wrong.
-    ep = random_episode(tasks=3)
-    ep = dataclasses.replace(ep, support_x=ep.support_x.double(), query_x=ep.query_x.double())
+    ep = random_episode(tasks=3, dtype=torch.float64)
     losses, grads = {}, {}
     for strategy in ("loop", "vmap"):
         algo = small_algo(strategy=strategy).double()
@@ -224,7 +225,7 @@ def test_loop_and_vmap_agree():
         assert torch.equal(test.acc, test.step_acc[:, -1])
     torch.testing.assert_close(losses["loop"], losses["vmap"], rtol=1e-12, atol=0)
     # The conv biases before BatchNorm are subtracted out again: their gradient is zero up to rounding.
-    pre_bn = {f"net.{n}" for n in bias_before_batch_norm(small_algo().net)}
+    pre_bn = {f"net.{n}" for n in bias_before_batch_norm(algo.net)}
     assert pre_bn and grads["loop"].keys() == grads["vmap"].keys()
     for k, g in grads["loop"].items():
         scale = g.abs().max().item()
