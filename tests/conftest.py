@@ -40,8 +40,8 @@ _share_the_cores_among_workers()
 
 @pytest.fixture(autouse=True)
 def _signal_handlers():
-    """A run interrupted in-process leaves SIGINT and SIGTERM ignored on its way out (fewshot.engine.signals): each
-    test gets the worker's handlers back, so none starts with another's."""
+    """Each test gets the worker's SIGINT and SIGTERM handlers back, so none starts with another's (an interrupted
+    run leaves them ignored once a console command has said it exits next: fewshot.engine.signals)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

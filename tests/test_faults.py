@@ -300,7 +300,7 @@ def test_second_sigint_mid_iteration_stops_at_once_naming_the_last_checkpoint(co
 
     monkeypatch.setattr(loop, "make_step", lambda mode, device, *a, **k: TwoSigints(*a, **k))
     last = tmp_path / "checkpoints" / "last.pt"
-    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # conftest's fixture restores it after each test
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own; conftest restores the worker's
     with pytest.raises(engine.Interrupted) as err:
         train_run(compose_cfg("train", TINY + ["algo=protonet"]), tmp_path)
     assert str(err.value) == (
@@ -308,7 +308,29 @@ def test_second_sigint_mid_iteration_stops_at_once_naming_the_last_checkpoint(co
     )
     assert err.value.exit_code == 128 + signal.SIGINT
     assert load_checkpoint(last)["iteration"] == 3
-    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # one more Ctrl-C on the way out is not a traceback
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # a Python caller gets its Ctrl-C back
+
+
+@pytest.mark.parametrize("console", [False, True])
+def test_handlers_after_an_interrupted_run(console, monkeypatch):
+    # A Python caller (a notebook) must still be interruptible after a run it started was; a console command,
+    # which exits next, ignores further signals so that one more Ctrl-C on the way out is not a traceback.
+    from fewshot.engine import signals
+
+    monkeypatch.setattr(signals, "_ignore_after_interrupt", False)
+    if console:
+        signals.ignore_signals_after_interrupt()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own; conftest restores the worker's
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with signals.stop_on_signals() as guard:  # uninterrupted: both handlers restored either way
+        assert signal.getsignal(signal.SIGINT) == guard.handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(engine.Interrupted), signals.stop_on_signals() as guard:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert guard.received == [signal.SIGINT]
+        raise engine.Interrupted("stopped", signal.SIGINT)
+    after = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    assert after == ((signal.SIG_IGN, signal.SIG_IGN) if console else (signal.default_int_handler, signal.SIG_DFL))
 
 
 def test_second_sigint_is_one_line_on_the_command_line(tmp_path):

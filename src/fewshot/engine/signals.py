@@ -9,6 +9,16 @@ from typing import Optional
 
 from fewshot.errors import FewshotError
 
+# Set by the console commands (fewshot.cli.main), which exit right after an interrupted run: there one more Ctrl-C
+# on the way out must not end in a traceback. A Python caller of fewshot.train.run gets its own handlers back.
+_ignore_after_interrupt = False
+
+
+def ignore_signals_after_interrupt() -> None:
+    """Leave SIGTERM and SIGINT ignored once a run has been interrupted (for a process about to exit)."""
+    global _ignore_after_interrupt
+    _ignore_after_interrupt = True
+
 
 class Interrupted(FewshotError):
     """SIGTERM/SIGINT arrived; a checkpoint was written and the run can be resumed."""
@@ -62,5 +72,4 @@ def stop_on_signals():
         raise
     finally:
         for s, h in previous.items():
-            # An interrupted run is on its way out: one more Ctrl-C while it exits must not end in a traceback.
-            signal.signal(s, signal.SIG_IGN if stopping else h)
+            signal.signal(s, signal.SIG_IGN if stopping and _ignore_after_interrupt else h)
