@@ -35,6 +35,7 @@ TABLES = {
     "meta-sgd-omniglot": [f"meta_sgd_omniglot_{c}" for c in CELLS],
     "meta-sgd-miniimagenet": [f"meta_sgd_miniimagenet_5w{k}s" for k in (1, 5)],
     "maml-pp-omniglot": [f"maml_pp_omniglot_{c}" for c in CELLS],
+    "anil": [f"anil_omniglot_20w{k}s" for k in (1, 5)] + [f"anil_miniimagenet_5w{k}s" for k in (1, 5)],
 }
 
 

@@ -153,6 +153,7 @@ def test_resume_may_change_test_only_settings(compose_cfg, tmp_path):
     [  # the message names the step sizes the run has: the meta one, and the inner one where there is one
         ("maml", "trainer.meta_lr or algo.inner_lr"),
         ("meta_sgd", "trainer.meta_lr or algo.init_lr_max"),
+        ("anil", "trainer.meta_lr or algo.inner_lr"),
         ("siamese", "trainer.meta_lr"),
     ],
 )

@@ -31,6 +31,7 @@ def test_every_cell_of_the_issue_has_a_preset():
     expected |= {f"meta_lstm_{d}_5w{k}s" for d in ("omniglot", "miniimagenet") for k in (1, 5)}
     expected |= {f"meta_sgd_omniglot_{c}" for c in cells} | {f"meta_sgd_miniimagenet_5w{k}s" for k in (1, 5)}
     expected |= {f"maml_pp_omniglot_{c}" for c in cells}
+    expected |= {f"anil_omniglot_20w{k}s" for k in (1, 5)} | {f"anil_miniimagenet_5w{k}s" for k in (1, 5)}
     assert expected <= set(PRESETS)
 
 
@@ -72,6 +73,12 @@ def test_preset_protocol(compose_cfg, preset):
         maml = compose_cfg("train", [f"experiment={preset.replace('meta_sgd', 'maml')}"])
         for key in ("episode", "trainer", "eval", "dataset", "backbone"):  # the rest as MAML's preset of the cell
             assert cfg[key] == maml[key], key
+    if cfg.algo.name == "anil":  # MAML's preset of the cell with the inner loop on the head alone
+        maml = compose_cfg("train", [f"experiment={preset.replace('anil', 'maml')}"])
+        for key in ("episode", "trainer", "eval", "dataset", "backbone"):
+            assert cfg[key] == maml[key], key
+        inner = ("inner_steps", "inner_lr", "eval_inner_steps", "first_order")
+        assert [cfg.algo[k] for k in inner] == [maml.algo[k] for k in inner]
     if cfg.algo.name == "maml_pp":  # HowToTrainYourMAMLPytorch's omniglot_maml++ configs
         assert (cfg.algo.inner_steps, cfg.algo.inner_lr, cfg.algo.msl_epochs, cfg.algo.epoch_iterations) == (
             5,

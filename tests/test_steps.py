@@ -85,6 +85,7 @@ def _stepper(cfg, kind, tmp_path):
         ["algo=meta_lstm"],
         ["algo=meta_sgd"],
         ["algo=maml_pp", "algo.inner_steps=2", "algo.epoch_iterations=3", "algo.msl_epochs=2"],
+        ["algo=anil", "algo.inner_steps=2"],
     ],
     ids=lambda o: o[0].removeprefix("algo=") + ("-clipped" if "grad_clip" in str(o) else ""),
 )
@@ -115,6 +116,7 @@ def test_static_buffer_step_is_the_eager_step(compose_cfg, tmp_path, overrides):
         ["algo=meta_sgd"],
         ["algo=maml_pp", "algo.inner_steps=2", "algo.epoch_iterations=2", "algo.msl_epochs=3"],
         ["algo=protonet", "schedule=step", "schedule.step_size=2"],
+        ["algo=anil", "algo.inner_steps=2"],
     ],
     ids=lambda o: o[0].removeprefix("algo="),
 )
@@ -330,6 +332,7 @@ def _static_and_plain_evaluation(cfg) -> tuple[dict, EvalGraphs]:
         ["algo=maml_pp", "algo.inner_steps=2"],
         ["algo=reptile", "algo.eval_inner_steps=3", "episode.shots=2"],  # random inner batches: seeded alike
         ["algo=protonet", "backbone.running_stats=true"],  # BatchNorm's running statistics at test
+        ["algo=anil", "algo.eval_inner_steps=3"],
     ],
     ids=[
         "maml-steps",
@@ -342,6 +345,7 @@ def _static_and_plain_evaluation(cfg) -> tuple[dict, EvalGraphs]:
         "maml_pp-steps",
         "reptile",
         "protonet-running_stats",
+        "anil-steps",
     ],
 )
 def test_eval_graphs_static_path_is_the_plain_evaluation(compose_cfg, overrides):

@@ -15,29 +15,34 @@ from fewshot.data.base import Episode
 from fewshot.models.backbones import tracks_running_stats
 
 
-def embed_tasks(
-    net: nn.Module, support_x: torch.Tensor, query_x: torch.Tensor, per_task: Optional[bool] = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embed each task's support and query images in one pass per task, all tasks at once.
+def map_tasks(net: nn.Module, x: torch.Tensor, per_task: Optional[bool] = None) -> torch.Tensor:
+    """net over each task's images, all tasks at once: (T, N, C, H, W) -> (T, N, D), BatchNorm's batch statistics
+    those of each task's N images.
 
-    (T, S, C, H, W), (T, Q, C, H, W) -> (T, S, D), (T, Q, D). As in Snell et al.'s code, a task's support
-    and query images go through the net together, so BatchNorm's batch statistics are those of the task.
     per_task: a loop of one call per task (True) or torch.func.vmap over the tasks (False), the same numbers; None
     picks what the MAML family's strategy "auto" picks on the device (resolve_strategy: the loop on a CPU, where
     scripts/bench_channels_last.py --tasks measured vmap's test steps 1.8-2.9x slower and its training steps
     1.16-1.67x, 2-core CPU, 2026-11-28; vmap on CUDA, where the shared weights make every conv one batched call),
     and the loop wherever BatchNorm updates running statistics, which vmap cannot batch."""
-    support = support_x.shape[1]
-    x = torch.cat([support_x, query_x], dim=1)  # (T, S+Q, C, H, W)
     running = net.training and tracks_running_stats(net)
     if per_task is None:
         per_task = resolve_strategy("auto", x.device) == "loop" or running
     elif not per_task and running:
-        raise ValueError("embed_tasks(per_task=False): vmap cannot update BatchNorm's running statistics in train()")
+        raise ValueError("map_tasks(per_task=False): vmap cannot update BatchNorm's running statistics in train()")
     if per_task:
-        z = torch.stack([net(task) for task in x])
-    else:
-        z = torch.func.vmap(net, randomness="different")(x)  # (T, S+Q, D)
+        return torch.stack([net(task) for task in x])
+    return torch.func.vmap(net, randomness="different")(x)
+
+
+def embed_tasks(
+    net: nn.Module, support_x: torch.Tensor, query_x: torch.Tensor, per_task: Optional[bool] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embed each task's support and query images in one pass per task, all tasks at once (map_tasks).
+
+    (T, S, C, H, W), (T, Q, C, H, W) -> (T, S, D), (T, Q, D). As in Snell et al.'s code, a task's support
+    and query images go through the net together, so BatchNorm's batch statistics are those of the task."""
+    support = support_x.shape[1]
+    z = map_tasks(net, torch.cat([support_x, query_x], dim=1), per_task)  # (T, S+Q, D)
     return z[:, :support], z[:, support:]
 
 
