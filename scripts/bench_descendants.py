@@ -11,9 +11,9 @@
   last 90%), the final step's query pass alone, which the captured step also becomes since it is captured again
   when MSL ends. There is no learn2learn MAML++ to compare with.
 - ANIL (fewshot.algorithms.anil) at the anil_omniglot_20w1s preset's shape (Conv4 64, 16 tasks of 20-way 1-shot, 1
-  query per class, 5 steps, second order) against learn2learn's ANIL example (l2l.algorithms.MAML around the head,
-  the body's features computed outside it, task by task), beside fewshot's MAML with the same steps, net and tasks
-  (what adapting the head alone saves); with --graph also ANIL's captured step.
+  query per class, 5 steps, second order) against learn2learn's MAML around the head, as its ANIL example runs it,
+  task by task (the body's support and query passes taken apart, as ANIL's), beside fewshot's MAML with the same
+  steps, net and tasks (what adapting the head alone saves); with --graph also ANIL's captured step.
 
 A meta-iteration is the forward over the meta-batch, loss.backward() and an Adam step (synchronised on CUDA); the
 closures are timed in turns (bench_maml.time_interleaved). Prints one JSON object per setting with the median ms of
@@ -69,14 +69,16 @@ class MetaSGDL2L(Algorithm):
 
 
 class ANILL2L(Algorithm):
-    """learn2learn's ANIL example around an ANIL's body and head (the same weights): the trusted baseline."""
+    """learn2learn's MAML around an ANIL's head, the body run outside it (its ANIL example's update, with the support
+    and query passes apart as ANIL's; the example passes a whole task at once): the trusted baseline, on ANIL's own
+    body and head (the same weights). tests/test_anil.py checks ANIL's meta-gradients against it."""
 
     def __init__(self, ours: ANIL) -> None:
         import learn2learn as l2l
 
         super().__init__()
         self.body, self.steps = ours.body, ours.inner_steps
-        self.head = l2l.algorithms.MAML(ours.head, lr=ours.inner_lr)
+        self.head = l2l.algorithms.MAML(ours.head, lr=ours.inner_lr, first_order=ours.first_order)
 
     def forward(self, episode: Episode, train: bool = True) -> AlgoOutput:
         losses = []

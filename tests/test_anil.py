@@ -1,8 +1,9 @@
-"""ANIL on CPU: meta-gradients equal learn2learn's MAML on the head (its ANIL example), both body strategies, first
-and second order; an inner step is the head's cross-entropy gradient by hand; the test adapts the head alone."""
+"""ANIL on CPU: meta-gradients equal learn2learn's MAML on the head (its ANIL example's update), both body strategies,
+first and second order; an inner step is the head's cross-entropy gradient by hand; the test adapts the head alone."""
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -10,30 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import load_script
 from fewshot.algorithms.anil import ANIL, head_logits
 from fewshot.data.base import Episode
 from test_algorithms import WAYS, assert_grads_close, conv4, meta_grads, random_episode
 
 
-def learn2learn_meta_grads(algo: ANIL, episode: Episode, steps: int, first_order: bool) -> tuple:
-    """The mean query loss and its gradients as learn2learn's ANIL example computes them: the body's features of
-    each task's support and query images, then l2l.algorithms.MAML(head) cloned and adapted task by task, on a
-    copy of algo's weights, keyed as algo.named_parameters()."""
-    import learn2learn as l2l
-
-    theirs = ANIL(conv4(), WAYS).to(algo.head.weight.dtype)
-    theirs.load_state_dict(algo.state_dict())
-    head = l2l.algorithms.MAML(theirs.head, lr=algo.inner_lr, first_order=first_order)
-    losses = []
-    for support_x, support_y, query_x, query_y in zip(
-        episode.support_x, episode.support_y, episode.query_x, episode.query_y
-    ):
-        learner = head.clone()
-        support, query = theirs.body(support_x), theirs.body(query_x)
-        for _ in range(steps):
-            learner.adapt(F.cross_entropy(learner(support), support_y))
-        losses.append(F.cross_entropy(learner(query), query_y))
-    loss = torch.stack(losses).mean()
+def learn2learn_meta_grads(algo: ANIL, episode: Episode) -> tuple:
+    """The mean query loss and its gradients by learn2learn's MAML around the head (bench_descendants.ANILL2L: its
+    ANIL example's update, task by task), on a copy of algo's weights, keyed as algo.named_parameters()."""
+    theirs = copy.deepcopy(algo)
+    loss = load_script("bench_descendants").ANILL2L(theirs)(episode).loss
     names = [k for k, _ in theirs.named_parameters()]
     return loss.detach(), dict(zip(names, torch.autograd.grad(loss, list(theirs.parameters()))))
 
@@ -46,7 +34,7 @@ def test_meta_gradient_matches_learn2learn(first_order, steps, strategy):
     ours = ANIL(conv4(), WAYS, inner_lr=0.5, inner_steps=steps, first_order=first_order, strategy=strategy).double()
     episode = random_episode(tasks=3, dtype=torch.float64, seed=1)
     loss_ours, g_ours = meta_grads(ours, episode)
-    loss_theirs, g_theirs = learn2learn_meta_grads(ours, episode, steps, first_order)
+    loss_theirs, g_theirs = learn2learn_meta_grads(ours, episode)
     torch.testing.assert_close(loss_ours, loss_theirs, rtol=1e-9, atol=1e-11)
     assert_grads_close(g_ours, g_theirs, rtol=1e-9, atol=1e-11)
     # The body learns in both orders (through the query features; second order also through the support's)
@@ -105,8 +93,20 @@ def test_test_adapts_the_head_alone_and_reports_every_step():
         loss = sum(F.cross_entropy(head_logits(support, weight, bias)[t], episode.support_y[t]) for t in range(3))
         g_weight, g_bias = torch.autograd.grad(loss, (weight, bias))
         weight, bias = weight - 0.5 * g_weight, bias - 0.5 * g_bias
-    hand = (head_logits(query, weight, bias).argmax(-1) == episode.query_y).float().mean(-1)
-    torch.testing.assert_close(out.score, hand)
+    logits = head_logits(query, weight, bias).detach()
+    torch.testing.assert_close(out.score, (logits.argmax(-1) == episode.query_y).float().mean(-1))
+    torch.testing.assert_close(out.loss, F.cross_entropy(logits.flatten(0, 1), episode.query_y.flatten()))
+
+
+def test_no_test_steps_scores_the_unadapted_head():
+    torch.manual_seed(0)
+    algo = ANIL(conv4(), WAYS, eval_inner_steps=0)
+    episode = random_episode(tasks=2, seed=5)
+    out = algo(episode, train=False)
+    query = torch.stack([algo.body(x) for x in episode.query_x])
+    logits = algo.head(query)
+    assert out.step_score.shape == (2, 1) and torch.equal(out.step_score[:, 0], out.score)
+    torch.testing.assert_close(out.loss, F.cross_entropy(logits.flatten(0, 1), episode.query_y.flatten()))
 
 
 def test_a_backbone_without_a_linear_head_is_refused():

@@ -334,6 +334,17 @@ def test_handlers_after_an_interrupted_run(console, monkeypatch):
     assert after == ((signal.SIG_IGN, signal.SIG_IGN) if console else (signal.default_int_handler, signal.SIG_DFL))
 
 
+def test_the_console_commands_choose_to_ignore_signals_after_an_interrupt(monkeypatch):
+    from fewshot import cli
+    from fewshot.engine import signals
+
+    monkeypatch.setattr(signals, "_ignore_after_interrupt", False)
+    monkeypatch.setattr(cli, "_precheck", lambda prog, config_name: None)
+    seen = []
+    cli.main("fewshot-train", "train", lambda: seen.append(signals._ignore_after_interrupt))
+    assert seen == [True]  # set before the job runs
+
+
 def test_second_sigint_is_one_line_on_the_command_line(tmp_path):
     # The command line's side of a second SIGINT: one line, no traceback, exit 130, a checkpoint named (the
     # first SIGINT may already have ended the run by the time the second comes: either line is the CLI's).

@@ -13,8 +13,9 @@ MAML(head, first_order=True)), so the body learns from the query loss alone. The
 cross-entropy, as fewshot's MAML (cbfinn/maml's code, on which the paper's builds, sums over the support images
 and divides by the shots: see the MAML presets on what that means for the step size).
 
-learn2learn has no ANIL class; its ANIL example wraps the head in l2l.algorithms.MAML and runs the features
-outside it, the same update: tests/test_anil.py checks the meta-gradients against that.
+learn2learn has no ANIL class; its ANIL example wraps the head in l2l.algorithms.MAML and runs the body outside
+it. tests/test_anil.py checks the meta-gradients against that wrapper fed with separate support and query passes
+(the example itself passes a whole task through the body at once, so its BatchNorm statistics mix the two sets).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot.algorithms.base import AlgoOutput, Algorithm, BackboneFactory, accuracy
-from fewshot.algorithms.functional import resolve_strategy
+from fewshot.algorithms.functional import STRATEGIES
 from fewshot.algorithms.protonet import map_tasks
 from fewshot.data.base import Episode
 
@@ -59,7 +60,8 @@ class ANIL(Algorithm):
         strategy: str = "auto",
     ) -> None:
         super().__init__()
-        resolve_strategy(strategy, "cpu")  # validates
+        if strategy not in STRATEGIES:
+            raise ValueError(f"ANIL strategy must be one of {STRATEGIES}, got {strategy!r}")
         if inner_steps < 1 or eval_inner_steps < 0:
             raise ValueError(
                 f"ANIL needs inner_steps >= 1 and eval_inner_steps >= 0, got {inner_steps}, {eval_inner_steps}"
@@ -100,15 +102,15 @@ class ANIL(Algorithm):
 
     def forward(self, episode: Episode, train: bool = True) -> AlgoOutput:
         tasks = episode.tasks
+        second_order = train and not self.first_order
+        with contextlib.nullcontext() if second_order else torch.no_grad():  # first order: no gradient via support
+            support = self._features(episode.support_x)
         with contextlib.nullcontext() if train else torch.no_grad():
-            support, query = self._features(episode.support_x), self._features(episode.query_x)
+            query = self._features(episode.query_x)
         weight = self.head.weight.expand(tasks, -1, -1)  # (T, ways, D): each task's own copy to adapt
         bias = self.head.bias.expand(tasks, -1)
         with torch.enable_grad():  # the inner loop differentiates, also when a caller evaluates under no_grad
             if train:
-                second_order = not self.first_order
-                if not second_order:
-                    support = support.detach()  # no meta-gradient reaches the body through the inner steps
                 for _ in range(self.inner_steps):
                     weight, bias = self._inner_step(support, episode.support_y, weight, bias, second_order)
                 logits = head_logits(query, weight, bias)
