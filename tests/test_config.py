@@ -79,6 +79,25 @@ def test_synthetic_instantiates(compose_cfg):
     assert {s: data.split(s).num_classes for s in ("train", "val", "test")} == {"train": 64, "val": 16, "test": 20}
 
 
+@pytest.mark.parametrize(
+    "overrides, meta_batch, meta_lr",
+    [
+        (["experiment=maml_omniglot_5w1s"], 32, 0.001),
+        (["experiment=reptile_omniglot_5w1s"], 5, 1.0),  # the preset's meta-batch and meta step are kept
+        ([], 8, 0.001),
+    ],
+)
+def test_smoke_shortens_a_preset_too(compose_cfg, overrides, meta_batch, meta_lr):
+    # trainer=smoke's budget comes after the experiment in the defaults list (conf/budget/smoke.yaml): a preset's
+    # own 60,000 iterations must not silently outlast it; a command-line setting still beats both.
+    cfg = compose_cfg("train", [*overrides, "trainer=smoke"])
+    t = cfg.trainer
+    assert (t.iterations, t.val_every, t.val_episodes, t.checkpoint_every, cfg.eval.episodes) == (40, 20, 40, 20, 100)
+    assert (t.meta_batch_size, t.meta_lr) == (meta_batch, meta_lr)
+    assert compose_cfg("train", [*overrides, "trainer=smoke", "trainer.iterations=7"]).trainer.iterations == 7
+    assert compose_cfg("train", overrides).trainer.iterations != 40
+
+
 @pytest.mark.parametrize("group", ["device", "trainer"])
 def test_every_simple_group_composes(compose_cfg, group):
     for choice in group_choices(group):
