@@ -117,3 +117,15 @@ def test_a_backbone_without_a_linear_head_is_refused():
 
     with pytest.raises(ValueError, match=r"ANIL adapts a linear head, and this backbone \(Bare\) has none"):
         ANIL(functools.partial(Bare), WAYS)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"strategy": "threads"}, r"ANIL strategy must be one of \('auto', 'vmap', 'loop'\), got 'threads'"),
+        ({"inner_steps": 0}, r"ANIL needs inner_steps >= 1 and eval_inner_steps >= 0, got 0, 10"),
+    ],
+)
+def test_bad_settings_name_the_algorithm(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ANIL(conv4(), WAYS, **kwargs)

@@ -84,6 +84,7 @@ def test_synthetic_instantiates(compose_cfg):
     [
         (["experiment=maml_omniglot_5w1s"], 32, 0.001),
         (["experiment=reptile_omniglot_5w1s"], 5, 1.0),  # the preset's meta-batch and meta step are kept
+        (["experiment=maml_pp_omniglot_5w1s"], 8, 0.001),  # its own validation settings give way too
         ([], 8, 0.001),
     ],
 )
@@ -92,7 +93,8 @@ def test_smoke_shortens_a_preset_too(compose_cfg, overrides, meta_batch, meta_lr
     # own 60,000 iterations must not silently outlast it; a command-line setting still beats both.
     cfg = compose_cfg("train", [*overrides, "trainer=smoke"])
     t = cfg.trainer
-    assert (t.iterations, t.val_every, t.val_episodes, t.checkpoint_every, cfg.eval.episodes) == (40, 20, 40, 20, 100)
+    budget = (t.iterations, t.val_every, t.val_episodes, t.checkpoint_every, t.log_every, cfg.eval.episodes)
+    assert budget == (40, 20, 40, 20, 5, 100)
     assert (t.meta_batch_size, t.meta_lr) == (meta_batch, meta_lr)
     assert compose_cfg("train", [*overrides, "trainer=smoke", "trainer.iterations=7"]).trainer.iterations == 7
     assert compose_cfg("train", overrides).trainer.iterations != 40

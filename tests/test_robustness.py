@@ -183,7 +183,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(compose_cfg, tmp_path):
 # ---- bad input: one line on stderr, non-zero exit, no traceback --------------------------------------
 
 BAD_INPUTS = [
-    (["algo=nope"], "available options in 'algo': fomaml lstm_baseline maml"),
+    (["algo=nope"], "available options in 'algo': anil fomaml lstm_baseline maml"),
     (["dataset=nope"], "available options in 'dataset'"),
     (["backbone=nope"], "available options in 'backbone'"),
     (["dataset=synthetic", "episode.ways=80"], "episode.ways=80 exceeds the 64 classes of the train split"),

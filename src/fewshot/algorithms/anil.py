@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot.algorithms.base import AlgoOutput, Algorithm, BackboneFactory, accuracy
-from fewshot.algorithms.functional import STRATEGIES
+from fewshot.algorithms.functional import check_inner_loop
 from fewshot.algorithms.protonet import map_tasks
 from fewshot.data.base import Episode
 
@@ -60,12 +60,7 @@ class ANIL(Algorithm):
         strategy: str = "auto",
     ) -> None:
         super().__init__()
-        if strategy not in STRATEGIES:
-            raise ValueError(f"ANIL strategy must be one of {STRATEGIES}, got {strategy!r}")
-        if inner_steps < 1 or eval_inner_steps < 0:
-            raise ValueError(
-                f"ANIL needs inner_steps >= 1 and eval_inner_steps >= 0, got {inner_steps}, {eval_inner_steps}"
-            )
+        check_inner_loop("ANIL", inner_steps, eval_inner_steps, strategy)
         net = backbone(out_features=ways)
         head = getattr(net, "head", None)
         if not isinstance(head, nn.Linear):

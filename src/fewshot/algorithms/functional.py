@@ -32,6 +32,16 @@ def resolve_strategy(strategy: str, device: torch.device | str) -> str:
     return "vmap" if torch.device(device).type == "cuda" else CPU_STRATEGY
 
 
+def check_inner_loop(algo: str, inner_steps: int, eval_inner_steps: int, strategy: Optional[str] = None) -> None:
+    """The settings every MAML-style constructor checks, the algorithm named in the message."""
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ValueError(f"{algo} strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if inner_steps < 1 or eval_inner_steps < 0:
+        raise ValueError(
+            f"{algo} needs inner_steps >= 1 and eval_inner_steps >= 0, got {inner_steps}, {eval_inner_steps}"
+        )
+
+
 def _batch_norm_from_batch(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """What bn(x) computes with batch statistics (no running statistics), from elementary ops.
 

@@ -39,6 +39,7 @@ from fewshot.algorithms.functional import (  # noqa: F401  (STRATEGIES: re-expor
     Weights,
     _MetaGradient,
     _StatelessCall,
+    check_inner_loop,
     inner_loop_graph_bytes,
     loop_workers,
     parallel_tasks,
@@ -83,13 +84,9 @@ class MAML(Algorithm):
         loss: str = "auto",
     ) -> None:
         super().__init__()
-        resolve_strategy(strategy, "cpu")  # validates
+        check_inner_loop("MAML", inner_steps, eval_inner_steps, strategy)
         if loss not in LOSSES:
             raise ValueError(f"MAML loss must be one of {LOSSES}, got {loss!r}")
-        if inner_steps < 1 or eval_inner_steps < 0:
-            raise ValueError(
-                f"MAML needs inner_steps >= 1 and eval_inner_steps >= 0, got {inner_steps}, {eval_inner_steps}"
-            )
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"MAML chunk_size must be a positive number of tasks or None, got {chunk_size}")
         self.net = backbone(out_features=ways)

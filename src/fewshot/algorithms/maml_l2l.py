@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fewshot.algorithms.base import AlgoOutput, Algorithm, BackboneFactory, accuracy
+from fewshot.algorithms.functional import check_inner_loop
 from fewshot.data.base import Episode
 
 
@@ -29,10 +30,7 @@ class MAMLL2L(Algorithm):
         first_order: bool = False,
     ) -> None:
         super().__init__()
-        if inner_steps < 1 or eval_inner_steps < 0:
-            raise ValueError(
-                f"MAML needs inner_steps >= 1 and eval_inner_steps >= 0, got {inner_steps}, {eval_inner_steps}"
-            )
+        check_inner_loop("MAML", inner_steps, eval_inner_steps)
         self.net = backbone(out_features=ways)
         self.ways = ways
         self.fixed_ways = ways  # the classifier head has exactly `ways` outputs
