@@ -41,14 +41,14 @@ _share_the_cores_among_workers()
 @pytest.fixture(autouse=True)
 def _signal_handlers():
     """Each test gets the worker's SIGINT and SIGTERM handlers back, so none starts with another's (an interrupted
-    run leaves them ignored once a console command has said it exits next: fewshot.engine.signals)."""
+    run leaves them ignored once the train job has said its process exits next: fewshot.engine.signals)."""
     from fewshot.engine import signals
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    choice = signals._ignore_after_interrupt  # a console command's process-wide choice (fewshot.cli.main)
+    choice = signals._ignore_after_interrupt  # the train job's process-wide choice (fewshot.train._job)
     yield
     for s, h in saved.items():
         signal.signal(s, h)

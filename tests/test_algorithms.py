@@ -17,11 +17,13 @@ from torch import nn
 from torch.func import functional_call
 
 from conftest import load_script
+from fewshot.algorithms.anil import ANIL
 from fewshot.algorithms.functional import CONV_FORMS
 from fewshot.algorithms.grouped import GroupedCall
 from fewshot.algorithms.grouped import supports as supports_grouped
 from fewshot.algorithms.maml import MAML, resolve_strategy
 from fewshot.algorithms.maml_l2l import MAMLL2L
+from fewshot.algorithms.maml_pp import MAMLPlusPlus
 from fewshot.algorithms.matching import MatchingNetworks
 from fewshot.algorithms.meta_sgd import MetaSGD
 from fewshot.algorithms.protonet import ProtoNet, embed_tasks
@@ -940,3 +942,25 @@ def test_metric_methods_test_with_fewer_ways_than_they_train():
         exact = algo_cls(lambda out_features=None: Conv4(1, 28, out_features, hidden=8), ways=5)
         a, b = wide(five, train=False), exact(five, train=False)
         assert torch.equal(a.acc, b.acc) and torch.allclose(a.loss, b.loss)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: MAML(conv4(), WAYS, strategy="threads"), r"MAML strategy must be one of \('auto', 'vmap', 'loop'\)"),
+        (lambda: MetaSGD(conv4(), WAYS, inner_steps=0), r"MetaSGD needs inner_steps >= 1 and eval_inner_steps >= 0"),
+        (lambda: MAMLPlusPlus(conv4(), WAYS, inner_steps=0), r"MAML\+\+ needs inner_steps >= 1, got 0$"),
+        (
+            lambda: MAMLPlusPlus(conv4(), WAYS, msl_epochs=-1),
+            r"MAML\+\+ needs epoch_iterations >= 1, .*, got 500, -1, 0$",
+        ),
+        (lambda: ANIL(conv4(), WAYS, strategy="threads"), r"ANIL strategy must be one of"),
+        (
+            lambda: ANIL(conv4(), WAYS, inner_steps=0),
+            r"ANIL needs inner_steps >= 1 and eval_inner_steps >= 0, got 0, 10$",
+        ),
+    ],
+)
+def test_bad_inner_loop_settings_name_the_algorithm(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()

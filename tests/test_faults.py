@@ -314,35 +314,44 @@ def test_second_sigint_mid_iteration_stops_at_once_naming_the_last_checkpoint(co
 
 @pytest.mark.parametrize("console", [False, True])
 def test_handlers_after_an_interrupted_run(console, monkeypatch):
-    # A Python caller (a notebook) must still be interruptible after a run it started was; a console command,
-    # which exits next, ignores further signals so that one more Ctrl-C on the way out is not a traceback.
+    # A Python caller (a notebook) must still be interruptible after a run it started was; fewshot-train's job,
+    # whose process exits next, ignores further signals so that one more Ctrl-C on the way out is not a traceback.
     from fewshot.engine import signals
 
     monkeypatch.setattr(signals, "_ignore_after_interrupt", False)
     if console:
-        signals.ignore_signals_after_interrupt()
+        signals.leave_signals_ignored_after_interrupt()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own; conftest restores the worker's
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    python_defaults = (signal.default_int_handler, signal.SIG_DFL)
     with signals.stop_on_signals() as guard:  # uninterrupted: both handlers restored either way
         assert signal.getsignal(signal.SIGINT) == guard.handler
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == python_defaults
     with pytest.raises(engine.Interrupted), signals.stop_on_signals() as guard:
         os.kill(os.getpid(), signal.SIGINT)
         assert guard.received == [signal.SIGINT]
         raise engine.Interrupted("stopped", signal.SIGINT)
     after = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
-    assert after == ((signal.SIG_IGN, signal.SIG_IGN) if console else (signal.default_int_handler, signal.SIG_DFL))
+    assert after == ((signal.SIG_IGN, signal.SIG_IGN) if console else python_defaults)
 
 
-def test_the_console_commands_choose_to_ignore_signals_after_an_interrupt(monkeypatch):
-    from fewshot import cli
+def test_the_train_job_chooses_to_ignore_signals_after_an_interrupt(monkeypatch, tmp_path):
+    # fewshot-train's Hydra job makes the choice, in whatever process runs it (the command's, a sweep worker's),
+    # before its run starts; fewshot.train.run alone does not.
+    from fewshot import train
     from fewshot.engine import signals
 
+    class Hydra:
+        @staticmethod
+        def get():
+            return type("Config", (), {"runtime": type("Runtime", (), {"output_dir": str(tmp_path)})})
+
     monkeypatch.setattr(signals, "_ignore_after_interrupt", False)
-    monkeypatch.setattr(cli, "_precheck", lambda prog, config_name: None)
+    monkeypatch.setattr(train, "HydraConfig", Hydra)
     seen = []
-    cli.main("fewshot-train", "train", lambda: seen.append(signals._ignore_after_interrupt))
-    assert seen == [True]  # set before the job runs
+    monkeypatch.setattr(train, "run", lambda cfg, run_dir: seen.append(signals._ignore_after_interrupt))
+    train._job.__wrapped__(None)
+    assert seen == [True]
 
 
 def test_second_sigint_is_one_line_on_the_command_line(tmp_path):

@@ -47,6 +47,7 @@ def test_wheel_holds_every_subpackage(wheel):
     for sub in SUBPACKAGES:
         assert any(n.startswith(sub) for n in names), f"{sub} missing from {wheel.name}"
     assert "fewshot/conf/experiment/maml_omniglot_5w1s.yaml" in names
+    assert "fewshot/conf/budget/smoke.yaml" in names  # optional in train.yaml: its absence would pass unseen
 
 
 def test_installed_wheel_runs_without_the_checkout(wheel, tmp_path):

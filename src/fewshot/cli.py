@@ -123,9 +123,6 @@ def exit_now(code: int) -> None:
 def main(prog: str, config_name: str, job: Callable[[], Any]) -> None:
     """A console command: compose once to report a bad override in one line, run the Hydra job, and exit 1
     when a sweep went on past failed jobs (listed above)."""
-    from fewshot.engine.signals import ignore_signals_after_interrupt
-
-    ignore_signals_after_interrupt()  # this process exits after an interrupted run
     _precheck(prog, config_name)
     job()
     if sweep.failed_jobs:

@@ -20,7 +20,7 @@ from fewshot import cli
 from fewshot.atomic import atomic_write_text, remove_stale_temporaries
 from fewshot.engine.builder import build, seed_everything
 from fewshot.engine.loop import meta_train
-from fewshot.engine.signals import stop_on_signals
+from fewshot.engine.signals import leave_signals_ignored_after_interrupt, stop_on_signals
 from fewshot.runlock import hold_run_folder
 
 PROG = "fewshot-train"
@@ -71,6 +71,7 @@ def objective(results: dict) -> Optional[float]:
 
 @hydra.main(version_base="1.3", config_path=cli.CONFIG_PATH, config_name="train")
 def _job(cfg: DictConfig) -> Optional[float]:
+    leave_signals_ignored_after_interrupt()  # this process (the command's, or a sweep worker's) exits after one
     try:
         return objective(run(cfg, HydraConfig.get().runtime.output_dir))
     except cli.HANDLED as e:

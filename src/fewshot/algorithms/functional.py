@@ -25,18 +25,23 @@ CPU_STRATEGY = "loop"
 
 def resolve_strategy(strategy: str, device: torch.device | str) -> str:
     """The inner-loop strategy that "auto" stands for on `device`; other strategies pass through."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"MAML strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy not in STRATEGIES:  # the constructors name their algorithm (check_inner_loop); this guards the rest
+        raise ValueError(f"the inner-loop strategy must be one of {STRATEGIES}, got {strategy!r}")
     if strategy != "auto":
         return strategy
     return "vmap" if torch.device(device).type == "cuda" else CPU_STRATEGY
 
 
-def check_inner_loop(algo: str, inner_steps: int, eval_inner_steps: int, strategy: Optional[str] = None) -> None:
-    """The settings every MAML-style constructor checks, the algorithm named in the message."""
+def check_inner_loop(
+    algo: str, inner_steps: int, eval_inner_steps: Optional[int] = None, strategy: Optional[str] = None
+) -> None:
+    """The inner-loop settings the MAML family's constructors check (those they have), the algorithm named in the
+    message."""
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"{algo} strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if inner_steps < 1 or eval_inner_steps < 0:
+    if eval_inner_steps is None and inner_steps < 1:
+        raise ValueError(f"{algo} needs inner_steps >= 1, got {inner_steps}")
+    if eval_inner_steps is not None and (inner_steps < 1 or eval_inner_steps < 0):
         raise ValueError(
             f"{algo} needs inner_steps >= 1 and eval_inner_steps >= 0, got {inner_steps}, {eval_inner_steps}"
         )

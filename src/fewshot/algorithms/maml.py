@@ -84,11 +84,12 @@ class MAML(Algorithm):
         loss: str = "auto",
     ) -> None:
         super().__init__()
-        check_inner_loop("MAML", inner_steps, eval_inner_steps, strategy)
+        name = type(self).__name__  # MAML, MetaSGD, Pretrained
+        check_inner_loop(name, inner_steps, eval_inner_steps, strategy)
         if loss not in LOSSES:
-            raise ValueError(f"MAML loss must be one of {LOSSES}, got {loss!r}")
+            raise ValueError(f"{name} loss must be one of {LOSSES}, got {loss!r}")
         if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"MAML chunk_size must be a positive number of tasks or None, got {chunk_size}")
+            raise ValueError(f"{name} chunk_size must be a positive number of tasks or None, got {chunk_size}")
         self.net = backbone(out_features=ways)
         self.ways = ways
         self.fixed_ways = ways  # the classifier head has exactly `ways` outputs

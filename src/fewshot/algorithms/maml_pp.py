@@ -41,7 +41,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fewshot.algorithms.base import AlgoOutput, Algorithm, BackboneFactory, accuracy
-from fewshot.algorithms.functional import inner_loop_graph_bytes, resolve_strategy
+from fewshot.algorithms.functional import check_inner_loop, inner_loop_graph_bytes, resolve_strategy
 from fewshot.data.base import Episode
 
 Weights = dict[str, torch.Tensor]
@@ -97,11 +97,11 @@ class MAMLPlusPlus(Algorithm):
         strategy: str = "auto",
     ) -> None:
         super().__init__()
-        resolve_strategy(strategy, "cpu")  # validates
-        if inner_steps < 1 or epoch_iterations < 1 or msl_epochs < 0 or first_order_epochs < 0:
+        check_inner_loop("MAML++", inner_steps, strategy=strategy)
+        if epoch_iterations < 1 or msl_epochs < 0 or first_order_epochs < 0:
             raise ValueError(
-                "MAML++ needs inner_steps >= 1, epoch_iterations >= 1, msl_epochs >= 0 and first_order_epochs >= 0, "
-                f"got {inner_steps}, {epoch_iterations}, {msl_epochs}, {first_order_epochs}"
+                "MAML++ needs epoch_iterations >= 1, msl_epochs >= 0 and first_order_epochs >= 0, "
+                f"got {epoch_iterations}, {msl_epochs}, {first_order_epochs}"
             )
         self.net = backbone(out_features=ways)
         self.ways = self.fixed_ways = ways

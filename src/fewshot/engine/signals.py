@@ -9,13 +9,15 @@ from typing import Optional
 
 from fewshot.errors import FewshotError
 
-# Set by the console commands (fewshot.cli.main), which exit right after an interrupted run: there one more Ctrl-C
-# on the way out must not end in a traceback. A Python caller of fewshot.train.run gets its own handlers back.
+# Set by fewshot-train's Hydra job (fewshot.train._job) in every process that runs one (the command's, or a joblib
+# or SLURM worker's), which exits right after an interrupted run: there one more Ctrl-C on the way out must not
+# end in a traceback. A Python caller of fewshot.train.run gets its own handlers back.
 _ignore_after_interrupt = False
 
 
-def ignore_signals_after_interrupt() -> None:
-    """Leave SIGTERM and SIGINT ignored once a run has been interrupted (for a process about to exit)."""
+def leave_signals_ignored_after_interrupt() -> None:
+    """Record that this process exits after an interrupted run, so stop_on_signals then leaves SIGTERM and SIGINT
+    ignored instead of restoring the handlers it found."""
     global _ignore_after_interrupt
     _ignore_after_interrupt = True
 
