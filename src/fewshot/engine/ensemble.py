@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from fewshot.algorithms.base import Algorithm, accuracy
 from fewshot.atomic import atomic_write_text
+from fewshot.bars import tqdm
 from fewshot.checkpoint import CheckpointError, fixed_rng, load_checkpoint, save_checkpoint
 from fewshot.data.sampler import EpisodeSampler, batch_sizes
 from fewshot.engine.graphs import EvalGraphs

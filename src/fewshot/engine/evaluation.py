@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from fewshot.algorithms.base import Algorithm
 from fewshot.atomic import atomic_write_text
+from fewshot.bars import tqdm
 from fewshot.checkpoint import fixed_rng
 from fewshot.data.sampler import EpisodeSampler, batch_sizes
 from fewshot.engine.builder import EvalRequest, Run, Settings, episode_seed, make_sampler

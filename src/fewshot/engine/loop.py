@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from tqdm.auto import tqdm
 
+from fewshot.bars import tqdm
 from fewshot.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
 from fewshot.device import device_label
 from fewshot.engine.builder import Run, episode_seed, make_sampler, warn_if_graph_too_big
@@ -143,8 +143,7 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
     algo.train()
 
     signals.immediate = None  # from here the first signal checkpoints at the end of its iteration
-    bar = tqdm(
-        range(start, t.iterations + 1),
+    bar = tqdm(  # counted by update(), not by iterating: a redraw between two of its intervals shows the real count
         initial=start - 1,
         total=t.iterations,
         desc="meta-train",
@@ -157,82 +156,85 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
         t.cuda_graph, run.device, algo, train_sampler, optimizer, scheduler, t.meta_batch_size, t.grad_clip,
         progress, ckpt_dir,
     )  # fmt: skip
-    for it in bar:
-        loss, score = step(it)  # on the device: read only at logging, validation and checkpoints
-        progress.add(loss, score, step.metric)
-        last = it == t.iterations
-        log, validate = it % t.log_every == 0 or last, it % t.val_every == 0 or last
-        checkpoint = it % t.checkpoint_every == 0 or last
-        checked = log or validate or checkpoint
-        if checked:
-            step.check()  # a divergence recorded on the device stops the run before anything is shown or saved
-        if log:
-            rate = (it - tic_it) * t.meta_batch_size / max(time.perf_counter() - tic, 1e-9)
-            window_loss, window_score = progress.window()
-            bar.set_postfix(
-                {"loss": f"{window_loss:.3f}", progress.metric: f"{window_score:.3f}", "tasks/s": f"{rate:.0f}"}
-            )
-
-        if validate:
-            progress.train_seconds += time.perf_counter() - tic
-            tic = time.perf_counter()
-            val = evaluate(
-                algo, val_sampler, t.val_episodes, t.eval_batch, episode_seed(t.seed, "val"), "validate", graphs
-            )
-            progress.val_seconds += time.perf_counter() - tic
-            metric = METRICS[progress.metric]
-            m = metric.name
-            if not math.isfinite(val[f"{m}_mean"]):  # it could never become best.pt: say so now
-                inner = algo.step_size_setting
-                lower = f"lower {inner} (or trainer.meta_lr)" if inner else "lower trainer.meta_lr"
-                raise FewshotError(
-                    f"validation {metric.label} is {val[f'{m}_mean']} at iteration {it}: the "
-                    f"{'adapted ' if inner else ''}model diverges; {lower}"
+    try:
+        for it in range(start, t.iterations + 1):
+            loss, score = step(it)  # on the device: read only at logging, validation and checkpoints
+            bar.update()
+            progress.add(loss, score, step.metric)
+            last = it == t.iterations
+            log, validate = it % t.log_every == 0 or last, it % t.val_every == 0 or last
+            checkpoint = it % t.checkpoint_every == 0 or last
+            checked = log or validate or checkpoint
+            if checked:
+                step.check()  # a divergence recorded on the device stops the run before anything is shown or saved
+            if log:
+                rate = (it - tic_it) * t.meta_batch_size / max(time.perf_counter() - tic, 1e-9)
+                window_loss, window_score = progress.window()
+                bar.set_postfix(  # shown at the bar's next redraw, which also brings its count up to date
+                    {"loss": f"{window_loss:.3f}", progress.metric: f"{window_score:.3f}", "tasks/s": f"{rate:.0f}"},
+                    refresh=False,
                 )
-            train_loss, train_score = progress.window()
-            row = {
-                "iteration": it,
-                "train_loss": train_loss,
-                f"train_{m}": train_score,
-                f"val_{m}": val[f"{m}_mean"],
-                "val_ci95": val[f"{m}_ci95"],
-                "train_seconds": round(progress.train_seconds, 3),
-            }
-            append_csv(metrics_path, row)
-            if logger:
-                for key in ("train_loss", f"train_{m}", f"val_{m}"):
-                    logger.add_scalar(key, row[key], it)
-            progress.reset_window()
-            score = metric.score(val[f"{m}_mean"])
-            top = (
-                keep_top(best.get("top", []), score, it, t.ensemble, ckpt_dir, algo.state_dict)
-                if t.ensemble > 1
-                else None
-            )
-            if score > best["val_score"]:
-                best = {"val_score": score, f"val_{m}": val[f"{m}_mean"], "iteration": it}
-            if top is not None:
-                best["top"] = top  # the test's ensemble (eval.ensemble), carried by every checkpoint
-            if best["iteration"] == it:
-                save_checkpoint(ckpt_dir / "best.pt", state_at(it))
-            shown = metric.show(val[f"{m}_mean"], val[f"{m}_ci95"])
-            tqdm.write(f"iteration {it}: val {m} {shown} (best at iteration {best['iteration']})")
-            tic, tic_it = time.perf_counter(), it
-        if checkpoint or signals:  # a signal may come during validation: checkpoint at the end of its iteration
-            if not checked:
-                step.check()
-            # Time is banked only at validations; a checkpoint between them records it too.
-            save_last(ckpt_dir, state_at(it, extra_seconds=time.perf_counter() - tic))
-            signals.last_checkpoint = f"the last checkpoint is {ckpt_dir / 'last.pt'} (iteration {it})"
-        if signals:
-            bar.close()
-            name = signal.Signals(signals.received[0]).name
-            raise Interrupted(
-                f"{name} at iteration {it}: checkpoint written to {ckpt_dir / 'last.pt'}; "
-                f"resume with the same command and hydra.run.dir={run_dir}",
-                signals.received[0],
-            )
-    bar.close()
+
+            if validate:
+                progress.train_seconds += time.perf_counter() - tic
+                tic = time.perf_counter()
+                val = evaluate(
+                    algo, val_sampler, t.val_episodes, t.eval_batch, episode_seed(t.seed, "val"), "validate", graphs
+                )
+                progress.val_seconds += time.perf_counter() - tic
+                metric = METRICS[progress.metric]
+                m = metric.name
+                if not math.isfinite(val[f"{m}_mean"]):  # it could never become best.pt: say so now
+                    inner = algo.step_size_setting
+                    lower = f"lower {inner} (or trainer.meta_lr)" if inner else "lower trainer.meta_lr"
+                    raise FewshotError(
+                        f"validation {metric.label} is {val[f'{m}_mean']} at iteration {it}: the "
+                        f"{'adapted ' if inner else ''}model diverges; {lower}"
+                    )
+                train_loss, train_score = progress.window()
+                row = {
+                    "iteration": it,
+                    "train_loss": train_loss,
+                    f"train_{m}": train_score,
+                    f"val_{m}": val[f"{m}_mean"],
+                    "val_ci95": val[f"{m}_ci95"],
+                    "train_seconds": round(progress.train_seconds, 3),
+                }
+                append_csv(metrics_path, row)
+                if logger:
+                    for key in ("train_loss", f"train_{m}", f"val_{m}"):
+                        logger.add_scalar(key, row[key], it)
+                progress.reset_window()
+                score = metric.score(val[f"{m}_mean"])
+                top = (
+                    keep_top(best.get("top", []), score, it, t.ensemble, ckpt_dir, algo.state_dict)
+                    if t.ensemble > 1
+                    else None
+                )
+                if score > best["val_score"]:
+                    best = {"val_score": score, f"val_{m}": val[f"{m}_mean"], "iteration": it}
+                if top is not None:
+                    best["top"] = top  # the test's ensemble (eval.ensemble), carried by every checkpoint
+                if best["iteration"] == it:
+                    save_checkpoint(ckpt_dir / "best.pt", state_at(it))
+                shown = metric.show(val[f"{m}_mean"], val[f"{m}_ci95"])
+                tqdm.write(f"iteration {it}: val {m} {shown} (best at iteration {best['iteration']})")
+                tic, tic_it = time.perf_counter(), it
+            if checkpoint or signals:  # a signal may come during validation: checkpoint at the end of its iteration
+                if not checked:
+                    step.check()
+                # Time is banked only at validations; a checkpoint between them records it too.
+                save_last(ckpt_dir, state_at(it, extra_seconds=time.perf_counter() - tic))
+                signals.last_checkpoint = f"the last checkpoint is {ckpt_dir / 'last.pt'} (iteration {it})"
+            if signals:
+                name = signal.Signals(signals.received[0]).name
+                raise Interrupted(
+                    f"{name} at iteration {it}: checkpoint written to {ckpt_dir / 'last.pt'}; "
+                    f"resume with the same command and hydra.run.dir={run_dir}",
+                    signals.received[0],
+                )
+    finally:  # an error or a second signal leaves the loop too: the bar ends here, not at exit
+        bar.close()
     if start <= t.iterations:
         progress.train_seconds += time.perf_counter() - tic
 

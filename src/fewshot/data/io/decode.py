@@ -12,8 +12,8 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
+from fewshot.bars import tqdm
 from fewshot.data.base import DataError
 
 

@@ -19,9 +19,8 @@ import urllib.request
 from pathlib import Path
 from typing import Sequence
 
-from tqdm.auto import tqdm
-
 from fewshot.atomic import atomic_write
+from fewshot.bars import tqdm
 from fewshot.data.base import DataError
 from fewshot.data.io.archives import is_archive, safe_extract_archive
 
