@@ -104,21 +104,18 @@ class ANIL(Algorithm):
             query = self._features(episode.query_x)
         weight = self.head.weight.expand(tasks, -1, -1)  # (T, ways, D): each task's own copy to adapt
         bias = self.head.bias.expand(tasks, -1)
+        step_acc = []  # at test: the query accuracy before adapting and after each step
         with torch.enable_grad():  # the inner loop differentiates, also when a caller evaluates under no_grad
-            if train:
-                for _ in range(self.inner_steps):
-                    weight, bias = self._inner_step(support, episode.support_y, weight, bias, second_order)
-                logits = head_logits(query, weight, bias)
-                loss = F.cross_entropy(logits.flatten(0, 1), episode.query_y.flatten())
-                return AlgoOutput(loss=loss, score=accuracy(logits.detach(), episode.query_y))
-            weight, bias = weight.detach().requires_grad_(), bias.detach().requires_grad_()
-            step_acc = []
-            for _ in range(self.eval_inner_steps):
-                step_acc.append(accuracy(head_logits(query, weight, bias).detach(), episode.query_y))
-                weight, bias = self._inner_step(support, episode.support_y, weight, bias, False)
-        with torch.no_grad():
+            if not train:
+                weight, bias = weight.detach().requires_grad_(), bias.detach().requires_grad_()
+            for _ in range(self.inner_steps if train else self.eval_inner_steps):
+                if not train:
+                    step_acc.append(accuracy(head_logits(query, weight, bias).detach(), episode.query_y))
+                weight, bias = self._inner_step(support, episode.support_y, weight, bias, second_order)
+        with torch.enable_grad() if train else torch.no_grad():
             logits = head_logits(query, weight, bias)
             loss = F.cross_entropy(logits.flatten(0, 1), episode.query_y.flatten())
-        acc = accuracy(logits, episode.query_y)
-        step_acc.append(acc)
-        return AlgoOutput(loss=loss, score=acc, step_score=torch.stack(step_acc, dim=1))
+        acc = accuracy(logits.detach(), episode.query_y)
+        if train:
+            return AlgoOutput(loss=loss, score=acc)
+        return AlgoOutput(loss=loss, score=acc, step_score=torch.stack([*step_acc, acc], dim=1))
