@@ -87,9 +87,10 @@ def test_two_heads_write_distinct_fresh_slots():
     torch.testing.assert_close(new, torch.tensor([[[1.5], [3.0], [1.0], [1.5]]]))
 
 
-def lrua_step_by_hand(h, mem, usage, read_prev, weight, bias, heads, gamma):
+def lrua_step_by_hand(h, mem, usage, read_prev, weight, bias, heads, gamma, add=False):
     """The module docstring's LRUA step written out task by task and slot by slot, with none of mann.py's helpers:
-    the interface [key_0, alpha_0, key_1, alpha_1, ...] = weight h + bias, keys through tanh; head j's fresh slot
+    the interface [key_0, alpha_0, key_1, alpha_1, ...] = weight h + bias, keys through tanh (with add: [key_0,
+    add_0, alpha_0, ...], the add vectors through tanh written in place of the keys); head j's fresh slot
     is the j-th least used by the *previous* usage, and the fresh slots are zeroed; w_w = sigmoid(alpha) w_r(t-1) +
     (1 - sigmoid(alpha)) w_lu; M_t = M + sum_j w_w_j k_j; then, from the *new* memory, w_r = softmax cos(k, M_t(i))
     (an all-zero slot: cosine 0) and r = sum_i w_r(i) M_t(i); w_u(t) = gamma w_u(t-1) + sum_j (w_r_j + w_w_j).
@@ -98,8 +99,10 @@ def lrua_step_by_hand(h, mem, usage, read_prev, weight, bias, heads, gamma):
     out = []
     for t in range(h.shape[0]):
         interface = weight @ h[t] + bias
-        keys = [interface[j * (width + 1) : j * (width + 1) + width].tanh() for j in range(heads)]
-        gates = [1 / (1 + torch.exp(-interface[j * (width + 1) + width])) for j in range(heads)]
+        per = 2 * width + 1 if add else width + 1
+        keys = [interface[j * per : j * per + width].tanh() for j in range(heads)]
+        values = [interface[j * per + width : j * per + 2 * width].tanh() for j in range(heads)] if add else keys
+        gates = [1 / (1 + torch.exp(-interface[j * per + per - 1])) for j in range(heads)]
         fresh = sorted(range(slots), key=lambda i: usage[t, i].item())[:heads]
         memory = [torch.zeros(width, dtype=mem.dtype) if i in fresh else mem[t, i].clone() for i in range(slots)]
         write = []
@@ -109,7 +112,7 @@ def lrua_step_by_hand(h, mem, usage, read_prev, weight, bias, heads, gamma):
             write.append(w)
         for i in range(slots):
             for j in range(heads):
-                memory[i] = memory[i] + write[j][i] * keys[j]
+                memory[i] = memory[i] + write[j][i] * values[j]
         read_w, reads = [], []
         for j in range(heads):
             zero = torch.zeros((), dtype=mem.dtype)  # an all-zero slot: cosine 0
@@ -166,6 +169,36 @@ def test_two_lrua_steps_by_hand():
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=lambda m: f"step {step}, {name}: {m}")
 
 
+def test_add_vectors_are_written_and_keys_read_by_hand():
+    """add_vector: the interface per head is [key, add vector, alpha]; two lrua_step calls against the equations
+    written out with the add vectors written in place of the keys (random float64 inputs, 2 tasks, 5 slots x 3,
+    2 heads), and, with the gates shut (alpha -> -inf), each head's fresh slot holds exactly tanh of its add
+    vector, not its key."""
+    dtype, heads, gamma, width = torch.float64, 2, 0.95, 3
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(heads * (2 * width + 1), 6, generator=g, dtype=dtype)
+    bias = torch.randn(heads * (2 * width + 1), generator=g, dtype=dtype)
+    h1, h2 = torch.randn(2, 2, 6, generator=g, dtype=dtype)
+    mem = torch.randn(2, 5, width, generator=g, dtype=dtype)
+    usage = torch.rand(2, 5, generator=g, dtype=dtype)
+    read_prev = torch.rand(2, heads, 5, generator=g, dtype=dtype).softmax(-1)
+    *want1, fresh1 = lrua_step_by_hand(h1, mem, usage, read_prev, weight, bias, heads, gamma, add=True)
+    *want2, _ = lrua_step_by_hand(h2, *want1[:3], weight, bias, heads, gamma, add=True)
+    got1 = mann.lrua_step(h1, mem, usage, read_prev, weight, bias, heads, gamma)
+    got2 = mann.lrua_step(h2, *got1[:3], weight, bias, heads, gamma)
+    for got, want in ((got1, want1), (got2, want2)):
+        for g_, w in zip(got, want):
+            torch.testing.assert_close(g_, w, rtol=1e-12, atol=1e-12)
+    shut = bias.clone().view(heads, -1)
+    shut[:, -1] = -1e4  # sigmoid(alpha) = 0: every write goes whole to the fresh slot
+    memory = mann.lrua_step(h1, mem, usage, read_prev, weight, shut.flatten(), heads, gamma)[0]
+    interface = (F.linear(h1, weight, shut.flatten())).view(2, heads, -1)
+    for t in range(2):
+        for j in range(heads):
+            torch.testing.assert_close(memory[t, fresh1[t][j]], interface[t, j, width:-1].tanh(), rtol=0, atol=1e-12)
+            assert not torch.allclose(memory[t, fresh1[t][j]], interface[t, j, :width].tanh())
+
+
 # ---- (2) the sequence -------------------------------------------------------------------------------------------
 
 
@@ -208,9 +241,9 @@ def test_orders_random_in_training_fixed_in_evaluation():
     torch.testing.assert_close(algo(ep, train=True).loss, first)
 
 
-@pytest.mark.parametrize("memory", [True, False])
-def test_output_shapes_and_every_parameter_learns(memory):
-    algo = MANN(PIXELS, 3, memory=memory, controller=8, slots=8, width=4, read_heads=2)
+@pytest.mark.parametrize("memory, add_vector", [(True, False), (True, True), (False, False)])
+def test_output_shapes_and_every_parameter_learns(memory, add_vector):
+    algo = MANN(PIXELS, 3, memory=memory, controller=8, slots=8, width=4, read_heads=2, add_vector=add_vector)
     out = algo(episode(tasks=2, ways=3, queries=4), train=True)
     assert out.step_kind == "instance" and out.step_score.shape == (2, 5) and out.score.shape == (2,)
     out.loss.backward()
@@ -290,17 +323,19 @@ def counting_compiled_calls(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize(
-    "memory, fused, compiled",
+    "memory, fused, compiled, add_vector",
     [
-        (True, False, False),
-        (False, True, False),
-        (False, False, False),
-        pytest.param(True, False, True, marks=pytest.mark.slow),
-        pytest.param(False, False, True, marks=pytest.mark.slow),
+        (True, False, False, False),
+        (True, False, False, True),
+        (False, True, False, False),
+        (False, False, False, False),
+        pytest.param(True, False, True, False, marks=pytest.mark.slow),
+        pytest.param(True, False, True, True, marks=pytest.mark.slow),
+        pytest.param(False, False, True, False, marks=pytest.mark.slow),
     ],
-    ids=["mann", "lstm", "loop", "mann-compiled", "loop-compiled"],
+    ids=["mann", "mann-add", "lstm", "loop", "mann-compiled", "mann-add-compiled", "loop-compiled"],
 )
-def test_batched_steps_compute_the_step_by_step_cell(memory, fused, compiled, monkeypatch):
+def test_batched_steps_compute_the_step_by_step_cell(memory, fused, compiled, add_vector, monkeypatch):
     """MANN.logits batches the sequence's part of the LSTM input and the output layer over steps (the baseline: one
     torch.lstm on a CPU, the same loop as MANN's elsewhere), and with compile_step runs each step through
     torch.compile: the logits and every gradient must be those of the plain per-step LSTMCell that
@@ -311,7 +346,17 @@ def test_batched_steps_compute_the_step_by_step_cell(memory, fused, compiled, mo
     monkeypatch.setattr(MANN, "fused_lstm_devices", ("cpu",) if fused else ())
     bench = load_script("bench_mann")
     torch.manual_seed(0)
-    algo = MANN(PIXELS, 3, memory=memory, controller=8, slots=8, width=4, read_heads=2, compile_step=compiled)
+    algo = MANN(
+        PIXELS,
+        3,
+        memory=memory,
+        controller=8,
+        slots=8,
+        width=4,
+        read_heads=2,
+        compile_step=compiled,
+        add_vector=add_vector,
+    )
     x, previous, labels = bench.inputs(algo, tasks=2, length=9, device=torch.device("cpu"))
     ref_logits, ref_grads = bench.grads(algo, bench.stepwise_logits, x, previous, labels)
     logits, grads = bench.grads(algo, lambda m, x, p: m.logits(x, p), x, previous, labels)

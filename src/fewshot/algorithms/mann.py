@@ -33,6 +33,10 @@ Where fewshot differs, and why:
   comes before its label was ever shown, so it can only be guessed (at best by excluding labels already seen) and
   only dilutes the measure of what the memory does.
 - The paper reads raw pixels, and so does this module: the configured backbone is not used.
+- add_vector=True (off by default, as the paper's equation) writes a separate add vector a_t (tanh) in place of
+  the key, as the public re-implementations that report the paper's numbers do (snowkylin/ntm,
+  tristandeleu/ntm-one-shot): with the key written, each head's read after the write always finds its own key at
+  cosine 1 in the slot it has just written.
 """
 
 from __future__ import annotations
@@ -63,8 +67,9 @@ def least_used(usage: torch.Tensor, heads: int) -> torch.Tensor:
 def lrua_write(
     memory: torch.Tensor, usage: torch.Tensor, read_prev: torch.Tensor, keys: torch.Tensor, alpha: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One LRUA write from the previous step's usage (T, N) and read weights (T, H, N), keys (T, H, W) and the
-    gates' logits alpha (T, H): the heads' least-used slots are zeroed, then each key is added with its weights
+    """One LRUA write from the previous step's usage (T, N) and read weights (T, H, N), the vectors to write
+    `keys` (T, H, W; the keys themselves, or the add vectors) and the gates' logits alpha (T, H): the heads'
+    least-used slots are zeroed, then each vector is added with its weights
     w_w = sigmoid(alpha) w_r(t-1) + (1 - sigmoid(alpha)) w_lu(t-1). Returns the memory and w_w (T, H, N)."""
     lu = least_used(usage, keys.shape[1])  # (T, H, N)
     memory = memory * (1 - lu.sum(1)).unsqueeze(-1)  # slots are distinct, so the sum is a 0/1 mask
@@ -94,11 +99,15 @@ def lrua_step(
     heads: int,
     gamma: float,
 ) -> tuple[torch.Tensor, ...]:
-    """One LRUA write and read from the controller's h (T, C), through the interface layer (weight, bias): the
-    heads' keys (tanh) and write gates. Returns the new memory, usage, read weights and reads (T, heads * W)."""
-    interface = F.linear(h, weight, bias).view(h.shape[0], heads, mem.shape[-1] + 1)
-    keys, alpha = interface[..., :-1].tanh(), interface[..., -1]
-    mem, write_w = lrua_write(mem, usage, read_w, keys, alpha)
+    """One LRUA write and read from the controller's h (T, C), through the interface layer (weight, bias): per head
+    [key (W), add vector (W, only where the layer is that wide), write gate], keys and add vectors through tanh.
+    Without add vectors the keys are written, as the paper's equation. Returns the new memory, usage, read weights
+    and reads (T, heads * W)."""
+    width = mem.shape[-1]
+    interface = F.linear(h, weight, bias).view(h.shape[0], heads, -1)
+    keys, alpha = interface[..., :width].tanh(), interface[..., -1]
+    values = interface[..., width:-1].tanh() if interface.shape[-1] == 2 * width + 1 else keys
+    mem, write_w = lrua_write(mem, usage, read_w, values, alpha)
     read_w, read = cosine_read(mem, keys)
     return mem, update_usage(usage, read_w, write_w, gamma), read_w, read.flatten(1)
 
@@ -191,9 +200,10 @@ class MANN(Algorithm):
     """LSTM controller + LRUA memory over a sequence episode; memory=False gives the paper's LSTM baseline.
 
     controller: LSTM units. slots x width: the memory. read_heads: heads (each reads and writes).
-    gamma: usage decay. compile_step: run each step of the recurrence through torch.compile (the same function up
-    to float rounding, in fused kernels; needs a C++ compiler on a CPU, Triton on CUDA, where it is unmeasured).
-    The CPU's LSTM baseline is one torch.lstm call and ignores it.
+    gamma: usage decay. add_vector: write a separate add vector per head instead of the key.
+    compile_step: run each step of the recurrence through torch.compile (the same function up to float rounding,
+    in fused kernels; needs a C++ compiler on a CPU, Triton on CUDA, where it is unmeasured). The CPU's LSTM
+    baseline is one torch.lstm call and ignores it.
     """
 
     fused_lstm_devices = ("cpu",)  # where logits() runs the LSTM baseline as one torch.lstm call
@@ -208,6 +218,7 @@ class MANN(Algorithm):
         width: int = 40,
         read_heads: int = 4,
         gamma: float = 0.95,
+        add_vector: bool = False,
         compile_step: bool = False,
     ) -> None:
         super().__init__()
@@ -224,15 +235,18 @@ class MANN(Algorithm):
         self.pixels = kw["in_channels"] * kw["image_size"] ** 2
         self.ways = self.fixed_ways = ways  # the label input and the output are `ways` wide
         self.memory, self.slots, self.width, self.heads, self.gamma = bool(memory), slots, width, read_heads, gamma
-        self.compile_step = bool(compile_step)
+        self.compile_step, self.add_vector = bool(compile_step), bool(add_vector)
         reads = read_heads * width if self.memory else 0
         self.cell = nn.LSTMCell(self.pixels + ways + reads, controller)
         if self.memory:
-            self.interface = nn.Linear(controller, read_heads * (width + 1))  # keys and write gates alpha
+            # per head: key, add vector (with add_vector), write gate alpha; lrua_step reads the layout off the shape
+            per_head = width * (2 if self.add_vector else 1) + 1
+            self.interface = nn.Linear(controller, read_heads * per_head)
         self.out = nn.Linear(controller + reads, ways)
 
     def extra_repr(self) -> str:
         memory = f"slots={self.slots}, width={self.width}, read_heads={self.heads}, gamma={self.gamma}"
+        memory += ", add_vector=True" if self.add_vector else ""
         return f"ways={self.ways}, memory={self.memory}" + (f", {memory}" if self.memory else "")
 
     def initial_memory(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
