@@ -34,9 +34,9 @@ Where fewshot differs, and why:
   only dilutes the measure of what the memory does.
 - The paper reads raw pixels, and so does this module: the configured backbone is not used.
 - add_vector=True (off by default, as the paper's equation) writes a separate add vector a_t (tanh) in place of
-  the key, as the public re-implementations that report the paper's numbers do (snowkylin/ntm,
-  tristandeleu/ntm-one-shot): with the key written, each head's read after the write always finds its own key at
-  cosine 1 in the slot it has just written.
+  the key, as the public re-implementations snowkylin/ntm (its default) and tristandeleu/ntm-one-shot do: with the
+  key written, each head's read after the write finds its own key in the slot it has just written (at cosine 1
+  with one head; with more, the other heads' small writes there blur it).
 """
 
 from __future__ import annotations
@@ -105,6 +105,7 @@ def lrua_step(
     and reads (T, heads * W)."""
     width = mem.shape[-1]
     interface = F.linear(h, weight, bias).view(h.shape[0], heads, -1)
+    assert interface.shape[-1] in (width + 1, 2 * width + 1), f"interface of {weight.shape[0]} for {heads} heads"
     keys, alpha = interface[..., :width].tanh(), interface[..., -1]
     values = interface[..., width:-1].tanh() if interface.shape[-1] == 2 * width + 1 else keys
     mem, write_w = lrua_write(mem, usage, read_w, values, alpha)
@@ -141,9 +142,9 @@ def compiled_recurrence() -> Callable[..., tuple]:
     """`recurrence` through torch.compile (inductor), built once per process: it fuses the step's few dozen small
     ops, and their backward, into a few kernels (scripts/bench_mann.py measures what it saves); equal to the eager
     step up to float rounding. Static shapes: a graph per meta-batch size and sequence length, with or without
-    memory, and per grad mode (training's first step, whose zero state needs no gradient, is one more). A preset
-    run builds three; past torch's recompile limit (8 per process, which a multirun in one process shares) new
-    shapes run eagerly. Where inductor cannot build the forward (no C++ compiler, say), the error says what to
+    memory (and add vectors), and per grad mode (training's first step, whose zero state needs no gradient, is
+    one more). A preset run builds three; past torch's recompile limit (8 per process, which a multirun in one
+    process shares) new shapes run eagerly. Where inductor cannot build the forward (no C++ compiler, say), the error says what to
     change; the backward is built at the first loss.backward(), after the forward has compiled."""
     compiled = torch.compile(recurrence, dynamic=False)
 
