@@ -92,8 +92,9 @@ def lrua_step_by_hand(h, mem, usage, read_prev, weight, bias, heads, gamma, add=
     the interface [key_0, alpha_0, key_1, alpha_1, ...] = weight h + bias, keys through tanh (with add: [key_0,
     add_0, alpha_0, ...], the add vectors through tanh written in place of the keys); head j's fresh slot
     is the j-th least used by the *previous* usage, and the fresh slots are zeroed; w_w = sigmoid(alpha) w_r(t-1) +
-    (1 - sigmoid(alpha)) w_lu; M_t = M + sum_j w_w_j k_j (with add: the add vectors); then, from the *new* memory, w_r = softmax cos(k, M_t(i))
-    (an all-zero slot: cosine 0) and r = sum_i w_r(i) M_t(i); w_u(t) = gamma w_u(t-1) + sum_j (w_r_j + w_w_j).
+    (1 - sigmoid(alpha)) w_lu; M_t = M + sum_j w_w_j k_j (with add: the add vectors); then, from the *new*
+    memory, w_r = softmax cos(k, M_t(i)) (an all-zero slot: cosine 0) and r = sum_i w_r(i) M_t(i);
+    w_u(t) = gamma w_u(t-1) + sum_j (w_r_j + w_w_j).
     Returns memory, usage, read weights, reads (T, heads * W) and each task's fresh slots, head by head."""
     slots, width = mem.shape[1:]
     out = []

@@ -144,8 +144,9 @@ def compiled_recurrence() -> Callable[..., tuple]:
     step up to float rounding. Static shapes: a graph per meta-batch size and sequence length, with or without
     memory (and add vectors), and per grad mode (training's first step, whose zero state needs no gradient, is
     one more). A preset run builds three; past torch's recompile limit (8 per process, which a multirun in one
-    process shares) new shapes run eagerly. Where inductor cannot build the forward (no C++ compiler, say), the error says what to
-    change; the backward is built at the first loss.backward(), after the forward has compiled."""
+    process shares) new shapes run eagerly. Where inductor cannot build the forward (no C++ compiler, say), the
+    error says what to change; the backward is built at the first loss.backward(), after the forward has
+    compiled."""
     compiled = torch.compile(recurrence, dynamic=False)
 
     @functools.wraps(recurrence)
