@@ -146,13 +146,14 @@ def test_sequence_cells_are_set_beside_the_papers_instance_columns(tmp_path):
     assert preset.paper_acc is None and preset.paper_instance_acc[:2] == (36.4, 82.8)
     assert preset.paper_instance_acc[5] is None and preset.paper_instance_acc[9] == 98.1
 
-    def mann(seed: int, first: float) -> dict:
+    def mann(seed: int, first: float, extra: str = "") -> dict:
         curve = [first, 0.80, 0.90, 0.92, 0.94, 0.95, 0.96, 0.96, 0.97, 0.98]
         test = {"episodes": 1000, "acc_mean": 0.93, "acc_ci95": 0.003, "instance_acc": curve}
-        command = f"fewshot-train experiment=mann_omniglot_5way seed={seed} device=cpu"
+        command = f"fewshot-train experiment=mann_omniglot_5way seed={seed} device=cpu{extra}"
         return _result(name="mann_omniglot_5way", algo="mann", iterations=100000, seed=seed, command=command, test=test)
 
-    runs = [mann(1, 0.30), mann(2, 0.40), _result()]  # and a cell with no instances
+    variant = mann(1, 0.25, " trainer.meta_lr=0.001")
+    runs = [mann(1, 0.30), mann(2, 0.40), _result(), variant]  # and a cell with no instances, and a variant
     for i, r in enumerate(runs):
         (tmp_path / str(i)).mkdir()
         (tmp_path / str(i) / "results.json").write_text(json.dumps(r))
@@ -164,8 +165,16 @@ def test_sequence_cells_are_set_beside_the_papers_instance_columns(tmp_path):
     assert cells[3] == "80.0 (82.8, -2.8)" and cells[7] == "95.0" and cells[11] == "98.0 (98.1, -0.1)"
     assert "matching_omniglot_5w1s" not in section
     assert text.index("## Full budget") < text.index("## Accuracy per instance") < text.index("## Reduced budget")
-    # No sequence cell at full budget: no section.
-    assert "## Accuracy per instance" not in ledger_markdown(collect([tmp_path / "2"]), load_presets(), "runs")
+    # The variant: in its own per-instance table after the modified runs, with what differs; not pooled above.
+    assert "25.0" not in section
+    modified = text.split("## Reduced budget or modified, per instance")[1].split("## Not yet run")[0]
+    row = next(line for line in modified.splitlines() if line.startswith("| mann_omniglot_5way"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:4] == ["mann_omniglot_5way", "overrides trainer.meta_lr=0.001", "1", "25.0 (36.4, -11.4)"]
+    assert "| preset | differs by | seeds | instance 1 |" in modified and "matching" not in modified
+    # No sequence run: no section.
+    alone = ledger_markdown(collect([tmp_path / "2"]), load_presets(), "runs")
+    assert "## Accuracy per instance" not in alone and "per instance" not in alone
 
 
 def test_regression_cells_have_their_own_table(tmp_path):

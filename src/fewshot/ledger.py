@@ -232,11 +232,13 @@ def _regression_line(row: Row, runs: list[dict], extra: Optional[str] = None) ->
     )
 
 
-def _instance_lines(full: dict[str, list[dict]], presets: dict[str, Preset]) -> list[str]:
-    """The per-instance table of the full-budget sequence cells (MANN): ours, mean over the kept seeds, beside the
-    paper's column where it has one."""
+def _instance_lines(groups: dict, presets: dict[str, Preset], heading: str, intro: str) -> list[str]:
+    """The per-instance table of the sequence cells (MANN) among `groups` (name -> runs for the full-budget cells,
+    (name, what differs) -> runs for the others, which get a "differs by" column): ours, mean over the kept
+    seeds, beside the paper's column where it has one."""
     lines = []
-    for name, runs in sorted(full.items()):
+    for key, runs in sorted(groups.items()):
+        name, differs = (key, None) if isinstance(key, str) else key
         kept, _ = newest_per_seed(runs, warn=lambda m: None)
         curves = [r["test"]["instance_acc"] for r in kept if r["test"].get("instance_acc")]
         if not curves or len({len(c) for c in curves}) != 1:
@@ -248,21 +250,14 @@ def _instance_lines(full: dict[str, list[dict]], presets: dict[str, Preset]) -> 
             theirs = paper[k] if k < len(paper) else None
             cells.append(f"{ours:.1f}" + ("" if theirs is None else f" ({theirs:.1f}, {ours - theirs:+.1f})"))
         seeds = ", ".join(str(r.get("seed")) for r in kept if r["test"].get("instance_acc"))
-        lines.append((len(cells), f"| {name} | {seeds} | " + " | ".join(cells) + " |"))
+        lead = f"| {name} | " + ("" if differs is None else f"{_cell(differs)} | ")
+        lines.append((len(cells), lead + f"{seeds} | " + " | ".join(cells) + " |"))
     if not lines:
         return []
     width = max(n for n, _ in lines)
-    header = ["preset", "seeds", *(f"instance {k}" for k in range(1, width + 1))]
-    return [
-        "",
-        "## Accuracy per instance",
-        "",
-        "Sequence cells (Santoro et al. 2016, Table 1): test accuracy (%) at the k-th instance of each class, ours "
-        "(mean over the seeds) and, where the paper has that column, (paper, ours − paper). The full-budget table's "
-        "accuracy is over instances 2 and later.",
-        "",
-        *_table(header, [line + " |" * (width - n) for n, line in lines]),
-    ]
+    extra = ["differs by"] if any(not isinstance(key, str) for key in groups) else []
+    header = ["preset", *extra, "seeds", *(f"instance {k}" for k in range(1, width + 1))]
+    return ["", heading, "", intro, "", *_table(header, [line + " |" * (width - n) for n, line in lines])]
 
 
 def _table(header: list[str], lines: list[str]) -> list[str]:
@@ -317,7 +312,14 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
     regression = {name: runs for name, runs in full.items() if metric_of(runs[0]) == "mse"}
     accuracy = {name: runs for name, runs in full.items() if name not in regression}
     out += _table(HEADER, rows(accuracy, extra=False)) if accuracy else ["(none yet)"]
-    out += _instance_lines(accuracy, presets)
+    out += _instance_lines(
+        accuracy,
+        presets,
+        "## Accuracy per instance",
+        "Sequence cells (Santoro et al. 2016, Table 1): test accuracy (%) at the k-th instance of each class, ours "
+        "(mean over the seeds) and, where the paper has that column, (paper, ours − paper). The full-budget table's "
+        "accuracy is over instances 2 and later.",
+    )
     if regression:
         out += [
             "",
@@ -337,6 +339,13 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
         "",
     ]
     out += _table(MODIFIED_HEADER, rows(other, extra=True)) if other else ["(none)"]
+    out += _instance_lines(
+        other,
+        presets,
+        "## Reduced budget or modified, per instance",
+        "The sequence runs of the table above, instance by instance as in the full-budget one (paper, ours − paper); "
+        "not the paper's protocol.",
+    )
     if earlier:
         out += [
             "",
