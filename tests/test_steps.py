@@ -81,13 +81,17 @@ def _stepper(cfg, kind, tmp_path):
         ["algo=fomaml"],
         ["algo=siamese"],
         ["algo=mann", "algo.slots=16"],
-        ["algo=lstm_baseline"],
+        ["algo=lstm_baseline", "optim=rmsprop", "optim.alpha=0.9"],
         ["algo=meta_lstm"],
         ["algo=meta_sgd"],
         ["algo=maml_pp", "algo.inner_steps=2", "algo.epoch_iterations=3", "algo.msl_epochs=2"],
         ["algo=anil", "algo.inner_steps=2"],
     ],
-    ids=lambda o: o[0].removeprefix("algo=") + ("-clipped" if "grad_clip" in str(o) else ""),
+    ids=lambda o: (
+        o[0].removeprefix("algo=")
+        + ("-clipped" if "grad_clip" in str(o) else "")
+        + "".join("-" + x.removeprefix("optim=") for x in o if x.startswith("optim="))
+    ),
 )
 def test_static_buffer_step_is_the_eager_step(compose_cfg, tmp_path, overrides):
     """Eight iterations (past the warm-up, where a GPU would start replaying): the same losses, scores, weights
@@ -104,7 +108,9 @@ def test_static_buffer_step_is_the_eager_step(compose_cfg, tmp_path, overrides):
         assert torch.equal(a, b), name
     assert opt_a.param_groups[0]["lr"] == opt_b.param_groups[0]["lr"]
     sa, sb = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
-    assert all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
+    assert sa and sa.keys() == sb.keys()
+    for k in sa:  # Adam's moments, RMSprop's square averages, the step counters
+        assert sa[k].keys() == sb[k].keys() and all(torch.equal(v, sb[k][n]) for n, v in sa[k].items()), k
     assert eager.progress.first_loss == static.progress.first_loss
 
 
@@ -291,6 +297,24 @@ def test_graph_step_resumes_and_stops_on_signals_bit_for_bit(compose_cfg, tmp_pa
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_optim_rmsprop_is_torchs_at_the_meta_lr_and_runs_eagerly_under_graphs(compose_cfg):
+    """optim=rmsprop builds torch.optim.RMSprop at trainer.meta_lr with its settings; GraphStep captures only
+    Adam and AdamW (measured on a GPU), so trainer.cuda_graph refuses RMSprop and SGD in one line (auto then
+    runs them eagerly)."""
+    cfg = compose_cfg("train", [*TINY, "device=cpu", "optim=rmsprop", "optim.alpha=0.9", "trainer.meta_lr=0.003"])
+    run = build(cfg)
+    opt = run.optimizer(run.algo.parameters())
+    assert type(opt) is torch.optim.RMSprop
+    assert opt.defaults["lr"] == 0.003 and opt.defaults["alpha"] == 0.9 and opt.defaults["momentum"] == 0
+    params = [torch.nn.Parameter(torch.ones(2))]
+    for cls in (torch.optim.Adam, torch.optim.AdamW):
+        steps.check_capturable(cls(params))
+    for cls in (torch.optim.RMSprop, torch.optim.SGD):
+        with pytest.raises(steps.CaptureUnsupported) as e:
+            steps.check_capturable(cls(params, lr=0.1))
+        assert f"torch.optim.{cls.__name__} is not captured" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_optimizer_state_leaves_the_live_optimizer_alone():

@@ -36,7 +36,7 @@ class TrainerConfig:
     log_every: int = 10  # refresh the progress bar's loss/accuracy every N iterations
     grad_clip: Optional[float] = None
     # off | on | auto: replay each meta-iteration as one CUDA graph (fewshot.engine.steps.GraphStep). auto: on CUDA
-    # with an optimizer that can be captured (adam, adamw), eager elsewhere or when capture fails. Measured on an
+    # with an optimizer that is captured (adam, adamw), eager elsewhere or when capture fails. Measured on an
     # H100 (scripts/bench_gpu.sh): MAML Omniglot 5-way 1-shot 26.9 -> 3.6 ms per meta-iteration, 20-way 1-shot
     # 141.8 -> 26.6 ms (maml_omniglot_5w1s/20w1s shapes, same process).
     cuda_graph: str = "auto"

@@ -134,11 +134,8 @@ class GraphStep(EagerStep):
             static_shapes()
 
     def _make_capturable(self) -> None:
+        check_capturable(self.optimizer)
         groups = self.optimizer.param_groups
-        if any("capturable" not in g for g in groups):
-            name = type(self.optimizer).__name__
-            # No advice to switch optimizers: Reptile's protocol is its SGD meta step.
-            raise CaptureUnsupported(f"torch.optim.{name} has no capturable mode (Adam and AdamW have one)")
         for group in groups:
             group["capturable"] = True
             for p in group["params"]:  # a resumed state holds its step counters on the CPU
@@ -232,6 +229,16 @@ class GraphStep(EagerStep):
 
 class CaptureUnsupported(FewshotError):
     """This run's step cannot be captured as a CUDA graph; the message says why."""
+
+
+def check_capturable(optimizer: torch.optim.Optimizer) -> None:
+    """Raise CaptureUnsupported unless GraphStep captures this optimizer: Adam and AdamW, whose capturable mode
+    with a learning rate read from a device tensor was measured on a GPU. RMSprop has a capturable mode too, but
+    fewshot has not run it under a graph, so it runs eagerly (auto) or is refused (on)."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        name = type(optimizer).__name__
+        # No advice to switch optimizers: Reptile's protocol is its SGD meta step.
+        raise CaptureUnsupported(f"torch.optim.{name} is not captured (fewshot captures Adam and AdamW)")
 
 
 def make_step(mode: str, device: torch.device, *args, **kwargs) -> EagerStep:
