@@ -162,12 +162,13 @@ def test_sequence_cells_are_set_beside_the_papers_instance_columns(tmp_path):
     row = next(line for line in section.splitlines() if line.startswith("| mann_omniglot_5way"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:3] == ["mann_omniglot_5way", "1, 2", "35.0 (36.4, -1.4)"]  # (30 + 40) / 2 against 36.4
+    assert "| preset | seeds | instance 1 |" in section  # no differs-by column for the cells
     assert cells[3] == "80.0 (82.8, -2.8)" and cells[7] == "95.0" and cells[11] == "98.0 (98.1, -0.1)"
     assert "matching_omniglot_5w1s" not in section
     assert text.index("## Full budget") < text.index("## Accuracy per instance") < text.index("## Reduced budget")
     # The variant: in its own per-instance table after the modified runs, with what differs; not pooled above.
     assert "25.0" not in section
-    modified = text.split("## Reduced budget or modified, per instance")[1].split("## Not yet run")[0]
+    modified = text.split("## Per instance, reduced budget or modified")[1].split("## Not yet run")[0]
     row = next(line for line in modified.splitlines() if line.startswith("| mann_omniglot_5way"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:4] == ["mann_omniglot_5way", "overrides trainer.meta_lr=0.001", "1", "25.0 (36.4, -11.4)"]

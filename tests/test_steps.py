@@ -81,6 +81,7 @@ def _stepper(cfg, kind, tmp_path):
         ["algo=fomaml"],
         ["algo=siamese"],
         ["algo=mann", "algo.slots=16"],
+        ["algo=lstm_baseline"],
         ["algo=lstm_baseline", "optim=rmsprop", "optim.alpha=0.9"],
         ["algo=meta_lstm"],
         ["algo=meta_sgd"],

@@ -10,7 +10,8 @@ Made only from real runs' results.json files, never typed by hand. Its parts:
 - Regression: the full-budget regression cells (sinusoid, test.metric "mse"), their test MSE with the MSE before
   adapting and after one step; the paper plots these (Figure 3), so there is no paper column.
 - Reduced or modified: every other run filed under a preset's name, with what differs. Not comparable with the
-  paper; kept apart so that nobody mistakes them for the cell.
+  paper; kept apart so that nobody mistakes them for the cell. Its sequence runs (a MANN variant) get their own
+  per-instance table after it, with what differs.
 - Replaced: a run of a seed that a later run of the same cell and seed replaced (newest by recorded date).
 - Not yet run: presets without a full-budget row, with the reason.
 
@@ -342,7 +343,7 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
     out += _instance_lines(
         other,
         presets,
-        "## Reduced budget or modified, per instance",
+        "## Per instance, reduced budget or modified",
         "The sequence runs of the table above, instance by instance as in the full-budget one (paper, ours − paper); "
         "not the paper's protocol.",
     )
