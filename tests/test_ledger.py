@@ -173,9 +173,11 @@ def test_sequence_cells_are_set_beside_the_papers_instance_columns(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:4] == ["mann_omniglot_5way", "overrides trainer.meta_lr=0.001", "1", "25.0 (36.4, -11.4)"]
     assert "| preset | differs by | seeds | instance 1 |" in modified and "matching" not in modified
-    # No sequence run: no section.
-    alone = ledger_markdown(collect([tmp_path / "2"]), load_presets(), "runs")
-    assert "## Accuracy per instance" not in alone and "per instance" not in alone
+    # No sequence run, or only a modified run that is no sequence: no per-instance table.
+    (tmp_path / "4").mkdir()
+    (tmp_path / "4" / "results.json").write_text(json.dumps(_result(iterations=500)))
+    alone = ledger_markdown(collect([tmp_path / "2", tmp_path / "4"]), load_presets(), "runs")
+    assert "500 of 20,000 iterations" in alone and "per instance" not in alone.lower()
 
 
 def test_regression_cells_have_their_own_table(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -300,7 +301,7 @@ def test_graph_step_resumes_and_stops_on_signals_bit_for_bit(compose_cfg, tmp_pa
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-def test_optim_rmsprop_is_torchs_at_the_meta_lr_and_runs_eagerly_under_graphs(compose_cfg):
+def test_optim_rmsprop_is_torchs_at_the_meta_lr_and_runs_eagerly_under_graphs(compose_cfg, monkeypatch):
     """optim=rmsprop builds torch.optim.RMSprop at trainer.meta_lr with its settings; GraphStep captures only
     Adam and AdamW (measured on a GPU), so trainer.cuda_graph refuses RMSprop and SGD in one line (auto then
     runs them eagerly)."""
@@ -316,6 +317,25 @@ def test_optim_rmsprop_is_torchs_at_the_meta_lr_and_runs_eagerly_under_graphs(co
         with pytest.raises(steps.CaptureUnsupported) as e:
             steps.check_capturable(cls(params, lr=0.1))
         assert f"torch.optim.{cls.__name__} is not captured" in str(e.value) and "\n" not in str(e.value)
+    # GraphStep's capture path asks it (RMSprop has a capturable setting, which the old check let through) ...
+    stub = SimpleNamespace(optimizer=torch.optim.RMSprop(params, lr=0.1), device=torch.device("cpu"))
+    with pytest.raises(steps.CaptureUnsupported):
+        steps.GraphStep._make_capturable(stub)
+    stub.optimizer = torch.optim.Adam(params, lr=0.1)
+    steps.GraphStep._make_capturable(stub)
+    assert stub.optimizer.param_groups[0]["capturable"] is True
+    # ... and make_step turns the refusal into eager steps (auto) or a one-line error (on), as on a GPU.
+    real = steps.GraphStep
+
+    class Refusing(real):  # a CUDA device's GraphStep, whose constructor makes the optimizer capturable
+        def __init__(self, algo, sampler, optimizer, *args, **kwargs):
+            real._make_capturable(SimpleNamespace(optimizer=optimizer, device=torch.device("cpu")))
+
+    monkeypatch.setattr(steps, "GraphStep", Refusing)
+    args = (run.algo, None, torch.optim.RMSprop(params, lr=0.1), None, 2, None, Progress(), None)
+    assert type(steps.make_step("auto", torch.device("cuda"), *args)) is steps.EagerStep
+    with pytest.raises(steps.FewshotError, match="^trainer.cuda_graph=on: torch.optim.RMSprop is not captured"):
+        steps.make_step("on", torch.device("cuda"), *args)
 
 
 def test_optimizer_state_leaves_the_live_optimizer_alone():

@@ -238,7 +238,8 @@ def _instance_lines(groups: dict, presets: dict[str, Preset], heading: str, intr
     (name, what differs) -> runs for the others, which get a "differs by" column): ours, mean over the kept
     seeds, beside the paper's column where it has one."""
     lines = []
-    for key, runs in sorted(groups.items()):
+    # by preset name, variants of one preset in the order the modified table lists them
+    for key, runs in sorted(groups.items(), key=lambda item: item[0] if isinstance(item[0], str) else item[0][0]):
         name, differs = (key, None) if isinstance(key, str) else key
         kept, _ = newest_per_seed(runs, warn=lambda m: None)
         curves = [r["test"]["instance_acc"] for r in kept if r["test"].get("instance_acc")]
