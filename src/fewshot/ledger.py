@@ -233,14 +233,14 @@ def _regression_line(row: Row, runs: list[dict], extra: Optional[str] = None) ->
     )
 
 
-def _instance_lines(groups: dict, presets: dict[str, Preset], heading: str, intro: str) -> list[str]:
-    """The per-instance table of the sequence cells (MANN) among `groups` (name -> runs for the full-budget cells,
-    (name, what differs) -> runs for the others, which get a "differs by" column): ours, mean over the kept
-    seeds, beside the paper's column where it has one."""
+def _instance_lines(groups: dict, presets: dict[str, Preset], heading: str, intro: str, extra: bool) -> list[str]:
+    """The per-instance table of the sequence cells (MANN) among `groups`, keyed as rows() takes them (name, or
+    with extra (name, what differs), which gets a "differs by" column): ours, mean over the kept seeds, beside the
+    paper's column where it has one."""
     lines = []
     # by preset name, variants of one preset in the order the modified table lists them
-    for key, runs in sorted(groups.items(), key=lambda item: item[0] if isinstance(item[0], str) else item[0][0]):
-        name, differs = (key, None) if isinstance(key, str) else key
+    for key, runs in sorted(groups.items(), key=lambda item: item[0][0] if extra else item[0]):
+        name, differs = key if extra else (key, None)
         kept, _ = newest_per_seed(runs, warn=lambda m: None)
         curves = [r["test"]["instance_acc"] for r in kept if r["test"].get("instance_acc")]
         if not curves or len({len(c) for c in curves}) != 1:
@@ -257,8 +257,7 @@ def _instance_lines(groups: dict, presets: dict[str, Preset], heading: str, intr
     if not lines:
         return []
     width = max(n for n, _ in lines)
-    extra = ["differs by"] if any(not isinstance(key, str) for key in groups) else []
-    header = ["preset", *extra, "seeds", *(f"instance {k}" for k in range(1, width + 1))]
+    header = ["preset", *(["differs by"] if extra else []), "seeds", *(f"instance {k}" for k in range(1, width + 1))]
     return ["", heading, "", intro, "", *_table(header, [line + " |" * (width - n) for n, line in lines])]
 
 
@@ -321,6 +320,7 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
         "Sequence cells (Santoro et al. 2016, Table 1): test accuracy (%) at the k-th instance of each class, ours "
         "(mean over the seeds) and, where the paper has that column, (paper, ours − paper). The full-budget table's "
         "accuracy is over instances 2 and later.",
+        extra=False,
     )
     if regression:
         out += [
@@ -347,6 +347,7 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
         "## Per instance, reduced budget or modified",
         "The sequence runs of the table above, instance by instance as in the full-budget one (paper, ours − paper); "
         "not the paper's protocol.",
+        extra=True,
     )
     if earlier:
         out += [

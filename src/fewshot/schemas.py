@@ -106,8 +106,8 @@ def torch_schemas() -> Iterator[tuple[str, str, type]]:
     conf/ offers: torch's own classes, their defaults theirs. `schedule=constant` builds no scheduler."""
     import torch
 
-    optimizers = torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.SGD
-    for name, cls in zip(("adam", "adamw", "rmsprop", "sgd"), optimizers):
+    optim = torch.optim
+    for name, cls in (("adam", optim.Adam), ("adamw", optim.AdamW), ("rmsprop", optim.RMSprop), ("sgd", optim.SGD)):
         yield "optim", name, schema_for(cls, name, "optim", partial=True)
     lr = torch.optim.lr_scheduler
     for name, cls in (("step", lr.StepLR), ("cosine", lr.CosineAnnealingLR), ("linear", lr.LinearLR)):

@@ -105,9 +105,10 @@ def lrua_step(
     and reads (T, heads * W)."""
     width = mem.shape[-1]
     interface = F.linear(h, weight, bias).view(h.shape[0], heads, -1)
-    assert interface.shape[-1] in (width + 1, 2 * width + 1), f"interface of {weight.shape[0]} for {heads} heads"
+    per_head = interface.shape[-1]
+    assert per_head in (width + 1, 2 * width + 1), f"interface of {weight.shape[0]} for {heads} heads"
     keys, alpha = interface[..., :width].tanh(), interface[..., -1]
-    values = interface[..., width:-1].tanh() if interface.shape[-1] == 2 * width + 1 else keys
+    values = interface[..., width:-1].tanh() if per_head > width + 1 else keys
     mem, write_w = lrua_write(mem, usage, read_w, values, alpha)
     read_w, read = cosine_read(mem, keys)
     return mem, update_usage(usage, read_w, write_w, gamma), read_w, read.flatten(1)
