@@ -58,6 +58,11 @@ def test_run_folder_contents(tiny_run, algo):
     test = on_disk["test"]
     assert test["episodes"] == 20 and 0.0 <= test["acc_mean"] <= 1.0 and test["acc_ci95"] >= 0.0
     assert on_disk["algo"] == algo and on_disk["ways"] == 5 and on_disk["queries"] == 3
+    # the resolved settings, which RESULTS.md checks the run against its preset by; no paths, no paper numbers
+    config = on_disk["config"]
+    assert config["trainer"]["meta_lr"] == cfg.trainer.meta_lr and config["algo"]["name"] == algo
+    assert config["trainer"]["iterations"] == 6 and config["name"] == cfg.name
+    assert not {"data_root", "cache_dir", "paper", "revisions"} & set(config)
     assert ("step_acc" in test) == (algo == "maml")
     if algo == "maml":
         assert len(test["step_acc"]) == cfg.algo.eval_inner_steps + 1

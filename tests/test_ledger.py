@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import re
 from pathlib import Path
 
-from fewshot.ledger import _paper_number, differences, ledger_markdown, load_presets
+from fewshot.ledger import Revision, _paper_number, differences, ledger_markdown, load_presets
 from fewshot.table import collect, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +56,52 @@ def test_full_reduced_and_modified_runs_are_told_apart():
     assert differences(_result(command=None), preset) == ["command not recorded"]
     modified = _result(command="fewshot-train experiment=matching_omniglot_5w1s algo.similarity=cosine seed=3")
     assert differences(modified, preset) == ["overrides algo.similarity=cosine"]
+
+
+def test_a_setting_the_preset_changed_since_a_run_makes_that_run_modified():
+    preset = dataclasses.replace(
+        load_presets()["matching_omniglot_5w1s"],
+        settings={"trainer.meta_lr": 0.001, "episode.ways": 5},
+        revisions=(Revision("trainer.meta_lr", 0.0001, "2026-06-01T00:00:00Z"),),
+    )
+    before, after = _result(date="2026-05-31T23:59:59Z"), _result(date="2026-06-01T00:00:01Z")
+    # results.json without `config`: the revision says what the file held at the run's date
+    assert differences(before, preset) == ["trained with trainer.meta_lr=0.0001, the preset now 0.001"]
+    assert differences(after, preset) == []
+    # an override that restates the preset's value, however written, is the preset's own setting
+    for value in ("0.001", "1e-3"):
+        restated = _result(date=before["date"], command=before["command"] + f" trainer.meta_lr={value}")
+        assert differences(restated, preset) == []
+    other = _result(command=after["command"] + " trainer.meta_lr=0.01 +episode.ways=5")
+    assert differences(other, preset) == ["overrides trainer.meta_lr=0.01"]
+    # results.json's `config` is the record: it outranks the dates, and keys the preset does not set are ignored
+    config = {"trainer": {"meta_lr": 0.0001, "iterations": 20000}, "episode": {"ways": 5}, "algo": {"name": "x"}}
+    assert differences({**after, "config": config}, preset) == [
+        "trained with trainer.meta_lr=0.0001, the preset now 0.001"
+    ]
+    config["trainer"]["meta_lr"] = 0.001
+    assert differences({**before, "config": config}, preset) == []
+
+
+def test_seeds_that_restate_their_presets_value_are_pooled_as_the_cell(tmp_path):
+    preset = load_presets()["matching_omniglot_5w1s"]
+    lr = preset.settings["trainer.meta_lr"]
+    restated = f"fewshot-train experiment={preset.name} seed=2 trainer.meta_lr={lr}"
+    runs = [_result(seed=1), _result(seed=2, command=restated)]
+    for k, run in enumerate(runs):
+        (tmp_path / str(k)).mkdir()
+        (tmp_path / str(k) / "results.json").write_text(json.dumps(run))
+    text = ledger_markdown(collect([tmp_path]), load_presets(), "runs")
+    full = text.split("## Reduced budget")[0]
+    assert "| matching_omniglot_5w1s | 5-way 1-shot | 98.00 ± 0.00 † |" in full and "| 1, 2 |" in full
+
+
+def test_every_preset_revision_names_a_key_the_preset_sets_and_a_utc_date():
+    for preset in load_presets().values():
+        assert preset.settings, preset.name
+        for revision in preset.revisions:
+            assert revision.key in preset.settings and revision.was != preset.settings[revision.key], preset.name
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", revision.until), (preset.name, revision)
 
 
 def test_a_run_that_tested_other_weights_than_its_preset_is_not_the_cell(tmp_path):

@@ -182,8 +182,15 @@ def newest_per_seed(runs: Sequence[dict], warn: Callable[[str], None] = _warn_st
     return [by_seed[s] for s in sorted(by_seed)], replaced
 
 
-def aggregate(results: Sequence[dict], by: str = "cell", warn: Callable[[str], None] = _warn_stderr) -> list[Row]:
+def aggregate(
+    results: Sequence[dict],
+    by: str = "cell",
+    warn: Callable[[str], None] = _warn_stderr,
+    settings_checked: bool = False,
+) -> list[Row]:
     """Group results into cells (see the module docstring for `by`) and pool each cell's seeds; sorted rows.
+    settings_checked: the caller has compared the runs' settings itself (the ledger, against their preset, where
+    `trainer.meta_lr=0.001` restating the preset's value is no difference), so their commands may differ.
 
     A seed found twice in one cell (a re-run into another folder) would count one experiment twice and shrink the
     interval, so only the newest file (modification time) is kept, with a warning."""
@@ -196,7 +203,7 @@ def aggregate(results: Sequence[dict], by: str = "cell", warn: Callable[[str], N
 
     rows = []
     for members in groups.values():
-        check_poolable(members)
+        check_poolable(members, settings=not settings_checked)
         runs, _ = newest_per_seed(members, warn)
         fields = {f: _merge([_field(r, f) for r in runs]) for f in CELL_FIELDS}
         if by == "name":
@@ -255,10 +262,11 @@ def _streams(seed: int) -> tuple[int, ...]:
     return tuple((seed * 1000 + k) % 2**32 for k in range(3)) + (seed % 2**32,)
 
 
-def check_poolable(runs: Sequence[dict]) -> None:
+def check_poolable(runs: Sequence[dict], settings: bool = True) -> None:
     """Refuse to pool runs that are not independent seeds of one experiment: two seeds that share random streams
     (seed=2**40 repeats seed=0 exactly; pooled they give a zero interval) or runs whose commands differ beyond
-    the seed (say, one with algo.similarity=cosine filed under the same name)."""
+    the seed (say, one with algo.similarity=cosine filed under the same name); settings=False checks the streams
+    only."""
     owner: dict[tuple[int, int], int] = {}
     for r in runs:
         for stream in enumerate(_streams(r["seed"])):  # (which stream, its 32-bit seed): like with like
@@ -268,9 +276,11 @@ def check_poolable(runs: Sequence[dict]) -> None:
                     f"{r['name']}: seeds {other} and {r['seed']} draw the same random streams, so their "
                     f"runs are not independent; keep one of {r.get('_path')} and the other"
                 )
-    settings = {tuple(sorted(s)) for s in map(measured_overrides, (r.get("command") for r in runs)) if s is not None}
-    if len(settings) > 1:
-        shown = " vs ".join("[" + " ".join(s) + "]" for s in sorted(settings))
+    if not settings:
+        return
+    commands = {tuple(sorted(s)) for s in map(measured_overrides, (r.get("command") for r in runs)) if s is not None}
+    if len(commands) > 1:
+        shown = " vs ".join("[" + " ".join(s) + "]" for s in sorted(commands))
         raise TableError(
             f"{runs[0]['name']}: refusing to pool runs whose settings differ beyond the seed ({shown}); "
             "give them different names (name=...) or separate folders"

@@ -90,6 +90,15 @@ class PaperConfig:
 
 
 @dataclass
+class RevisionConfig:
+    """A value an experiment preset used to set (fewshot.ledger lists runs made before `until` as modified)."""
+
+    key: str = MISSING
+    was: Any = None
+    until: str = MISSING  # UTC, as results.json's date: 2026-11-29T07:00:00Z
+
+
+@dataclass
 class TrainConfig:
     algo: Any = MISSING
     backbone: Any = MISSING
@@ -101,6 +110,7 @@ class TrainConfig:
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     paper: PaperConfig = field(default_factory=PaperConfig)
+    revisions: list[RevisionConfig] = field(default_factory=list)
     seed: int = 0
     data_root: str = "${oc.env:FEWSHOT_DATA_ROOT,./data}"
     cache_dir: str = "${oc.env:FEWSHOT_CACHE_DIR,${oc.env:HOME,.}/.cache/fewshot}"

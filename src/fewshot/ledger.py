@@ -9,8 +9,9 @@ Made only from real runs' results.json files, never typed by hand. Its parts:
   paper's columns (paper.instance_acc), as Santoro et al. report it.
 - Regression: the full-budget regression cells (sinusoid, test.metric "mse"), their test MSE with the MSE before
   adapting and after one step; the paper plots these (Figure 3), so there is no paper column.
-- Reduced or modified: every other run filed under a preset's name, with what differs. Not comparable with the
-  paper; kept apart so that nobody mistakes them for the cell. Its sequence runs (a MANN variant) get their own
+- Reduced or modified: every other run filed under a preset's name, with what differs (an override that restates
+  the preset's own value is not a difference; a setting the preset has changed since the run is). Not comparable
+  with the paper; kept apart so that nobody mistakes them for the cell. Its sequence runs (a MANN variant) get their own
   per-instance table after it, with what differs.
 - Replaced: a run of a seed that a later run of the same cell and seed replaced (newest by recorded date).
 - Not yet run: presets without a full-budget row, with the reason.
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import importlib.resources
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -39,6 +40,16 @@ NOT_RUN = "not run at full budget yet"
 
 
 @dataclass(frozen=True)
+class Revision:
+    """A setting a preset file used to hold: runs filed before `until` (results.json's date) without overriding it
+    were trained with `was`, whatever the file says now. Needed only for runs whose results.json has no `config`."""
+
+    key: str
+    was: object
+    until: str
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     dataset: str
@@ -51,6 +62,8 @@ class Preset:
     test_weights: str = "best"  # eval.weights: the checkpoint its test reads, best.pt or the final weights
     split: Optional[str] = None  # the dataset's split (omniglot: finn, vinyals, vinyals_trainval, ...), if it names one
     test_steps: Optional[int] = None  # algo.eval_inner_steps, where the preset sets it
+    settings: dict = field(default_factory=dict, hash=False)  # what the preset file sets, by dotted key
+    revisions: tuple[Revision, ...] = ()
 
 
 def _conf_root() -> Path:
@@ -83,8 +96,25 @@ def load_presets(conf: Optional[Path] = None) -> dict[str, Preset]:
             test_weights=str(OmegaConf.select(node, "eval.weights", default=weights)),
             split=OmegaConf.select(node, "dataset.split", default=None) or _dataset_split(conf, dataset),
             test_steps=OmegaConf.select(node, "algo.eval_inner_steps", default=None),
+            settings=_flat({k: v for k, v in OmegaConf.to_container(node).items() if k not in NOT_SETTINGS}),
+            revisions=tuple(Revision(r["key"], r["was"], str(r["until"])) for r in node.get("revisions") or ()),
         )
     return presets
+
+
+# Keys of a preset file that are not settings a run trains or tests with.
+NOT_SETTINGS = ("defaults", "name", "paper", "revisions", "hydra")
+
+
+def _flat(node: dict, prefix: str = "") -> dict:
+    """{"trainer": {"meta_lr": 0.001}} -> {"trainer.meta_lr": 0.001}: the keys an override names."""
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _dataset_split(conf: Path, dataset: str) -> Optional[str]:
@@ -120,13 +150,51 @@ def differences(result: dict, preset: Preset) -> list[str]:
     diffs += test_differences(result, preset)
     if result.get("command") is None:
         diffs.append("command not recorded")
-    budget = ("trainer.iterations=", "eval.episodes=", "eval.weights=")  # already said above
+    budget = ("trainer.iterations", "eval.episodes", "eval.weights")  # already said above
     if preset.test_steps is not None and tested_steps(result) is not None:  # so are the test's inner steps
-        budget += ("algo.eval_inner_steps=",)
-    changed = [o for o in measured_overrides(result.get("command")) or () if not o.startswith(budget)]
+        budget += ("algo.eval_inner_steps",)
+    overrides = measured_overrides(result.get("command")) or ()
+    changed = [o for o in overrides if not o.startswith(tuple(b + "=" for b in budget)) and not _restates(o, preset)]
     if changed:
         diffs.append("overrides " + " ".join(changed))
+    named = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    for key, now in preset.settings.items():  # what the preset sets and the run did not override
+        if key not in named and key not in budget:
+            then = trained_with(result, preset, key)
+            if then is not _UNKNOWN and then != now:
+                diffs.append(f"trained with {key}={then}, the preset now {now}")
     return diffs
+
+
+def _restates(override: str, preset: Preset) -> bool:
+    """An override that sets a key to the value the preset file gives it: the preset's own setting, asked again."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_override(override)
+    except HydraException:
+        return False
+    key = parsed.key_or_group
+    return not parsed.is_delete() and key in preset.settings and parsed.value() == preset.settings[key]
+
+
+_UNKNOWN = object()
+
+
+def trained_with(result: dict, preset: Preset, key: str) -> object:
+    """The value a run had for a setting its command did not override: from results.json's `config` (the resolved
+    settings, in runs since it was recorded), else the preset's value at the run's date (its revisions); _UNKNOWN
+    where results.json has no config and no revision covers the key (the preset's value now is taken)."""
+    config = result.get("config")
+    if config is not None:
+        return OmegaConf.select(OmegaConf.create(config), key, default=_UNKNOWN)
+    date = result.get("date") or ""
+    # the earliest revision still after the run: the value the file held when the run was made
+    for revision in sorted((r for r in preset.revisions if r.key == key), key=lambda r: r.until):
+        if date < revision.until:
+            return revision.was
+    return _UNKNOWN
 
 
 def tested_steps(result: dict) -> Optional[int]:
@@ -289,7 +357,8 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
         lines = []
         for key, runs in groups.items():
             kept, replaced = newest_per_seed(runs, warn=lambda m: None)
-            (row,) = aggregate(kept, by="name")  # seeds that differ in a recorded setting: said on stderr
+            # differences() grouped them (with their preset's values); seeds that differ in a recorded field: on stderr
+            (row,) = aggregate(kept, by="name", settings_checked=True)
             lines.append((row, line(row, kept, key[1] if extra else None)))
             for r in replaced:
                 (old,) = aggregate([r], by="name", warn=lambda m: None)

@@ -112,6 +112,15 @@ def _make(group: str, node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
+def settings_record(cfg: DictConfig) -> dict:
+    """The resolved settings a run trained and tested with, for results.json: what fewshot.ledger checks a run
+    against its preset by, long after the preset file has changed. Paths and the paper's numbers are left out."""
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("data_root", "cache_dir", "paper", "revisions"):
+        settings.pop(key, None)
+    return settings
+
+
 def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
     """Dataset, backbone and algorithm from the config; the only place configs become objects."""
     check_config(cfg)
@@ -178,6 +187,7 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
         "channels_last": nhwc,
         "keep_freed_memory": kept,
         "paper": OmegaConf.to_container(cfg.paper, resolve=True) if "paper" in cfg else None,
+        "config": settings_record(cfg),
     }
     return Run(
         device=device,

@@ -83,6 +83,7 @@ def make_results(
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": run_command(),
+        "config": run.record["config"],
         "test": test,
         "paper": run.record["paper"],
     }
