@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import assert_learns, cuda_generator_state, straight_and_resumed
 from fewshot import engine
@@ -372,6 +373,20 @@ def test_a_run_resumed_on_another_machine_names_each_device(compose_cfg, tmp_pat
     save_checkpoint(last, state)
     again = train_run(compose_cfg("train", common), tmp_path / "run")
     assert again["train_devices"] == ["a device not recorded", "cpu"]
+
+
+def test_a_checkpoint_saved_before_presets_listed_revisions_resumes(tiny_run):
+    """A preset that gains a revision (RESULTS.md's record of a value it used to set) does not stop its runs in
+    progress from resuming: the list is a label, not a setting."""
+    cfg, run_dir, _ = tiny_run("algo=protonet")
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    del state["config"]["revisions"]
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["revisions"] = [{"key": "trainer.meta_lr", "was": 0.0001, "until": "2026-11-29T07:00:00Z"}]
+    assert engine.check_same_run(state, config, run_dir) == []
+    config["trainer"]["meta_lr"] = 0.5  # a setting still refuses
+    with pytest.raises(CheckpointError, match="trainer.meta_lr"):
+        engine.check_same_run(state, config, run_dir)
 
 
 def test_bad_schedule_setting_is_one_clear_error(compose_cfg, tmp_path):

@@ -81,6 +81,23 @@ def test_a_setting_the_preset_changed_since_a_run_makes_that_run_modified():
     ]
     config["trainer"]["meta_lr"] = 0.001
     assert differences({**before, "config": config}, preset) == []
+    # a config without the key falls back to the revisions
+    assert differences({**before, "config": {"episode": {"ways": 5}}}, preset) == [
+        "trained with trainer.meta_lr=0.0001, the preset now 0.001"
+    ]
+
+
+def test_neutral_and_group_overrides_of_a_preset_key_are_not_read_as_changed_settings():
+    preset = dataclasses.replace(
+        load_presets()["matching_omniglot_5w1s"],
+        settings={"eval.meta_batch_size": 10, "trainer.val_every": 500, "trainer.meta_lr": 0.001},
+    )
+    config = {"eval": {"meta_batch_size": 2}, "trainer": {"val_every": 500, "meta_lr": 0.001}}
+    neutral = _result(command=_result()["command"] + " eval.meta_batch_size=2")
+    assert differences({**neutral, "config": config}, preset) == []  # a batch size for the test: same numbers
+    config["trainer"]["val_every"] = 20
+    smoke = _result(command=_result()["command"] + " eval.meta_batch_size=2 trainer=smoke")
+    assert differences({**smoke, "config": config}, preset) == ["overrides trainer=smoke"]  # said once, as itself
 
 
 def test_seeds_that_restate_their_presets_value_are_pooled_as_the_cell(tmp_path):

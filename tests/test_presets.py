@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 
 from conftest import group_choices, load_script
 from fewshot import engine
-from fewshot.ledger import load_presets
+from fewshot.engine.builder import settings_record
+from fewshot.ledger import load_presets, trained_with
 from fewshot.train import run as train_run
 
 # The sinusoid regression presets (<algo>_sinusoid_k<K>) have their own protocol and smoke test: tests/test_sinusoid.py.
@@ -96,6 +98,17 @@ def test_preset_protocol(compose_cfg, preset):
         assert cfg.dataset.split == "vinyals"
     if cfg.dataset.name == "omniglot" and cfg.algo.name == "protonet":  # Snell et al.: trained on 1200 characters
         assert cfg.dataset.split == "vinyals_trainval" and cfg.eval.weights == "last" and cfg.backbone.running_stats
+
+
+@pytest.mark.parametrize("preset", group_choices("experiment"))
+def test_a_plain_run_of_every_preset_records_the_settings_its_file_sets(compose_cfg, preset):
+    """RESULTS.md reads a run's recorded settings (results.json's config) against the values its preset file sets:
+    a plain run of the preset must be its cell. The record holds no paths."""
+    cfg = compose_cfg("train", [f"experiment={preset}", "data_root=/nowhere/data", "cache_dir=/nowhere/cache"])
+    config = settings_record(cfg)
+    listed = load_presets()[preset]
+    assert listed.settings and all(trained_with({"config": config}, listed, k) == v for k, v in listed.settings.items())
+    assert "/nowhere" not in json.dumps(config) and "root" not in config["dataset"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)

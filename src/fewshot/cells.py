@@ -248,12 +248,17 @@ def measured_overrides(command: Optional[str]) -> Optional[tuple[str, ...]]:
     was recorded): everything but the seed, the device, paths and logging (NEUTRAL_OVERRIDES)."""
     if command is None:
         return None
+    return tuple(o for o in shlex.split(command)[1:] if not is_neutral(override_key(o)))
 
-    def neutral(override: str) -> bool:  # the key itself or a key below it: device.name, hydra.run.dir
-        key = override.lstrip("+~").split("=", 1)[0]
-        return any(key == n.rstrip(".") or key.startswith(n.rstrip(".") + ".") for n in NEUTRAL_OVERRIDES)
 
-    return tuple(o for o in shlex.split(command)[1:] if not neutral(o))
+def override_key(override: str) -> str:
+    """The key an override names: trainer.meta_lr for trainer.meta_lr=1e-3, +x.y=3 and ~x.y alike."""
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def is_neutral(key: str) -> bool:
+    """Whether a key is one of NEUTRAL_OVERRIDES or below one (device.name, hydra.run.dir)."""
+    return any(key == n.rstrip(".") or key.startswith(n.rstrip(".") + ".") for n in NEUTRAL_OVERRIDES)
 
 
 def _streams(seed: int) -> tuple[int, ...]:

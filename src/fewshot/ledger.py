@@ -3,8 +3,9 @@
     fewshot-table --ledger PATH... [-o RESULTS.md]        (make ledger: from the runs kept under results/)
 
 Made only from real runs' results.json files, never typed by hand. Its parts:
-- Full budget: runs of a preset exactly as it stands (its iterations and test episodes, and no override
-  beyond the seed, the device and where files live), one row per preset, seeds pooled as fewshot-table does.
+- Full budget: runs of a preset exactly as it stands (its iterations and test episodes, the values its file sets,
+  and no override beyond the seed, the device, where files live, or one restating the preset's value), one row per
+  preset, seeds pooled as fewshot-table does.
 - Per instance: for the full-budget sequence cells (MANN), the accuracy at each instance of a class beside the
   paper's columns (paper.instance_acc), as Santoro et al. report it.
 - Regression: the full-budget regression cells (sinusoid, test.metric "mse"), their test MSE with the MSE before
@@ -30,7 +31,7 @@ from typing import Callable, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from fewshot.cells import Row, aggregate, measured_overrides, metric_of, newest_per_seed
+from fewshot.cells import Row, aggregate, is_neutral, measured_overrides, metric_of, newest_per_seed, override_key
 
 # Why a preset may have no full-budget row yet, by dataset; anything else simply has not been run.
 PENDING = {
@@ -157,9 +158,11 @@ def differences(result: dict, preset: Preset) -> list[str]:
     changed = [o for o in overrides if not o.startswith(tuple(b + "=" for b in budget)) and not _restates(o, preset)]
     if changed:
         diffs.append("overrides " + " ".join(changed))
-    named = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
-    for key, now in preset.settings.items():  # what the preset sets and the run did not override
-        if key not in named and key not in budget:
+    # what the preset sets and the command left alone (an override of trainer= or algo= names every key below it);
+    # neutral keys (eval.meta_batch_size, device.*) may differ, as on the command line
+    named = {override_key(o) for o in _overrides(result.get("command"))}
+    for key, now in preset.settings.items():
+        if not any(key == n or key.startswith(n + ".") for n in named) and key not in budget and not is_neutral(key):
             then = trained_with(result, preset, key)
             if then is not _UNKNOWN and then != now:
                 diffs.append(f"trained with {key}={then}, the preset now {now}")
@@ -185,10 +188,12 @@ _UNKNOWN = object()
 def trained_with(result: dict, preset: Preset, key: str) -> object:
     """The value a run had for a setting its command did not override: from results.json's `config` (the resolved
     settings, in runs since it was recorded), else the preset's value at the run's date (its revisions); _UNKNOWN
-    where results.json has no config and no revision covers the key (the preset's value now is taken)."""
+    where neither says (the preset's value now is taken)."""
     config = result.get("config")
     if config is not None:
-        return OmegaConf.select(OmegaConf.create(config), key, default=_UNKNOWN)
+        recorded = OmegaConf.select(OmegaConf.create(config), key, default=_UNKNOWN)
+        if recorded is not _UNKNOWN:
+            return recorded
     date = result.get("date") or ""
     # the earliest revision still after the run: the value the file held when the run was made
     for revision in sorted((r for r in preset.revisions if r.key == key), key=lambda r: r.until):
@@ -376,7 +381,8 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
         "",
         "## Full budget",
         "",
-        "Runs of a preset as it stands: its iterations and test episodes, no override but the seed, device and paths.",
+        "Runs of a preset as it stands: its iterations and test episodes, the values its file sets, no override but "
+        "the seed, device and paths (or one restating the preset's value).",
         "",
     ]
     regression = {name: runs for name, runs in full.items() if metric_of(runs[0]) == "mse"}

@@ -118,7 +118,17 @@ def settings_record(cfg: DictConfig) -> dict:
     settings = OmegaConf.to_container(cfg, resolve=True)
     for key in ("data_root", "cache_dir", "paper", "revisions"):
         settings.pop(key, None)
+    _drop_paths(settings, OmegaConf.to_container(cfg, resolve=False))
     return settings
+
+
+def _drop_paths(settings: dict, raw: dict) -> None:
+    """Remove the keys whose unresolved value is built from data_root or cache_dir (dataset.root, .split_dir)."""
+    for key, value in raw.items():
+        if isinstance(value, dict) and isinstance(settings.get(key), dict):
+            _drop_paths(settings[key], value)
+        elif isinstance(value, str) and ("${data_root" in value or "${cache_dir" in value or "${oc.env" in value):
+            settings.pop(key, None)
 
 
 def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:

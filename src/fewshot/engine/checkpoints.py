@@ -120,6 +120,7 @@ RESUMABLE_CHANGES = (
     "logger",
     "dry_run",
     "paper.",  # the published number a preset quotes: a label, not a setting
+    "revisions",  # what a preset used to set, for RESULTS.md: a label as well
 )
 
 
