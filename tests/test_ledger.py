@@ -217,7 +217,7 @@ def test_sequence_cells_are_set_beside_the_papers_instance_columns(tmp_path):
         command = f"fewshot-train experiment=mann_omniglot_5way seed={seed} device=cpu{extra}"
         return _result(name="mann_omniglot_5way", algo="mann", iterations=100000, seed=seed, command=command, test=test)
 
-    variant = mann(1, 0.25, " trainer.meta_lr=0.001")
+    variant = mann(1, 0.25, " algo.add_vector=true")
     runs = [mann(1, 0.30), mann(2, 0.40), _result(), variant]  # and a cell with no instances, and a variant
     for i, r in enumerate(runs):
         (tmp_path / str(i)).mkdir()
@@ -236,7 +236,7 @@ def test_sequence_cells_are_set_beside_the_papers_instance_columns(tmp_path):
     modified = text.split("## Per instance, reduced budget or modified")[1].split("## Not yet run")[0]
     row = next(line for line in modified.splitlines() if line.startswith("| mann_omniglot_5way"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[:4] == ["mann_omniglot_5way", "overrides trainer.meta_lr=0.001", "1", "25.0 (36.4, -11.4)"]
+    assert cells[:4] == ["mann_omniglot_5way", "overrides algo.add_vector=true", "1", "25.0 (36.4, -11.4)"]
     assert "| preset | differs by | seeds | instance 1 |" in modified and "matching" not in modified
     # No sequence run, or only a modified run that is no sequence: no per-instance table.
     (tmp_path / "4").mkdir()
