@@ -215,7 +215,11 @@ def test_sequence_cells_are_set_beside_the_papers_instance_columns(tmp_path):
         curve = [first, 0.80, 0.90, 0.92, 0.94, 0.95, 0.96, 0.96, 0.97, 0.98]
         test = {"episodes": 1000, "acc_mean": 0.93, "acc_ci95": 0.003, "instance_acc": curve}
         command = f"fewshot-train experiment=mann_omniglot_5way seed={seed} device=cpu{extra}"
-        return _result(name="mann_omniglot_5way", algo="mann", iterations=100000, seed=seed, command=command, test=test)
+        return _result(
+            name="mann_omniglot_5way", algo="mann", iterations=100000, seed=seed, command=command, test=test, date=date
+        )
+
+    date = max((r.until for r in preset.revisions), default="2026-01-01T00:00:00Z")  # at the settings as they stand
 
     variant = mann(1, 0.25, " algo.add_vector=true")
     runs = [mann(1, 0.30), mann(2, 0.40), _result(), variant]  # and a cell with no instances, and a variant
