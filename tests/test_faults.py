@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -53,12 +54,13 @@ def test_seed_too_large_is_one_line_on_the_command_line(tmp_path):
     assert proc.returncode == 2 and error_line(proc).startswith(f"fewshot-train: error: seed={2**62}: seeds are")
 
 
-def _results(tmp_path: Path, seed: int, acc: float, command: str) -> None:
+def _results(tmp_path: Path, seed: int, acc: float, command: str, config: Optional[dict] = None) -> None:
     folder = tmp_path / f"s{seed}_{abs(hash(command)) % 1000}"
     folder.mkdir()
     (folder / "results.json").write_text(
         json.dumps(
             {
+                **({} if config is None else {"config": config}),
                 "name": "protonet_omniglot_5w1s",
                 "algo": "protonet",
                 "dataset": "omniglot",
@@ -94,6 +96,29 @@ def test_table_refuses_to_pool_runs_that_differ_beyond_the_seed(tmp_path):
     _results(ok, 1, 0.8, "fewshot-train experiment=protonet_omniglot_5w1s seed=1 device=cpu data_root=/x")
     (row,) = aggregate(collect([ok]))
     assert row.seeds == (0, 1)
+
+
+def test_table_pools_by_the_recorded_settings_where_every_run_has_them(tmp_path):
+    """results.json's config is what a run trained with: a restated value (trainer.meta_lr=0.001 where that is the
+    preset's) pools, and a changed one with the same command does not; the seed and the device never count, and a
+    key only some runs record (a setting added later) is left out."""
+    command = "fewshot-train experiment=protonet_omniglot_5w1s seed={}"
+
+    def config(seed: int, lr: float, **more) -> dict:
+        return {"seed": seed, "device": {"name": f"cuda:{seed}"}, "trainer": {"meta_lr": lr, **more}}
+
+    same = tmp_path / "same"
+    same.mkdir()
+    _results(same, 0, 0.9, command.format(0), config(0, 0.001))
+    _results(same, 1, 0.8, command.format(1) + " trainer.meta_lr=1e-3", config(1, 0.001, val_every=500))
+    (row,) = aggregate(collect([same]))
+    assert row.seeds == (0, 1)
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    _results(changed, 0, 0.9, command.format(0), config(0, 0.001))
+    _results(changed, 1, 0.8, command.format(1), config(1, 0.0001))
+    with pytest.raises(TableError, match=r"settings differ beyond the seed \(trainer.meta_lr: 0.001 vs 0.0001\)"):
+        aggregate(collect([changed]))
 
 
 # ---- numbers that would be wrong without a word -------------------------------------------------

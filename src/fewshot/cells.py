@@ -5,6 +5,7 @@ Plain Python (no Hydra, no torch), so the commands that read results start fast.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -13,6 +14,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
+from fewshot.flat import flatten
 from fewshot.metrics import METRICS
 from fewshot.resultfiles import TableError, _warn_stderr, collect, metric_of  # noqa: E402,F401  (collect, metric_of: re-exported)
 
@@ -270,7 +272,8 @@ def _streams(seed: int) -> tuple[int, ...]:
 def check_poolable(runs: Sequence[dict], settings: bool = True) -> None:
     """Refuse to pool runs that are not independent seeds of one experiment: two seeds that share random streams
     (seed=2**40 repeats seed=0 exactly; pooled they give a zero interval) or runs whose commands differ beyond
-    the seed (say, one with algo.similarity=cosine filed under the same name); settings=False checks the streams
+    the seed (say, one with algo.similarity=cosine filed under the same name): by their recorded settings
+    (results.json's config) where every run has them, else by their commands; settings=False checks the streams
     only."""
     owner: dict[tuple[int, int], int] = {}
     for r in runs:
@@ -283,6 +286,18 @@ def check_poolable(runs: Sequence[dict], settings: bool = True) -> None:
                 )
     if not settings:
         return
+    if all(r.get("config") is not None for r in runs):  # what they ran with, however the command said it
+        recorded = [_measured_settings(r["config"]) for r in runs]
+        # keys every run records: a setting added in a later version defaults to the old behaviour
+        shared = set.intersection(*(set(s) for s in recorded))
+        differ = sorted(k for k in shared if len({json.dumps(s[k]) for s in recorded}) > 1)
+        if differ:
+            shown = "; ".join(f"{k}: " + " vs ".join(dict.fromkeys(json.dumps(s[k]) for s in recorded)) for k in differ)
+            raise TableError(
+                f"{runs[0]['name']}: refusing to pool runs whose settings differ beyond the seed ({shown}); "
+                "give them different names (name=...) or separate folders"
+            )
+        return
     commands = {tuple(sorted(s)) for s in map(measured_overrides, (r.get("command") for r in runs)) if s is not None}
     if len(commands) > 1:
         shown = " vs ".join("[" + " ".join(s) + "]" for s in sorted(commands))
@@ -290,6 +305,11 @@ def check_poolable(runs: Sequence[dict], settings: bool = True) -> None:
             f"{runs[0]['name']}: refusing to pool runs whose settings differ beyond the seed ({shown}); "
             "give them different names (name=...) or separate folders"
         )
+
+
+def _measured_settings(config: dict) -> dict:
+    """A results.json's recorded settings (config) without the neutral ones (seed, device, logging)."""
+    return {k: v for k, v in flatten(config).items() if not is_neutral(k)}
 
 
 def _mtime(result: dict) -> float:

@@ -32,6 +32,7 @@ from typing import Callable, Optional, Sequence
 from omegaconf import OmegaConf
 
 from fewshot.cells import Row, aggregate, is_neutral, measured_overrides, metric_of, newest_per_seed, override_key
+from fewshot.flat import flatten
 
 # Why a preset may have no full-budget row yet, by dataset; anything else simply has not been run.
 PENDING = {
@@ -97,7 +98,7 @@ def load_presets(conf: Optional[Path] = None) -> dict[str, Preset]:
             test_weights=str(OmegaConf.select(node, "eval.weights", default=weights)),
             split=OmegaConf.select(node, "dataset.split", default=None) or _dataset_split(conf, dataset),
             test_steps=OmegaConf.select(node, "algo.eval_inner_steps", default=None),
-            settings=_flat({k: v for k, v in OmegaConf.to_container(node).items() if k not in NOT_SETTINGS}),
+            settings=flatten({k: v for k, v in OmegaConf.to_container(node).items() if k not in NOT_SETTINGS}),
             revisions=tuple(Revision(r["key"], r["was"], str(r["until"])) for r in node.get("revisions") or ()),
         )
     return presets
@@ -105,17 +106,6 @@ def load_presets(conf: Optional[Path] = None) -> dict[str, Preset]:
 
 # Keys of a preset file that are not settings a run trains or tests with.
 NOT_SETTINGS = ("defaults", "name", "paper", "revisions", "hydra")
-
-
-def _flat(node: dict, prefix: str = "") -> dict:
-    """{"trainer": {"meta_lr": 0.001}} -> {"trainer.meta_lr": 0.001}: the keys an override names."""
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _dataset_split(conf: Path, dataset: str) -> Optional[str]:

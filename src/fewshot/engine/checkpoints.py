@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -18,6 +18,7 @@ from fewshot.checkpoint import (
 )
 from fewshot.data.sampler import EpisodeSampler
 from fewshot.engine.builder import Run
+from fewshot.flat import flatten
 
 
 def checkpoint_state(
@@ -174,21 +175,12 @@ def _with_defaults(config: dict) -> dict:
     return config
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for k, v in node.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: node}
-
-
 def check_same_run(state: dict, config: dict, path: Path) -> list[str]:
     """Refuse to resume a run folder with other settings than the ones requested (`config`, resolved): continuing
     another experiment's weights would silently mix two runs. Returns the test-only changes a finished run takes
     ("key: old -> new"), for its results.json."""
-    old = _flatten(upgrade_config(state["config"]))
-    new = _flatten(config)
+    old = flatten(upgrade_config(state["config"]))
+    new = flatten(config)
     finished = state["iteration"] >= config["trainer"]["iterations"]  # it will only test
     free = RESUMABLE_CHANGES + (TEST_ONLY_CHANGES if finished else ())
     differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
