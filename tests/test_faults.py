@@ -119,6 +119,21 @@ def test_table_pools_by_the_recorded_settings_where_every_run_has_them(tmp_path)
     _results(changed, 1, 0.8, command.format(1), config(1, 0.0001))
     with pytest.raises(TableError, match=r"settings differ beyond the seed \(trainer.meta_lr: 0.001 vs 0.0001\)"):
         aggregate(collect([changed]))
+    # a group override is no key a config holds: compared by command; 10 and 10.0 are one value
+    group = tmp_path / "group"
+    group.mkdir()
+    _results(group, 0, 0.9, command.format(0), config(0, 10))
+    _results(group, 1, 0.8, command.format(1) + " trainer=smoke", config(1, 10.0))
+    with pytest.raises(TableError, match=r"\[\] vs \[trainer=smoke\]"):
+        aggregate(collect([group]))
+    # a run from before config: the commands decide, and a warning says what they cannot show
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    _results(mixed, 0, 0.9, command.format(0), config(0, 0.001))
+    _results(mixed, 1, 0.8, command.format(1))
+    warnings: list[str] = []
+    (row,) = aggregate(collect([mixed]), warn=warnings.append)
+    assert row.seeds == (0, 1) and len(warnings) == 1 and "1 of 2 runs record no settings" in warnings[0]
 
 
 # ---- numbers that would be wrong without a word -------------------------------------------------

@@ -58,7 +58,7 @@ def test_full_reduced_and_modified_runs_are_told_apart():
     assert differences(modified, preset) == ["overrides algo.similarity=cosine"]
 
 
-def test_a_setting_the_preset_changed_since_a_run_makes_that_run_modified():
+def test_a_setting_the_preset_changed_since_a_run_makes_that_run_modified(tmp_path):
     preset = dataclasses.replace(
         load_presets()["matching_omniglot_5w1s"],
         settings={"trainer.meta_lr": 0.001, "episode.ways": 5},
@@ -85,6 +85,11 @@ def test_a_setting_the_preset_changed_since_a_run_makes_that_run_modified():
     assert differences({**before, "config": {"episode": {"ways": 5}}}, preset) == [
         "trained with trainer.meta_lr=0.0001, the preset now 0.001"
     ]
+    # the preset's only full-budget run trained at the old value: "not yet run" says so
+    (tmp_path / "before").mkdir()
+    (tmp_path / "before" / "results.json").write_text(json.dumps(before))
+    text = ledger_markdown(collect([tmp_path]), {preset.name: preset}, "runs")
+    assert "| run at full budget, but trained with trainer.meta_lr=0.0001, the preset now 0.001 |" in text
 
 
 def test_neutral_and_group_overrides_of_a_preset_key_are_not_read_as_changed_settings():

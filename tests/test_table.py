@@ -325,3 +325,9 @@ def test_regression_cells_are_shown_as_mse_and_never_pooled_with_accuracy(tmp_pa
     assert {r["seed"] for r in collect([tmp_path])} == {0, 1}
     err = capsys.readouterr().err
     assert '"test.mse_mean" is missing' in err and "\"test.metric\" is 'r2'; fewshot knows acc, mse" in err
+
+
+def test_flatten_names_leaves_by_dotted_key():
+    from fewshot.flat import flatten
+
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}, "e": {}}, "f": None}) == {"a.b": 1, "a.c.d": [1, 2], "f": None}

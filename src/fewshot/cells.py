@@ -188,11 +188,11 @@ def aggregate(
     results: Sequence[dict],
     by: str = "cell",
     warn: Callable[[str], None] = _warn_stderr,
-    settings_checked: bool = False,
+    commands_checked: bool = False,
 ) -> list[Row]:
     """Group results into cells (see the module docstring for `by`) and pool each cell's seeds; sorted rows.
-    settings_checked: the caller has compared the runs' settings itself (the ledger, against their preset, where
-    `trainer.meta_lr=0.001` restating the preset's value is no difference), so their commands may differ.
+    commands_checked: the caller has compared the runs' commands itself (the ledger, against their preset, where
+    `trainer.meta_lr=0.001` restating the preset's value is no difference); their recorded settings still count.
 
     A seed found twice in one cell (a re-run into another folder) would count one experiment twice and shrink the
     interval, so only the newest file (modification time) is kept, with a warning."""
@@ -205,7 +205,7 @@ def aggregate(
 
     rows = []
     for members in groups.values():
-        check_poolable(members, settings=not settings_checked)
+        check_poolable(members, commands=not commands_checked, warn=warn)
         runs, _ = newest_per_seed(members, warn)
         fields = {f: _merge([_field(r, f) for r in runs]) for f in CELL_FIELDS}
         if by == "name":
@@ -269,12 +269,14 @@ def _streams(seed: int) -> tuple[int, ...]:
     return tuple((seed * 1000 + k) % 2**32 for k in range(3)) + (seed % 2**32,)
 
 
-def check_poolable(runs: Sequence[dict], settings: bool = True) -> None:
+def check_poolable(runs: Sequence[dict], commands: bool = True, warn: Callable[[str], None] = _warn_stderr) -> None:
     """Refuse to pool runs that are not independent seeds of one experiment: two seeds that share random streams
-    (seed=2**40 repeats seed=0 exactly; pooled they give a zero interval) or runs whose commands differ beyond
-    the seed (say, one with algo.similarity=cosine filed under the same name): by their recorded settings
-    (results.json's config) where every run has them, else by their commands; settings=False checks the streams
-    only."""
+    (seed=2**40 repeats seed=0 exactly; pooled they give a zero interval) or runs whose settings differ beyond the
+    seed. Settings are read from results.json's config (what a run trained with, however its command said it) among
+    the runs that record one, over the keys they all record (a setting added in a later version defaults to the old
+    behaviour); and from the commands (say, algo.similarity=cosine filed under the same name), but for keys every
+    run's config holds: there an override that restates the value is no difference. commands=False: the caller
+    compared the commands itself (the ledger, against the preset)."""
     owner: dict[tuple[int, int], int] = {}
     for r in runs:
         for stream in enumerate(_streams(r["seed"])):  # (which stream, its 32-bit seed): like with like
@@ -284,27 +286,31 @@ def check_poolable(runs: Sequence[dict], settings: bool = True) -> None:
                     f"{r['name']}: seeds {other} and {r['seed']} draw the same random streams, so their "
                     f"runs are not independent; keep one of {r.get('_path')} and the other"
                 )
-    if not settings:
+    recorded = [_measured_settings(r["config"]) for r in runs if r.get("config") is not None]
+    shared = set.intersection(*(set(s) for s in recorded)) if recorded else set()
+    differ = sorted(k for k in shared if any(s[k] != recorded[0][k] for s in recorded))
+    if differ:
+        shown = "; ".join(f"{k}: " + " vs ".join(dict.fromkeys(json.dumps(s[k]) for s in recorded)) for k in differ)
+        _refuse(runs, shown)
+    if not commands:
         return
-    if all(r.get("config") is not None for r in runs):  # what they ran with, however the command said it
-        recorded = [_measured_settings(r["config"]) for r in runs]
-        # keys every run records: a setting added in a later version defaults to the old behaviour
-        shared = set.intersection(*(set(s) for s in recorded))
-        differ = sorted(k for k in shared if len({json.dumps(s[k]) for s in recorded}) > 1)
-        if differ:
-            shown = "; ".join(f"{k}: " + " vs ".join(dict.fromkeys(json.dumps(s[k]) for s in recorded)) for k in differ)
-            raise TableError(
-                f"{runs[0]['name']}: refusing to pool runs whose settings differ beyond the seed ({shown}); "
-                "give them different names (name=...) or separate folders"
-            )
-        return
-    commands = {tuple(sorted(s)) for s in map(measured_overrides, (r.get("command") for r in runs)) if s is not None}
-    if len(commands) > 1:
-        shown = " vs ".join("[" + " ".join(s) + "]" for s in sorted(commands))
-        raise TableError(
-            f"{runs[0]['name']}: refusing to pool runs whose settings differ beyond the seed ({shown}); "
-            "give them different names (name=...) or separate folders"
+    covered = shared if len(recorded) == len(runs) else set()
+    overrides = [measured_overrides(r.get("command")) for r in runs]
+    kinds = {tuple(sorted(o for o in s if override_key(o) not in covered)) for s in overrides if s is not None}
+    if len(kinds) > 1:
+        _refuse(runs, " vs ".join("[" + " ".join(s) + "]" for s in sorted(kinds)))
+    if 0 < len(recorded) < len(runs):
+        warn(
+            f"{runs[0]['name']}: {len(runs) - len(recorded)} of {len(runs)} runs record no settings (results.json "
+            "from before `config`): they are pooled by their commands, which cannot show a preset changed since"
         )
+
+
+def _refuse(runs: Sequence[dict], shown: str) -> None:
+    raise TableError(
+        f"{runs[0]['name']}: refusing to pool runs whose settings differ beyond the seed ({shown}); "
+        "give them different names (name=...) or separate folders"
+    )
 
 
 def _measured_settings(config: dict) -> dict:

@@ -43,8 +43,9 @@ NOT_RUN = "not run at full budget yet"
 
 @dataclass(frozen=True)
 class Revision:
-    """A setting a preset file used to hold: runs filed before `until` (results.json's date) without overriding it
-    were trained with `was`, whatever the file says now. Needed only for runs whose results.json has no `config`."""
+    """A setting a preset file used to hold: runs filed before `until` (results.json's date, when the run ended)
+    without overriding it were trained with `was`, whatever the file says now. Read only for runs whose results.json
+    has no `config` (all runs from before it was recorded)."""
 
     key: str
     was: object
@@ -129,6 +130,10 @@ def _experiment(command: Optional[str]) -> Optional[str]:
     return next((o.split("=", 1)[1] for o in _overrides(command) if o.startswith("experiment=")), None)
 
 
+# What differences() says in its own words (iterations, test episodes, the checkpoint tested).
+BUDGET_KEYS = ("trainer.iterations", "eval.episodes", "eval.weights")
+
+
 def differences(result: dict, preset: Preset) -> list[str]:
     """What makes a run other than its preset's full-budget cell; empty when it is that cell."""
     diffs = []
@@ -141,16 +146,23 @@ def differences(result: dict, preset: Preset) -> list[str]:
     diffs += test_differences(result, preset)
     if result.get("command") is None:
         diffs.append("command not recorded")
-    budget = ("trainer.iterations", "eval.episodes", "eval.weights")  # already said above
+    budget = BUDGET_KEYS  # already said above
     if preset.test_steps is not None and tested_steps(result) is not None:  # so are the test's inner steps
         budget += ("algo.eval_inner_steps",)
     overrides = measured_overrides(result.get("command")) or ()
     changed = [o for o in overrides if not o.startswith(tuple(b + "=" for b in budget)) and not _restates(o, preset)]
     if changed:
         diffs.append("overrides " + " ".join(changed))
-    # what the preset sets and the command left alone (an override of trainer= or algo= names every key below it);
-    # neutral keys (eval.meta_batch_size, device.*) may differ, as on the command line
+    return diffs + revised_differences(result, preset)
+
+
+def revised_differences(result: dict, preset: Preset) -> list[str]:
+    """The values a run trained with that its preset file no longer sets, where its command did not set them (an
+    override of trainer= or algo= names every key below it); neutral keys (eval.meta_batch_size, device.*) and the
+    budget, said by differences() already, are left out."""
+    budget = BUDGET_KEYS + ("algo.eval_inner_steps",)  # test_differences says the test's steps
     named = {override_key(o) for o in _overrides(result.get("command"))}
+    diffs = []
     for key, now in preset.settings.items():
         if not any(key == n or key.startswith(n + ".") for n in named) and key not in budget and not is_neutral(key):
             then = trained_with(result, preset, key)
@@ -330,7 +342,8 @@ def _table(header: list[str], lines: list[str]) -> list[str]:
 
 def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source: str) -> str:
     full: dict[str, list[dict]] = {}
-    retested: dict[str, list[str]] = {}  # presets run at full budget whose only differences are in the test
+    # presets run at full budget whose only differences are in the test or values the preset has changed since
+    retested: dict[str, list[str]] = {}
     other: dict[tuple[str, str], list[dict]] = {}
     for r in results:
         preset = presets.get(r["name"]) or presets.get(_experiment(r.get("command")))
@@ -338,7 +351,7 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
             continue  # not a paper cell: fewshot-table shows it, the ledger does not
         r = {**r, "name": preset.name}  # a renamed run of a preset is listed with it, the rename as a difference
         diffs = differences(r, preset)
-        if diffs and diffs == test_differences(r, preset):
+        if diffs and set(diffs) <= {*test_differences(r, preset), *revised_differences(r, preset)}:
             known = retested.setdefault(preset.name, [])
             known += [d for d in diffs if d not in known]
         if diffs:
@@ -352,8 +365,8 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
         lines = []
         for key, runs in groups.items():
             kept, replaced = newest_per_seed(runs, warn=lambda m: None)
-            # differences() grouped them (with their preset's values); seeds that differ in a recorded field: on stderr
-            (row,) = aggregate(kept, by="name", settings_checked=True)
+            # differences() compared their commands with the preset; their recorded settings are compared here
+            (row,) = aggregate(kept, by="name", commands_checked=True)
             lines.append((row, line(row, kept, key[1] if extra else None)))
             for r in replaced:
                 (old,) = aggregate([r], by="name", warn=lambda m: None)

@@ -8,9 +8,11 @@ Cells. A row of the table is one *cell*: the runs that differ only in their seed
       changes the number is ever pooled: name, algo, dataset, dataset_split, backbone, ways, shots, queries,
       iterations, meta_batch_size, and the source (a training run, or fewshot-eval on a given split).
       `name` is in the key so that two presets sharing every recorded setting (say, one that overrides an inner
-      learning rate) stay apart; settings that results.json does not record can only be told apart by name.
+      learning rate) stay apart. Within a cell, seeds whose other settings differ are refused (check_poolable: by
+      results.json's config where the runs record it, else by their commands).
   --by name: the key is (name, dataset, ways, shots, source): runs filed under one experiment name are pooled even
-      if another recorded setting differs; the row then shows the values joined by "/" and a warning says so.
+      if one of the fields above differs (runs that record their settings are still refused where those differ:
+      iterations, meta_batch_size); the row then shows the values joined by "/" and a warning says so.
 
 Numbers. Accuracies are percent; an MSE (regression cells: results.json's test.metric "mse") is shown as it is, and
 never pooled with an accuracy. One seed: the run's own mean ± 95% interval over its test episodes
