@@ -87,6 +87,7 @@ def test_eval_reproduces_training_test_number(tiny_run, compose_cfg, tmp_path, a
     ecfg = compose_cfg("eval", [f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "device=cpu"])
     again = eval_run(ecfg, tmp_path / "eval")
     assert again["test"] == results["test"]
+    assert again["config"]["trainer"] == results["config"]["trainer"]  # the training run's settings, re-tested
     other = eval_run(
         compose_cfg(
             "eval", [f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "device=cpu", "seed=5", "eval.episodes=10"]

@@ -100,12 +100,13 @@ def test_table_refuses_to_pool_runs_that_differ_beyond_the_seed(tmp_path):
 
 def test_table_pools_by_the_recorded_settings_where_every_run_has_them(tmp_path):
     """results.json's config is what a run trained with: a restated value (trainer.meta_lr=0.001 where that is the
-    preset's) pools, and a changed one with the same command does not; the seed and the device never count, and a
-    key only some runs record (a setting added later) is left out."""
+    preset's) pools, and a changed one with the same command does not; the seed, the device, what names code or a
+    source (_target_, a URL) never count, and a key only some runs record (a setting added later) is left out."""
     command = "fewshot-train experiment=protonet_omniglot_5w1s seed={}"
 
     def config(seed: int, lr: float, **more) -> dict:
-        return {"seed": seed, "device": {"name": f"cuda:{seed}"}, "trainer": {"meta_lr": lr, **more}}
+        code = {"_target_": f"fewshot.v{seed}.load", "base_url": f"https://v{seed}", "download": seed == 0}
+        return {"seed": seed, "device": {"name": f"cuda:{seed}"}, "trainer": {"meta_lr": lr, **more}, "dataset": code}
 
     same = tmp_path / "same"
     same.mkdir()

@@ -72,7 +72,7 @@ def test_a_setting_the_preset_changed_since_a_run_makes_that_run_modified(tmp_pa
     for value in ("0.001", "1e-3"):
         restated = _result(date=before["date"], command=before["command"] + f" trainer.meta_lr={value}")
         assert differences(restated, preset) == []
-    other = _result(command=after["command"] + " trainer.meta_lr=0.01 +episode.ways=5")
+    other = _result(command=after["command"] + " trainer.meta_lr=0.01 ++episode.ways=5")
     assert differences(other, preset) == ["overrides trainer.meta_lr=0.01"]
     # results.json's `config` is the record: it outranks the dates, and keys the preset does not set are ignored
     config = {"trainer": {"meta_lr": 0.0001, "iterations": 20000}, "episode": {"ways": 5}, "algo": {"name": "x"}}

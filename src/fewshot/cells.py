@@ -47,6 +47,9 @@ NEUTRAL_OVERRIDES = (
     "device",
     "data_root",
     "cache_dir",
+    "dataset.root",
+    "dataset.split_dir",
+    "dataset.cache_dir",
     "hydra.",
     "logger",
     "resume",
@@ -314,8 +317,14 @@ def _refuse(runs: Sequence[dict], shown: str) -> None:
 
 
 def _measured_settings(config: dict) -> dict:
-    """A results.json's recorded settings (config) without the neutral ones (seed, device, logging)."""
-    return {k: v for k, v in flatten(config).items() if not is_neutral(k)}
+    """A results.json's recorded settings (config) without the neutral ones (seed, device, logging) and without what
+    names code or a source rather than a setting (_target_, a download URL), which a later version may change."""
+    return {k: v for k, v in flatten(config).items() if not is_neutral(k) and not _not_a_setting(k)}
+
+
+def _not_a_setting(key: str) -> bool:
+    leaf = key.rsplit(".", 1)[-1]
+    return leaf in ("_target_", "_partial_", "download") or leaf.endswith("url")
 
 
 def _mtime(result: dict) -> float:

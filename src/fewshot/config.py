@@ -91,7 +91,8 @@ class PaperConfig:
 
 @dataclass
 class RevisionConfig:
-    """A value an experiment preset used to set (fewshot.ledger lists runs made before `until` as modified)."""
+    """A value an experiment preset used to set: fewshot.ledger lists the runs that ended before `until` and record
+    no value of their own for the key (results.json's config, from before it existed) as trained with `was`."""
 
     key: str = MISSING
     was: Any = None

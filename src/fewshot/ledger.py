@@ -44,8 +44,8 @@ NOT_RUN = "not run at full budget yet"
 @dataclass(frozen=True)
 class Revision:
     """A setting a preset file used to hold: runs filed before `until` (results.json's date, when the run ended)
-    without overriding it were trained with `was`, whatever the file says now. Read only for runs whose results.json
-    has no `config` (all runs from before it was recorded)."""
+    without overriding it were trained with `was`, whatever the file says now. Read only where results.json's
+    `config` does not hold the key (all runs from before config was recorded)."""
 
     key: str
     was: object
@@ -150,7 +150,7 @@ def differences(result: dict, preset: Preset) -> list[str]:
     if preset.test_steps is not None and tested_steps(result) is not None:  # so are the test's inner steps
         budget += ("algo.eval_inner_steps",)
     overrides = measured_overrides(result.get("command")) or ()
-    changed = [o for o in overrides if not o.startswith(tuple(b + "=" for b in budget)) and not _restates(o, preset)]
+    changed = [o for o in overrides if override_key(o) not in budget and not _restates(o, preset)]
     if changed:
         diffs.append("overrides " + " ".join(changed))
     return diffs + revised_differences(result, preset)
@@ -193,7 +193,7 @@ def trained_with(result: dict, preset: Preset, key: str) -> object:
     where neither says (the preset's value now is taken)."""
     config = result.get("config")
     if config is not None:
-        recorded = OmegaConf.select(OmegaConf.create(config), key, default=_UNKNOWN)
+        recorded = flatten(config).get(key, _UNKNOWN)
         if recorded is not _UNKNOWN:
             return recorded
     date = result.get("date") or ""

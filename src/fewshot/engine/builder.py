@@ -122,12 +122,19 @@ def settings_record(cfg: DictConfig) -> dict:
     return settings
 
 
+# Keys that hold where files live, under any group (dataset.root=/abs/omniglot typed as a plain path).
+PATH_KEYS = ("data_root", "cache_dir", "root", "split_dir")
+
+
 def _drop_paths(settings: dict, raw: dict) -> None:
-    """Remove the keys whose unresolved value is built from data_root or cache_dir (dataset.root, .split_dir)."""
+    """Remove the keys that hold paths: by name (PATH_KEYS), or whose unresolved value is built from data_root,
+    cache_dir or the environment."""
     for key, value in raw.items():
         if isinstance(value, dict) and isinstance(settings.get(key), dict):
             _drop_paths(settings[key], value)
-        elif isinstance(value, str) and ("${data_root" in value or "${cache_dir" in value or "${oc.env" in value):
+        elif key in PATH_KEYS or (
+            isinstance(value, str) and ("${data_root" in value or "${cache_dir" in value or "${oc.env" in value)
+        ):
             settings.pop(key, None)
 
 
