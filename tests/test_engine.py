@@ -378,12 +378,13 @@ def test_a_run_resumed_on_another_machine_names_each_device(compose_cfg, tmp_pat
 
 def test_a_checkpoint_saved_before_presets_listed_revisions_resumes(tiny_run):
     """A preset that gains a revision (RESULTS.md's record of a value it used to set) does not stop its runs in
-    progress from resuming: the list is a label, not a setting."""
+    progress from resuming: the list is a label, not a setting; nor does a moved split folder."""
     cfg, run_dir, _ = tiny_run("algo=protonet")
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     del state["config"]["revisions"]
     config = OmegaConf.to_container(cfg, resolve=True)
     config["revisions"] = [{"key": "trainer.meta_lr", "was": 0.0001, "until": "2026-11-29T07:00:00Z"}]
+    config["dataset"]["split_dir"] = "/moved/splits"  # paths may move between machines, as dataset.root
     assert engine.check_same_run(state, config, run_dir) == []
     config["trainer"]["meta_lr"] = 0.5  # a setting still refuses
     with pytest.raises(CheckpointError, match="trainer.meta_lr"):

@@ -108,6 +108,7 @@ RESUMABLE_CHANGES = (
     "cache_dir",
     "dataset.root",
     "dataset.cache_dir",
+    "dataset.split_dir",
     "trainer.iterations",
     "trainer.cuda_graph",  # the same step, replayed as a graph or not
     "algo.compile_step",  # MANN's same step, compiled or not
