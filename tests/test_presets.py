@@ -6,10 +6,11 @@ import json
 import re
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import group_choices, load_script
 from fewshot import engine
-from fewshot.engine.builder import settings_record
+from fewshot.engine.results import settings_record
 from fewshot.ledger import load_presets, trained_with
 from fewshot.train import run as train_run
 
@@ -108,7 +109,7 @@ def test_a_plain_run_of_every_preset_records_the_settings_its_file_sets(compose_
     cfg = compose_cfg("train", overrides)
     if "root" in cfg.dataset:  # a path typed as it is, not built from data_root
         cfg = compose_cfg("train", overrides + ["dataset.root=/nowhere/typed"])
-    config = settings_record(cfg)
+    config = settings_record(OmegaConf.to_container(cfg, resolve=True), OmegaConf.to_container(cfg, resolve=False))
     listed = load_presets()[preset]
     assert listed.settings and all(trained_with({"config": config}, listed, k) == v for k, v in listed.settings.items())
     assert "/nowhere" not in json.dumps(config) and "root" not in config["dataset"]

@@ -14,7 +14,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
-from fewshot.flat import flatten
+from fewshot.flat import flatten, under
 from fewshot.metrics import METRICS
 from fewshot.resultfiles import TableError, _warn_stderr, collect, metric_of  # noqa: E402,F401  (collect, metric_of: re-exported)
 
@@ -263,7 +263,7 @@ def override_key(override: str) -> str:
 
 def is_neutral(key: str) -> bool:
     """Whether a key is one of NEUTRAL_OVERRIDES or below one (device.name, hydra.run.dir)."""
-    return any(key == n.rstrip(".") or key.startswith(n.rstrip(".") + ".") for n in NEUTRAL_OVERRIDES)
+    return under(key, NEUTRAL_OVERRIDES)
 
 
 def _streams(seed: int) -> tuple[int, ...]:

@@ -3,7 +3,7 @@ override names. Shared by resume's settings check, the ledger and fewshot-table'
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 
 def flatten(node: dict, prefix: str = "") -> dict[str, Any]:
@@ -15,3 +15,8 @@ def flatten(node: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def under(key: str, names: Iterable[str]) -> bool:
+    """Whether a dotted key is one of `names` or below one (device.name under device; a trailing dot is ignored)."""
+    return any(key == n or key.startswith(n + ".") for n in (n.rstrip(".") for n in names))

@@ -32,7 +32,7 @@ from typing import Callable, Optional, Sequence
 from omegaconf import OmegaConf
 
 from fewshot.cells import Row, aggregate, is_neutral, measured_overrides, metric_of, newest_per_seed, override_key
-from fewshot.flat import flatten
+from fewshot.flat import flatten, under
 
 # Why a preset may have no full-budget row yet, by dataset; anything else simply has not been run.
 PENDING = {
@@ -87,19 +87,20 @@ def load_presets(conf: Optional[Path] = None) -> dict[str, Preset]:
             (d["override /dataset"] for d in defaults if isinstance(d, dict) and "override /dataset" in d), "omniglot"
         )
         paper = node.get("paper") or {}
+        settings = flatten({k: v for k, v in OmegaConf.to_container(node).items() if k not in NOT_SETTINGS})
         presets[node.get("name", path.stem)] = Preset(
             name=node.get("name", path.stem),
             dataset=dataset,
-            iterations=int(OmegaConf.select(node, "trainer.iterations", default=iterations)),
-            episodes=int(OmegaConf.select(node, "eval.episodes", default=episodes)),
+            iterations=int(settings.get("trainer.iterations", iterations)),
+            episodes=int(settings.get("eval.episodes", episodes)),
             paper_acc=paper.get("acc"),
             paper_ci95=paper.get("ci95"),
             paper_source=paper.get("source", ""),
             paper_instance_acc=tuple(paper["instance_acc"]) if paper.get("instance_acc") else None,
-            test_weights=str(OmegaConf.select(node, "eval.weights", default=weights)),
-            split=OmegaConf.select(node, "dataset.split", default=None) or _dataset_split(conf, dataset),
-            test_steps=OmegaConf.select(node, "algo.eval_inner_steps", default=None),
-            settings=flatten({k: v for k, v in OmegaConf.to_container(node).items() if k not in NOT_SETTINGS}),
+            test_weights=str(settings.get("eval.weights", weights)),
+            split=settings.get("dataset.split") or _dataset_split(conf, dataset),
+            test_steps=settings.get("algo.eval_inner_steps"),
+            settings=settings,
             revisions=tuple(Revision(r["key"], r["was"], str(r["until"])) for r in node.get("revisions") or ()),
         )
     return presets
@@ -164,7 +165,7 @@ def revised_differences(result: dict, preset: Preset) -> list[str]:
     named = {override_key(o) for o in _overrides(result.get("command"))}
     diffs = []
     for key, now in preset.settings.items():
-        if not any(key == n or key.startswith(n + ".") for n in named) and key not in budget and not is_neutral(key):
+        if not under(key, named) and key not in budget and not is_neutral(key):
             then = trained_with(result, preset, key)
             if then is not _UNKNOWN and then != now:
                 diffs.append(f"trained with {key}={then}, the preset now {now}")

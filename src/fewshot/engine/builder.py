@@ -112,32 +112,6 @@ def _make(group: str, node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
-def settings_record(cfg: DictConfig) -> dict:
-    """The resolved settings a run trained and tested with, for results.json: what fewshot.ledger checks a run
-    against its preset by, long after the preset file has changed. Paths and the paper's numbers are left out."""
-    settings = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("data_root", "cache_dir", "paper", "revisions"):
-        settings.pop(key, None)
-    _drop_paths(settings, OmegaConf.to_container(cfg, resolve=False))
-    return settings
-
-
-# Keys that hold where files live, under any group (dataset.root=/abs/omniglot typed as a plain path).
-PATH_KEYS = ("data_root", "cache_dir", "root", "split_dir")
-
-
-def _drop_paths(settings: dict, raw: dict) -> None:
-    """Remove the keys that hold paths: by name (PATH_KEYS), or whose unresolved value is built from data_root,
-    cache_dir or the environment."""
-    for key, value in raw.items():
-        if isinstance(value, dict) and isinstance(settings.get(key), dict):
-            _drop_paths(settings[key], value)
-        elif key in PATH_KEYS or (
-            isinstance(value, str) and ("${data_root" in value or "${cache_dir" in value or "${oc.env" in value)
-        ):
-            settings.pop(key, None)
-
-
 def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
     """Dataset, backbone and algorithm from the config; the only place configs become objects."""
     check_config(cfg)
@@ -204,7 +178,6 @@ def build(cfg: DictConfig, device: Optional[torch.device] = None) -> Run:
         "channels_last": nhwc,
         "keep_freed_memory": kept,
         "paper": OmegaConf.to_container(cfg.paper, resolve=True) if "paper" in cfg else None,
-        "config": settings_record(cfg),
     }
     return Run(
         device=device,

@@ -18,7 +18,7 @@ from fewshot.checkpoint import (
 )
 from fewshot.data.sampler import EpisodeSampler
 from fewshot.engine.builder import Run
-from fewshot.flat import flatten
+from fewshot.flat import flatten, under
 
 
 def checkpoint_state(
@@ -185,13 +185,13 @@ def check_same_run(state: dict, config: dict, path: Path) -> list[str]:
     finished = state["iteration"] >= config["trainer"]["iterations"]  # it will only test
     free = RESUMABLE_CHANGES + (TEST_ONLY_CHANGES if finished else ())
     differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    changed = [k for k in differ if not _among(k, free)]
+    changed = [k for k in differ if not under(k, free)]
     if changed:
         diffs = ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in changed[:4]) + (
             " ..." if len(changed) > 4 else ""
         )
         was, now = old.get("trainer.iterations"), new.get("trainer.iterations")
-        if was != now and all(_among(k, ("schedule.",)) for k in changed):  # cosine's T_max, linear's total_iters
+        if was != now and all(under(k, ("schedule.",)) for k in changed):  # cosine's T_max, linear's total_iters
             raise CheckpointError(
                 f"{path} holds a run whose learning-rate schedule spans its {was} iterations ({diffs}), so it "
                 f"cannot be trained to {now}: use a new run folder (the default)"
@@ -205,8 +205,8 @@ def check_same_run(state: dict, config: dict, path: Path) -> list[str]:
         raise CheckpointError(
             f"{path} is already at iteration {state['iteration']}, past trainer.iterations={iterations}"
         )
-    retest = [k for k in differ if _among(k, TEST_ONLY_CHANGES)]
-    if any(_among(k, CELL_CHANGES) for k in retest) and (
+    retest = [k for k in differ if under(k, TEST_ONLY_CHANGES)]
+    if any(under(k, CELL_CHANGES) for k in retest) and (
         config["eval"]["weights"] != "last" or config["eval"]["ensemble"] > 1
     ):
         raise CheckpointError(
@@ -214,11 +214,6 @@ def check_same_run(state: dict, config: dict, path: Path) -> list[str]:
             "best.pt was picked by the validation it trained with"
         )
     return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in retest]
-
-
-def _among(key: str, names: tuple[str, ...]) -> bool:
-    """Whether a flattened key is one of `names` or under one ending in a dot ("device.")."""
-    return any(key == n or (n.endswith(".") and key.startswith(n)) for n in names)
 
 
 def truncate_metrics(path: Path, iteration: int) -> None:

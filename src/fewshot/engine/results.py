@@ -83,10 +83,35 @@ def make_results(
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": run_command(),
-        "config": run.record["config"],
+        "config": settings_record(run.config, run.config_source),
         "test": test,
         "paper": run.record["paper"],
     }
+
+
+# Keys that hold where files live, under any group (dataset.root=/abs/omniglot typed as a plain path).
+PATH_KEYS = ("data_root", "cache_dir", "root", "split_dir")
+
+
+def settings_record(config: dict, source: dict) -> dict:
+    """results.json's `config`: the resolved settings a run trained and tested with (Run.config), which
+    fewshot.ledger checks a run against its preset by long after the preset file has changed. Left out: the paper's
+    numbers, the preset's revisions, and paths, by name (PATH_KEYS) or by their unresolved value (Run.config_source)
+    being built from data_root, cache_dir or the environment."""
+
+    def is_path(key: str, raw: Any) -> bool:
+        return key in PATH_KEYS or (
+            isinstance(raw, str) and any(v in raw for v in ("${data_root", "${cache_dir", "${oc.env"))
+        )
+
+    def keep(node: dict, raw: dict) -> dict:
+        return {
+            k: keep(v, raw.get(k) or {}) if isinstance(v, dict) else v
+            for k, v in node.items()
+            if not is_path(k, raw.get(k))
+        }
+
+    return {k: v for k, v in keep(config, source).items() if k not in ("paper", "revisions")}
 
 
 def run_command() -> Optional[str]:
