@@ -92,6 +92,26 @@ def test_a_setting_the_preset_changed_since_a_run_makes_that_run_modified(tmp_pa
     assert "| run at full budget, but trained with trainer.meta_lr=0.0001, the preset now 0.001 |" in text
 
 
+def test_an_override_to_a_value_the_preset_once_held_shares_the_revisions_row(tmp_path):
+    preset = dataclasses.replace(
+        load_presets()["matching_omniglot_5w1s"],
+        settings={"trainer.meta_lr": 0.001, "episode.ways": 5},
+        revisions=(Revision("trainer.meta_lr", 0.0001, "2026-06-01T00:00:00Z"),),
+    )
+    old = "trained with trainer.meta_lr=0.0001, the preset now 0.001"
+    before = _result(seed=1, date="2026-05-31T23:59:59Z")  # no override: the file held 0.0001 then
+    asked = _result(seed=2, date="2026-06-02T00:00:00Z", command=_result()["command"] + " trainer.meta_lr=1e-4")
+    assert differences(before, preset) == differences(asked, preset) == [old]
+    other = _result(command=_result()["command"] + " trainer.meta_lr=0.0001 algo.similarity=cosine")
+    assert differences(other, preset) == ["overrides algo.similarity=cosine", old]
+    for k, run in enumerate((before, asked)):
+        (tmp_path / str(k)).mkdir()
+        (tmp_path / str(k) / "results.json").write_text(json.dumps(run))
+    text = ledger_markdown(collect([tmp_path]), {preset.name: preset}, "runs")
+    (row,) = [line for line in text.splitlines() if f"| {old} |" in line]  # one row, both seeds
+    assert "| 1, 2 |" in row
+
+
 def test_neutral_and_group_overrides_of_a_preset_key_are_not_read_as_changed_settings():
     preset = dataclasses.replace(
         load_presets()["matching_omniglot_5w1s"],

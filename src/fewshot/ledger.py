@@ -151,7 +151,11 @@ def differences(result: dict, preset: Preset) -> list[str]:
     if preset.test_steps is not None and tested_steps(result) is not None:  # so are the test's inner steps
         budget += ("algo.eval_inner_steps",)
     overrides = measured_overrides(result.get("command")) or ()
-    changed = [o for o in overrides if override_key(o) not in budget and not _restates(o, preset)]
+    changed = [
+        o
+        for o in overrides
+        if override_key(o) not in budget and not _restates(o, preset) and _former_value(o, preset) is _UNKNOWN
+    ]
     if changed:
         diffs.append("overrides " + " ".join(changed))
     return diffs + revised_differences(result, preset)
@@ -162,30 +166,48 @@ def revised_differences(result: dict, preset: Preset) -> list[str]:
     override of trainer= or algo= names every key below it); neutral keys (eval.meta_batch_size, device.*) and the
     budget, said by differences() already, are left out."""
     budget = BUDGET_KEYS + ("algo.eval_inner_steps",)  # test_differences says the test's steps
-    named = {override_key(o) for o in _overrides(result.get("command"))}
+    overrides = _overrides(result.get("command"))
+    named = {override_key(o) for o in overrides}
+    # an override to a value the file once held is that revision's setting: one wording, so one row, for both runs
+    former = {override_key(o): v for o in overrides if (v := _former_value(o, preset)) is not _UNKNOWN}
     diffs = []
     for key, now in preset.settings.items():
-        if not under(key, named) and key not in budget and not is_neutral(key):
-            then = trained_with(result, preset, key)
+        if key in former or (not under(key, named) and key not in budget and not is_neutral(key)):
+            then = former.get(key, _UNKNOWN)
+            if then is _UNKNOWN:
+                then = trained_with(result, preset, key)
             if then is not _UNKNOWN and then != now:
                 diffs.append(f"trained with {key}={then}, the preset now {now}")
     return diffs
 
 
-def _restates(override: str, preset: Preset) -> bool:
-    """An override that sets a key to the value the preset file gives it: the preset's own setting, asked again."""
+_UNKNOWN = object()
+
+
+def _parsed(override: str) -> Optional[tuple[str, object]]:
+    """An override's key and value as Hydra reads them (1e-3 == 0.001); None for deletions and what does not parse."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     try:
         parsed = OverridesParser.create().parse_override(override)
     except HydraException:
-        return False
-    key = parsed.key_or_group
-    return not parsed.is_delete() and key in preset.settings and parsed.value() == preset.settings[key]
+        return None
+    return None if parsed.is_delete() else (parsed.key_or_group, parsed.value())
 
 
-_UNKNOWN = object()
+def _restates(override: str, preset: Preset) -> bool:
+    """An override that sets a key to the value the preset file gives it: the preset's own setting, asked again."""
+    parsed = _parsed(override)
+    return parsed is not None and parsed[0] in preset.settings and parsed[1] == preset.settings[parsed[0]]
+
+
+def _former_value(override: str, preset: Preset) -> object:
+    """The value an override sets where the preset file once held it (one of its revisions), else _UNKNOWN."""
+    parsed = _parsed(override)
+    if parsed is not None and any(r.key == parsed[0] and r.was == parsed[1] for r in preset.revisions):
+        return parsed[1]
+    return _UNKNOWN
 
 
 def trained_with(result: dict, preset: Preset, key: str) -> object:
