@@ -104,6 +104,34 @@ def test_an_override_to_a_value_the_preset_once_held_shares_the_revisions_row(tm
     assert differences(before, preset) == differences(asked, preset) == [old]
     other = _result(command=_result()["command"] + " trainer.meta_lr=0.0001 algo.similarity=cosine")
     assert differences(other, preset) == ["overrides algo.similarity=cosine", old]
+    # the last override of a key is the one Hydra applied; results.json's config outranks the command
+    twice = _result(command=_result()["command"] + " trainer.meta_lr=0.0001 trainer.meta_lr=0.01")
+    assert differences(twice, preset) == ["overrides trainer.meta_lr=0.0001 trainer.meta_lr=0.01"]
+    assert differences(_result(command=twice["command"] + " trainer.meta_lr=1e-4"), preset) == [old]
+    config = {"trainer": {"meta_lr": 0.0001}, "episode": {"ways": 5}}
+    assert differences({**asked, "config": config}, preset) == [old]
+    # the revision's own value is written (5 and 5.0 alike); budget, neutral and unset keys keep their own words
+    revised = dataclasses.replace(
+        preset,
+        settings={**preset.settings, "algo.scale": 10, "eval.meta_batch_size": 4, "algo.eval_inner_steps": 3},
+        test_steps=3,
+        revisions=(
+            *preset.revisions,
+            Revision("algo.scale", 5, "2026-06-01T00:00:00Z"),
+            Revision("eval.meta_batch_size", 2, "2026-06-01T00:00:00Z"),
+            Revision("algo.eval_inner_steps", 10, "2026-06-01T00:00:00Z"),
+            Revision("algo.gone", 1, "2026-06-01T00:00:00Z"),
+        ),
+    )
+    scaled = _result(date=asked["date"], command=_result()["command"] + " algo.scale=5.0")
+    assert differences(scaled, revised) == ["trained with algo.scale=5, the preset now 10"]
+    batched = _result(date=asked["date"], command=_result()["command"] + " eval.meta_batch_size=2")
+    assert differences(batched, revised) == []  # a batch size for the test: same numbers
+    stepped = _result(date=asked["date"], command=_result()["command"] + " algo.eval_inner_steps=10")
+    stepped["tested"] = {"inner_steps": 10}
+    assert differences(stepped, revised) == ["tested after 10 inner steps, the preset after 3"]
+    gone = _result(date=asked["date"], command=_result()["command"] + " algo.gone=1")
+    assert differences(gone, revised) == ["overrides algo.gone=1"]
     for k, run in enumerate((before, asked)):
         (tmp_path / str(k)).mkdir()
         (tmp_path / str(k) / "results.json").write_text(json.dumps(run))

@@ -44,8 +44,9 @@ NOT_RUN = "not run at full budget yet"
 @dataclass(frozen=True)
 class Revision:
     """A setting a preset file used to hold: runs filed before `until` (results.json's date, when the run ended)
-    without overriding it were trained with `was`, whatever the file says now. Read only where results.json's
-    `config` does not hold the key (all runs from before config was recorded)."""
+    without overriding it were trained with `was`, whatever the file says now. Read by date only where
+    results.json's `config` does not hold the key (all runs from before config was recorded); a run of any date
+    whose command sets the key back to `was` is told in the same words ("trained with KEY=was, the preset now ...")."""
 
     key: str
     was: object
@@ -151,10 +152,11 @@ def differences(result: dict, preset: Preset) -> list[str]:
     if preset.test_steps is not None and tested_steps(result) is not None:  # so are the test's inner steps
         budget += ("algo.eval_inner_steps",)
     overrides = measured_overrides(result.get("command")) or ()
+    former = _former_values(result, preset)  # said by revised_differences, in the revision's words
     changed = [
         o
         for o in overrides
-        if override_key(o) not in budget and not _restates(o, preset) and _former_value(o, preset) is _UNKNOWN
+        if override_key(o) not in budget and not _restates(o, preset) and override_key(o) not in former
     ]
     if changed:
         diffs.append("overrides " + " ".join(changed))
@@ -162,23 +164,40 @@ def differences(result: dict, preset: Preset) -> list[str]:
 
 
 def revised_differences(result: dict, preset: Preset) -> list[str]:
-    """The values a run trained with that its preset file no longer sets, where its command did not set them (an
-    override of trainer= or algo= names every key below it); neutral keys (eval.meta_batch_size, device.*) and the
-    budget, said by differences() already, are left out."""
-    budget = BUDGET_KEYS + ("algo.eval_inner_steps",)  # test_differences says the test's steps
-    overrides = _overrides(result.get("command"))
-    named = {override_key(o) for o in overrides}
-    # an override to a value the file once held is that revision's setting: one wording, so one row, for both runs
-    former = {override_key(o): v for o in overrides if (v := _former_value(o, preset)) is not _UNKNOWN}
+    """The values a run trained with that its preset file no longer sets: keys its command did not set (an override
+    of trainer= or algo= names every key below it), and keys its command set back to a value the file once held
+    (_former_values: one wording, so one row, with the runs that got that value from the file). Neutral keys
+    (eval.meta_batch_size, device.*) and the budget, said by differences() already, are left out."""
+    named = {override_key(o) for o in _overrides(result.get("command"))}
+    former = _former_values(result, preset)
     diffs = []
     for key, now in preset.settings.items():
-        if key in former or (not under(key, named) and key not in budget and not is_neutral(key)):
-            then = former.get(key, _UNKNOWN)
-            if then is _UNKNOWN:
-                then = trained_with(result, preset, key)
-            if then is not _UNKNOWN and then != now:
-                diffs.append(f"trained with {key}={then}, the preset now {now}")
+        if key in _REVISED_BUDGET or is_neutral(key) or (under(key, named) and key not in former):
+            continue
+        then = trained_with(result, preset, key) if key not in former else _recorded(result, key, former[key])
+        if then is not _UNKNOWN and then != now:
+            diffs.append(f"trained with {key}={then}, the preset now {now}")
     return diffs
+
+
+# The keys revised_differences leaves to differences() and test_differences (the test's inner steps).
+_REVISED_BUDGET = BUDGET_KEYS + ("algo.eval_inner_steps",)
+
+
+def _former_values(result: dict, preset: Preset) -> dict[str, object]:
+    """The keys a run's command set to a value the preset file once held (one of its revisions), with that value as
+    the revision writes it (so 5.0 and 5 read alike); the last override of a key is the one Hydra applied. Neutral
+    and budget keys, and keys the file no longer sets, are left to the override's own wording."""
+    last = {override_key(o): o for o in measured_overrides(result.get("command")) or ()}
+    former = {}
+    for key, override in last.items():
+        parsed = _parsed(override)
+        if parsed is None or key not in preset.settings or key in _REVISED_BUDGET:
+            continue
+        was = next((r.was for r in preset.revisions if r.key == key and r.was == parsed[1]), _UNKNOWN)
+        if was is not _UNKNOWN:
+            former[key] = was
+    return former
 
 
 _UNKNOWN = object()
@@ -202,29 +221,25 @@ def _restates(override: str, preset: Preset) -> bool:
     return parsed is not None and parsed[0] in preset.settings and parsed[1] == preset.settings[parsed[0]]
 
 
-def _former_value(override: str, preset: Preset) -> object:
-    """The value an override sets where the preset file once held it (one of its revisions), else _UNKNOWN."""
-    parsed = _parsed(override)
-    if parsed is not None and any(r.key == parsed[0] and r.was == parsed[1] for r in preset.revisions):
-        return parsed[1]
-    return _UNKNOWN
-
-
 def trained_with(result: dict, preset: Preset, key: str) -> object:
     """The value a run had for a setting its command did not override: from results.json's `config` (the resolved
     settings, in runs since it was recorded), else the preset's value at the run's date (its revisions); _UNKNOWN
     where neither says (the preset's value now is taken)."""
-    config = result.get("config")
-    if config is not None:
-        recorded = flatten(config).get(key, _UNKNOWN)
-        if recorded is not _UNKNOWN:
-            return recorded
+    recorded = _recorded(result, key, _UNKNOWN)
+    if recorded is not _UNKNOWN:
+        return recorded
     date = result.get("date") or ""
     # the earliest revision still after the run: the value the file held when the run was made
     for revision in sorted((r for r in preset.revisions if r.key == key), key=lambda r: r.until):
         if date < revision.until:
             return revision.was
     return _UNKNOWN
+
+
+def _recorded(result: dict, key: str, default: object) -> object:
+    """A setting's value in results.json's `config` (the record of what the run trained with), else `default`."""
+    config = result.get("config")
+    return default if config is None else flatten(config).get(key, default)
 
 
 def tested_steps(result: dict) -> Optional[int]:
