@@ -460,3 +460,17 @@ def test_running_statistics_run_and_are_refused_where_the_forward_is_functional(
     assert eval_run(ecfg, tmp_path / "eval")["test"] == results["test"]
     with pytest.raises(engine.ConfigError, match=r"backbone.running_stats=true: algo=maml normalises with each batch"):
         train_run(compose_cfg("train", TINY + ["algo=maml", "backbone.running_stats=true"]), tmp_path / "maml")
+
+
+def test_metrics_csv_keeps_one_line_ending_across_a_resume(tmp_path):
+    from fewshot.engine.checkpoints import truncate_metrics
+    from fewshot.engine.results import append_csv
+
+    path = tmp_path / "metrics.csv"
+    for iteration in (500, 1000, 1500):
+        append_csv(path, {"iteration": iteration, "val_acc": 0.5})
+    truncate_metrics(path, 1000)  # a resume from the checkpoint at 1000
+    append_csv(path, {"iteration": 1500, "val_acc": 0.6})
+    data = path.read_bytes()
+    assert b"\r" not in data
+    assert data.decode().splitlines() == ["iteration,val_acc", "500,0.5", "1000,0.5", "1500,0.6"]

@@ -110,6 +110,8 @@ def test_an_override_to_a_value_the_preset_once_held_shares_the_revisions_row(tm
     assert differences(_result(command=twice["command"] + " trainer.meta_lr=1e-4"), preset) == [old]
     config = {"trainer": {"meta_lr": 0.0001}, "episode": {"ways": 5}}
     assert differences({**asked, "config": config}, preset) == [old]
+    config["trainer"]["meta_lr"] = 0.001
+    assert differences({**asked, "config": config}, preset) == []
     # the revision's own value is written (5 and 5.0 alike); budget, neutral and unset keys keep their own words
     revised = dataclasses.replace(
         preset,
@@ -125,6 +127,10 @@ def test_an_override_to_a_value_the_preset_once_held_shares_the_revisions_row(tm
     )
     scaled = _result(date=asked["date"], command=_result()["command"] + " algo.scale=5.0")
     assert differences(scaled, revised) == ["trained with algo.scale=5, the preset now 10"]
+    recorded = {"algo": {"scale": 5.0, "eval_inner_steps": 10}, "trainer": {"meta_lr": 0.001}}
+    assert differences({**asked, "command": _result()["command"], "config": recorded}, revised) == [
+        "trained with algo.scale=5, the preset now 10"  # the test's steps are the test's to say (tested_steps)
+    ]
     batched = _result(date=asked["date"], command=_result()["command"] + " eval.meta_batch_size=2")
     assert differences(batched, revised) == []  # a batch size for the test: same numbers
     stepped = _result(date=asked["date"], command=_result()["command"] + " algo.eval_inner_steps=10")

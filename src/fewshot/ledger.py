@@ -176,6 +176,8 @@ def revised_differences(result: dict, preset: Preset) -> list[str]:
             continue
         then = trained_with(result, preset, key) if key not in former else _recorded(result, key, former[key])
         if then is not _UNKNOWN and then != now:
+            # a former value as its revision writes it, however recorded or typed (5.0 and 5 read alike: one row)
+            then = next((r.was for r in preset.revisions if r.key == key and r.was == then), then)
             diffs.append(f"trained with {key}={then}, the preset now {now}")
     return diffs
 
@@ -185,9 +187,9 @@ _REVISED_BUDGET = BUDGET_KEYS + ("algo.eval_inner_steps",)
 
 
 def _former_values(result: dict, preset: Preset) -> dict[str, object]:
-    """The keys a run's command set to a value the preset file once held (one of its revisions), with that value as
-    the revision writes it (so 5.0 and 5 read alike); the last override of a key is the one Hydra applied. Neutral
-    and budget keys, and keys the file no longer sets, are left to the override's own wording."""
+    """The keys a run's command set to a value the preset file once held (one of its revisions), with that value;
+    the last override of a key is the one Hydra applied. Neutral and budget keys, and keys the file no longer sets,
+    are left to the override's own wording."""
     last = {override_key(o): o for o in measured_overrides(result.get("command")) or ()}
     former = {}
     for key, override in last.items():

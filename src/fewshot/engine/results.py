@@ -185,7 +185,7 @@ def write_results(run_dir: Path, results: dict) -> None:
 def append_csv(path: Path, row: dict) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
+        writer = csv.DictWriter(f, fieldnames=list(row), lineterminator="\n")  # as truncate_metrics writes it
         if new:
             writer.writeheader()
         writer.writerow(row)
