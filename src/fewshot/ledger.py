@@ -170,15 +170,16 @@ def revised_differences(result: dict, preset: Preset) -> list[str]:
     (eval.meta_batch_size, device.*) and the budget, said by differences() already, are left out."""
     named = {override_key(o) for o in _overrides(result.get("command"))}
     former = _former_values(result, preset)
+    record = _record(result)  # flattened once, read per key
     diffs = []
     for key, now in preset.settings.items():
         if key in _REVISED_BUDGET or is_neutral(key) or (under(key, named) and key not in former):
             continue
-        then = trained_with(result, preset, key) if key not in former else _recorded(result, key, former[key])
+        then = record.get(key, former[key]) if key in former else trained_with(result, preset, key, record)
         if then is not _UNKNOWN and then != now:
             # a former value as its revision writes it, however recorded or typed (5.0 and 5 read alike: one row)
-            then = next((r.was for r in preset.revisions if r.key == key and r.was == then), then)
-            diffs.append(f"trained with {key}={then}, the preset now {now}")
+            was = _revision_value(preset, key, then)
+            diffs.append(f"trained with {key}={then if was is _UNKNOWN else was}, the preset now {now}")
     return diffs
 
 
@@ -196,10 +197,14 @@ def _former_values(result: dict, preset: Preset) -> dict[str, object]:
         parsed = _parsed(override)
         if parsed is None or key not in preset.settings or key in _REVISED_BUDGET:
             continue
-        was = next((r.was for r in preset.revisions if r.key == key and r.was == parsed[1]), _UNKNOWN)
-        if was is not _UNKNOWN:
-            former[key] = was
+        if _revision_value(preset, key, parsed[1]) is not _UNKNOWN:
+            former[key] = parsed[1]
     return former
+
+
+def _revision_value(preset: Preset, key: str, value: object) -> object:
+    """The `was` of a revision of `key` equal to `value`, as the revision writes it (5 for 5.0); else _UNKNOWN."""
+    return next((r.was for r in preset.revisions if r.key == key and r.was == value), _UNKNOWN)
 
 
 _UNKNOWN = object()
@@ -223,13 +228,13 @@ def _restates(override: str, preset: Preset) -> bool:
     return parsed is not None and parsed[0] in preset.settings and parsed[1] == preset.settings[parsed[0]]
 
 
-def trained_with(result: dict, preset: Preset, key: str) -> object:
+def trained_with(result: dict, preset: Preset, key: str, record: Optional[dict] = None) -> object:
     """The value a run had for a setting its command did not override: from results.json's `config` (the resolved
     settings, in runs since it was recorded), else the preset's value at the run's date (its revisions); _UNKNOWN
-    where neither says (the preset's value now is taken)."""
-    recorded = _recorded(result, key, _UNKNOWN)
-    if recorded is not _UNKNOWN:
-        return recorded
+    where neither says (the preset's value now is taken). `record`: _record(result), where the caller has it."""
+    record = _record(result) if record is None else record
+    if key in record:
+        return record[key]
     date = result.get("date") or ""
     # the earliest revision still after the run: the value the file held when the run was made
     for revision in sorted((r for r in preset.revisions if r.key == key), key=lambda r: r.until):
@@ -238,10 +243,9 @@ def trained_with(result: dict, preset: Preset, key: str) -> object:
     return _UNKNOWN
 
 
-def _recorded(result: dict, key: str, default: object) -> object:
-    """A setting's value in results.json's `config` (the record of what the run trained with), else `default`."""
-    config = result.get("config")
-    return default if config is None else flatten(config).get(key, default)
+def _record(result: dict) -> dict:
+    """results.json's `config` (the record of what the run trained with) by dotted key; empty in runs from before it."""
+    return flatten(result.get("config") or {})
 
 
 def tested_steps(result: dict) -> Optional[int]:
