@@ -178,12 +178,28 @@ def test_bad_test_weights_are_one_clear_error(compose_cfg, tmp_path, overrides, 
         train_run(compose_cfg("train", TINY + overrides), tmp_path)
 
 
-@pytest.mark.parametrize("algo", ["protonet", "reptile", "mann"])  # reptile draws at random while it validates
-def test_validation_does_not_disturb_training(tiny_run, algo):
+# The sinusoid presets at TINY's budget (without its image dataset, backbone and episode).
+TINY_SINUSOID = [o for o in TINY if not o.startswith(("dataset=", "backbone.", "episode."))]
+
+
+# Every algorithm a preset testing its final weights (eval.weights=last) uses, and MANN: there the validation settings
+# only draw the learning curve, and the ledger leaves them out of what makes a run differ from its preset.
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        *(
+            [*TINY, f"algo={a}"]
+            for a in ("maml", "fomaml", "anil", "meta_sgd", "meta_lstm", "protonet", "reptile", "mann")
+        ),
+        *([*TINY_SINUSOID, f"experiment={p}_sinusoid_k5"] for p in ("maml", "pretrain")),
+    ],
+    ids=lambda o: o[-1].split("=")[1],
+)  # reptile draws at random while it validates
+def test_validation_does_not_disturb_training(compose_cfg, tmp_path, overrides):
     # validating at 3 and 6, or at 6 only: the same training, to the bit (two run folders)
-    _, a_dir, a = tiny_run(f"algo={algo}", "seed=3")
-    _, b_dir, b = tiny_run(f"algo={algo}", "seed=3", "trainer.val_every=6", "name=validated_once")
-    assert a_dir != b_dir
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    train_run(compose_cfg("train", [*overrides, "seed=3"]), a_dir)
+    train_run(compose_cfg("train", [*overrides, "seed=3", "trainer.val_every=6"]), b_dir)
     assert [len((d / "metrics.csv").read_text().splitlines()) for d in (a_dir, b_dir)] == [3, 2]  # header + rows
     wa, wb = (load_checkpoint(d / "checkpoints" / "last.pt")["model"] for d in (a_dir, b_dir))
     assert wa.keys() == wb.keys() and all(torch.equal(v, wb[k]) for k, v in wa.items())

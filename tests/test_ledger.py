@@ -159,6 +159,42 @@ def test_neutral_and_group_overrides_of_a_preset_key_are_not_read_as_changed_set
     assert differences({**smoke, "config": config}, preset) == ["overrides trainer=smoke"]  # said once, as itself
 
 
+def test_validation_settings_are_neutral_only_where_the_test_reads_the_final_weights(tmp_path):
+    preset = load_presets()["reptile_omniglot_5w1s"]
+    assert preset.test_weights == "last" and preset.settings["trainer.val_every"] == 2500
+    command = "fewshot-train experiment=reptile_omniglot_5w1s seed={} device=cpu"
+
+    def run(seed, val_every, tested="last.pt", ensemble=1, extra=""):
+        config = {"trainer": {"val_every": val_every, "val_episodes": 200}, "eval": {"ensemble": ensemble}}
+        return _result(
+            name=preset.name,
+            seed=seed,
+            iterations=100000,
+            command=command.format(seed) + extra,
+            config=config,
+            test={"episodes": 10000, "acc_mean": 0.97, "acc_ci95": 0.001},
+            tested={"checkpoint": tested},
+        )
+
+    curve = run(2, 500, extra=" trainer.val_every=500 trainer.val_episodes=50")
+    assert differences(run(1, 2500), preset) == differences(curve, preset) == []  # the same weights tested
+    old = run(3, 500)  # from the file when it said 500 (no revision kept): the same weights tested
+    assert differences(old, preset) == []
+    best = run(4, 500, tested="best.pt", extra=" trainer.val_every=500")
+    assert differences(best, preset) == [
+        "tested best.pt, the preset tests last.pt",
+        "overrides trainer.val_every=500",
+    ]  # validation picked what was tested
+    top = run(5, 500, ensemble=5, extra=" trainer.val_every=500 eval.ensemble=5")
+    assert differences(top, preset) == ["overrides trainer.val_every=500 eval.ensemble=5"]
+    for k, r in enumerate((run(1, 2500), curve, old)):
+        (tmp_path / str(k)).mkdir()
+        (tmp_path / str(k) / "results.json").write_text(json.dumps(r))
+    full = ledger_markdown(collect([tmp_path]), load_presets(), "runs").split("## Reduced budget")[0]
+    (row,) = [line for line in full.splitlines() if line.startswith("| reptile_omniglot_5w1s |")]
+    assert "| 1, 2, 3 |" in row  # pooled: their recorded val_every differs, and it is no difference here
+
+
 def test_seeds_that_restate_their_presets_value_are_pooled_as_the_cell(tmp_path):
     preset = load_presets()["matching_omniglot_5w1s"]
     lr = preset.settings["trainer.meta_lr"]

@@ -61,6 +61,11 @@ NEUTRAL_OVERRIDES = (
     "eval.cuda_graph",
 )
 
+# Validation's settings, neutral where a run tests its final weights alone: validation then draws the learning curve
+# and picks best.pt, which is not tested, and leaves training's random stream as it was, so the same weights are
+# tested either way (tests/test_engine.py::test_validation_does_not_disturb_training, every such algorithm).
+VALIDATION_KEYS = ("trainer.val_every", "trainer.val_episodes")
+
 
 # ---- aggregate ------------------------------------------------------------------------------------
 
@@ -248,12 +253,13 @@ def aggregate(
     return sorted(rows, key=sort_key)
 
 
-def measured_overrides(command: Optional[str]) -> Optional[tuple[str, ...]]:
+def measured_overrides(command: Optional[str], final_weights: bool = False) -> Optional[tuple[str, ...]]:
     """The overrides of a recorded command that change what is measured, in command order (None when no command
-    was recorded): everything but the seed, the device, paths and logging (NEUTRAL_OVERRIDES)."""
+    was recorded): everything but the seed, the device, paths and logging (NEUTRAL_OVERRIDES), and validation's
+    settings where the run tested its final weights (`final_weights`: tests_final_weights of its results.json)."""
     if command is None:
         return None
-    return tuple(o for o in shlex.split(command)[1:] if not is_neutral(override_key(o)))
+    return tuple(o for o in shlex.split(command)[1:] if not is_neutral(override_key(o), final_weights))
 
 
 def override_key(override: str) -> str:
@@ -261,9 +267,16 @@ def override_key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
-def is_neutral(key: str) -> bool:
-    """Whether a key is one of NEUTRAL_OVERRIDES or below one (device.name, hydra.run.dir)."""
-    return under(key, NEUTRAL_OVERRIDES)
+def is_neutral(key: str, final_weights: bool = False) -> bool:
+    """Whether a key is one of NEUTRAL_OVERRIDES or below one (device.name, hydra.run.dir); with `final_weights`
+    (a run that tested its final weights alone), also one of VALIDATION_KEYS."""
+    return under(key, NEUTRAL_OVERRIDES) or (final_weights and under(key, VALIDATION_KEYS))
+
+
+def tests_final_weights(result: dict) -> bool:
+    """Whether a run tested its final weights alone (last.pt, no ensemble of validation's best checkpoints)."""
+    ensemble = flatten(result.get("config") or {}).get("eval.ensemble", 1)
+    return (result.get("tested") or {}).get("checkpoint") == "last.pt" and ensemble <= 1
 
 
 def _streams(seed: int) -> tuple[int, ...]:
@@ -289,7 +302,7 @@ def check_poolable(runs: Sequence[dict], commands: bool = True, warn: Callable[[
                     f"{r['name']}: seeds {other} and {r['seed']} draw the same random streams, so their "
                     f"runs are not independent; keep one of {r.get('_path')} and the other"
                 )
-    recorded = [_measured_settings(r["config"]) for r in runs if r.get("config") is not None]
+    recorded = [_measured_settings(r["config"], tests_final_weights(r)) for r in runs if r.get("config") is not None]
     shared = set.intersection(*(set(s) for s in recorded)) if recorded else set()
     differ = sorted(k for k in shared if any(s[k] != recorded[0][k] for s in recorded))
     if differ:
@@ -298,7 +311,7 @@ def check_poolable(runs: Sequence[dict], commands: bool = True, warn: Callable[[
     if not commands:
         return
     covered = shared if len(recorded) == len(runs) else set()
-    overrides = [measured_overrides(r.get("command")) for r in runs]
+    overrides = [measured_overrides(r.get("command"), tests_final_weights(r)) for r in runs]
     kinds = {tuple(sorted(o for o in s if override_key(o) not in covered)) for s in overrides if s is not None}
     if len(kinds) > 1:
         _refuse(runs, " vs ".join("[" + " ".join(s) + "]" for s in sorted(kinds)))
@@ -316,10 +329,11 @@ def _refuse(runs: Sequence[dict], shown: str) -> None:
     )
 
 
-def _measured_settings(config: dict) -> dict:
-    """A results.json's recorded settings (config) without the neutral ones (seed, device, logging) and without what
-    names code or a source rather than a setting (_target_, a download URL), which a later version may change."""
-    return {k: v for k, v in flatten(config).items() if not is_neutral(k) and not _not_a_setting(k)}
+def _measured_settings(config: dict, final_weights: bool = False) -> dict:
+    """A results.json's recorded settings (config) without the neutral ones (seed, device, logging; is_neutral) and
+    without what names code or a source rather than a setting (_target_, a download URL), which a later version may
+    change."""
+    return {k: v for k, v in flatten(config).items() if not is_neutral(k, final_weights) and not _not_a_setting(k)}
 
 
 def _not_a_setting(key: str) -> bool:

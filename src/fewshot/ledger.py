@@ -31,7 +31,16 @@ from typing import Callable, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from fewshot.cells import Row, aggregate, is_neutral, measured_overrides, metric_of, newest_per_seed, override_key
+from fewshot.cells import (
+    Row,
+    aggregate,
+    is_neutral,
+    measured_overrides,
+    metric_of,
+    newest_per_seed,
+    override_key,
+    tests_final_weights,
+)
 from fewshot.flat import flatten, under
 
 # Why a preset may have no full-budget row yet, by dataset; anything else simply has not been run.
@@ -151,7 +160,7 @@ def differences(result: dict, preset: Preset) -> list[str]:
     budget = BUDGET_KEYS  # already said above
     if preset.test_steps is not None and tested_steps(result) is not None:  # so are the test's inner steps
         budget += ("algo.eval_inner_steps",)
-    overrides = measured_overrides(result.get("command")) or ()
+    overrides = measured_overrides(result.get("command"), tests_final_weights(result)) or ()
     former = _former_values(result, preset)  # said by revised_differences, in the revision's words
     changed = [
         o
@@ -167,13 +176,15 @@ def revised_differences(result: dict, preset: Preset) -> list[str]:
     """The values a run trained with that its preset file no longer sets: keys its command did not set (an override
     of trainer= or algo= names every key below it), and keys its command set back to a value the file once held
     (_former_values: one wording, so one row, with the runs that got that value from the file). Neutral keys
-    (eval.meta_batch_size, device.*) and the budget, said by differences() already, are left out."""
+    (eval.meta_batch_size, device.*, validation's where the run tested its final weights) and the budget, said by
+    differences() already, are left out."""
     named = {override_key(o) for o in _overrides(result.get("command"))}
     former = _former_values(result, preset)
     record = _record(result)  # flattened once, read per key
+    final = tests_final_weights(result)
     diffs = []
     for key, now in preset.settings.items():
-        if key in _REVISED_BUDGET or is_neutral(key) or (under(key, named) and key not in former):
+        if key in _REVISED_BUDGET or is_neutral(key, final) or (under(key, named) and key not in former):
             continue
         then = record.get(key, former[key]) if key in former else trained_with(result, preset, key, record)
         if then is not _UNKNOWN and then != now:
@@ -191,7 +202,7 @@ def _former_values(result: dict, preset: Preset) -> dict[str, object]:
     """The keys a run's command set to a value the preset file once held (one of its revisions), with that value;
     the last override of a key is the one Hydra applied. Neutral and budget keys, and keys the file no longer sets,
     are left to the override's own wording."""
-    last = {override_key(o): o for o in measured_overrides(result.get("command")) or ()}
+    last = {override_key(o): o for o in measured_overrides(result.get("command"), tests_final_weights(result)) or ()}
     former = {}
     for key, override in last.items():
         parsed = _parsed(override)
@@ -429,7 +440,8 @@ def ledger_markdown(results: Sequence[dict], presets: dict[str, Preset], source:
         "## Full budget",
         "",
         "Runs of a preset as it stands: its iterations and test episodes, the values its file sets, no override but "
-        "the seed, device and paths (or one restating the preset's value).",
+        "the seed, device and paths (or one restating the preset's value), and validation's settings where the test "
+        "reads the final weights (there validation only draws the learning curve).",
         "",
     ]
     regression = {name: runs for name, runs in full.items() if metric_of(runs[0]) == "mse"}
