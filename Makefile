@@ -43,11 +43,12 @@ lint: install  ## ruff: lint and format check (line length 120; `ruff format` fi
 test-fast: install  ## tests without the slow real-training ones
 	$(PYTEST) -m "not slow" $(ARGS)
 
-bench: install  ## CPU benchmarks in one process each: sampler, MAML, Meta-SGD and ANIL against learn2learn, MAML++ against MAML, Reptile against torch.optim.Adam, MANN against its per-step form and compiled, NHWC against the default layout, freed memory kept against glibc's malloc
+bench: install  ## CPU benchmarks in one process each: sampler, MAML, Meta-SGD and ANIL against learn2learn, MAML++ against MAML, Reptile against torch.optim.Adam and its test against the task loop, MANN against its per-step form and compiled, NHWC against the default layout, freed memory kept against glibc's malloc
 	$(PY) scripts/bench_sampler.py
 	$(PY) scripts/bench_maml.py --device cpu
 	$(PY) scripts/bench_descendants.py --device cpu
 	$(PY) scripts/bench_reptile.py --device cpu
+	$(PY) scripts/bench_reptile.py --device cpu --test
 	$(PY) scripts/bench_mann.py
 	$(PY) scripts/bench_channels_last.py
 	$(PY) scripts/bench_malloc.py

@@ -14,8 +14,13 @@ was no faster (its own Adam in fewshot's step: 281 against 276 ms per meta-itera
 training run), so fewshot keeps the per-tensor loop there; adam_foreach against adam_loop on a GPU says whether
 it would win where the step is launch-bound.
 
+--test times the preset's test instead (50 Adam steps on the 5 support images, then the 5 queries together, for
+--tasks tasks): ours, the tasks side by side under vmap, against task_loop, each task in turn through the
+training's adapt() as fewshot's test ran before; ms per batch of tasks, and the ratio.
+
     python scripts/bench_reptile.py --device cpu [--iters 5] [--warmup 1]
     python scripts/bench_reptile.py --device cuda
+    python scripts/bench_reptile.py --test [--tasks 25]
 """
 
 from __future__ import annotations
@@ -92,20 +97,69 @@ def steps(device: torch.device) -> dict[str, Callable[[], float]]:
     }
 
 
+def task_loop(algo: Reptile, episode: Episode) -> torch.Tensor:
+    """The queries' logits with each task adapted in turn by adapt() from a copy of the training's Adam state."""
+    tasks, n = episode.support_y.shape
+    batches = mini_batches(tasks, n, algo.eval_inner_steps, algo.eval_inner_batch, episode.support_y.device)
+    m, v, step = algo.adam_state()
+    logits = []
+    for t in range(tasks):
+        state = ([a.clone() for a in m], [a.clone() for a in v], step.clone())
+        weights, _, _ = algo.adapt(episode.support_x[t], episode.support_y[t], batches[t], state)
+        with torch.no_grad():
+            logits.append(algo._predict(weights, episode.support_x[t], episode.query_x[t]))
+    return torch.stack(logits)
+
+
+def test_steps(device: torch.device, tasks: int) -> dict[str, Callable[[], float]]:
+    torch.manual_seed(0)
+    backbone = functools.partial(Conv4, in_channels=1, image_size=28, flatten=True)
+    algo = Reptile(backbone, WAYS, inner_lr=LR, eval_inner_steps=50, eval_inner_batch=5).to(device).eval()
+    if device.type == "cpu":  # the layout fewshot tests Reptile in on a CPU (cpu_channels_last)
+        algo.net.to(memory_format=torch.channels_last)
+    episode = bench.random_episode(WAYS, 1, 1, tasks, device, seed=1)
+
+    def timed(fn: Callable[[], object]) -> Callable[[], float]:
+        def step() -> float:
+            bench.sync(device)
+            start = time.perf_counter()
+            fn()
+            bench.sync(device)
+            return (time.perf_counter() - start) * 1e3
+
+        return step
+
+    return {
+        "ours": timed(lambda: algo(episode, train=False)),
+        "task_loop": timed(lambda: task_loop(algo, episode)),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--iters", type=int, default=None, help="timed turns (default 20 on CUDA, 5 on a CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per closure (default 5 on CUDA, 1)")
+    p.add_argument("--test", action="store_true", help="time the preset's test step (vmapped) against the task loop")
+    p.add_argument("--tasks", type=int, default=25, help="--test: tasks per batch (eval.meta_batch_size's default)")
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    if args.test:
+        timed = bench.time_interleaved(
+            test_steps(device, args.tasks), device, args.iters or (10 if cuda else 3), args.warmup or 1
+        )
+        ratio = round(timed["task_loop"]["ms_median"] / timed["ours"]["ms_median"], 2)
+        print(json.dumps({"setting": "reptile_omniglot_5w1s test", "tasks": args.tasks, "device": name,
+                          "torch": torch.__version__, "threads": torch.get_num_threads(), **timed,
+                          "speedup_vs_task_loop": ratio}))  # fmt: skip
+        return
     timed = bench.time_interleaved(
         steps(device), device, args.iters or (20 if cuda else 5), args.warmup or (5 if cuda else 1)
     )
     base = timed["adam_loop"]["ms_median"]
     ratios = {k: round(base / v["ms_median"], 2) for k, v in timed.items() if k != "adam_loop"}
-    name = torch.cuda.get_device_name(device) if cuda else "cpu"
     print(json.dumps({"setting": "reptile_omniglot_5w1s", "device": name, "torch": torch.__version__,
                       "threads": torch.get_num_threads(), **timed, "speedup_vs_adam_loop": ratios}))  # fmt: skip
 

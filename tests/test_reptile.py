@@ -60,6 +60,8 @@ def random_episode(
 # openai/supervised-reptile's train_step retold in plain PyTorch: one home, scripts/bench_reptile.py, which times
 # fewshot's step against it.
 reference_meta_step = load_script("bench_reptile").reference_meta_step
+# fewshot's test as it ran before its tasks went side by side: each task in turn through adapt() (same home).
+task_loop = load_script("bench_reptile").task_loop
 
 
 # A convolution's bias before BatchNorm has a gradient of zero up to rounding (BatchNorm subtracts the batch mean),
@@ -158,6 +160,24 @@ def test_test_leaves_weights_and_inner_adam_alone_and_is_deterministic():
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.parametrize("transductive", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])  # the CPU's layout for Reptile (cpu_channels_last)
+def test_test_adapts_the_tasks_side_by_side_as_each_alone(transductive, channels_last):
+    # the vmapped test against each task adapted in turn by the training's own adapt() from a copy of the Adam state
+    algo = small(eval_inner_steps=4, eval_inner_batch=5, transductive=transductive)
+    algo(random_episode(shots=1, queries=9), train=True)  # some Adam state to start from
+    if channels_last:
+        algo.net.to(memory_format=torch.channels_last)
+    episode = random_episode(tasks=4, shots=1, queries=3, seed=6)
+    torch.manual_seed(2)
+    out = algo(episode, train=False)
+    torch.manual_seed(2)
+    logits = task_loop(algo, episode)
+    assert logits.argmax(-1).unique().numel() > 1  # the tasks' predictions are not all one class
+    torch.testing.assert_close(out.acc, (logits.argmax(-1) == episode.query_y).float().mean(-1))
+    torch.testing.assert_close(out.loss, F.cross_entropy(logits.flatten(0, 1), episode.query_y.flatten()))
+
+
 def test_non_transductive_test_classifies_each_query_beside_the_support_set():
     algo = small(eval_inner_steps=2, eval_inner_batch=5, transductive=False)
     episode = random_episode(tasks=1)
@@ -239,5 +259,6 @@ def test_learns_omniglot(compose_cfg, tmp_path, omniglot_root, omniglot_cache_di
 
 def test_bench_reptile_closures_run():
     """scripts/bench_reptile.py's closures, once each on a CPU (make bench times them)."""
-    for name, step in load_script("bench_reptile").steps(torch.device("cpu")).items():
+    bench = load_script("bench_reptile")
+    for name, step in {**bench.steps(torch.device("cpu")), **bench.test_steps(torch.device("cpu"), 2)}.items():
         assert step() > 0, name
