@@ -191,15 +191,17 @@ TINY_SINUSOID = [o for o in TINY if not o.startswith(("dataset=", "backbone.", "
             [*TINY, f"algo={a}"]
             for a in ("maml", "fomaml", "anil", "meta_sgd", "meta_lstm", "protonet", "reptile", "mann")
         ),
+        # and as their presets have them: ProtoNets' running statistics and step schedule, Reptile's SGD and linear one
+        *([*TINY, f"experiment={p}_omniglot_5w1s"] for p in ("protonet", "reptile")),
         *([*TINY_SINUSOID, f"experiment={p}_sinusoid_k5"] for p in ("maml", "pretrain")),
     ],
     ids=lambda o: o[-1].split("=")[1],
 )  # reptile draws at random while it validates
 def test_validation_does_not_disturb_training(compose_cfg, tmp_path, overrides):
-    # validating at 3 and 6, or at 6 only: the same training, to the bit (two run folders)
+    # validating 10 tasks at 3 and 6, or 4 at 6 only: the same training, to the bit (two run folders)
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     train_run(compose_cfg("train", [*overrides, "seed=3"]), a_dir)
-    train_run(compose_cfg("train", [*overrides, "seed=3", "trainer.val_every=6"]), b_dir)
+    train_run(compose_cfg("train", [*overrides, "seed=3", "trainer.val_every=6", "trainer.val_episodes=4"]), b_dir)
     assert [len((d / "metrics.csv").read_text().splitlines()) for d in (a_dir, b_dir)] == [3, 2]  # header + rows
     wa, wb = (load_checkpoint(d / "checkpoints" / "last.pt")["model"] for d in (a_dir, b_dir))
     assert wa.keys() == wb.keys() and all(torch.equal(v, wb[k]) for k, v in wa.items())

@@ -178,6 +178,22 @@ def test_test_adapts_the_tasks_side_by_side_as_each_alone(transductive, channels
     torch.testing.assert_close(out.loss, F.cross_entropy(logits.flatten(0, 1), episode.query_y.flatten()))
 
 
+def test_test_numbers_do_not_depend_on_how_many_tasks_go_side_by_side():
+    # eval.meta_batch_size is memory, not results: 6 tasks at once or 3 and 3 give the same logits, to the bit (CPU)
+    algo = small(eval_inner_steps=3, eval_inner_batch=5)
+    algo(random_episode(shots=1, queries=9), train=True)
+    e = random_episode(tasks=6, shots=1, queries=2, seed=8)
+    adapted = torch.func.vmap(algo._adapted_logits)
+    torch.manual_seed(3)
+    whole = adapted(e.support_x, e.support_y, mini_batches(6, 5, 3, 5, torch.device("cpu")), e.query_x)
+    torch.manual_seed(3)
+    halves = [
+        adapted(e.support_x[s], e.support_y[s], mini_batches(3, 5, 3, 5, torch.device("cpu")), e.query_x[s])
+        for s in (slice(0, 3), slice(3, 6))
+    ]
+    assert torch.equal(whole, torch.cat(halves))
+
+
 def test_non_transductive_test_classifies_each_query_beside_the_support_set():
     algo = small(eval_inner_steps=2, eval_inner_batch=5, transductive=False)
     episode = random_episode(tasks=1)

@@ -63,7 +63,8 @@ NEUTRAL_OVERRIDES = (
 
 # Validation's settings, neutral where a run tests its final weights alone: validation then draws the learning curve
 # and picks best.pt, which is not tested, and leaves training's random stream as it was, so the same weights are
-# tested either way (tests/test_engine.py::test_validation_does_not_disturb_training, every such algorithm).
+# tested either way (tests/test_engine.py::test_validation_does_not_disturb_training, every such algorithm; on a CPU).
+# A run whose validation score is not finite stops there with an error, and files no result to compare.
 VALIDATION_KEYS = ("trainer.val_every", "trainer.val_episodes")
 
 
@@ -275,8 +276,8 @@ def is_neutral(key: str, final_weights: bool = False) -> bool:
 
 def tests_final_weights(result: dict) -> bool:
     """Whether a run tested its final weights alone (last.pt, no ensemble of validation's best checkpoints)."""
-    ensemble = flatten(result.get("config") or {}).get("eval.ensemble", 1)
-    return (result.get("tested") or {}).get("checkpoint") == "last.pt" and ensemble <= 1
+    ensemble = flatten(result.get("config") or {}).get("eval.ensemble")
+    return (result.get("tested") or {}).get("checkpoint") == "last.pt" and ensemble in (None, 0, 1)
 
 
 def _streams(seed: int) -> tuple[int, ...]:
