@@ -4,7 +4,8 @@
 #   tests: the CUDA tests (-k cuda: captured graph vs eager step, vmap's meta-gradient vs learn2learn's on CUDA,
 #      Meta-SGD's, the replayed ensemble test, samplers' states across devices), whole output in $OUT/tests.txt;
 #   descendants (not in the default STEPS): scripts/bench_descendants.py and bench_reptile.py --device cuda
-#      (Meta-SGD, MAML++; Reptile's per-tensor inner Adam against torch.optim.Adam's loop and foreach forms);
+#      (Meta-SGD, MAML++; Reptile's per-tensor inner Adam against torch.optim.Adam's loop and foreach forms;
+#      Reptile's test, its tasks side by side under vmap, against them in turn: bench_reptile.py --test);
 #   layout (not in the default STEPS): scripts/bench_channels_last.py --device cuda for ProtoNets, Reptile and
 #      Matching Networks, whose CPU steps NHWC speeds: what device.channels_last=null should do on CUDA;
 #   bench: scripts/bench_maml.py --device cuda: learn2learn vs our eager step vs our CUDA-graph step
@@ -58,10 +59,11 @@ tests() {
 }
 
 descendants() {  # Meta-SGD vs learn2learn, MAML++ (MSL and after it; loop, vmap, graph) vs MAML 5 steps; Reptile
-  local script
-  for script in bench_descendants bench_reptile; do
-    echo "== $script.py" >>"$OUT/bench.log"
-    timeout 200 python3 "scripts/$script.py" --device cuda 2>&1 | tee -a "$OUT/bench.log" | grep '^{' \
+  local args
+  for args in bench_descendants.py bench_reptile.py "bench_reptile.py --test"; do
+    echo "== $args" >>"$OUT/bench.log"
+    # shellcheck disable=SC2086  # the script's name and its flags, split at the space
+    timeout 200 python3 scripts/$args --device cuda 2>&1 | tee -a "$OUT/bench.log" | grep '^{' \
       | tee -a "$OUT/bench.jsonl"
   done
 }
