@@ -13,11 +13,12 @@ either layout is reported as {"error": ...}. Measured on the 2-core CPU (torch 2
 / test default-to-channels_last, tasks under vmap as fewshot ran them then: protonet 5w1s 1.24-1.27 / 1.03-1.06,
 5w5s 1.31 / 1.03; reptile 5w1s 1.10 / 1.10; siamese 20w1s 1.13 / 0.97, 5w1s 0.92 / 1.04; matching 5w1s 0.88 / 1.06,
 FCE 0.86 / 1.04; MAML 5w1s 1.02 / 1.04, first-order 1.05 / 1.04; Meta-SGD 0.98 / 1.11; Meta-LSTM 1.00 / 1.00; MAML++
-0.94 / 1.10. With --tasks, the metric algorithms' per-task loop (fewshot's CPU default since) against vmap: the test
+0.94 / 1.10; later (2026-11-29, one thread beside a training run) ANIL 20w1s 1.14 / 1.27, 20w5s 1.13 / 1.42.
+With --tasks, the metric algorithms' per-task loop (fewshot's CPU default since) against vmap: the test
 step with the loop and NHWC 4.08-5.15x faster than vmap in NCHW (before both changes; protonet 20w1s 2.64x), the
 training step 1.28-1.50x (matching 5w1s 1.50, FCE 1.42, siamese 5w1s 1.45, 20w1s 1.44, matching 20w5s 1.47, protonet
 1.28-1.34); with the loop, NHWC against NCHW: tests 1.46-1.85x, training 0.90 (matching 5w1s) to 1.27x. Hence
-Algorithm.cpu_channels_last for protonet, matching, siamese and reptile.
+Algorithm.cpu_channels_last for protonet, matching, siamese, reptile and anil.
 
     python scripts/bench_channels_last.py [--device cpu] [--iters 6] [--warmup 2] [--tasks] [PRESET ...]
 """

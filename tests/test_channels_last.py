@@ -27,6 +27,7 @@ def nhwc(algo: torch.nn.Module) -> bool:
     [
         ("protonet", "null", True),  # measured faster on a CPU
         ("reptile", "null", True),
+        ("anil", "null", True),
         ("maml", "null", False),  # measured no faster (1.02x): stays as it was
         ("matching", "null", True),
         ("siamese", "null", True),
@@ -62,6 +63,7 @@ PRE_BATCH_NORM_BIASES = {f"net.features.{3 * i}.bias" for i in range(4)}  # Conv
         ("reptile", ["backbone.flatten=true"]),  # as its presets, transductive
         ("reptile", ["backbone.flatten=true", "algo.transductive=false"]),  # each query beside the support, vmap
         ("maml", []),
+        ("anil", []),
         ("matching", []),
         ("siamese", []),
     ],

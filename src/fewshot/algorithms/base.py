@@ -69,7 +69,7 @@ class Algorithm(nn.Module):
     # algorithm runs it as a module (protonet, matching, siamese), not through a functional forward.
     running_stats_ok: bool = False
     # Whether device.channels_last=null puts its convolution weights in NHWC on a CPU: where
-    # scripts/bench_channels_last.py measured its presets' steps faster so (protonet, matching, siamese, reptile),
+    # scripts/bench_channels_last.py measured its presets' steps faster so (protonet, matching, siamese, reptile, anil),
     # not where it was no faster (MAML 1.02x, Meta-SGD 0.98x, MAML++ 0.94x, Meta-LSTM 1.00x training steps).
     cpu_channels_last: bool = False
     # The setting that sets its inner-loop step size, which a diverging run's message names beside trainer.meta_lr.
