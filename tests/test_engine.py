@@ -130,6 +130,26 @@ def test_a_finished_run_is_retested_with_other_test_steps(tiny_run):
     assert two["test"]["acc_mean"] == two["test"]["step_acc"][2]
 
 
+def test_eval_retests_a_checkpoint_with_other_inner_steps(tiny_run, compose_cfg, tmp_path):
+    # fewshot-eval's eval.inner_steps: the same weights and tasks, adapted for fewer or more steps than the run's test
+    _, run_dir, four = tiny_run("algo=maml", "algo.eval_inner_steps=4")
+    ckpt = f"checkpoint={run_dir / 'checkpoints' / four['tested']['checkpoint']}"
+    same = eval_run(compose_cfg("eval", [ckpt, "device=cpu"]), tmp_path / "same")
+    two = eval_run(compose_cfg("eval", [ckpt, "device=cpu", "eval.inner_steps=2"]), tmp_path / "two")
+    assert same["test"] == four["test"] and same["tested"] == four["tested"]
+    assert two["tested"] == {**four["tested"], "inner_steps": 2} and two["config"]["algo"]["eval_inner_steps"] == 2
+    assert (
+        two["test"]["step_acc"] == four["test"]["step_acc"][:3]
+        and two["test"]["acc_mean"] == four["test"]["step_acc"][2]
+    )
+    with pytest.raises(engine.ConfigError, match=r"^eval.inner_steps=0: must be >= 1"):
+        eval_run(compose_cfg("eval", [ckpt, "device=cpu", "eval.inner_steps=0"]), tmp_path / "zero")
+    _, proto_dir, _ = tiny_run("algo=protonet")
+    proto = f"checkpoint={proto_dir / 'checkpoints' / 'best.pt'}"
+    with pytest.raises(engine.ConfigError, match=r"algo=protonet model, which takes no inner steps at test; drop eval"):
+        eval_run(compose_cfg("eval", [proto, "device=cpu", "eval.inner_steps=3"]), tmp_path / "proto")
+
+
 def test_a_finished_run_copied_is_tested_as_its_twin_cell(compose_cfg, tmp_path):
     # Validation never touches training (fixed_rng), so runs that differ only in their test tasks' shape train the
     # same weights: a finished run's copy, run again as the other cell, gives that cell's number exactly.

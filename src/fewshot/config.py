@@ -67,9 +67,9 @@ class EvalConfig:
 class DeviceConfig:
     name: str = "auto"  # auto | cpu | cuda | cuda:N
     # Convolution weights (and so activations) in NHWC: null picks what scripts/bench_channels_last.py measured
-    # faster (on a CPU for protonet, matching, siamese and reptile; off elsewhere: fewshot.device.use_channels_last);
-    # false turns it off, true on (refused on CUDA, unmeasured). A step agrees to float rounding, not bit for bit, in
-    # either layout; a run may resume with another setting.
+    # faster (on a CPU for protonet, matching, siamese, reptile and anil; off elsewhere:
+    # fewshot.device.use_channels_last); false turns it off, true on (refused on CUDA, unmeasured). A step agrees to
+    # float rounding, not bit for bit, in either layout; a run may resume with another setting.
     channels_last: Optional[bool] = None
     # Keep freed memory in the process for the next step instead of glibc returning each block over 32 MB to the OS
     # (fewshot.device.keep_freed_memory): null is on for CPU runs under glibc; false leaves malloc as it is. Same
@@ -127,6 +127,9 @@ class EvalOverrides:
     meta_batch_size: Optional[int] = None
     cuda_graph: Optional[bool] = None  # null: the training run's eval.cuda_graph
     compile_step: Optional[bool] = None  # null: the training run's algo.compile_step (MANN)
+    # null: the training run's algo.eval_inner_steps; N: the same weights tested after N inner steps (MAML and its
+    # descendants, Reptile), e.g. a paper's 10 where the preset tests after 5.
+    inner_steps: Optional[int] = None
 
 
 @dataclass

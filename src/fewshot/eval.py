@@ -1,6 +1,6 @@
 """fewshot-eval: rebuild a run from its checkpoint and test it (or run a benchmark on it).
 
-    fewshot-eval checkpoint=outputs/<run>/checkpoints/best.pt [split=val] [benchmark=lake_runs]
+    fewshot-eval checkpoint=outputs/<run>/checkpoints/best.pt [split=val] [benchmark=lake_runs] [eval.inner_steps=N]
 
 `run(cfg, out_dir)` is the story: own the output folder, rebuild the run from the checkpoint's own config, test.
 """

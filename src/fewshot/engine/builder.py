@@ -240,7 +240,8 @@ class EvalRequest:
 
 def build_from_checkpoint(cfg: DictConfig) -> tuple[Run, dict, EvalRequest]:
     """fewshot-eval's build step: the run a checkpoint was trained as, from its own saved config, with what
-    belongs to this machine (data, cache, device) and the test-only overrides (seed, episodes) from `cfg`."""
+    belongs to this machine (data, cache, device) and the test-only overrides (seed, episodes, inner steps, ...) from
+    `cfg`."""
     from fewshot.checkpoint import CheckpointError, load_run_checkpoint
     from fewshot.config import TrainConfig
     from fewshot.engine.checkpoints import upgrade_config
@@ -275,5 +276,15 @@ def build_from_checkpoint(cfg: DictConfig) -> tuple[Run, dict, EvalRequest]:
                 "compiled step (only MANN's); drop eval.compile_step"
             )
         run_cfg.algo.compile_step = cfg.eval.compile_step
+    steps = cfg.eval.get("inner_steps")
+    if steps is not None:
+        if "eval_inner_steps" not in run_cfg.algo:
+            raise ConfigError(
+                f"eval.inner_steps: {cfg.checkpoint} holds an algo={state.get('algo')} model, which takes no inner "
+                "steps at test; drop eval.inner_steps"
+            )
+        if steps < 1:
+            raise ConfigError(f"eval.inner_steps={steps}: must be >= 1 (step_acc reports the score before adapting)")
+        run_cfg.algo.eval_inner_steps = steps
     request = EvalRequest(checkpoint=str(cfg.checkpoint), split=cfg.split, benchmark=cfg.get("benchmark"))
     return build(run_cfg), state, request

@@ -99,8 +99,18 @@ def test_checkpoint(run: Run, state: dict, request: EvalRequest, out_dir: Path) 
     results = make_results(run, test, None, state["best"], test_seconds=time.perf_counter() - tic)
     results["checkpoint"] = str(Path(request.checkpoint).resolve())
     results["eval_split"] = request.split
+    results["tested"] = tested_record(run.algo, Path(request.checkpoint).name, state["iteration"])
     write_results(out_dir, results)
     return results
+
+
+def tested_record(algo: Algorithm, checkpoint: str, iteration: int) -> dict[str, Any]:
+    """results.json's `tested`: the checkpoint file the test read, the iteration its weights were saved at, and the
+    inner steps it adapted with, for the algorithms that take them (MAML, Reptile, ...)."""
+    tested = {"checkpoint": checkpoint, "iteration": iteration}
+    if getattr(algo, "eval_inner_steps", None) is not None:
+        tested["inner_steps"] = algo.eval_inner_steps
+    return tested
 
 
 def lake_benchmark(run: Run, state: dict, request: EvalRequest, out_dir: Path) -> dict[str, Any]:

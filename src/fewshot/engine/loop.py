@@ -25,7 +25,7 @@ from fewshot.engine.checkpoints import (
     truncate_metrics,
 )
 from fewshot.engine.ensemble import keep_top
-from fewshot.engine.evaluation import eval_graphs, evaluate, evaluate_test
+from fewshot.engine.evaluation import eval_graphs, evaluate, evaluate_test, tested_record
 from fewshot.engine.results import append_csv, make_logger, make_results, plot_curve, write_results
 from fewshot.engine.signals import Interrupted, SignalGuard
 from fewshot.engine.steps import DIVERGED, make_step  # noqa: F401  (DIVERGED: re-exported)
@@ -259,9 +259,7 @@ def meta_train(run: Run, run_dir: Path, signals: SignalGuard) -> dict[str, Any]:
         test_seconds=time.perf_counter() - tic,
         train_devices=progress.devices,
     )
-    results["tested"] = {"checkpoint": tested, "iteration": weights["iteration"]}
-    if getattr(algo, "eval_inner_steps", None) is not None:  # the steps it adapted with (MAML, Reptile, ...)
-        results["tested"]["inner_steps"] = algo.eval_inner_steps
+    results["tested"] = tested_record(algo, tested, weights["iteration"])
     if retest:  # its validation (metrics.csv, best_val) ran as trained, before these
         results["tested"]["changed_since_training"] = retest
     write_results(run_dir, results)
