@@ -6,8 +6,8 @@
 #   descendants (not in the default STEPS): scripts/bench_descendants.py and bench_reptile.py --device cuda
 #      (Meta-SGD, MAML++; Reptile's per-tensor inner Adam against torch.optim.Adam's loop and foreach forms;
 #      Reptile's test, its tasks side by side under vmap, against them in turn: bench_reptile.py --test);
-#   layout (not in the default STEPS): scripts/bench_channels_last.py --device cuda for ProtoNets, Reptile and
-#      Matching Networks, whose CPU steps NHWC speeds: what device.channels_last=null should do on CUDA;
+#   layout (not in the default STEPS): scripts/bench_channels_last.py --device cuda for ProtoNets, Reptile,
+#      Matching Networks and ANIL, whose CPU steps NHWC speeds: what device.channels_last=null should do on CUDA;
 #   bench: scripts/bench_maml.py --device cuda: learn2learn vs our eager step vs our CUDA-graph step
 #      (trainer.cuda_graph=on), same process, same tasks: ms per meta-iteration, speedups, step memory; at 1 query
 #      per class (the presets: MAML's own code draws queries = shots) and 15 (the bench), with the graph
@@ -71,7 +71,7 @@ descendants() {  # Meta-SGD vs learn2learn, MAML++ (MSL and after it; loop, vmap
 layout() {  # NHWC against the default layout on CUDA (device.channels_last); errors are reported per preset
   echo "== bench_channels_last.py" >>"$OUT/bench.log"
   timeout 240 python3 scripts/bench_channels_last.py --device cuda protonet_omniglot_5w1s reptile_omniglot_5w1s \
-    matching_omniglot_5w1s 2>&1 | tee -a "$OUT/bench.log" | grep '^{' | tee -a "$OUT/bench.jsonl"
+    matching_omniglot_5w1s anil_omniglot_20w1s 2>&1 | tee -a "$OUT/bench.log" | grep '^{' | tee -a "$OUT/bench.jsonl"
 }
 
 bench_one() {  # bench_maml.py arguments; its JSON lines to stdout and bench.jsonl, everything to bench.log

@@ -142,12 +142,20 @@ def test_eval_retests_a_checkpoint_with_other_inner_steps(tiny_run, compose_cfg,
         two["test"]["step_acc"] == four["test"]["step_acc"][:3]
         and two["test"]["acc_mean"] == four["test"]["step_acc"][2]
     )
-    with pytest.raises(engine.ConfigError, match=r"^eval.inner_steps=0: must be >= 1"):
+    with pytest.raises(engine.ConfigError, match=r"^eval.inner_steps=0: must be >= 1, as algo.eval_inner_steps"):
         eval_run(compose_cfg("eval", [ckpt, "device=cpu", "eval.inner_steps=0"]), tmp_path / "zero")
-    _, proto_dir, _ = tiny_run("algo=protonet")
-    proto = f"checkpoint={proto_dir / 'checkpoints' / 'best.pt'}"
-    with pytest.raises(engine.ConfigError, match=r"algo=protonet model, which takes no inner steps at test; drop eval"):
-        eval_run(compose_cfg("eval", [proto, "device=cpu", "eval.inner_steps=3"]), tmp_path / "proto")
+    # the Meta-LSTM's test steps are its eval_updates
+    _, lstm_dir, lstm = tiny_run("algo=meta_lstm", "algo.updates=3")
+    assert lstm["tested"]["inner_steps"] == 3 and len(lstm["test"]["step_acc"]) == 4
+    lstm_ckpt = f"checkpoint={lstm_dir / 'checkpoints' / lstm['tested']['checkpoint']}"
+    one = eval_run(compose_cfg("eval", [lstm_ckpt, "device=cpu", "eval.inner_steps=1"]), tmp_path / "lstm")
+    assert one["tested"]["inner_steps"] == 1 and one["config"]["algo"]["eval_updates"] == 1
+    assert one["test"]["step_acc"] == lstm["test"]["step_acc"][:2]
+    for algo, why in (("protonet", "drop eval.inner_steps"), ("maml_pp", r"MAML\+\+ adapts with its training steps")):
+        _, other_dir, _ = tiny_run(f"algo={algo}", "algo.inner_steps=2" if algo == "maml_pp" else "seed=0")
+        other = f"checkpoint={other_dir / 'checkpoints' / 'best.pt'}"
+        with pytest.raises(engine.ConfigError, match=rf"algo={algo} model, whose test has no inner steps.*{why}"):
+            eval_run(compose_cfg("eval", [other, "device=cpu", "eval.inner_steps=3"]), tmp_path / algo)
 
 
 def test_a_finished_run_copied_is_tested_as_its_twin_cell(compose_cfg, tmp_path):

@@ -127,8 +127,9 @@ class EvalOverrides:
     meta_batch_size: Optional[int] = None
     cuda_graph: Optional[bool] = None  # null: the training run's eval.cuda_graph
     compile_step: Optional[bool] = None  # null: the training run's algo.compile_step (MANN)
-    # null: the training run's algo.eval_inner_steps; N: the same weights tested after N inner steps (MAML and its
-    # descendants, Reptile), e.g. a paper's 10 where the preset tests after 5.
+    # null: the training run's algo.eval_inner_steps (the Meta-LSTM's algo.eval_updates); N: the same weights tested
+    # after N inner steps (MAML, first-order MAML, ANIL, Meta-SGD, Reptile, the Meta-LSTM, the sinusoid pretrain
+    # baseline; not MAML++, sized for its training steps), e.g. a paper's 10 where the preset tests after 5.
     inner_steps: Optional[int] = None
 
 

@@ -48,8 +48,9 @@ class ANIL(Algorithm):
     """
 
     step_size_setting = "algo.inner_lr"
-    # Its presets' training and test steps 1.13-1.14x and 1.27-1.42x faster on a 2-core CPU (20-way 1- and 5-shot;
-    # scripts/bench_channels_last.py, one thread beside a training run): the body runs as a module, as ProtoNets'.
+    # Its Omniglot 20-way presets' training and test steps 1.13-1.14x and 1.27-1.42x faster on a 2-core CPU
+    # (scripts/bench_channels_last.py, one thread beside a training run): the body runs as a module, as ProtoNets'.
+    # Unmeasured for the miniImageNet presets (84x84, max-pool), which take it too.
     cpu_channels_last = True
 
     def __init__(

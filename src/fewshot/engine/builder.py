@@ -238,6 +238,12 @@ class EvalRequest:
     benchmark: Optional[str] = None
 
 
+# The setting (and attribute) of an algorithm's test-time inner steps, which fewshot-eval's eval.inner_steps sets:
+# MAML's and its kin's eval_inner_steps, the Meta-LSTM's eval_updates. MAML++ has none: it tests with its training
+# steps, which its per-step learning rates and BatchNorm weights are sized for.
+TEST_STEP_KEYS = ("eval_inner_steps", "eval_updates")
+
+
 def build_from_checkpoint(cfg: DictConfig) -> tuple[Run, dict, EvalRequest]:
     """fewshot-eval's build step: the run a checkpoint was trained as, from its own saved config, with what
     belongs to this machine (data, cache, device) and the test-only overrides (seed, episodes, inner steps, ...) from
@@ -278,13 +284,15 @@ def build_from_checkpoint(cfg: DictConfig) -> tuple[Run, dict, EvalRequest]:
         run_cfg.algo.compile_step = cfg.eval.compile_step
     steps = cfg.eval.get("inner_steps")
     if steps is not None:
-        if "eval_inner_steps" not in run_cfg.algo:
+        key = next((k for k in TEST_STEP_KEYS if k in run_cfg.algo), None)
+        if key is None:
             raise ConfigError(
-                f"eval.inner_steps: {cfg.checkpoint} holds an algo={state.get('algo')} model, which takes no inner "
-                "steps at test; drop eval.inner_steps"
+                f"eval.inner_steps: {cfg.checkpoint} holds an algo={state.get('algo')} model, whose test has no "
+                "inner steps of its own to set (MAML++ adapts with its training steps, which its per-step learning "
+                "rates are sized for); drop eval.inner_steps"
             )
         if steps < 1:
-            raise ConfigError(f"eval.inner_steps={steps}: must be >= 1 (step_acc reports the score before adapting)")
-        run_cfg.algo.eval_inner_steps = steps
+            raise ConfigError(f"eval.inner_steps={steps}: must be >= 1, as algo.{key} in training")
+        run_cfg.algo[key] = steps
     request = EvalRequest(checkpoint=str(cfg.checkpoint), split=cfg.split, benchmark=cfg.get("benchmark"))
     return build(run_cfg), state, request

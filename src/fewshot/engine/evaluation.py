@@ -14,7 +14,7 @@ from fewshot.atomic import atomic_write_text
 from fewshot.bars import tqdm
 from fewshot.checkpoint import fixed_rng
 from fewshot.data.sampler import EpisodeSampler, batch_sizes
-from fewshot.engine.builder import EvalRequest, Run, Settings, episode_seed, make_sampler
+from fewshot.engine.builder import TEST_STEP_KEYS, EvalRequest, Run, Settings, episode_seed, make_sampler
 from fewshot.engine.ensemble import evaluate_ensemble, load_top
 from fewshot.engine.graphs import EvalGraphs
 from fewshot.engine.results import make_results, write_results
@@ -106,10 +106,11 @@ def test_checkpoint(run: Run, state: dict, request: EvalRequest, out_dir: Path) 
 
 def tested_record(algo: Algorithm, checkpoint: str, iteration: int) -> dict[str, Any]:
     """results.json's `tested`: the checkpoint file the test read, the iteration its weights were saved at, and the
-    inner steps it adapted with, for the algorithms that take them (MAML, Reptile, ...)."""
+    inner steps it adapted with, for the algorithms that take them (TEST_STEP_KEYS: MAML, Reptile, the Meta-LSTM...)."""
     tested = {"checkpoint": checkpoint, "iteration": iteration}
-    if getattr(algo, "eval_inner_steps", None) is not None:
-        tested["inner_steps"] = algo.eval_inner_steps
+    steps = next((getattr(algo, k) for k in TEST_STEP_KEYS if getattr(algo, k, None) is not None), None)
+    if steps is not None:
+        tested["inner_steps"] = steps
     return tested
 
 
@@ -148,6 +149,7 @@ def lake_benchmark(run: Run, state: dict, request: EvalRequest, out_dir: Path) -
         checkpoint=str(Path(request.checkpoint).resolve()),
         eval_split="lake_runs",
         lake={"error_per_run": report["error_per_run"], "mean_error": report["mean_error"]},
+        tested=tested_record(run.algo, Path(request.checkpoint).name, state["iteration"]),
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
