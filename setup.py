@@ -4,7 +4,7 @@ YAML files, each of its folders (algo/, experiment/, ...) a package of its own, 
 
 from setuptools import find_namespace_packages, find_packages, setup
 
-conf = ["fewshot.conf"] + [f"fewshot.conf.{p}" for p in find_namespace_packages("conf")]
+conf = ["fewshot.conf"] + [f"fewshot.conf.{p}" for p in find_namespace_packages("conf")]  # skips __pycache__
 setup(
     packages=find_packages("src") + conf,
     package_dir={"": "src", "fewshot.conf": "conf"},

@@ -163,32 +163,39 @@ def test_test_leaves_weights_and_inner_adam_alone_and_is_deterministic():
 @pytest.mark.parametrize("transductive", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])  # the CPU's layout for Reptile (cpu_channels_last)
 def test_test_adapts_the_tasks_side_by_side_as_each_alone(transductive, channels_last):
-    # the vmapped test against each task adapted in turn by the training's own adapt() from a copy of the Adam state
+    # the vmapped test against each task adapted in turn by the training's own adapt() from a copy of the Adam state;
+    # 2 shots: each task's 4 mini-batches of 5 are drawn from its 10 support images, different per task and step
     algo = small(eval_inner_steps=4, eval_inner_batch=5, transductive=transductive)
     algo(random_episode(shots=1, queries=9), train=True)  # some Adam state to start from
     if channels_last:
         algo.net.to(memory_format=torch.channels_last)
-    episode = random_episode(tasks=4, shots=1, queries=3, seed=6)
+    episode = random_episode(tasks=3, shots=2, queries=3, seed=6)
     torch.manual_seed(2)
     out = algo(episode, train=False)
     torch.manual_seed(2)
     logits = task_loop(algo, episode)
+    torch.manual_seed(2)
+    batches = mini_batches(3, 10, 4, 5, torch.device("cpu"))
+    assert not torch.equal(batches[0], batches[1])
+    side_by_side = torch.func.vmap(algo._adapted_logits)(episode.support_x, episode.support_y, batches, episode.query_x)
+    torch.testing.assert_close(side_by_side, logits, rtol=1e-4, atol=1e-5)
     assert logits.argmax(-1).unique().numel() > 1  # the tasks' predictions are not all one class
     torch.testing.assert_close(out.acc, (logits.argmax(-1) == episode.query_y).float().mean(-1))
     torch.testing.assert_close(out.loss, F.cross_entropy(logits.flatten(0, 1), episode.query_y.flatten()))
 
 
 def test_test_numbers_do_not_depend_on_how_many_tasks_go_side_by_side():
-    # eval.meta_batch_size is memory, not results: 6 tasks at once or 3 and 3 give the same logits, to the bit (CPU)
+    # eval.meta_batch_size is memory, not results: _test's draws and adaptation for 6 tasks at once or for 3 and then
+    # 3 give the same logits, to the bit (CPU); 2 shots, so the mini-batches are random draws
     algo = small(eval_inner_steps=3, eval_inner_batch=5)
     algo(random_episode(shots=1, queries=9), train=True)
-    e = random_episode(tasks=6, shots=1, queries=2, seed=8)
+    e = random_episode(tasks=6, shots=2, queries=2, seed=8)
     adapted = torch.func.vmap(algo._adapted_logits)
     torch.manual_seed(3)
-    whole = adapted(e.support_x, e.support_y, mini_batches(6, 5, 3, 5, torch.device("cpu")), e.query_x)
+    whole = adapted(e.support_x, e.support_y, mini_batches(6, 10, 3, 5, torch.device("cpu")), e.query_x)
     torch.manual_seed(3)
     halves = [
-        adapted(e.support_x[s], e.support_y[s], mini_batches(3, 5, 3, 5, torch.device("cpu")), e.query_x[s])
+        adapted(e.support_x[s], e.support_y[s], mini_batches(3, 10, 3, 5, torch.device("cpu")), e.query_x[s])
         for s in (slice(0, 3), slice(3, 6))
     ]
     assert torch.equal(whole, torch.cat(halves))

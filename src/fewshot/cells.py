@@ -63,7 +63,7 @@ NEUTRAL_OVERRIDES = (
 
 # Validation's settings, neutral where a run tests its final weights alone: validation then draws the learning curve
 # and picks best.pt, which is not tested, and leaves training's random stream as it was, so the same weights are
-# tested either way (tests/test_engine.py::test_validation_does_not_disturb_training, every such algorithm; on a CPU).
+# tested either way (tests/test_engine.py::test_validation_does_not_disturb_training, every algorithm; on a CPU).
 # A run whose validation score is not finite stops there with an error, and files no result to compare.
 VALIDATION_KEYS = ("trainer.val_every", "trainer.val_episodes")
 

@@ -128,8 +128,9 @@ class EvalOverrides:
     cuda_graph: Optional[bool] = None  # null: the training run's eval.cuda_graph
     compile_step: Optional[bool] = None  # null: the training run's algo.compile_step (MANN)
     # null: the training run's algo.eval_inner_steps (the Meta-LSTM's algo.eval_updates); N: the same weights tested
-    # after N inner steps (MAML, first-order MAML, ANIL, Meta-SGD, Reptile, the Meta-LSTM, the sinusoid pretrain
-    # baseline; not MAML++, sized for its training steps), e.g. a paper's 10 where the preset tests after 5.
+    # after N inner steps (MAML, first-order MAML, learn2learn's MAML, ANIL, Meta-SGD, Reptile, the Meta-LSTM, the
+    # sinusoid pretrain baseline; not MAML++, sized for its training steps), e.g. a paper's 10 where the preset tests
+    # after 5.
     inner_steps: Optional[int] = None
 
 

@@ -286,10 +286,11 @@ def build_from_checkpoint(cfg: DictConfig) -> tuple[Run, dict, EvalRequest]:
     if steps is not None:
         key = next((k for k in TEST_STEP_KEYS if k in run_cfg.algo), None)
         if key is None:
+            algo = state.get("algo")
+            why = " (it adapts with its training steps, which its per-step learning rates are sized for)"
             raise ConfigError(
-                f"eval.inner_steps: {cfg.checkpoint} holds an algo={state.get('algo')} model, whose test has no "
-                "inner steps of its own to set (MAML++ adapts with its training steps, which its per-step learning "
-                "rates are sized for); drop eval.inner_steps"
+                f"eval.inner_steps: {cfg.checkpoint} holds an algo={algo} model, whose test has no inner steps of its "
+                f"own to set{why if algo == 'maml_pp' else ''}; drop eval.inner_steps"
             )
         if steps < 1:
             raise ConfigError(f"eval.inner_steps={steps}: must be >= 1, as algo.{key} in training")
