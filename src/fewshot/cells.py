@@ -276,7 +276,7 @@ def is_neutral(key: str, final_weights: bool = False) -> bool:
 
 def tests_final_weights(result: dict) -> bool:
     """Whether a run tested its final weights alone (last.pt, no ensemble of validation's best checkpoints)."""
-    ensemble = flatten(result.get("config") or {}).get("eval.ensemble")
+    ensemble = ((result.get("config") or {}).get("eval") or {}).get("ensemble")  # one key: no need to flatten all
     return (result.get("tested") or {}).get("checkpoint") == "last.pt" and ensemble in (None, 0, 1)
 
 
